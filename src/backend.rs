@@ -1,0 +1,114 @@
+//! [`CandleInferenceBackend`]: a loaded model (GGUF or safetensors) on a Candle device, with one
+//! KV cache per live sequence.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+
+use crate::engine::{BackendError, BatchItem, InferenceBackend, ModelMeta, SeqId};
+use crate::model::decoder::{Decoder, ForwardItem, SequenceCache};
+use crate::model::{LoadOptions, ModelError, load_model};
+
+pub struct CandleInferenceBackend {
+    decoder: Decoder,
+    caches: HashMap<SeqId, SequenceCache>,
+    meta: ModelMeta,
+    load_time: Duration,
+}
+
+/// The name this build gives a device, as reported to the hive.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu:0".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+impl CandleInferenceBackend {
+    /// Loads a GGUF file or a Hugging Face safetensors directory.
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
+        let model = load_model(path, options)?;
+        let cfg = model.decoder.config();
+        let meta = ModelMeta {
+            name: model.name.clone(),
+            architecture: cfg.architecture.name().to_string(),
+            format: model.format.name().to_string(),
+            device: device_name(&options.device),
+            context_length: model.decoder.context_length(),
+            vocab_size: cfg.vocab_size,
+            tokenizer: model.tokenizer.clone(),
+            eog_tokens: model.eog_tokens.clone().into(),
+            chat_template: model.chat_template.map(Arc::new),
+        };
+        Ok(Self {
+            decoder: model.decoder,
+            caches: HashMap::new(),
+            meta,
+            load_time: model.load_time,
+        })
+    }
+
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Live sequences.
+    pub fn sequences(&self) -> usize {
+        self.caches.len()
+    }
+}
+
+impl InferenceBackend for CandleInferenceBackend {
+    fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    fn forward(&mut self, batch: &[BatchItem<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        // Take the caches out of the map so the decoder can hold all of them mutably at once.
+        let mut caches: Vec<SequenceCache> = batch
+            .iter()
+            .map(|b| {
+                self.caches
+                    .remove(&b.seq)
+                    .unwrap_or_else(|| self.decoder.new_cache())
+            })
+            .collect();
+        let result = {
+            let mut items: Vec<ForwardItem<'_>> = caches
+                .iter_mut()
+                .zip(batch)
+                .map(|(cache, b)| ForwardItem {
+                    cache,
+                    tokens: b.tokens,
+                })
+                .collect();
+            self.decoder.forward(&mut items)
+        };
+        for (cache, b) in caches.into_iter().zip(batch) {
+            self.caches.insert(b.seq, cache);
+        }
+        let logits = result.map_err(|e| BackendError(e.to_string()))?;
+        logits
+            .to_vec2::<f32>()
+            .map_err(|e| BackendError(format!("reading logits: {e}")))
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.caches.remove(&seq);
+    }
+
+    fn kv_cache_bytes(&self) -> usize {
+        self.caches
+            .values()
+            .map(SequenceCache::allocated_bytes)
+            .sum()
+    }
+}

@@ -1,0 +1,158 @@
+//! `llm-worker-rbee-bench`: prompt-processing and generation speed in llama-bench's shape
+//! (`-p 512 -n 128 -t 2`), peak RSS, and, given llama.cpp's `llama-bench`, the same tests run by
+//! it in the same invocation with ours/llama.cpp ratios.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use clap::Parser;
+use llm_worker_rbee::backend::CandleInferenceBackend;
+use llm_worker_rbee::bench::{BenchConfig, BenchResult, peak_rss_bytes, run};
+use llm_worker_rbee::model::LoadOptions;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Measure prompt processing and generation tokens/s (llama-bench shape)"
+)]
+struct Args {
+    /// Model: a GGUF file or a Hugging Face safetensors directory (default: the default model).
+    #[arg(short, long, env = "LLM_WORKER_MODEL")]
+    model: Option<PathBuf>,
+    /// Prompt tokens for the prompt-processing test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens for the generation test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    gen_tokens: usize,
+    /// Compute threads.
+    #[arg(short = 't', long, default_value_t = 2)]
+    threads: usize,
+    /// Timed repetitions of each test (after one warm-up).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// Prompt tokens per forward.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    batch_size: usize,
+    /// Path of llama.cpp's `llama-bench`: runs the same tests with it and prints ratios.
+    #[arg(long)]
+    llama_bench: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    // Candle reads its thread count from the environment when its pool starts.
+    // SAFETY: single-threaded here; nothing else reads the environment concurrently.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", args.threads.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    }
+    let model = match args.model.clone() {
+        Some(m) => m,
+        None => match llm_worker_rbee::config::fetch_default_model() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+    };
+    let mut backend = match CandleInferenceBackend::load(&model, &LoadOptions::default()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let config = BenchConfig {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repetitions: args.repetitions.max(1),
+        batch_size: args.batch_size,
+    };
+    let ours = match run(&mut backend, &config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let rss = peak_rss_bytes().map_or("?".to_string(), |b| {
+        format!("{:.1} MiB", b as f64 / 1048576.0)
+    });
+    println!(
+        "model: {}  threads: {}  peak RSS: {rss}",
+        model.display(),
+        args.threads
+    );
+    println!("| test | llm-worker-rbee t/s | llama.cpp t/s | ratio |");
+    println!("|---|---|---|---|");
+    let theirs = args
+        .llama_bench
+        .as_ref()
+        .map(|bin| llama_bench(bin, &model, &args))
+        .transpose()
+        .unwrap_or_else(|e| {
+            eprintln!("llama-bench failed: {e}");
+            None
+        })
+        .unwrap_or_default();
+    for r in &ours {
+        let other = theirs.iter().find(|t| t.test == r.test);
+        let (peer, ratio) = match other {
+            Some(o) => (
+                format!("{:.2} ± {:.2}", o.mean(), o.std_dev()),
+                format!("{:.2}×", r.mean() / o.mean()),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {:.2} ± {:.2} | {peer} | {ratio} |",
+            r.test,
+            r.mean(),
+            r.std_dev()
+        );
+    }
+}
+
+/// Runs llama-bench with the same tests and parses its JSON output.
+fn llama_bench(bin: &PathBuf, model: &PathBuf, args: &Args) -> Result<Vec<BenchResult>, String> {
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", &args.prompt_tokens.to_string()])
+        .args(["-n", &args.gen_tokens.to_string()])
+        .args(["-t", &args.threads.to_string()])
+        .args(["-r", &args.repetitions.to_string()])
+        .args(["-b", &args.batch_size.to_string()])
+        .args(["-o", "json"])
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("llama-bench JSON: {e}"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let n_prompt = row.get("n_prompt")?.as_u64()?;
+            let n_gen = row.get("n_gen")?.as_u64()?;
+            let test = if n_gen == 0 {
+                format!("pp{n_prompt}")
+            } else {
+                format!("tg{n_gen}")
+            };
+            let samples = row
+                .get("samples_ts")?
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_f64())
+                .collect();
+            Some(BenchResult {
+                test,
+                tokens_per_second: samples,
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,339 @@
+//! Command-line and environment configuration ([`WorkerArgs`]), and the checks and look-ups
+//! that turn it into what the server runs with ([`ServerSettings`]).
+//!
+//! Every flag is also an environment variable (`LLM_WORKER_*`, and `LLORCH_API_TOKEN` for the
+//! token as rbee's other services name it). The flags the hive passes today
+//! (`--worker-id --model --device --port --queen-url`) are all accepted.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The GGUF downloader and cache, embedded so the binary can fetch its default model anywhere.
+const FETCH_DEFAULT_MODEL: &str = include_str!("../scripts/fetch-default-model.sh");
+
+/// Default cap on the serving context. KV caches are f32 and grow with use, so the context
+/// bounds what one sequence can hold: for a Llama-3-8B shape (32 layers, 8 KV heads of 128)
+/// 8192 positions are 2 GiB per sequence, 8 GiB for four slots, whereas the model's own
+/// 128 Ki positions would allow 32 GiB for a single sequence. Raise it with `--ctx-size`.
+pub const DEFAULT_CTX_CAP: usize = 8192;
+
+/// LLM inference worker for rbee: one model, the rbee job API over HTTP, continuous batching.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about = None)]
+pub struct WorkerArgs {
+    /// Model to serve: a GGUF file or a Hugging Face directory (config.json, *.safetensors,
+    /// tokenizer.json). Default: SmolLM2-135M-Instruct Q4_1, fetched once into
+    /// ~/.cache/llm-worker-rbee (or $LLM_WORKER_CACHE).
+    #[arg(long, env = "LLM_WORKER_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Name clients use in `model` and that the worker reports (default: from the model file).
+    #[arg(long, env = "LLM_WORKER_MODEL_REF", value_name = "ID")]
+    pub model_ref: Option<String>,
+
+    /// This worker's id, as the hive knows it (default: a random one).
+    #[arg(long, env = "LLM_WORKER_ID", value_name = "ID")]
+    pub worker_id: Option<String>,
+
+    /// Address to listen on. Anything but loopback requires an API token.
+    #[arg(long, env = "LLM_WORKER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0: any free port; the chosen one is logged).
+    #[arg(long, env = "LLM_WORKER_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// GPU index for the cuda and metal builds (ignored by the cpu build).
+    #[arg(long, env = "LLM_WORKER_DEVICE", default_value_t = 0, value_name = "N")]
+    pub device: usize,
+
+    /// The hive (or queen) this worker reports to.
+    #[arg(
+        long,
+        env = "LLM_WORKER_HIVE_URL",
+        alias = "queen-url",
+        value_name = "URL"
+    )]
+    pub hive_url: Option<String>,
+
+    /// Sequences generated at once (slots); more jobs wait in the queue.
+    #[arg(long, env = "LLM_WORKER_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub parallel: u64,
+
+    /// Jobs that may wait for a slot; beyond that, new jobs get 503 with Retry-After.
+    #[arg(long, env = "LLM_WORKER_QUEUE_CAPACITY", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub queue_capacity: u64,
+
+    /// Positions per sequence, prompt and output (default: the model's, at most 8192, which
+    /// bounds KV-cache memory).
+    #[arg(long, env = "LLM_WORKER_CTX_SIZE", value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
+    pub ctx_size: Option<u64>,
+
+    /// Prompt tokens read per engine step, shared by all sequences being prefilled.
+    #[arg(long, env = "LLM_WORKER_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub batch_size: u64,
+
+    /// Compute threads (sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS; default: all cores).
+    #[arg(long, env = "LLM_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+
+    /// File holding the API token (its whitespace trimmed). Takes precedence over
+    /// LLORCH_API_TOKEN.
+    #[arg(long, env = "LLM_WORKER_API_TOKEN_FILE", value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+
+    /// API token clients must send as `Authorization: Bearer <token>`. Prefer the environment
+    /// variable or --api-token-file: command lines are visible to other local users.
+    #[arg(
+        long,
+        env = "LLORCH_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub api_token: Option<String>,
+
+    /// Cancel a job when no client has watched its stream for this long ("5s", "500ms", "2m").
+    #[arg(long, env = "LLM_WORKER_DETACH_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub detach_grace: Duration,
+
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are cancelled.
+    #[arg(long, env = "LLM_WORKER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long a finished job's status and events stay available.
+    #[arg(long, env = "LLM_WORKER_JOB_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub job_ttl: Duration,
+}
+
+/// Why the worker refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "refusing to listen on {host} without an API token: anyone who can reach it could use \
+         the worker. Set one with LLORCH_API_TOKEN=<token> or --api-token-file <path>, or listen \
+         on 127.0.0.1"
+    )]
+    NoTokenForPublicHost { host: String },
+    #[error("--host {host}: not an IP address or `localhost`")]
+    BadHost { host: String },
+    #[error("cannot read the API token file {path}: {message}")]
+    TokenFile { path: PathBuf, message: String },
+    #[error("the API token (from {source_name}) is empty")]
+    EmptyToken { source_name: String },
+    #[error("cannot fetch the default model: {0}")]
+    FetchModel(String),
+}
+
+/// Validated settings the server starts from.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub bind: SocketAddr,
+    pub api_token: Option<String>,
+}
+
+impl WorkerArgs {
+    /// Checks the listening address against the token and reads the token.
+    pub fn settings(&self) -> Result<ServerSettings, ConfigError> {
+        let api_token = self.api_token()?;
+        let ip = parse_host(&self.host)?;
+        if !ip.is_loopback() && api_token.is_none() {
+            return Err(ConfigError::NoTokenForPublicHost {
+                host: self.host.clone(),
+            });
+        }
+        Ok(ServerSettings {
+            bind: SocketAddr::new(ip, self.port),
+            api_token,
+        })
+    }
+
+    fn api_token(&self) -> Result<Option<String>, ConfigError> {
+        let (token, source_name) = match (&self.api_token_file, &self.api_token) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::TokenFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                (text.trim().to_string(), path.display().to_string())
+            }
+            (None, Some(token)) => (token.trim().to_string(), "LLORCH_API_TOKEN".to_string()),
+            (None, None) => return Ok(None),
+        };
+        if token.is_empty() {
+            return Err(ConfigError::EmptyToken { source_name });
+        }
+        Ok(Some(token))
+    }
+
+    /// The serving context to ask the loader for.
+    pub fn context_length(&self) -> usize {
+        self.ctx_size.map_or(DEFAULT_CTX_CAP, |n| n as usize)
+    }
+
+    /// Exports the thread count for Candle's and rayon's pools. Must run before any thread
+    /// that reads them starts.
+    pub fn apply_threads(&self) {
+        if let Some(n) = self.threads {
+            // SAFETY: called at the top of `main`, before the runtime or any other thread
+            // exists, so nothing reads the environment concurrently.
+            unsafe {
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+                std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+            }
+        }
+    }
+
+    /// The model to load: `--model`, or the default model, fetched if not cached. Blocking.
+    pub fn model_path(&self) -> Result<PathBuf, ConfigError> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => fetch_default_model(),
+        }
+    }
+}
+
+fn parse_host(host: &str) -> Result<IpAddr, ConfigError> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| ConfigError::BadHost {
+            host: host.to_string(),
+        })
+}
+
+/// Runs the embedded fetch script (`bash -s`); it prints the cached path on its last line.
+pub fn fetch_default_model() -> Result<PathBuf, ConfigError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let fail = |m: String| ConfigError::FetchModel(m);
+    let mut child = Command::new("bash")
+        .arg("-s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run bash: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(FETCH_DEFAULT_MODEL.as_bytes())
+            .map_err(|e| fail(format!("cannot feed the fetch script to bash: {e}")))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("fetch script: {e}")))?;
+    if !output.status.success() {
+        return Err(fail(format!("fetch script exited with {}", output.status)));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| fail("the fetch script printed no path".into()))
+}
+
+/// `"5"`, `"5s"`, `"1.5s"`, `"500ms"`, `"2m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 5s, 500ms, 2m)"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{text}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> WorkerArgs {
+        let mut argv = vec!["worker"];
+        argv.extend_from_slice(extra);
+        WorkerArgs::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn the_flags_the_hive_passes_start_the_worker() {
+        let a = args(&[
+            "--worker-id",
+            "w1",
+            "--model",
+            "/m.gguf",
+            "--device",
+            "1",
+            "--port",
+            "9001",
+            "--queen-url",
+            "http://q:7833",
+        ]);
+        assert_eq!(a.worker_id.as_deref(), Some("w1"));
+        assert_eq!(a.device, 1);
+        assert_eq!(a.port, 9001);
+        assert_eq!(a.hive_url.as_deref(), Some("http://q:7833"));
+        assert_eq!(a.parallel, 4);
+        assert_eq!(a.queue_capacity, 64);
+        assert_eq!(a.context_length(), DEFAULT_CTX_CAP);
+    }
+
+    #[test]
+    fn a_public_host_needs_a_token() {
+        let err = args(&["--host", "0.0.0.0"]).settings().unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("LLORCH_API_TOKEN"), "{message}");
+        assert!(
+            args(&["--host", "0.0.0.0", "--api-token", "t"])
+                .settings()
+                .is_ok()
+        );
+        assert!(args(&["--host", "localhost"]).settings().is_ok());
+        assert!(args(&["--host", "::1"]).settings().is_ok());
+        assert!(args(&["--host", "example.com"]).settings().is_err());
+    }
+
+    #[test]
+    fn token_file_wins_and_is_trimmed() {
+        let dir = std::env::temp_dir().join(format!("llm-worker-token-{}", std::process::id()));
+        std::fs::write(&dir, "  file-token\n").unwrap();
+        let a = args(&[
+            "--api-token-file",
+            dir.to_str().unwrap(),
+            "--api-token",
+            "env",
+        ]);
+        assert_eq!(
+            a.settings().unwrap().api_token.as_deref(),
+            Some("file-token")
+        );
+        std::fs::write(&dir, "\n").unwrap();
+        assert!(matches!(a.settings(), Err(ConfigError::EmptyToken { .. })));
+        let _ = std::fs::remove_file(dir);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! The engine's view of a model: a batched forward over sequences identified by [`SeqId`],
+//! plus the immutable facts the HTTP layer needs ([`ModelMeta`]).
+
+use std::sync::Arc;
+
+use crate::model::chat_template::ChatTemplate;
+use crate::model::tokenizer::TextTokenizer;
+
+/// Identifies a sequence (and its KV cache) inside a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Facts about the loaded model that never change while it is served.
+#[derive(Clone)]
+pub struct ModelMeta {
+    /// The model's default served name.
+    pub name: String,
+    pub architecture: String,
+    /// "gguf" or "safetensors".
+    pub format: String,
+    /// "cpu:0", "cuda:N", "metal:N".
+    pub device: String,
+    /// Positions a sequence may use (prompt plus generated tokens).
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub eog_tokens: Arc<[u32]>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+}
+
+/// One sequence's part of a batched forward.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub seq: SeqId,
+    /// Appended at the sequence's next positions; a sequence is created on first use.
+    pub tokens: &'a [u32],
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// A model the engine can drive. Only the engine thread calls these methods.
+pub trait InferenceBackend: Send + 'static {
+    fn meta(&self) -> &ModelMeta;
+
+    /// Runs all items in one forward and returns, for each item, the logits after its last
+    /// token (vocabulary-sized).
+    fn forward(&mut self, batch: &[BatchItem<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// Frees a sequence's cache. Unknown ids are ignored.
+    fn release(&mut self, seq: SeqId);
+
+    /// Bytes held by all KV caches (for metrics).
+    fn kv_cache_bytes(&self) -> usize {
+        0
+    }
+}

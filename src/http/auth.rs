@@ -1,0 +1,154 @@
+//! Bearer-token authentication.
+//!
+//! The expected token is kept only as its SHA-256 digest; a presented token is hashed and the
+//! digests are compared in constant time, so neither the token's contents nor its length leak
+//! through timing. Logs only ever see [`fingerprint`]s.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+
+/// What requests must present. `None` digest: authentication is off (loopback only, enforced
+/// at startup).
+#[derive(Clone)]
+pub struct ApiAuth {
+    expected: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ApiAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiAuth")
+            .field("enabled", &self.expected.is_some())
+            .finish()
+    }
+}
+
+impl ApiAuth {
+    pub fn new(expected_token: Option<&str>) -> Self {
+        Self {
+            expected: expected_token.map(digest),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.expected.is_some()
+    }
+
+    /// Checks the `Authorization` header of a request.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.expected else {
+            return Ok(());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token)
+            .ok_or(ApiError::MissingApiKey)?;
+        if constant_time_eq(&digest(presented), expected) {
+            Ok(())
+        } else {
+            tracing::warn!(
+                presented = %fingerprint(presented),
+                "rejected a request with an invalid API key"
+            );
+            Err(ApiError::InvalidApiKey)
+        }
+    }
+}
+
+/// `Bearer <token>` (scheme case-insensitive) → the token; `None` for any other shape.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The first 8 hex digits of the token's SHA-256: enough to tell tokens apart in logs, useless
+/// for recovering one.
+pub fn fingerprint(token: &str) -> String {
+    digest(token)[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Axum middleware: every route it wraps requires the token.
+pub async fn require_token(
+    State(auth): State<Arc<ApiAuth>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match auth.check(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(value: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = value {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn header_table() {
+        let auth = ApiAuth::new(Some("s3cret"));
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "MISSING_API_KEY"),
+            (Some(""), "MISSING_API_KEY"),
+            (Some("Bearer"), "MISSING_API_KEY"),
+            (Some("Bearer "), "MISSING_API_KEY"),
+            (Some("Basic czNjcmV0"), "MISSING_API_KEY"),
+            (Some("s3cret"), "MISSING_API_KEY"),
+            (Some("Bearer wrong"), "INVALID_API_KEY"),
+            (Some("Bearer s3cret2"), "INVALID_API_KEY"),
+            (Some("Bearer s3cre"), "INVALID_API_KEY"),
+            (Some("Bearer s3cret"), "ok"),
+            (Some("bearer s3cret"), "ok"),
+            (Some("Bearer  s3cret "), "ok"),
+        ];
+        for (value, want) in cases {
+            let got = match auth.check(&headers(*value)) {
+                Ok(()) => "ok",
+                Err(e) => e.code(),
+            };
+            assert_eq!(got, *want, "Authorization: {value:?}");
+        }
+    }
+
+    #[test]
+    fn disabled_auth_accepts_anything() {
+        let auth = ApiAuth::new(None);
+        assert!(auth.check(&headers(None)).is_ok());
+        assert!(auth.check(&headers(Some("Bearer x"))).is_ok());
+    }
+
+    #[test]
+    fn fingerprint_is_short_and_stable() {
+        assert_eq!(fingerprint("abc"), "ba7816bf");
+        assert_ne!(fingerprint("abc"), fingerprint("abd"));
+    }
+}

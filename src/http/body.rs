@@ -1,0 +1,59 @@
+//! [`JsonObject`]: the request body as a JSON object, with the body-level errors (415, 413,
+//! malformed JSON) mapped to [`ApiError`] here rather than to axum's plain-text rejections.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+
+/// The largest request body accepted. Prompts are bounded by the context (at most a few
+/// hundred KiB of text for 8192 positions); 2 MiB leaves room without inviting abuse.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(request.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: MAX_BODY_BYTES,
+                }
+            } else {
+                ApiError::bad_body(format!("cannot read the request body: {}", r.body_text()))
+            }
+        })?;
+        match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(ApiError::bad_body("the request body must be a JSON object")),
+            Err(e) => Err(ApiError::bad_body(format!(
+                "the request body is not valid JSON: {e}"
+            ))),
+        }
+    }
+}
+
+/// `application/json`, optionally with parameters (`; charset=utf-8`), or any `+json` type.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}

@@ -1,0 +1,51 @@
+//! `GET /health` (public, for load balancers and the hive) and `GET /info`.
+//!
+//! Both read atomics and the queue length only, so they answer at once even while the engine
+//! is in the middle of a long prefill.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::AppState;
+use crate::worker_info::{WorkerInfo, WorkerStatus};
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub status: WorkerStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub uptime_s: u64,
+    pub slots_total: usize,
+    pub slots_busy: usize,
+    pub queue_depth: usize,
+}
+
+/// 503 `{"status":"loading"}` until the model is attached, then 200.
+pub async fn health(State(app): State<AppState>) -> Response {
+    let status = WorkerStatus::of(&app.registry);
+    let Some(served) = app.registry.served() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": status })),
+        )
+            .into_response();
+    };
+    Json(Health {
+        status,
+        model: Some(served.model_id.clone()),
+        uptime_s: app.identity.started_at.elapsed().map_or(0, |d| d.as_secs()),
+        slots_total: served.stats.slots_total.load(Ordering::Relaxed),
+        slots_busy: served.stats.running.load(Ordering::Relaxed),
+        queue_depth: app.registry.queue().len(),
+    })
+    .into_response()
+}
+
+pub async fn info(State(app): State<AppState>) -> Json<WorkerInfo> {
+    Json(WorkerInfo::collect(&app.identity, &app.registry))
+}

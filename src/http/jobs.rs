@@ -1,0 +1,229 @@
+//! The rbee job routes: create, stream, status and cancel.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::AppState;
+use super::body::JsonObject;
+use super::error::{ApiError, FieldError};
+use super::sse::{StreamContext, job_event_stream};
+use super::timestamp::rfc3339;
+use super::validation::{JobRules, check_context, parse_job_request};
+use crate::engine::CancelReason;
+use crate::jobs::{JobState, NewJob, Phase};
+use crate::model::tokenizer::TextTokenizer;
+
+/// Prompts longer than this are tokenized on the blocking pool, off the async workers.
+const INLINE_TOKENIZE_BYTES: usize = 2048;
+
+/// Which route family a request came through; it decides the `sse_url` and whether the
+/// queen's legacy body (no `operation`) is accepted.
+#[derive(Debug, Clone, Copy)]
+pub enum Door {
+    Jobs,
+    Inference,
+}
+
+impl Door {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Jobs => "/v1/jobs",
+            Self::Inference => "/v1/inference",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobCreated {
+    pub job_id: String,
+    pub sse_url: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: &'static str,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    pub tokens_out: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
+}
+
+pub async fn create_job(
+    State(app): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<JobCreated>, ApiError> {
+    create(&app, &body, Door::Jobs).await
+}
+
+pub async fn create_inference(
+    State(app): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<JobCreated>, ApiError> {
+    create(&app, &body, Door::Inference).await
+}
+
+async fn create(
+    app: &AppState,
+    body: &serde_json::Map<String, serde_json::Value>,
+    door: Door,
+) -> Result<Json<JobCreated>, ApiError> {
+    let served = match (app.registry.phase(), app.registry.served()) {
+        (Phase::Draining, _) => return Err(ApiError::Draining),
+        (_, None) | (Phase::Loading, _) => return Err(ApiError::Loading),
+        (Phase::Ready, Some(served)) => served,
+    };
+    let context_length = served.meta.context_length;
+    let rules = JobRules {
+        model_id: &served.model_id,
+        context_length,
+        operation_required: matches!(door, Door::Jobs),
+    };
+    let mut errors = Vec::new();
+    let draft = parse_job_request(body, &rules, &mut errors);
+    let mut prompt_tokens = Vec::new();
+    if !draft.prompt.is_empty() {
+        match tokenize(served.meta.tokenizer.clone(), draft.prompt.clone()).await? {
+            Ok(tokens) => {
+                check_context(
+                    tokens.len(),
+                    draft.params.max_tokens,
+                    context_length,
+                    &mut errors,
+                );
+                prompt_tokens = tokens;
+            }
+            Err(message) => errors.push(FieldError::new("prompt", message)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let (record, position) = app.registry.submit(NewJob {
+        id: draft.job_id,
+        prompt_tokens,
+        params: draft.params,
+    })?;
+    tracing::info!(job_id = record.id(), position, "job queued");
+    let job_id = record.id().to_string();
+    Ok(Json(JobCreated {
+        sse_url: format!("{}/{job_id}/stream", door.prefix()),
+        job_id,
+    }))
+}
+
+/// The prompt's tokens (raw text; special-token text such as `<|im_start|>` is parsed, and BOS
+/// is added only where the model asks for it, as llama-server does). The outer error is ours
+/// (the blocking task died), the inner one is about the prompt.
+async fn tokenize(
+    tokenizer: Arc<TextTokenizer>,
+    prompt: String,
+) -> Result<Result<Vec<u32>, String>, ApiError> {
+    let small = prompt.len() <= INLINE_TOKENIZE_BYTES;
+    let run = move || {
+        tokenizer
+            .encode_with_special(&prompt, true, true)
+            .map_err(|e| format!("cannot be tokenized: {e}"))
+    };
+    if small {
+        return Ok(run());
+    }
+    tokio::task::spawn_blocking(run)
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))
+}
+
+pub async fn job_status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let record = app
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
+    let s = record.snapshot();
+    let queue_position = if s.state == JobState::Queued {
+        app.registry.queue().position(&id)
+    } else {
+        None
+    };
+    Ok(Json(JobStatus {
+        job_id: s.id,
+        state: s.state.as_str(),
+        created_at: rfc3339(s.created_at),
+        started_at: s.started_at.map(rfc3339),
+        finished_at: s.finished_at.map(rfc3339),
+        tokens_out: s.tokens_out,
+        queue_position,
+    }))
+}
+
+pub async fn cancel_job(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    app.registry.cancel(&id, CancelReason::Client)?;
+    tracing::info!(job_id = %id, "job cancelled by the client");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn stream_job(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(&headers)?;
+    let record = app
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
+    let served = app
+        .registry
+        .served()
+        .ok_or_else(|| ApiError::Internal("a job exists but no model is served".into()))?;
+    let ctx = StreamContext {
+        job_id: id,
+        model: served.model_id.clone(),
+        tokenizer: served.meta.tokenizer.clone(),
+    };
+    let sse = Sse::new(job_event_stream(record, after, ctx))
+        .keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));
+    Ok((
+        [
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        sse,
+    )
+        .into_response())
+}
+
+/// `Last-Event-ID` as a log id; absent means "from the start".
+fn last_event_id(headers: &HeaderMap) -> Result<u64, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    text.parse().map_err(|_| {
+        ApiError::invalid(vec![FieldError::new(
+            "Last-Event-ID",
+            format!("`{text}` is not an event id of this stream"),
+        )])
+    })
+}

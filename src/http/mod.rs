@@ -1,0 +1,127 @@
+//! The HTTP layer: routes, authentication, request validation, error mapping and SSE. It does
+//! no tensor work; it validates, tokenizes and hands jobs to the [`JobRegistry`].
+//!
+//! - [`error`]: [`ApiError`] and its one mapping to status codes and bodies.
+//! - [`auth`]: bearer tokens (constant-time, fingerprints in logs).
+//! - [`body`]: the JSON body extractor (413, 415, malformed JSON).
+//! - [`validation`]: the job request's fields and rules.
+//! - [`jobs`]: the rbee job routes; [`sse`]: their event stream.
+//! - [`health`]: `/health` and `/info`.
+//! - [`timestamp`]: RFC 3339.
+//!
+//! Routes (all but `/health` require the token when one is configured):
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | `/health` | liveness and load |
+//! | GET | `/info` | [`WorkerInfo`](crate::worker_info::WorkerInfo) |
+//! | POST | `/v1/jobs`, `/v1/inference` | create a job → `{job_id, sse_url}` |
+//! | GET | `/v1/jobs/{id}/stream`, `/v1/inference/{id}/stream` | the job's events (SSE) |
+//! | GET | `/v1/jobs/{id}`, `/v1/inference/{id}` | the job's state |
+//! | DELETE | `/v1/jobs/{id}`, `/v1/inference/{id}` | cancel (204, idempotent) |
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod health;
+pub mod jobs;
+pub mod sse;
+pub mod timestamp;
+pub mod validation;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::Uri;
+use axum::routing::{get, post};
+
+pub use auth::ApiAuth;
+pub use error::{ApiError, FieldError};
+
+use crate::engine::RequestQueue;
+use crate::jobs::JobRegistry;
+use crate::worker_info::WorkerIdentity;
+
+/// What every handler sees.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<JobRegistry>,
+    pub identity: Arc<WorkerIdentity>,
+    /// How often an idle SSE stream sends a comment (keeps proxies open and lets a vanished
+    /// client be noticed well within the detach grace).
+    pub keep_alive: Duration,
+}
+
+impl AppState {
+    pub fn new(registry: Arc<JobRegistry>, identity: WorkerIdentity) -> Self {
+        let keep_alive = (registry.config().detach_grace / 2)
+            .clamp(Duration::from_millis(250), Duration::from_secs(15));
+        Self {
+            registry,
+            identity: Arc::new(identity),
+            keep_alive,
+        }
+    }
+}
+
+/// The seed's entry point: the rbee router over an existing queue and registry. `queue` must
+/// be the registry's queue.
+pub fn create_router(
+    queue: Arc<RequestQueue>,
+    registry: Arc<JobRegistry>,
+    expected_token: Option<String>,
+) -> Router {
+    assert!(
+        Arc::ptr_eq(&queue, registry.queue()),
+        "create_router: the queue must be the one the registry was built with"
+    );
+    let device = registry
+        .served()
+        .map_or_else(|| "cpu:0".to_string(), |s| s.meta.device.clone());
+    let kind = device.split(':').next().unwrap_or("cpu").to_string();
+    let identity = WorkerIdentity::new(&format!("llm-worker-rbee-{kind}"), &device);
+    router(
+        AppState::new(registry, identity),
+        ApiAuth::new(expected_token.as_deref()),
+    )
+}
+
+/// The router for a given state and authentication.
+pub fn router(state: AppState, auth: ApiAuth) -> Router {
+    let auth = Arc::new(auth);
+    let protected = Router::new()
+        .route("/info", get(health::info))
+        .route("/v1/jobs", post(jobs::create_job))
+        .route("/v1/inference", post(jobs::create_inference))
+        .route(
+            "/v1/jobs/{id}",
+            get(jobs::job_status).delete(jobs::cancel_job),
+        )
+        .route(
+            "/v1/inference/{id}",
+            get(jobs::job_status).delete(jobs::cancel_job),
+        )
+        .route("/v1/jobs/{id}/stream", get(jobs::stream_job))
+        .route("/v1/inference/{id}/stream", get(jobs::stream_job))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/health", get(health::health))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().to_string())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,241 @@
+//! The job event stream: a job's logged [`EngineEvent`]s as Server-Sent Events.
+//!
+//! Each event carries an `event:` name, an `id:` (the log id, for `Last-Event-ID`) and JSON
+//! `data` whose `type` repeats the name. The terminal event is followed by a data-only sentinel
+//! line for line-oriented clients: `[DONE]`, `[ERROR] <message>` or `[CANCELLED]`.
+//!
+//! The stream reads the job's log and waits on its `watch` channel; it never holds the log's
+//! lock while it waits or while the client reads, so the engine is never slowed by a client.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::Event;
+use futures_util::Stream;
+use serde::Serialize;
+
+use super::timestamp::rfc3339;
+use crate::engine::EngineEvent;
+use crate::jobs::{Attachment, JobRecord};
+use crate::model::tokenizer::TextTokenizer;
+
+/// Events read from the log per wake-up.
+const READ_BATCH: usize = 64;
+
+/// What every event of one job's stream needs besides the event.
+pub struct StreamContext {
+    pub job_id: String,
+    pub model: String,
+    pub tokenizer: Arc<TextTokenizer>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub id: u32,
+    pub t: String,
+    pub logprob: f32,
+}
+
+/// The JSON `data` of each event.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent<'a> {
+    Queued {
+        job_id: &'a str,
+        position: usize,
+    },
+    Started {
+        job_id: &'a str,
+        model: &'a str,
+        started_at: String,
+    },
+    Token {
+        t: &'a str,
+        i: usize,
+        id: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logprob: Option<f32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        top_logprobs: Option<Vec<TopLogprob>>,
+    },
+    End {
+        tokens_in: usize,
+        tokens_out: usize,
+        ttft_ms: u64,
+        decode_time_ms: u64,
+        tokens_per_sec: f64,
+        stop_reason: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stop_sequence: Option<&'a str>,
+        seed: u64,
+    },
+    Error {
+        code: &'static str,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+    },
+}
+
+impl StreamEvent<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Queued { .. } => "queued",
+            Self::Started { .. } => "started",
+            Self::Token { .. } => "token",
+            Self::End { .. } => "end",
+            Self::Error { .. } => "error",
+        }
+    }
+}
+
+/// The wire form of an engine event.
+pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> StreamEvent<'a> {
+    match event {
+        EngineEvent::Queued { position } => StreamEvent::Queued {
+            job_id: &ctx.job_id,
+            position: *position,
+        },
+        EngineEvent::Started { at } => StreamEvent::Started {
+            job_id: &ctx.job_id,
+            model: &ctx.model,
+            started_at: rfc3339(*at),
+        },
+        EngineEvent::Token(step) => StreamEvent::Token {
+            t: &step.text,
+            i: step.index,
+            id: step.token,
+            logprob: step.logprobs.as_ref().map(|l| l.logprob),
+            top_logprobs: step.logprobs.as_ref().map(|l| {
+                l.top
+                    .iter()
+                    .map(|&(id, logprob)| TopLogprob {
+                        id,
+                        t: String::from_utf8_lossy(ctx.tokenizer.token_bytes(id, true))
+                            .into_owned(),
+                        logprob,
+                    })
+                    .collect()
+            }),
+        },
+        EngineEvent::Finished(summary) => StreamEvent::End {
+            tokens_in: summary.tokens_in,
+            tokens_out: summary.tokens_out,
+            ttft_ms: millis(summary.time_to_first_token),
+            decode_time_ms: millis(summary.decode_time),
+            tokens_per_sec: (summary.tokens_per_second() * 100.0).round() / 100.0,
+            stop_reason: summary.reason.as_str(),
+            stop_sequence: match &summary.reason {
+                crate::generation::FinishReason::StopSequence(s) => Some(s),
+                _ => None,
+            },
+            seed: summary.seed,
+        },
+        EngineEvent::Failed { code, message } => StreamEvent::Error {
+            code: code.as_str(),
+            message: message.clone(),
+            reason: None,
+        },
+        EngineEvent::Cancelled { reason } => StreamEvent::Error {
+            code: "CANCELLED",
+            message: format!("the job was cancelled ({})", reason.as_str()),
+            reason: Some(reason.as_str()),
+        },
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// The SSE event for a logged engine event.
+pub fn sse_event(id: u64, event: &EngineEvent, ctx: &StreamContext) -> Event {
+    let wire = stream_event(event, ctx);
+    let data = serde_json::to_string(&wire).unwrap_or_else(|e| {
+        // Only non-string map keys fail to serialize; our types have none.
+        format!(r#"{{"type":"error","code":"INTERNAL_ERROR","message":"{e}"}}"#)
+    });
+    Event::default()
+        .event(wire.name())
+        .id(id.to_string())
+        .data(data)
+}
+
+/// The data-only line after a terminal event.
+pub fn sentinel(terminal: &EngineEvent) -> Event {
+    let line = match terminal {
+        EngineEvent::Failed { message, .. } => {
+            format!("[ERROR] {}", message.replace(['\r', '\n'], " "))
+        }
+        EngineEvent::Cancelled { .. } => "[CANCELLED]".to_string(),
+        _ => "[DONE]".to_string(),
+    };
+    Event::default().data(line)
+}
+
+struct Reader {
+    record: Arc<JobRecord>,
+    _attachment: Attachment,
+    ctx: StreamContext,
+    /// The id of the last event sent.
+    cursor: u64,
+    changed: tokio::sync::watch::Receiver<u64>,
+    pending: VecDeque<Event>,
+    done: bool,
+}
+
+/// The job's events after `after` (0: from the start), ending after the terminal event and its
+/// sentinel. The job counts as watched from this call until the stream is dropped.
+pub fn job_event_stream(
+    record: Arc<JobRecord>,
+    after: u64,
+    ctx: StreamContext,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let reader = Reader {
+        _attachment: record.attach(),
+        changed: record.subscribe(),
+        record,
+        ctx,
+        cursor: after,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    futures_util::stream::unfold(reader, |mut r| async move {
+        loop {
+            if let Some(event) = r.pending.pop_front() {
+                return Some((Ok(event), r));
+            }
+            if r.done {
+                return None;
+            }
+            // Mark the current version seen before reading, so an event appended after the
+            // read wakes the wait below.
+            r.changed.borrow_and_update();
+            let batch = r.record.events_after(r.cursor, READ_BATCH);
+            if batch.is_empty() {
+                if let Some((terminal_id, terminal)) = r.record.terminal_event()
+                    && r.cursor >= terminal_id
+                {
+                    // Resumed after the terminal event: only the sentinel is left.
+                    r.pending.push_back(sentinel(&terminal));
+                    r.done = true;
+                    continue;
+                }
+                if r.changed.changed().await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+            for (id, event) in batch {
+                r.cursor = id;
+                r.pending.push_back(sse_event(id, &event, &r.ctx));
+                if event.is_terminal() {
+                    r.pending.push_back(sentinel(&event));
+                    r.done = true;
+                    break;
+                }
+            }
+        }
+    })
+}

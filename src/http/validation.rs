@@ -1,0 +1,536 @@
+//! The rbee job request: its wire fields, their defaults, and validation into a typed
+//! [`JobDraft`].
+//!
+//! The body is read as a JSON object and each known field is checked on its own, so one 400
+//! lists every broken rule (a wrong type included) instead of stopping at the first. Fields
+//! this worker does not know, such as the queen's `hive_id`, `worker_id`, `device` and
+//! `stream`, are accepted and ignored.
+//!
+//! | field | type | rule | default |
+//! |---|---|---|---|
+//! | `operation` | string | `"infer"`; required on `/v1/jobs` | — |
+//! | `job_id` | string | 1–128 of `A-Z a-z 0-9 . _ : -` | generated |
+//! | `prompt` | string | non-empty; tokens + `max_tokens` ≤ context | required |
+//! | `max_tokens` | integer | ≥ 1 | 256 |
+//! | `temperature` | number | 0–2 (0 = greedy) | 0.8 |
+//! | `top_p` | number | (0, 1] | 0.95 |
+//! | `top_k` | integer | ≥ 0 (0 = off) | 40 |
+//! | `min_p` | number | 0–1 | 0.05 |
+//! | `repetition_penalty` | number | (0, 2] | 1.0 |
+//! | `repeat_last_n` | integer | ≥ -1 (-1 = whole context) | 64 |
+//! | `presence_penalty`, `frequency_penalty` | number | −2–2 | 0 |
+//! | `seed` | integer | ≥ 0 | random (reported in `end`) |
+//! | `stop` | string or array | ≤ 4 strings, each 1–100 bytes | none |
+//! | `logprobs` | bool or integer | integer: alternatives, 0–20 | off |
+//! | `top_logprobs` | integer | 0–20 (implies `logprobs`) | 0 |
+//! | `ignore_eos` | bool | | false |
+//! | `model` | string | the served model's name | the served one |
+//!
+//! The sampling defaults are llama-server's.
+
+use serde_json::{Map, Value};
+
+use super::error::FieldError;
+use crate::generation::rng::random_seed;
+use crate::generation::{GenerationParams, SamplingParams};
+
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+pub const MAX_STOP_STRINGS: usize = 4;
+pub const MAX_STOP_BYTES: usize = 100;
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+const MAX_JOB_ID_CHARS: usize = 128;
+
+/// What a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct JobRules<'a> {
+    /// The name clients may put in `model`.
+    pub model_id: &'a str,
+    pub context_length: usize,
+    /// `/v1/jobs` requires `operation`; `/v1/inference` also takes the queen's legacy body.
+    pub operation_required: bool,
+}
+
+/// A request whose fields passed their own rules; the prompt still has to be tokenized and
+/// checked against the context ([`check_context`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobDraft {
+    pub job_id: Option<String>,
+    pub prompt: String,
+    pub params: GenerationParams,
+}
+
+/// Reads every known field, pushing one [`FieldError`] per broken rule. The draft holds
+/// defaults where a field was invalid; it is only used when `errors` stays empty.
+pub fn parse_job_request(
+    body: &Map<String, Value>,
+    rules: &JobRules<'_>,
+    errors: &mut Vec<FieldError>,
+) -> JobDraft {
+    let mut f = Fields { body, errors };
+
+    match f.string("operation") {
+        Some("infer") => {}
+        Some(other) => f.fail(
+            "operation",
+            format!("unknown operation `{other}` (supported: infer)"),
+        ),
+        None if rules.operation_required && !f.has("operation") => {
+            f.fail("operation", "required (\"infer\")")
+        }
+        None => {}
+    }
+
+    let job_id = f.string("job_id").map(str::to_string);
+    if let Some(id) = &job_id
+        && !valid_job_id(id)
+    {
+        f.fail(
+            "job_id",
+            format!("must be 1–{MAX_JOB_ID_CHARS} characters of A-Z a-z 0-9 . _ : -"),
+        );
+    }
+
+    let prompt = match f.string("prompt") {
+        Some("") => {
+            f.fail("prompt", "must not be empty");
+            String::new()
+        }
+        Some(p) => p.to_string(),
+        None => {
+            if !f.has("prompt") {
+                f.fail("prompt", "required");
+            }
+            String::new()
+        }
+    };
+
+    let max_tokens = match f.int("max_tokens") {
+        Some(n) if n >= 1 => n as usize,
+        Some(_) => {
+            f.fail("max_tokens", "must be at least 1");
+            DEFAULT_MAX_TOKENS
+        }
+        None => DEFAULT_MAX_TOKENS,
+    };
+
+    let mut sampling = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        repetition_penalty: 1.0,
+        repeat_last_n: 64,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
+        seed: 0,
+    };
+    if let Some(t) = f.ranged(
+        "temperature",
+        |t| (0.0..=2.0).contains(&t),
+        "must be between 0 and 2",
+    ) {
+        sampling.temperature = t;
+    }
+    if let Some(p) = f.ranged(
+        "top_p",
+        |p| p > 0.0 && p <= 1.0,
+        "must be greater than 0 and at most 1",
+    ) {
+        sampling.top_p = p;
+    }
+    if let Some(p) = f.ranged(
+        "min_p",
+        |p| (0.0..=1.0).contains(&p),
+        "must be between 0 and 1",
+    ) {
+        sampling.min_p = p;
+    }
+    if let Some(p) = f.ranged(
+        "repetition_penalty",
+        |p| p > 0.0 && p <= 2.0,
+        "must be greater than 0 and at most 2",
+    ) {
+        sampling.repetition_penalty = p;
+    }
+    for name in ["presence_penalty", "frequency_penalty"] {
+        if let Some(p) = f.ranged(
+            name,
+            |p| (-2.0..=2.0).contains(&p),
+            "must be between -2 and 2",
+        ) {
+            if name == "presence_penalty" {
+                sampling.presence_penalty = p;
+            } else {
+                sampling.frequency_penalty = p;
+            }
+        }
+    }
+    match f.int("top_k") {
+        Some(k) if k >= 0 => sampling.top_k = k as usize,
+        Some(_) => f.fail("top_k", "must be 0 (off) or more"),
+        None => {}
+    }
+    match f.int("repeat_last_n") {
+        Some(-1) => sampling.repeat_last_n = rules.context_length,
+        Some(n) if n >= 0 => sampling.repeat_last_n = n as usize,
+        Some(_) => f.fail("repeat_last_n", "must be -1 (whole context) or more"),
+        None => {}
+    }
+    sampling.seed = match f.get("seed") {
+        None => random_seed(),
+        Some(v) => match (v.as_u64(), v.as_i64()) {
+            (Some(seed), _) => seed,
+            (None, Some(_)) => {
+                f.fail("seed", "must not be negative");
+                0
+            }
+            (None, None) => {
+                f.fail("seed", "must be an integer");
+                0
+            }
+        },
+    };
+
+    let stop = f.stop_strings();
+    let logprobs = f.logprobs();
+    let ignore_eos = f.boolean("ignore_eos").unwrap_or(false);
+
+    if let Some(model) = f.string("model")
+        && model != rules.model_id
+    {
+        let message = format!("this worker serves `{}`, not `{model}`", rules.model_id);
+        f.fail("model", message);
+    }
+
+    JobDraft {
+        job_id,
+        prompt,
+        params: GenerationParams {
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos,
+            logprobs,
+        },
+    }
+}
+
+/// The prompt's tokens and the requested output must fit the context.
+pub fn check_context(
+    prompt_tokens: usize,
+    max_tokens: usize,
+    context_length: usize,
+    errors: &mut Vec<FieldError>,
+) {
+    if prompt_tokens == 0 {
+        errors.push(FieldError::new("prompt", "produces no tokens"));
+    } else if prompt_tokens.saturating_add(max_tokens) > context_length {
+        errors.push(FieldError::new(
+            "prompt",
+            format!(
+                "the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {}, more \
+                 than the context ({context_length})",
+                prompt_tokens.saturating_add(max_tokens)
+            ),
+        ));
+    }
+}
+
+fn valid_job_id(id: &str) -> bool {
+    (1..=MAX_JOB_ID_CHARS).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Typed access to the body's fields; `null` counts as absent.
+struct Fields<'a> {
+    body: &'a Map<String, Value>,
+    errors: &'a mut Vec<FieldError>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.body.get(name).filter(|v| !v.is_null())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn fail(&mut self, name: &str, message: impl Into<String>) {
+        self.errors.push(FieldError::new(name, message));
+    }
+
+    fn string(&mut self, name: &str) -> Option<&'a str> {
+        match self.get(name)? {
+            Value::String(s) => Some(s),
+            _ => {
+                self.fail(name, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, name: &str) -> Option<i64> {
+        let value = self.get(name)?;
+        if let Some(n) = value.as_i64() {
+            return Some(n);
+        }
+        if value.is_u64() {
+            // Beyond i64: a huge count, which the range rules treat as "too many".
+            return Some(i64::MAX);
+        }
+        self.fail(name, "must be an integer");
+        None
+    }
+
+    fn number(&mut self, name: &str) -> Option<f64> {
+        match self.get(name)?.as_f64() {
+            Some(x) => Some(x),
+            None => {
+                self.fail(name, "must be a number");
+                None
+            }
+        }
+    }
+
+    /// A number checked by `ok`, as `f32`.
+    fn ranged(&mut self, name: &str, ok: impl Fn(f64) -> bool, rule: &str) -> Option<f32> {
+        let x = self.number(name)?;
+        if ok(x) {
+            Some(x as f32)
+        } else {
+            self.fail(name, rule);
+            None
+        }
+    }
+
+    fn boolean(&mut self, name: &str) -> Option<bool> {
+        match self.get(name)? {
+            Value::Bool(b) => Some(*b),
+            _ => {
+                self.fail(name, "must be true or false");
+                None
+            }
+        }
+    }
+
+    fn stop_strings(&mut self) -> Vec<String> {
+        let list: Vec<&'a Value> = match self.get("stop") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(one @ Value::String(_)) => vec![one],
+            Some(_) => {
+                self.fail("stop", "must be a string or an array of strings");
+                return Vec::new();
+            }
+        };
+        if list.len() > MAX_STOP_STRINGS {
+            self.fail(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    list.len()
+                ),
+            );
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for (i, item) in list.into_iter().enumerate() {
+            let field = format!("stop[{i}]");
+            match item {
+                Value::String(s) if s.is_empty() => self.fail(&field, "must not be empty"),
+                Value::String(s) if s.len() > MAX_STOP_BYTES => self.fail(
+                    &field,
+                    format!("is {} bytes, at most {MAX_STOP_BYTES} allowed", s.len()),
+                ),
+                Value::String(s) => out.push(s.clone()),
+                _ => self.fail(&field, "must be a string"),
+            }
+        }
+        out
+    }
+
+    /// `logprobs: true | n` and `top_logprobs: n` → `Some(alternatives)`.
+    fn logprobs(&mut self) -> Option<usize> {
+        let alternatives = |this: &mut Self, name: &str, n: i64| -> Option<usize> {
+            if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
+                Some(n as usize)
+            } else {
+                this.fail(name, format!("must be between 0 and {MAX_TOP_LOGPROBS}"));
+                None
+            }
+        };
+        let top = match self.get("top_logprobs") {
+            None => None,
+            Some(_) => self
+                .int("top_logprobs")
+                .and_then(|n| alternatives(self, "top_logprobs", n)),
+        };
+        let asked = match self.get("logprobs") {
+            None => None,
+            Some(Value::Bool(b)) => b.then_some(0),
+            Some(Value::Number(_)) => self
+                .int("logprobs")
+                .and_then(|n| alternatives(self, "logprobs", n)),
+            Some(_) => {
+                self.fail("logprobs", "must be true, false or an integer");
+                None
+            }
+        };
+        match (asked, top) {
+            (Some(a), Some(t)) => Some(a.max(t)),
+            (Some(a), None) => Some(a),
+            (None, t) => t,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const RULES: JobRules<'static> = JobRules {
+        model_id: "tiny",
+        context_length: 64,
+        operation_required: true,
+    };
+
+    fn parse(body: Value) -> (JobDraft, Vec<FieldError>) {
+        let mut errors = Vec::new();
+        let Value::Object(map) = body else {
+            panic!("test bodies are objects")
+        };
+        let draft = parse_job_request(&map, &RULES, &mut errors);
+        (draft, errors)
+    }
+
+    fn fields(errors: &[FieldError]) -> Vec<&str> {
+        errors.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn a_full_valid_request() {
+        let (d, errors) = parse(json!({
+            "operation": "infer", "prompt": "hi", "max_tokens": 5, "temperature": 0,
+            "top_p": 0.5, "top_k": 3, "min_p": 0.1, "repetition_penalty": 1.1,
+            "repeat_last_n": -1, "presence_penalty": -1, "frequency_penalty": 2,
+            "seed": 7, "stop": ["a", "b"], "logprobs": true, "top_logprobs": 3,
+            "model": "tiny", "job_id": "job-1", "hive_id": "h", "worker_id": 3,
+            "device": "cpu:0", "stream": true
+        }));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(d.job_id.as_deref(), Some("job-1"));
+        assert_eq!(d.params.max_tokens, 5);
+        assert_eq!(d.params.sampling.temperature, 0.0);
+        assert_eq!(d.params.sampling.top_k, 3);
+        assert_eq!(d.params.sampling.repeat_last_n, 64);
+        assert_eq!(d.params.sampling.seed, 7);
+        assert_eq!(d.params.stop, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(d.params.logprobs, Some(3));
+    }
+
+    #[test]
+    fn every_broken_rule_is_listed() {
+        let (_, errors) = parse(json!({
+            "operation": "infer", "prompt": "", "max_tokens": 0, "temperature": 2.5,
+            "top_p": 0, "min_p": 1.5, "repetition_penalty": 0, "presence_penalty": 3,
+            "frequency_penalty": -3, "stop": ["1", "2", "3", "4", "5"], "model": "other",
+            "seed": -1, "top_k": -2, "logprobs": 50
+        }));
+        assert_eq!(
+            fields(&errors),
+            vec![
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "top_k",
+                "seed",
+                "stop",
+                "logprobs",
+                "model"
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_field_errors() {
+        let (_, errors) = parse(json!({
+            "operation": "infer", "prompt": 5, "max_tokens": "ten", "temperature": "hot",
+            "stop": [1, "x".repeat(101)], "ignore_eos": "yes", "logprobs": "all"
+        }));
+        assert_eq!(
+            fields(&errors),
+            vec![
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "stop[0]",
+                "stop[1]",
+                "logprobs",
+                "ignore_eos"
+            ]
+        );
+    }
+
+    #[test]
+    fn operation_rules() {
+        let (_, errors) = parse(json!({"prompt": "hi"}));
+        assert_eq!(fields(&errors), vec!["operation"]);
+        let (_, errors) = parse(json!({"operation": "train", "prompt": "hi"}));
+        assert!(errors[0].message.contains("unknown operation `train`"));
+        let mut errors = Vec::new();
+        let legacy = JobRules {
+            operation_required: false,
+            ..RULES
+        };
+        let Value::Object(map) = json!({"prompt": "hi", "max_tokens": 3, "temperature": 0.7})
+        else {
+            unreachable!()
+        };
+        let d = parse_job_request(&map, &legacy, &mut errors);
+        assert!(errors.is_empty());
+        assert_eq!(d.params.max_tokens, 3);
+    }
+
+    #[test]
+    fn defaults_and_a_random_seed() {
+        let (d, errors) = parse(json!({"operation": "infer", "prompt": "hi", "stop": "x"}));
+        assert!(errors.is_empty());
+        assert_eq!(d.params.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(d.params.stop, vec!["x".to_string()]);
+        assert_eq!(d.params.logprobs, None);
+        let (d2, _) = parse(json!({"operation": "infer", "prompt": "hi"}));
+        assert!(d.params.sampling.seed < (1 << 53));
+        assert_ne!(d.params.sampling.seed, d2.params.sampling.seed);
+    }
+
+    #[test]
+    fn job_ids() {
+        assert!(valid_job_id("job-abc_1.2:3"));
+        assert!(!valid_job_id(""));
+        assert!(!valid_job_id("a b"));
+        assert!(!valid_job_id("../x"));
+        assert!(!valid_job_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn context_rule_gives_both_numbers() {
+        let mut errors = Vec::new();
+        check_context(60, 10, 64, &mut errors);
+        assert!(errors[0].message.contains("60 tokens"));
+        assert!(errors[0].message.contains("max_tokens (10)"));
+        assert!(errors[0].message.contains("context (64)"));
+        let mut errors = Vec::new();
+        check_context(54, 10, 64, &mut errors);
+        assert!(errors.is_empty());
+    }
+}

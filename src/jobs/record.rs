@@ -1,0 +1,367 @@
+//! One job as the worker remembers it: its state, times, cancel flag and the log of its events.
+//!
+//! A [`JobRecord`] is the job's [`JobSink`]: the engine thread appends to the log and returns at
+//! once, and any number of streams read the log at their own pace, woken through a `watch`
+//! channel. A slow or absent client therefore never holds up the engine, and a client that
+//! reconnects can be replayed what it missed.
+//!
+//! The log is bounded by construction: at most one `queued` event (a newer position replaces
+//! the older one under a new id), one `started`, `max_tokens` tokens and one terminal event.
+//! Event ids only grow, so "everything after id N" stays well defined when a `queued` event is
+//! replaced.
+//!
+//! The std `Mutex` guards a few field updates and a `Vec` push; it is never held across an
+//! `.await` and never while taking another lock.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::engine::{CancelReason, EngineEvent, JobSink};
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// A point-in-time copy of a job's bookkeeping (for `GET /v1/jobs/{id}`).
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    pub id: String,
+    pub state: JobState,
+    pub created_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub tokens_out: usize,
+}
+
+/// An event with its stream id (ids start at 1 and only grow).
+pub type LoggedEvent = (u64, EngineEvent);
+
+/// Non-terminal events a log accepts beyond `max_tokens` (one `queued`, one `started`, slack).
+const LOG_SLACK: usize = 4;
+
+pub struct JobRecord {
+    id: String,
+    created_at: SystemTime,
+    /// 0: none, else a [`CancelReason`] (see `encode_reason`). The first reason wins.
+    cancel: AtomicU8,
+    max_events: usize,
+    log: Mutex<JobLog>,
+    /// Carries the id of the newest event; streams wait on it.
+    changed: watch::Sender<u64>,
+}
+
+struct JobLog {
+    state: JobState,
+    events: Vec<LoggedEvent>,
+    next_id: u64,
+    started_at: Option<SystemTime>,
+    finished_at: Option<(SystemTime, Instant)>,
+    tokens_out: usize,
+    /// Streams currently reading this job.
+    attached: usize,
+    /// Since when no stream has been attached (creation, then the last detach).
+    unattached_since: Instant,
+    /// Non-terminal events refused because the log was full (an engine bug if ever non-zero).
+    refused: usize,
+}
+
+impl JobRecord {
+    pub fn new(id: String, max_tokens: usize) -> Arc<Self> {
+        let (changed, _) = watch::channel(0);
+        Arc::new(Self {
+            id,
+            created_at: SystemTime::now(),
+            cancel: AtomicU8::new(0),
+            max_events: max_tokens.saturating_add(LOG_SLACK),
+            log: Mutex::new(JobLog {
+                state: JobState::Queued,
+                events: Vec::new(),
+                next_id: 1,
+                started_at: None,
+                finished_at: None,
+                tokens_out: 0,
+                attached: 0,
+                unattached_since: Instant::now(),
+                refused: 0,
+            }),
+            changed,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JobLog> {
+        // Every update leaves the log consistent, so a poisoned lock is still usable.
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> JobState {
+        self.lock().state
+    }
+
+    pub fn snapshot(&self) -> JobSnapshot {
+        let log = self.lock();
+        JobSnapshot {
+            id: self.id.clone(),
+            state: log.state,
+            created_at: self.created_at,
+            started_at: log.started_at,
+            finished_at: log.finished_at.map(|(at, _)| at),
+            tokens_out: log.tokens_out,
+        }
+    }
+
+    /// Asks the engine to drop the job; returns false when a reason was already set.
+    pub fn request_cancel(&self, reason: CancelReason) -> bool {
+        self.cancel
+            .compare_exchange(0, encode_reason(reason), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Up to `limit` events with an id greater than `after`, oldest first.
+    pub fn events_after(&self, after: u64, limit: usize) -> Vec<LoggedEvent> {
+        let log = self.lock();
+        let start = log.events.partition_point(|(id, _)| *id <= after);
+        log.events[start..].iter().take(limit).cloned().collect()
+    }
+
+    /// The terminal event and its id, once the job has ended.
+    pub fn terminal_event(&self) -> Option<LoggedEvent> {
+        let log = self.lock();
+        log.events.last().filter(|(_, e)| e.is_terminal()).cloned()
+    }
+
+    /// A receiver that sees a change whenever an event is appended.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Counts a stream as attached until the returned guard is dropped.
+    pub fn attach(self: &Arc<Self>) -> Attachment {
+        self.lock().attached += 1;
+        Attachment {
+            record: self.clone(),
+        }
+    }
+
+    /// How long a live job has had no stream attached (`None`: finished, or a stream is
+    /// attached).
+    pub fn unattached_for(&self, now: Instant) -> Option<Duration> {
+        let log = self.lock();
+        (!log.state.is_terminal() && log.attached == 0)
+            .then(|| now.saturating_duration_since(log.unattached_since))
+    }
+
+    /// How long ago the job ended (`None` while it is live).
+    pub fn finished_for(&self, now: Instant) -> Option<Duration> {
+        self.lock()
+            .finished_at
+            .map(|(_, at)| now.saturating_duration_since(at))
+    }
+}
+
+/// Keeps a job counted as watched; dropping it starts the detach grace period.
+pub struct Attachment {
+    record: Arc<JobRecord>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut log = self.record.lock();
+        log.attached = log.attached.saturating_sub(1);
+        if log.attached == 0 {
+            log.unattached_since = Instant::now();
+        }
+    }
+}
+
+impl JobSink for JobRecord {
+    fn emit(&self, event: EngineEvent) {
+        let newest = {
+            let mut log = self.lock();
+            if log.state.is_terminal() {
+                // Exactly one terminal event per job: anything after it is ignored.
+                return;
+            }
+            let terminal = event.is_terminal();
+            match &event {
+                EngineEvent::Queued { .. } => {
+                    if matches!(log.events.last(), Some((_, EngineEvent::Queued { .. }))) {
+                        log.events.pop();
+                    }
+                }
+                EngineEvent::Started { at } => {
+                    log.state = JobState::Running;
+                    log.started_at = Some(*at);
+                }
+                EngineEvent::Token(_) => log.tokens_out += 1,
+                EngineEvent::Finished(_) => log.state = JobState::Completed,
+                EngineEvent::Failed { .. } => log.state = JobState::Failed,
+                EngineEvent::Cancelled { .. } => log.state = JobState::Cancelled,
+            }
+            if terminal {
+                log.finished_at = Some((SystemTime::now(), Instant::now()));
+                tracing::info!(
+                    job_id = %self.id,
+                    state = log.state.as_str(),
+                    tokens_out = log.tokens_out,
+                    "job finished"
+                );
+            } else if log.events.len() >= self.max_events {
+                log.refused += 1;
+                if log.refused == 1 {
+                    tracing::warn!(job_id = %self.id, "job event log is full; dropping events");
+                }
+                return;
+            }
+            let id = log.next_id;
+            log.next_id += 1;
+            log.events.push((id, event));
+            id
+        };
+        self.changed.send_replace(newest);
+    }
+
+    fn cancel_requested(&self) -> Option<CancelReason> {
+        decode_reason(self.cancel.load(Ordering::SeqCst))
+    }
+}
+
+fn encode_reason(reason: CancelReason) -> u8 {
+    match reason {
+        CancelReason::Client => 1,
+        CancelReason::Disconnect => 2,
+        CancelReason::Shutdown => 3,
+    }
+}
+
+fn decode_reason(value: u8) -> Option<CancelReason> {
+    match value {
+        1 => Some(CancelReason::Client),
+        2 => Some(CancelReason::Disconnect),
+        3 => Some(CancelReason::Shutdown),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::TokenStep;
+
+    fn token(index: usize) -> EngineEvent {
+        EngineEvent::Token(TokenStep {
+            token: index as u32,
+            index,
+            text: format!("t{index}"),
+            logprobs: None,
+            finish: None,
+        })
+    }
+
+    #[test]
+    fn state_follows_events_and_only_the_first_terminal_event_counts() {
+        let r = JobRecord::new("j".into(), 4);
+        assert_eq!(r.state(), JobState::Queued);
+        r.emit(EngineEvent::Started {
+            at: SystemTime::now(),
+        });
+        assert_eq!(r.state(), JobState::Running);
+        r.emit(token(0));
+        r.emit(EngineEvent::Cancelled {
+            reason: CancelReason::Client,
+        });
+        r.emit(EngineEvent::Failed {
+            code: crate::engine::ErrorCode::InferenceFailed,
+            message: "late".into(),
+        });
+        r.emit(token(1));
+        let s = r.snapshot();
+        assert_eq!(s.state, JobState::Cancelled);
+        assert_eq!(s.tokens_out, 1);
+        assert!(s.finished_at.is_some());
+        let events = r.events_after(0, 100);
+        assert_eq!(events.len(), 3);
+        assert!(events[2].1.is_terminal());
+        assert_eq!(r.terminal_event().map(|(id, _)| id), Some(3));
+    }
+
+    #[test]
+    fn a_newer_queue_position_replaces_the_older_under_a_new_id() {
+        let r = JobRecord::new("j".into(), 4);
+        r.emit(EngineEvent::Queued { position: 2 });
+        r.emit(EngineEvent::Queued { position: 1 });
+        let events = r.events_after(0, 100);
+        assert_eq!(events, vec![(2, EngineEvent::Queued { position: 1 })]);
+        // A client that saw id 1 resumes with the replacement.
+        assert_eq!(r.events_after(1, 100).len(), 1);
+        assert_eq!(r.events_after(2, 100).len(), 0);
+    }
+
+    #[test]
+    fn the_log_is_bounded_but_always_takes_the_terminal_event() {
+        let r = JobRecord::new("j".into(), 2);
+        for i in 0..50 {
+            r.emit(token(i));
+        }
+        r.emit(EngineEvent::Cancelled {
+            reason: CancelReason::Shutdown,
+        });
+        let events = r.events_after(0, 1000);
+        assert_eq!(events.len(), 2 + LOG_SLACK + 1);
+        assert!(events.last().is_some_and(|(_, e)| e.is_terminal()));
+    }
+
+    #[test]
+    fn the_first_cancel_reason_wins() {
+        let r = JobRecord::new("j".into(), 1);
+        assert_eq!(r.cancel_requested(), None);
+        assert!(r.request_cancel(CancelReason::Disconnect));
+        assert!(!r.request_cancel(CancelReason::Client));
+        assert_eq!(r.cancel_requested(), Some(CancelReason::Disconnect));
+    }
+
+    #[test]
+    fn attachment_tracks_unattached_time() {
+        let r = JobRecord::new("j".into(), 1);
+        let now = Instant::now() + Duration::from_secs(10);
+        assert!(
+            r.unattached_for(now)
+                .is_some_and(|d| d >= Duration::from_secs(9))
+        );
+        let a = r.attach();
+        assert_eq!(r.unattached_for(now), None);
+        drop(a);
+        assert!(
+            r.unattached_for(Instant::now() + Duration::from_millis(5))
+                .is_some_and(|d| d < Duration::from_secs(1))
+        );
+    }
+}

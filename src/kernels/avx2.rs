@@ -1,0 +1,639 @@
+//! x86-64 AVX2 + FMA + F16C kernels, selected at run time (no `-C target-cpu` needed).
+//!
+//! Integer dot products use `vpmaddubsw` (u8 × i8 → i16 pairs) then `vpmaddwd` (→ i32), as in
+//! ggml's x86 `ggml_vec_dot_*`. Each tile computes `MR` activation rows × `NR` weight rows, so a
+//! decoded weight block is reused `MR` times and an activation block `NR` times.
+//!
+//! - Q4_0 / Q4_1: nibbles are used unsigned (0..15); Q4_1's min and Q4_0's `-8` are both an
+//!   offset `m` per block, added as `m · d_y · Σq_y` (Q8_1's `s`, or Q8_0's exact `d·Σq`).
+//! - Q8_0: `maddubs(|w|, sign(y, w))`.
+//! - Q4_K / Q5_K / Q6_K: the 6/8-bit sub-block scales multiply the i16 pair sums inside
+//!   `vpmaddwd`, so one float FMA per 256 weights; mins (and Q6_K's `-32`) come from the Q8_K
+//!   block sums.
+
+// Register tiles index several fixed-size arrays with the same row/column counters.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::formats::{
+    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES,
+    Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, round_f16,
+    unpack_scales_mins_k4,
+};
+use super::matmul::OutPtr;
+use super::quantize::{Acts, GROUP};
+use super::{QMatrix, WeightType};
+
+/// Raw views of one matmul's operands for the tile kernels.
+struct TileArgs {
+    /// Weight data (`rows · rb` bytes) and bytes per row.
+    w: *const u8,
+    rb: usize,
+    /// Blocks per row (of the activation/weight block size).
+    nb: usize,
+    cols: usize,
+    qs: *const i8,
+    d: *const f32,
+    s: *const f32,
+    bsums: *const i16,
+    x: *const f32,
+}
+
+/// A tile kernel: rows `i0..i0+MR` × weight rows `j0..j0+NR`.
+type TileFn = unsafe fn(&TileArgs, usize, usize, OutPtr);
+
+/// Computes `out[i, j]` for activation rows `a` × weight rows `r`.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `a.start` is a multiple of 4; `acts` was quantized for
+/// `w.ty` with `acts.m ≥ a.end`, `w.rows ≥ r.end`; `out` is exclusively ours for `a × r`.
+pub(crate) unsafe fn compute(
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    debug_assert!(a.start % GROUP == 0 && a.end <= acts.m && r.end <= w.rows);
+    let t = TileArgs {
+        w: w.data.as_ptr(),
+        rb: w.row_bytes(),
+        nb: acts.nb,
+        cols: w.cols,
+        qs: acts.qs.as_ptr(),
+        d: acts.d.as_ptr(),
+        s: acts.s.as_ptr(),
+        bsums: acts.bsums.as_ptr(),
+        x: acts.x.as_ptr(),
+    };
+    let gemv = acts.m == 1;
+    let (nr_max, pick): (usize, fn(usize, usize) -> TileFn) = match w.ty {
+        WeightType::Q4_0 => (if gemv { 4 } else { 1 }, pick_q4::<false>),
+        WeightType::Q4_1 => (if gemv { 4 } else { 1 }, pick_q4::<true>),
+        WeightType::Q8_0 => (if gemv { 2 } else { 1 }, pick_q8_0),
+        WeightType::Q4K => (1, pick_k::<false>),
+        WeightType::Q5K => (1, pick_k::<true>),
+        WeightType::Q6K => (1, pick_q6k),
+        WeightType::F32 => (1, pick_dense::<false>),
+        WeightType::F16 => (1, pick_dense::<true>),
+    };
+    let mut i = a.start;
+    while i < a.end {
+        let mr = (a.end - i).min(GROUP);
+        let mut j = r.start;
+        while j < r.end {
+            let nr = (r.end - j).min(nr_max);
+            // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4, and the
+            // CPU features and output exclusivity are the caller's contract.
+            unsafe { pick(mr, nr)(&t, i, j, out) };
+            j += nr;
+        }
+        i += mr;
+    }
+}
+
+macro_rules! pick_mr_nr {
+    ($mr:expr, $nr:expr, $f:ident $(, $extra:tt)*) => {
+        match ($mr, $nr) {
+            (1, 1) => $f::<1, 1 $(, $extra)*>,
+            (2, 1) => $f::<2, 1 $(, $extra)*>,
+            (3, 1) => $f::<3, 1 $(, $extra)*>,
+            (4, 1) => $f::<4, 1 $(, $extra)*>,
+            (1, 2) => $f::<1, 2 $(, $extra)*>,
+            (2, 2) => $f::<2, 2 $(, $extra)*>,
+            (3, 2) => $f::<3, 2 $(, $extra)*>,
+            (4, 2) => $f::<4, 2 $(, $extra)*>,
+            (1, 3) => $f::<1, 3 $(, $extra)*>,
+            _ => $f::<1, 4 $(, $extra)*>,
+        }
+    };
+}
+
+macro_rules! pick_mr {
+    ($mr:expr, $f:ident $(, $extra:tt)*) => {
+        match $mr {
+            1 => $f::<1, 1 $(, $extra)*>,
+            2 => $f::<2, 1 $(, $extra)*>,
+            3 => $f::<3, 1 $(, $extra)*>,
+            _ => $f::<4, 1 $(, $extra)*>,
+        }
+    };
+}
+
+fn pick_q4<const Q41: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q4, Q41)
+}
+
+fn pick_q8_0(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0)
+}
+
+fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_k, FIVE)
+}
+
+fn pick_q6k(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_q6k)
+}
+
+fn pick_dense<const F16: bool>(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_dense, F16)
+}
+
+/// GEMV software prefetch. A tile's rows are one contiguous range that it consumes evenly
+/// over its blocks, so at block `b` the tile requests the matching slice of the range
+/// `prefetch_distance` bytes further on: one linear sweep, each cache line requested about
+/// once. Without it the interleaved short row streams are latency bound at about half the
+/// DRAM bandwidth.
+#[inline]
+fn prefetch_distance(tile_bytes: usize) -> usize {
+    (2 * tile_bytes).clamp(2048, 8192)
+}
+
+/// Prefetches the cache lines overlapping `p[dist..dist + len]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn prefetch(p: *const u8, len: usize, dist: usize) {
+    let start = p.wrapping_add(dist);
+    let mut off = 0;
+    // Lines overlapping [start, start + len): step from the line holding `start`.
+    let first = 64 - (start as usize % 64);
+    while off < len {
+        // A prefetch never faults, so an address past the end of the weights is harmless.
+        _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8);
+        off += if off == 0 { first } else { 64 };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Q4_0 (`Q41 = false`, offset −8·d) and Q4_1 (`Q41 = true`, offset m) × Q8_0/Q8_1.
+///
+/// # Safety
+/// AVX2/FMA/F16C; the tile lies inside the operands described by `t` (see [`compute`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    let (bb, qoff) = if Q41 {
+        (Q4_1_BYTES, 4)
+    } else {
+        (Q4_0_BYTES, 2)
+    };
+    let dist = prefetch_distance(NR * t.rb);
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let mut accm = [_mm_setzero_ps(); NR];
+    // SAFETY (whole block): rows j0..j0+NR and i0..i0+MR exist (caller contract), so every
+    // block pointer below stays inside its row: weight block b at b·bb (< rb), activation block
+    // at b·32 (< cols), and the 4-row scale group at ((i0/4)·nb + b)·4 (< groups·nb·4).
+    unsafe {
+        let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
+        let sbase = t.s.add(i0 / GROUP * t.nb * GROUP);
+        for b in 0..t.nb {
+            let dx = _mm_loadu_ps(dbase.add(b * GROUP));
+            let sx = _mm_loadu_ps(sbase.add(b * GROUP));
+            let mut q = [_mm256_setzero_si256(); NR];
+            let mut sc = [[0f32; GROUP]; NR];
+            if MR == 1 {
+                prefetch(wrow[0].wrapping_add(b * NR * bb), NR * bb, dist);
+            }
+            for j in 0..NR {
+                let blk = wrow[j].add(b * bb);
+                let (dw, mw) = if Q41 {
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                        blk as *const i32,
+                    )));
+                    (_mm_broadcastss_ps(dm), _mm_permute_ps::<0b01_01_01_01>(dm))
+                } else {
+                    let raw = std::ptr::read_unaligned(blk as *const u16);
+                    let dw = _mm_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
+                    (dw, _mm_mul_ps(dw, _mm_set1_ps(-8.0)))
+                };
+                accm[j] = _mm_fmadd_ps(mw, sx, accm[j]);
+                _mm_storeu_ps(sc[j].as_mut_ptr(), _mm_mul_ps(dw, dx));
+                let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+                q[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), mask);
+            }
+            for i in 0..MR {
+                let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
+                for j in 0..NR {
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], y), ones);
+                    acc[i][j] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(sc[j][i]), _mm256_cvtepi32_ps(p), acc[i][j]);
+                }
+            }
+        }
+        for j in 0..NR {
+            let mut mins = [0f32; GROUP];
+            _mm_storeu_ps(mins.as_mut_ptr(), accm[j]);
+            for i in 0..MR {
+                out.write(i0 + i, j0 + j, hsum(acc[i][j]) + mins[i]);
+            }
+        }
+    }
+}
+
+/// Q8_0 × Q8_0.
+///
+/// # Safety
+/// As [`tile_q4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    let dist = prefetch_distance(NR * t.rb);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    // SAFETY: as in `tile_q4` (blocks of 34 bytes, 32 quants at offset 2).
+    unsafe {
+        let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
+        for b in 0..t.nb {
+            let dx = _mm_loadu_ps(dbase.add(b * GROUP));
+            let mut wq = [_mm256_setzero_si256(); NR];
+            let mut aw = [_mm256_setzero_si256(); NR];
+            let mut sc = [[0f32; GROUP]; NR];
+            if MR == 1 {
+                prefetch(
+                    wrow[0].wrapping_add(b * NR * Q8_0_BYTES),
+                    NR * Q8_0_BYTES,
+                    dist,
+                );
+            }
+            for j in 0..NR {
+                let blk = wrow[j].add(b * Q8_0_BYTES);
+                let raw = std::ptr::read_unaligned(blk as *const u16);
+                let dw = _mm_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
+                _mm_storeu_ps(sc[j].as_mut_ptr(), _mm_mul_ps(dw, dx));
+                wq[j] = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
+            }
+            for i in 0..MR {
+                let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
+                for j in 0..NR {
+                    let sy = _mm256_sign_epi8(y, wq[j]);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], sy), ones);
+                    acc[i][j] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(sc[j][i]), _mm256_cvtepi32_ps(p), acc[i][j]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for j in 0..NR {
+                out.write(i0 + i, j0 + j, hsum(acc[i][j]));
+            }
+        }
+    }
+}
+
+/// `vpshufb` control broadcasting 16-bit word `k` (0..8) of each 128-bit lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn word_splat(k: usize) -> __m256i {
+    let lo = (2 * k) as i16;
+    _mm256_set1_epi16(((lo + 1) << 8) | lo)
+}
+
+/// Q4_K (`FIVE = false`) and Q5_K (`FIVE = true`) × Q8_K, one weight row.
+///
+/// # Safety
+/// As [`tile_q4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    debug_assert_eq!(NR, 1);
+    let (bb, sc_off, qs_off) = if FIVE {
+        (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
+    } else {
+        (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
+    };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m1 = _mm256_set1_epi8(0x01);
+    let mut acc = [_mm256_setzero_ps(); MR];
+    // SAFETY: as in `tile_q4`; a super-block is `bb` bytes with the fields at the offsets of
+    // `formats`, activation super-block b is 256 quants at b·256 and 16 sums at (row·nb + b)·16.
+    unsafe {
+        let wrow = t.w.add(j0 * t.rb);
+        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
+        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
+        let dist = prefetch_distance(t.rb);
+        for b in 0..t.nb {
+            let blk = wrow.add(b * bb);
+            if MR == 1 {
+                prefetch(blk, bb, dist);
+            }
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk as *const i32,
+            )));
+            let (dw, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let packed = unpack_scales_mins_k4(std::slice::from_raw_parts(blk.add(sc_off), 12));
+            let sm = _mm_loadu_si128(packed.as_ptr() as *const __m128i);
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(sm));
+            let mut hbits = if FIVE {
+                _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut isum = [_mm256_setzero_si256(); MR];
+            for c in 0..4 {
+                let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i);
+                let mut lo = _mm256_and_si256(raw, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+                if FIVE {
+                    // Bit 2c of each qh byte is the 5th bit of the low nibble, bit 2c+1 of the high.
+                    let hl = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m1));
+                    let hh =
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(hbits), m1));
+                    lo = _mm256_or_si256(lo, hl);
+                    hi = _mm256_or_si256(hi, hh);
+                    hbits = _mm256_srli_epi16::<2>(hbits);
+                }
+                let sl = _mm256_shuffle_epi8(scales, word_splat(2 * c));
+                let sh = _mm256_shuffle_epi8(scales, word_splat(2 * c + 1));
+                for i in 0..MR {
+                    let y = yrow[i].add(b * QK_K + 64 * c);
+                    let ylo = _mm256_loadu_si256(y as *const __m256i);
+                    let yhi = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                    let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), sl);
+                    let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), sh);
+                    isum[i] = _mm256_add_epi32(isum[i], _mm256_add_epi32(pl, ph));
+                }
+            }
+            for i in 0..MR {
+                let dy = *dbase.add(b * GROUP + i);
+                let bs = _mm256_loadu_si256(bsrow[i].add(b * 16) as *const __m256i);
+                let bs32 = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bs),
+                    _mm256_extracti128_si256::<1>(bs),
+                );
+                let msum = _mm_cvtepi32_ps(_mm_madd_epi16(mins, bs32));
+                acc[i] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
+                let mterm = _mm256_set_m128(_mm_setzero_ps(), msum);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), mterm, acc[i]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            out.write(i0 + i, j0, hsum(*a));
+        }
+    }
+}
+
+/// Q6_K × Q8_K, one weight row.
+///
+/// # Safety
+/// As [`tile_q4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q6k<const MR: usize, const NR: usize>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    debug_assert_eq!(NR, 1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let mut acc = [_mm256_setzero_ps(); MR];
+    // SAFETY: as in `tile_k` with the Q6_K field offsets.
+    unsafe {
+        let wrow = t.w.add(j0 * t.rb);
+        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
+        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
+        let dist = prefetch_distance(t.rb);
+        for b in 0..t.nb {
+            let blk = wrow.add(b * Q6K_BYTES);
+            if MR == 1 {
+                prefetch(blk, Q6K_BYTES, dist);
+            }
+            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk.add(Q6K_D) as *const u16,
+            ) as i32)));
+            let sc8 = _mm_loadu_si128(blk.add(Q6K_SCALES) as *const __m128i);
+            let sc_lo = _mm_cvtepi8_epi16(sc8);
+            let sc_hi = _mm_cvtepi8_epi16(_mm_srli_si128::<8>(sc8));
+            let sc_all = _mm256_set_m128i(sc_hi, sc_lo);
+            let mut isum = [_mm256_setzero_si256(); MR];
+            for n in 0..2 {
+                let scn = _mm256_broadcastsi128_si256(if n == 0 { sc_lo } else { sc_hi });
+                let ql0 = _mm256_loadu_si256(blk.add(Q6K_QL + 64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(blk.add(Q6K_QL + 64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * n) as *const __m256i);
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m3)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m3)),
+                    ),
+                ];
+                for (c, qc) in q.iter().enumerate() {
+                    // Quants 0..16 of this run use scale 8n+2c, quants 16..32 scale 8n+2c+1.
+                    let lo = (4 * c) as i8;
+                    let ctrl = _mm256_setr_epi8(
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo,
+                        lo + 1,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                        lo + 2,
+                        lo + 3,
+                    );
+                    let st = _mm256_shuffle_epi8(scn, ctrl);
+                    for i in 0..MR {
+                        let y = _mm256_loadu_si256(
+                            yrow[i].add(b * QK_K + 128 * n + 32 * c) as *const __m256i
+                        );
+                        isum[i] = _mm256_add_epi32(
+                            isum[i],
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(*qc, y), st),
+                        );
+                    }
+                }
+            }
+            for i in 0..MR {
+                let dy = *dbase.add(b * GROUP + i);
+                // Quants are stored +32: subtract 32 · Σ_g scale_g · bsum_g.
+                let bs = _mm256_loadu_si256(bsrow[i].add(b * 16) as *const __m256i);
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc_all, bs));
+                let s = _mm256_sub_epi32(isum[i], off);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            out.write(i0 + i, j0, hsum(*a));
+        }
+    }
+}
+
+/// F32 (`F16 = false`) and F16 weights × f32 activations, one weight row.
+///
+/// # Safety
+/// As [`tile_q4`]; `t.x` holds `m × cols` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    debug_assert_eq!(NR, 1);
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let mut tail = [0f32; MR];
+    // SAFETY: weight row j0 has `cols` elements of 4 (F32) or 2 (F16) bytes; activation rows
+    // i0..i0+MR have `cols` floats; vector loads stop at the last full 8.
+    unsafe {
+        let wrow = t.w.add(j0 * t.rb);
+        let xrow: [*const f32; MR] = std::array::from_fn(|i| t.x.add((i0 + i) * t.cols));
+        let full = t.cols / 8 * 8;
+        let load_w = |k: usize| {
+            if F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i))
+            } else {
+                _mm256_loadu_ps(wrow.add(4 * k) as *const f32)
+            }
+        };
+        let esize = if F16 { 2 } else { 4 };
+        let dist = prefetch_distance(t.rb);
+        let mut k = 0;
+        while k < full {
+            if MR == 1 {
+                prefetch(wrow.add(esize * k), 8 * esize, dist);
+            }
+            let wv = load_w(k);
+            for i in 0..MR {
+                acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xrow[i].add(k)), acc[i]);
+            }
+            k += 8;
+        }
+        for k in full..t.cols {
+            let wv = if F16 {
+                half::f16::from_bits(std::ptr::read_unaligned(wrow.add(2 * k) as *const u16))
+                    .to_f32()
+            } else {
+                std::ptr::read_unaligned(wrow.add(4 * k) as *const f32)
+            };
+            for i in 0..MR {
+                tail[i] += wv * *xrow[i].add(k);
+            }
+        }
+        for i in 0..MR {
+            out.write(i0 + i, j0, hsum(acc[i]) + tail[i]);
+        }
+    }
+}
+
+/// Quantizes 32 floats to Q8_0/Q8_1 exactly as ggml's x86 `quantize_row_q8_1`; returns the
+/// f16-rounded `d` and `s = d·Σq` (bit-identical to `quantize::quantize_block_q8_scalar`).
+///
+/// # Safety
+/// AVX2/FMA/F16C available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    assert!(x.len() >= QK && q.len() >= QK);
+    // SAFETY: both slices hold at least 32 elements (asserted above).
+    unsafe {
+        let xp = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(xp),
+            _mm256_loadu_ps(xp.add(8)),
+            _mm256_loadu_ps(xp.add(16)),
+            _mm256_loadu_ps(xp.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut max = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            max = _mm256_max_ps(max, _mm256_andnot_ps(sign, *vi));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(max), _mm256_castps256_ps128(max));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let r = |v: __m256| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v, id)))
+        };
+        let (i0, i1, i2, i3) = (r(v[0]), r(v[1]), r(v[2]), r(v[3]));
+        let sum = hsum_i32(_mm256_add_epi32(
+            _mm256_add_epi32(i0, i1),
+            _mm256_add_epi32(i2, i3),
+        ));
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p);
+        (round_f16(d), round_f16(d * sum as f32))
+    }
+}

@@ -1,0 +1,251 @@
+//! Byte layouts of the ggml blocks and their dequantization (ggml `dequantize_row_*`).
+//!
+//! Offsets are given per block; see the table in the parent module's docs.
+
+use super::WeightType;
+
+/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q8_0 and the Q8_0/Q8_1 activations).
+pub(crate) const QK: usize = 32;
+/// Weights per super-block of the K-quants (and the Q8_K activations).
+pub(crate) const QK_K: usize = 256;
+
+pub(crate) const Q4_0_BYTES: usize = 18;
+pub(crate) const Q4_1_BYTES: usize = 20;
+pub(crate) const Q8_0_BYTES: usize = 34;
+pub(crate) const Q4K_BYTES: usize = 144;
+pub(crate) const Q5K_BYTES: usize = 176;
+pub(crate) const Q6K_BYTES: usize = 210;
+
+// Field offsets inside the K-quant super-blocks.
+pub(crate) const Q4K_SCALES: usize = 4;
+pub(crate) const Q4K_QS: usize = 16;
+pub(crate) const Q5K_SCALES: usize = 4;
+pub(crate) const Q5K_QH: usize = 16;
+pub(crate) const Q5K_QS: usize = 48;
+pub(crate) const Q6K_QL: usize = 0;
+pub(crate) const Q6K_QH: usize = 128;
+pub(crate) const Q6K_SCALES: usize = 192;
+pub(crate) const Q6K_D: usize = 208;
+
+/// Reads the little-endian f16 at `b[off..off + 2]` as f32.
+#[inline]
+pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Rounds through f16 the way ggml stores a scale (`GGML_FP32_TO_FP16`, round to nearest even).
+#[inline]
+pub(crate) fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// ggml `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K
+/// super-block, from its 12 packed bytes.
+#[inline]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 8 scales (bytes 0..8) and 8 mins (bytes 8..16) of a Q4_K/Q5_K super-block, unpacked
+/// with 32-bit word operations (same result as [`scale_min_k4`] for each `j`).
+#[inline]
+pub(crate) fn unpack_scales_mins_k4(q: &[u8]) -> [u8; 16] {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let scales_lo = u0 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&scales_lo.to_le_bytes());
+    out[4..8].copy_from_slice(&scales_hi.to_le_bytes());
+    out[8..12].copy_from_slice(&mins_lo.to_le_bytes());
+    out[12..16].copy_from_slice(&mins_hi.to_le_bytes());
+    out
+}
+
+/// Dequantizes one weight row (`row.len() == ty.row_bytes(out.len())`, checked by the caller).
+pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
+    match ty {
+        WeightType::F32 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WeightType::F16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        WeightType::Q4_0 => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q4_0_BYTES)) {
+                let d = f16_at(b, 0);
+                for j in 0..QK / 2 {
+                    let q = b[2 + j];
+                    y[j] = ((q & 0xF) as i32 - 8) as f32 * d;
+                    y[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        WeightType::Q4_1 => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q4_1_BYTES)) {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                for j in 0..QK / 2 {
+                    let q = b[4 + j];
+                    y[j] = (q & 0xF) as f32 * d + m;
+                    y[j + QK / 2] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        WeightType::Q8_0 => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q8_0_BYTES)) {
+                let d = f16_at(b, 0);
+                for j in 0..QK {
+                    y[j] = (b[2 + j] as i8) as f32 * d;
+                }
+            }
+        }
+        WeightType::Q4K => {
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q4K_BYTES)) {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let sc = &b[Q4K_SCALES..Q4K_SCALES + 12];
+                for c in 0..4 {
+                    let q = &b[Q4K_QS + 32 * c..Q4K_QS + 32 * c + 32];
+                    let (s1, m1) = scale_min_k4(2 * c, sc);
+                    let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    for l in 0..32 {
+                        y[64 * c + l] = d1 * (q[l] & 0xF) as f32 - m1;
+                        y[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        WeightType::Q5K => {
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q5K_BYTES)) {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let sc = &b[Q5K_SCALES..Q5K_SCALES + 12];
+                let qh = &b[Q5K_QH..Q5K_QH + 32];
+                for c in 0..4 {
+                    let ql = &b[Q5K_QS + 32 * c..Q5K_QS + 32 * c + 32];
+                    let (s1, m1) = scale_min_k4(2 * c, sc);
+                    let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
+                    for l in 0..32 {
+                        let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        y[64 * c + l] = d1 * ((ql[l] & 0xF) + h1) as f32 - m1;
+                        y[64 * c + 32 + l] = d2 * ((ql[l] >> 4) + h2) as f32 - m2;
+                    }
+                }
+            }
+        }
+        WeightType::Q6K => {
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q6K_BYTES)) {
+                let d = f16_at(b, Q6K_D);
+                for n in 0..2 {
+                    let ql = &b[Q6K_QL + 64 * n..Q6K_QL + 64 * n + 64];
+                    let qh = &b[Q6K_QH + 32 * n..Q6K_QH + 32 * n + 32];
+                    let sc = &b[Q6K_SCALES + 8 * n..Q6K_SCALES + 8 * n + 8];
+                    let y = &mut y[128 * n..128 * n + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::Rng;
+
+    #[test]
+    fn packed_k4_scales_match_reference_unpacking() {
+        let mut rng = Rng::new(7);
+        for _ in 0..2000 {
+            let mut q = [0u8; 12];
+            rng.fill_bytes(&mut q);
+            let packed = unpack_scales_mins_k4(&q);
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &q);
+                assert_eq!(packed[j], s);
+                assert_eq!(packed[8 + j], m);
+            }
+        }
+    }
+
+    #[test]
+    fn block_sizes_match_ggml() {
+        // sizeof(block_*) in ggml-common.h.
+        assert_eq!(WeightType::Q4_0.row_bytes(64), 36);
+        assert_eq!(WeightType::Q4_1.block_bytes(), 2 + 2 + 16);
+        assert_eq!(WeightType::Q8_0.block_bytes(), 2 + 32);
+        assert_eq!(WeightType::Q4K.block_bytes(), 2 + 2 + 12 + 128);
+        assert_eq!(WeightType::Q5K.block_bytes(), 2 + 2 + 12 + 32 + 128);
+        assert_eq!(WeightType::Q6K.block_bytes(), 128 + 64 + 16 + 2);
+        assert_eq!(WeightType::F16.row_bytes(10), 20);
+    }
+
+    #[test]
+    fn dequantize_known_blocks() {
+        // Q4_0: d = 0.5, nibble 0x1F -> low 15, high 1.
+        let mut b = vec![0u8; Q4_0_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[2] = 0x1F;
+        let mut y = [0f32; QK];
+        dequantize_row(WeightType::Q4_0, &b, &mut y);
+        assert_eq!(y[0], (15 - 8) as f32 * 0.5);
+        assert_eq!(y[16], (1 - 8) as f32 * 0.5);
+        assert_eq!(y[1], -4.0);
+
+        // Q4_1: d = 2, m = -1.
+        let mut b = vec![0u8; Q4_1_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(2.0).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_bits().to_le_bytes());
+        b[4 + 3] = 0x52;
+        dequantize_row(WeightType::Q4_1, &b, &mut y);
+        assert_eq!(y[3], 2.0 * 2.0 - 1.0);
+        assert_eq!(y[19], 5.0 * 2.0 - 1.0);
+        assert_eq!(y[0], -1.0);
+
+        // Q6_K: all-zero quants give -32 * d * scale.
+        let mut b = vec![0u8; Q6K_BYTES];
+        b[Q6K_D..Q6K_D + 2].copy_from_slice(&half::f16::from_f32(0.25).to_bits().to_le_bytes());
+        for (i, s) in b[Q6K_SCALES..Q6K_SCALES + 16].iter_mut().enumerate() {
+            *s = (i as i8 - 8) as u8;
+        }
+        let mut y = [0f32; QK_K];
+        dequantize_row(WeightType::Q6K, &b, &mut y);
+        for (i, v) in y.iter().enumerate() {
+            let sc = (i / 16) as i32 - 8;
+            assert_eq!(*v, 0.25 * sc as f32 * -32.0, "index {i}");
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The matmul driver: checks shapes, quantizes the activations once, then splits the weight
+//! rows into equal contiguous panels that the pool's threads take in turn.
+//!
+//! Every thread sees all `m` activation rows; a panel is small enough (tens of KiB of weights)
+//! to stay in L2 while the backend sweeps it with register tiles of several activation rows,
+//! so each weight block is loaded from memory once per matmul.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::pool::ThreadPool;
+use super::quantize::{ActKind, Acts, quantize};
+use super::{ActivationScratch, KernelError, KernelPath, QMatrix, scalar};
+
+/// Below this much work (weight bytes × activation rows) a matmul stays on the calling thread.
+pub(crate) const DEFAULT_MIN_PARALLEL_BYTES: usize = 24 * 1024;
+
+/// Target weight bytes per panel for one activation row (streaming) and for several (the panel
+/// is re-read from L2 for every group of activation rows).
+const PANEL_BYTES_GEMV: usize = 32 * 1024;
+const PANEL_BYTES_GEMM: usize = 64 * 1024;
+
+/// Where the results go: `out[i * rows + j]`.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    ptr: *mut f32,
+    m: usize,
+    rows: usize,
+}
+
+// SAFETY: threads write disjoint weight-row panels of the output through this pointer while the
+// `&mut [f32]` it came from is borrowed by `matmul`.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Output view of `out` (`m × rows`, length checked).
+    pub(crate) fn new(out: &mut [f32], m: usize, rows: usize) -> OutPtr {
+        assert_eq!(out.len(), m * rows, "output view size");
+        OutPtr {
+            ptr: out.as_mut_ptr(),
+            m,
+            rows,
+        }
+    }
+
+    /// # Safety
+    /// `i < m`, `j < rows`, and no other thread reads or writes element `(i, j)` meanwhile.
+    #[inline]
+    pub(crate) unsafe fn write(&self, i: usize, j: usize, v: f32) {
+        debug_assert!(i < self.m && j < self.rows);
+        // SAFETY: in bounds by the caller's contract; `ptr` covers m·rows floats.
+        unsafe { *self.ptr.add(i * self.rows + j) = v };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    path: KernelPath,
+    pool: &ThreadPool,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    scratch: &mut ActivationScratch,
+    min_parallel_bytes: usize,
+) -> Result<(), KernelError> {
+    w.validate()?;
+    if !path.is_available() {
+        return Err(KernelError::PathUnavailable(path));
+    }
+    let x_len = m.checked_mul(w.cols).ok_or(KernelError::SizeOverflow)?;
+    if x.len() != x_len {
+        return Err(KernelError::ShapeMismatch {
+            what: "activation length (m × cols)",
+            expected: x_len,
+            actual: x.len(),
+        });
+    }
+    let out_len = m.checked_mul(w.rows).ok_or(KernelError::SizeOverflow)?;
+    if out.len() != out_len {
+        return Err(KernelError::ShapeMismatch {
+            what: "output length (m × rows)",
+            expected: out_len,
+            actual: out.len(),
+        });
+    }
+    if out_len == 0 {
+        return Ok(());
+    }
+    if w.cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+
+    let acts = quantize(
+        ActKind::for_weights(w.ty),
+        path,
+        pool,
+        x,
+        m,
+        w.cols,
+        scratch,
+    );
+    let outp = OutPtr::new(out, m, w.rows);
+
+    let rb = w.row_bytes();
+    let weight_bytes = rb * w.rows;
+    let threads = if weight_bytes.saturating_mul(m) < min_parallel_bytes {
+        1
+    } else {
+        pool.n_threads()
+    };
+    let target = if m == 1 {
+        PANEL_BYTES_GEMV
+    } else {
+        PANEL_BYTES_GEMM
+    };
+    // Equal panels, a multiple of the thread count, each a multiple of 4 rows (tile width).
+    let per_thread = weight_bytes.div_ceil(target).div_ceil(threads).max(1);
+    let panels_wanted = per_thread * threads;
+    let panel_rows = w.rows.div_ceil(panels_wanted).next_multiple_of(4);
+    let n_panels = w.rows.div_ceil(panel_rows);
+    let panel = |p: usize| p * panel_rows..((p + 1) * panel_rows).min(w.rows);
+
+    if threads == 1 || n_panels == 1 {
+        for p in 0..n_panels {
+            // SAFETY: single thread; panels are disjoint and inside 0..rows.
+            unsafe { compute(path, w, &acts, 0..m, panel(p), outp) };
+        }
+        return Ok(());
+    }
+    let next = AtomicUsize::new(0);
+    pool.run(|_, _| {
+        loop {
+            let p = next.fetch_add(1, Ordering::Relaxed);
+            if p >= n_panels {
+                break;
+            }
+            // SAFETY: each panel index is taken by exactly one thread, so the output columns
+            // written are disjoint; `out` outlives `pool.run`.
+            unsafe { compute(path, w, &acts, 0..m, panel(p), outp) };
+        }
+    });
+    Ok(())
+}
+
+/// # Safety
+/// `path` is available on this CPU; `out` is exclusively ours for `a × r`.
+unsafe fn compute(
+    path: KernelPath,
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    match path {
+        // SAFETY: forwarded contract.
+        KernelPath::Scalar => unsafe { scalar::compute(w, acts, a, r, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C.
+        KernelPath::Avx2 => unsafe { super::avx2::compute(w, acts, a, r, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: forwarded contract.
+        KernelPath::Neon => unsafe { super::neon::compute(w, acts, a, r, out) },
+        // Unreachable: `is_available` was checked before quantizing.
+        #[allow(unreachable_patterns)]
+        _ => unsafe { scalar::compute(w, acts, a, r, out) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{self, Rng};
+    use crate::kernels::{WeightType, detect};
+
+    fn paths() -> Vec<KernelPath> {
+        let mut p = vec![KernelPath::Scalar];
+        if detect() != KernelPath::Scalar {
+            p.push(detect());
+        }
+        p
+    }
+
+    fn run(path: KernelPath, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * w.rows];
+        let mut scratch = ActivationScratch::default();
+        // Threshold 0 so that even tiny shapes exercise the threaded split.
+        matmul(path, pool, w, x, m, &mut out, &mut scratch, 0).unwrap();
+        out
+    }
+
+    /// matmul on every path and thread count vs dequantize + naive f32 matmul, with the bound
+    /// from activation quantization (see `testutil::quantization_bound`); and each SIMD path vs
+    /// the scalar reference, which sees bit-identical quantized activations, so they differ only
+    /// by float summation order (tolerance 1e-5 of Σ|x|·(|w| + block offset)).
+    #[test]
+    fn matmul_matches_reference_on_odd_shapes() {
+        let mut rng = Rng::new(42);
+        let pools: Vec<ThreadPool> = [1, 2, 3].into_iter().map(ThreadPool::new).collect();
+        let ms = [1usize, 2, 3, 5, 8, 17, 33];
+        let rowss = [1usize, 3, 7, 64, 65];
+        for ty in WeightType::ALL {
+            let bs = ty.block_size();
+            let colss = match bs {
+                1 => [1, 7, 33, 100, 576],
+                32 => [32, 64, 96, 128, 576],
+                _ => [256, 512, 768, 1024, 1536],
+            };
+            for (ci, &cols) in colss.iter().enumerate() {
+                for (ri, &rows) in rowss.iter().enumerate() {
+                    // All m for a few shapes, a rotating subset elsewhere, to bound run time.
+                    let m_list: Vec<usize> = if ci == 4 || ri == 4 {
+                        ms.to_vec()
+                    } else {
+                        vec![ms[(ci + ri) % ms.len()], 1]
+                    };
+                    let data = testutil::random_weights(&mut rng, ty, rows, cols);
+                    let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+                    let wf = testutil::dequantize_all(&w);
+                    for &m in &m_list {
+                        let x = testutil::random_activations(&mut rng, m * cols);
+                        let want = testutil::naive_matmul(&wf, rows, cols, &x, m);
+                        let reference = run(KernelPath::Scalar, &pools[0], &w, &x, m);
+                        for path in paths() {
+                            for pool in &pools {
+                                let got = run(path, pool, &w, &x, m);
+                                for i in 0..m {
+                                    for j in 0..rows {
+                                        let k = i * rows + j;
+                                        let bound =
+                                            testutil::quantization_bound(ty, &w, &wf, &x, i, j);
+                                        assert!(
+                                            (got[k] - want[k]).abs() <= bound,
+                                            "{ty} {path} t={} m={m} rows={rows} cols={cols} ({i},{j}): got {} want {} bound {bound}",
+                                            pool.n_threads(),
+                                            got[k],
+                                            want[k]
+                                        );
+                                        let tol =
+                                            1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;
+                                        assert!(
+                                            (got[k] - reference[k]).abs() <= tol,
+                                            "{ty} {path} vs scalar t={} m={m} rows={rows} cols={cols} ({i},{j}): {} vs {}",
+                                            pool.n_threads(),
+                                            got[k],
+                                            reference[k]
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_batch_and_rows_match_scalar() {
+        // Enough rows and activation rows for several panels and full tiles on every thread.
+        let mut rng = Rng::new(5);
+        let pool = ThreadPool::new(2);
+        for ty in [
+            WeightType::Q4_1,
+            WeightType::Q8_0,
+            WeightType::Q4K,
+            WeightType::Q6K,
+        ] {
+            let (rows, cols, m) = (300, 512, 70);
+            let data = testutil::random_weights(&mut rng, ty, rows, cols);
+            let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let wf = testutil::dequantize_all(&w);
+            let x = testutil::random_activations(&mut rng, m * cols);
+            let reference = run(KernelPath::Scalar, &pool, &w, &x, m);
+            let got = run(detect(), &pool, &w, &x, m);
+            for i in 0..m {
+                for j in 0..rows {
+                    let tol = 1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;
+                    assert!(
+                        (got[i * rows + j] - reference[i * rows + j]).abs() <= tol,
+                        "{ty} ({i},{j})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scratch_reuse_across_types_and_sizes() {
+        let mut rng = Rng::new(9);
+        let pool = ThreadPool::new(2);
+        let mut scratch = ActivationScratch::default();
+        for (ty, m, cols) in [
+            (WeightType::Q4K, 9, 512),
+            (WeightType::Q4_1, 3, 64),
+            (WeightType::Q8_0, 17, 256),
+            (WeightType::Q6K, 1, 256),
+        ] {
+            let data = testutil::random_weights(&mut rng, ty, 5, cols);
+            let w = QMatrix::new(ty, 5, cols, &data).unwrap();
+            let x = testutil::random_activations(&mut rng, m * cols);
+            let mut a = vec![0f32; m * 5];
+            crate::kernels::matmul(&pool, &w, &x, m, &mut a, &mut scratch).unwrap();
+            let b = run(detect(), &pool, &w, &x, m);
+            assert_eq!(a, b, "{ty}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let pool = ThreadPool::new(1);
+        let mut scratch = ActivationScratch::default();
+        let data = vec![0u8; 2 * 20];
+        assert!(matches!(
+            QMatrix::new(WeightType::Q4_1, 2, 33, &data),
+            Err(KernelError::NotBlockAligned { .. })
+        ));
+        assert!(matches!(
+            QMatrix::new(WeightType::Q4_1, 3, 32, &data),
+            Err(KernelError::ShapeMismatch { .. })
+        ));
+        let w = QMatrix::new(WeightType::Q4_1, 2, 32, &data).unwrap();
+        let mut out = vec![0f32; 2];
+        let e =
+            crate::kernels::matmul(&pool, &w, &[0.0; 31], 1, &mut out, &mut scratch).unwrap_err();
+        assert!(e.to_string().contains("activation length"), "{e}");
+        let e = crate::kernels::matmul(&pool, &w, &[0.0; 32], 1, &mut out[..1], &mut scratch)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            KernelError::ShapeMismatch {
+                expected: 2,
+                actual: 1,
+                ..
+            }
+        ));
+        // A hand-built QMatrix with too little data is rejected too.
+        let bad = QMatrix {
+            ty: WeightType::Q4_1,
+            rows: 4,
+            cols: 32,
+            data: &data,
+        };
+        assert!(
+            crate::kernels::matmul(&pool, &bad, &[0.0; 32], 1, &mut [0.0; 4], &mut scratch)
+                .is_err()
+        );
+        let mut row = vec![0f32; 32];
+        assert!(matches!(
+            crate::kernels::dequantize_row(&w, 2, &mut row),
+            Err(KernelError::RowOutOfRange { row: 2, rows: 2 })
+        ));
+        assert!(crate::kernels::dequantize_row(&w, 0, &mut row[..31]).is_err());
+        assert!(matches!(
+            WeightType::from_ggml_type_id(6),
+            Err(KernelError::UnsupportedType(6))
+        ));
+        for ty in WeightType::ALL {
+            assert_eq!(WeightType::from_ggml_type_id(ty.ggml_type_id()), Ok(ty));
+        }
+        assert_eq!(
+            QMatrix::new(WeightType::F32, 2, usize::MAX / 2, &data).unwrap_err(),
+            KernelError::SizeOverflow
+        );
+        // Empty shapes are fine.
+        crate::kernels::matmul(&pool, &w, &[], 0, &mut [], &mut scratch).unwrap();
+        #[cfg(target_arch = "x86_64")]
+        assert!(matches!(
+            crate::kernels::matmul_with_path(
+                KernelPath::Neon,
+                &pool,
+                &w,
+                &[0.0; 32],
+                1,
+                &mut out,
+                &mut scratch
+            ),
+            Err(KernelError::PathUnavailable(KernelPath::Neon))
+        ));
+    }
+
+    #[test]
+    fn dequantize_row_reads_the_right_row() {
+        let mut rng = Rng::new(4);
+        for ty in WeightType::ALL {
+            let cols = ty.block_size().max(256);
+            let data = testutil::random_weights(&mut rng, ty, 4, cols);
+            let w = QMatrix::new(ty, 4, cols, &data).unwrap();
+            let all = testutil::dequantize_all(&w);
+            let mut row = vec![0f32; cols];
+            crate::kernels::dequantize_row(&w, 3, &mut row).unwrap();
+            assert_eq!(&row[..], &all[3 * cols..]);
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The model layer: loading GGUF files and Hugging Face safetensors directories, the tokenizer,
+//! the chat template, and the transformer forward. It does no IO beyond loading.
+//!
+//! - [`gguf`]: the GGUF reader (memory-mapped, bounds-checked).
+//! - [`weights`]: weights by role, from either format, onto a Candle device.
+//! - [`config`]: hyper-parameters and architecture flags.
+//! - [`decoder`]: the one configurable decoder and its per-sequence KV caches.
+//! - [`tokenizer`], [`gguf_tokenizer`], [`detokenizer`]: text ↔ tokens.
+//! - [`chat_template`]: Jinja chat templates.
+//! - [`load`]: puts it together into a [`LoadedModel`].
+
+pub mod attention;
+pub mod chat_template;
+pub mod config;
+pub mod decoder;
+pub mod detokenizer;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod gguf_writer;
+pub mod load;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use load::{LoadOptions, LoadedModel, ModelFormat, load_model};
+
+/// Everything that can go wrong loading or running a model. Load errors name the file and
+/// the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {what} not found")]
+    MissingFile { path: PathBuf, what: String },
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{source_name}: tensor {tensor} is missing")]
+    MissingTensor { source_name: String, tensor: String },
+    #[error("{source_name}: tensor {tensor} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        source_name: String,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error(
+        "{source_name}: tensor {tensor} has unsupported dtype {dtype} (supported: F32, F16, BF16)"
+    )]
+    UnsupportedDtype {
+        source_name: String,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("{path}: cannot read safetensors: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{source_name}: tensor {tensor}: {message}")]
+    Load {
+        source_name: String,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{path}: chat template: {message}")]
+    ChatTemplate { path: PathBuf, message: String },
+    #[error("{path}: invalid JSON: {message}")]
+    Json { path: PathBuf, message: String },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("context overflow: {needed} positions needed, the context holds {context_length}")]
+    ContextOverflow {
+        needed: usize,
+        context_length: usize,
+    },
+    #[error("forward failed: {0}")]
+    Forward(String),
+}

@@ -1,0 +1,295 @@
+//! Reading named weights from a GGUF file or a safetensors checkpoint onto a Candle device.
+//!
+//! The decoder asks for weights by their role ([`WeightName`]); this module maps a role to the
+//! tensor name each format uses (llama.cpp's `blk.N.attn_q.weight`, Hugging Face's
+//! `model.layers.N.self_attn.q_proj.weight`), checks the shape, and returns either a quantized
+//! tensor (kept in its ggml block format) or a dense one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+use super::gguf::{GgmlType, GgufFile};
+
+/// The role of a weight in the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightName {
+    TokenEmbedding,
+    OutputNorm,
+    Output,
+    /// Per-frequency rope divisors (GGUF only).
+    RopeFreqs,
+    Layer(usize, LayerWeight),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerWeight {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    Qkv,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    QkvBias,
+    QNorm,
+    KNorm,
+    FfnNorm,
+    Gate,
+    Up,
+    GateUp,
+    Down,
+}
+
+impl WeightName {
+    fn gguf_name(self) -> String {
+        use LayerWeight as L;
+        match self {
+            Self::TokenEmbedding => "token_embd.weight".into(),
+            Self::OutputNorm => "output_norm.weight".into(),
+            Self::Output => "output.weight".into(),
+            Self::RopeFreqs => "rope_freqs.weight".into(),
+            Self::Layer(i, w) => {
+                let suffix = match w {
+                    L::AttnNorm => "attn_norm.weight",
+                    L::Q => "attn_q.weight",
+                    L::K => "attn_k.weight",
+                    L::V => "attn_v.weight",
+                    L::Qkv => "attn_qkv.weight",
+                    L::O => "attn_output.weight",
+                    L::QBias => "attn_q.bias",
+                    L::KBias => "attn_k.bias",
+                    L::VBias => "attn_v.bias",
+                    L::QkvBias => "attn_qkv.bias",
+                    L::QNorm => "attn_q_norm.weight",
+                    L::KNorm => "attn_k_norm.weight",
+                    L::FfnNorm => "ffn_norm.weight",
+                    L::Gate => "ffn_gate.weight",
+                    // llama.cpp stores Phi-3's fused gate+up projection as ffn_up.
+                    L::Up | L::GateUp => "ffn_up.weight",
+                    L::Down => "ffn_down.weight",
+                };
+                format!("blk.{i}.{suffix}")
+            }
+        }
+    }
+
+    fn hf_name(self) -> Option<String> {
+        use LayerWeight as L;
+        Some(match self {
+            Self::TokenEmbedding => "model.embed_tokens.weight".into(),
+            Self::OutputNorm => "model.norm.weight".into(),
+            Self::Output => "lm_head.weight".into(),
+            Self::RopeFreqs => return None,
+            Self::Layer(i, w) => {
+                let suffix = match w {
+                    L::AttnNorm => "input_layernorm.weight",
+                    L::Q => "self_attn.q_proj.weight",
+                    L::K => "self_attn.k_proj.weight",
+                    L::V => "self_attn.v_proj.weight",
+                    L::Qkv => "self_attn.qkv_proj.weight",
+                    L::O => "self_attn.o_proj.weight",
+                    L::QBias => "self_attn.q_proj.bias",
+                    L::KBias => "self_attn.k_proj.bias",
+                    L::VBias => "self_attn.v_proj.bias",
+                    L::QkvBias => "self_attn.qkv_proj.bias",
+                    L::QNorm => "self_attn.q_norm.weight",
+                    L::KNorm => "self_attn.k_norm.weight",
+                    L::FfnNorm => "post_attention_layernorm.weight",
+                    L::Gate => "mlp.gate_proj.weight",
+                    L::Up => "mlp.up_proj.weight",
+                    L::GateUp => "mlp.gate_up_proj.weight",
+                    L::Down => "mlp.down_proj.weight",
+                };
+                format!("model.layers.{i}.{suffix}")
+            }
+        })
+    }
+}
+
+/// A weight as loaded: quantized blocks, or a dense tensor.
+pub enum RawWeight {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl RawWeight {
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Quantized(q) => q.shape().dims().to_vec(),
+            Self::Dense(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// A dense f32 copy (for norms, biases and other small vectors).
+    pub fn to_dense_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quantized(q) => q.dequantize(device),
+            Self::Dense(t) => t.to_dtype(DType::F32),
+        }
+    }
+}
+
+/// Where the weights come from.
+pub enum WeightStore {
+    Gguf(Arc<GgufFile>),
+    Safetensors {
+        tensors: candle_core::safetensors::MmapedSafetensors,
+        dir: PathBuf,
+    },
+}
+
+impl WeightStore {
+    pub fn open_safetensors(dir: &Path, files: &[PathBuf]) -> Result<Self, ModelError> {
+        // SAFETY: the files are read-only model weights that are not modified while loaded.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+            .map_err(|e| ModelError::Safetensors {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(Self::Safetensors {
+            tensors,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn source_name(&self) -> String {
+        match self {
+            Self::Gguf(f) => f.path().display().to_string(),
+            Self::Safetensors { dir, .. } => dir.display().to_string(),
+        }
+    }
+
+    fn file_name(&self, name: WeightName) -> Option<String> {
+        match self {
+            Self::Gguf(_) => Some(name.gguf_name()),
+            Self::Safetensors { .. } => name.hf_name(),
+        }
+    }
+
+    pub fn contains(&self, name: WeightName) -> bool {
+        let Some(file_name) = self.file_name(name) else {
+            return false;
+        };
+        match self {
+            Self::Gguf(f) => f.tensor_info(&file_name).is_some(),
+            Self::Safetensors { tensors, .. } => tensors.get(&file_name).is_ok(),
+        }
+    }
+
+    /// The weight's shape (row-major), if present.
+    pub fn shape_of(&self, name: WeightName) -> Option<Vec<usize>> {
+        let file_name = self.file_name(name)?;
+        match self {
+            Self::Gguf(f) => f.tensor_info(&file_name).map(|i| i.shape()),
+            Self::Safetensors { tensors, .. } => {
+                tensors.get(&file_name).ok().map(|v| v.shape().to_vec())
+            }
+        }
+    }
+
+    /// Loads a weight if present, checking its shape. Dense (unquantized) weights are converted
+    /// to `dense_dtype`, or kept in their stored dtype when it is `None`.
+    pub fn load(
+        &self,
+        name: WeightName,
+        expected_shape: &[usize],
+        device: &Device,
+        dense_dtype: Option<DType>,
+    ) -> Result<Option<RawWeight>, ModelError> {
+        let Some(file_name) = self.file_name(name) else {
+            return Ok(None);
+        };
+        let source = self.source_name();
+        let shape_error = |got: Vec<usize>| ModelError::ShapeMismatch {
+            source_name: source.clone(),
+            tensor: file_name.clone(),
+            expected: expected_shape.to_vec(),
+            got,
+        };
+        let runtime = |e: candle_core::Error| ModelError::Load {
+            source_name: source.clone(),
+            tensor: file_name.clone(),
+            message: e.to_string(),
+        };
+        match self {
+            Self::Gguf(file) => {
+                let Some(info) = file.tensor_info(&file_name) else {
+                    return Ok(None);
+                };
+                let shape = info.shape();
+                if shape != expected_shape {
+                    return Err(shape_error(shape));
+                }
+                let bytes = file.tensor_bytes(info);
+                let q = qtensor_from_ggml(info.ty.to_candle(), bytes, shape.clone(), device)
+                    .map_err(runtime)?;
+                if info.ty.is_quantized() {
+                    Ok(Some(RawWeight::Quantized(Arc::new(q))))
+                } else {
+                    let stored = match info.ty {
+                        GgmlType::F16 => DType::F16,
+                        GgmlType::BF16 => DType::BF16,
+                        _ => DType::F32,
+                    };
+                    let t = q
+                        .dequantize(device)
+                        .and_then(|t| t.to_dtype(dense_dtype.unwrap_or(stored)))
+                        .and_then(|t| t.reshape(expected_shape))
+                        .map_err(runtime)?;
+                    Ok(Some(RawWeight::Dense(t)))
+                }
+            }
+            Self::Safetensors { tensors, .. } => {
+                let view = match tensors.get(&file_name) {
+                    Ok(v) => v,
+                    Err(_) => return Ok(None),
+                };
+                let shape = view.shape().to_vec();
+                if shape != expected_shape {
+                    return Err(shape_error(shape));
+                }
+                let dtype = view.dtype();
+                if !matches!(
+                    dtype,
+                    safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+                ) {
+                    return Err(ModelError::UnsupportedDtype {
+                        source_name: source,
+                        tensor: file_name,
+                        dtype: format!("{dtype:?}"),
+                    });
+                }
+                let t = tensors
+                    .load(&file_name, device)
+                    .and_then(|t| match dense_dtype {
+                        Some(d) => t.to_dtype(d),
+                        None => Ok(t),
+                    })
+                    .and_then(|t| t.reshape(expected_shape))
+                    .map_err(runtime)?;
+                Ok(Some(RawWeight::Dense(t)))
+            }
+        }
+    }
+
+    /// Like [`Self::load`], but the weight must exist.
+    pub fn require(
+        &self,
+        name: WeightName,
+        expected_shape: &[usize],
+        device: &Device,
+        dense_dtype: Option<DType>,
+    ) -> Result<RawWeight, ModelError> {
+        self.load(name, expected_shape, device, dense_dtype)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                source_name: self.source_name(),
+                tensor: self.file_name(name).unwrap_or_else(|| format!("{name:?}")),
+            })
+    }
+}

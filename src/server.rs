@@ -1,0 +1,285 @@
+//! The binaries' shared `main`: bind, load the model in the background, serve, and stop
+//! gracefully on SIGTERM or SIGINT.
+//!
+//! Order matters: the listener is bound before the model loads so the hive sees the worker at
+//! once (`/health` says `loading`), and signal handlers are installed before either, so a
+//! SIGTERM at any point takes the graceful path. A second signal exits immediately.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use tokio::net::TcpListener;
+
+use crate::backend::CandleInferenceBackend;
+use crate::config::{ServerSettings, WorkerArgs};
+use crate::engine::SchedulerConfig;
+use crate::jobs::RegistryConfig;
+use crate::model::LoadOptions;
+use crate::worker::{Worker, WorkerConfig};
+use crate::worker_info::WorkerIdentity;
+
+/// After the engine has stopped, how long open streams get to deliver their last events.
+const STREAM_FLUSH: Duration = Duration::from_secs(5);
+
+/// What distinguishes the cpu, cuda and metal binaries.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSpec {
+    /// Reported as `implementation` ("llm-worker-rbee-cpu").
+    pub implementation: &'static str,
+    /// "cpu", "cuda" or "metal".
+    pub kind: &'static str,
+    /// Builds the device for `--device N`.
+    pub build: fn(usize) -> candle_core::Result<Device>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the {kind} device {index}: {message}")]
+    Device {
+        kind: &'static str,
+        index: usize,
+        message: String,
+    },
+    #[error("cannot load the model: {0}")]
+    Load(String),
+    #[error("cannot start the generation engine: {0}")]
+    Engine(std::io::Error),
+    #[error("the server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the worker until it is told to stop. Exit code 0 after a graceful shutdown, 2 for a
+/// configuration error, 1 for anything else.
+pub fn run(args: WorkerArgs, device: DeviceSpec) -> ExitCode {
+    args.apply_threads();
+    init_tracing();
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // HTTP work is light; more async workers would only compete with the compute threads.
+    let async_threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(async_threads)
+        .thread_name("http")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(serve(args, settings, device));
+    // A model load interrupted by a signal may still be running on the blocking pool.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+async fn serve(
+    args: WorkerArgs,
+    settings: ServerSettings,
+    device: DeviceSpec,
+) -> Result<(), ServerError> {
+    let mut signals = Signals::install();
+    let listener = TcpListener::bind(settings.bind)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: settings.bind,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+
+    let device_label = if device.kind == "cpu" {
+        "cpu:0".to_string()
+    } else {
+        format!("{}:{}", device.kind, args.device)
+    };
+    let mut identity = WorkerIdentity::new(device.implementation, &device_label);
+    if let Some(id) = &args.worker_id {
+        identity.id = id.clone();
+    }
+    identity.port = addr.port();
+    let worker = Arc::new(Worker::new(WorkerConfig {
+        scheduler: SchedulerConfig {
+            max_sequences: args.parallel as usize,
+            batch_tokens: args.batch_size as usize,
+        },
+        queue_capacity: args.queue_capacity as usize,
+        registry: RegistryConfig {
+            detach_grace: args.detach_grace,
+            job_ttl: args.job_ttl,
+            ..RegistryConfig::default()
+        },
+        model_id: args.model_ref.clone(),
+        expected_token: settings.api_token.clone(),
+        identity,
+    }));
+    if settings.api_token.is_none() {
+        tracing::warn!("no API token set: every client that can reach {addr} may use this worker");
+    }
+
+    let (stop_server, server_stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn({
+        let router = worker.router();
+        let mut stopped = server_stopped.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }
+    });
+    tracing::info!(worker_id = %worker_id(&args), "listening on http://{addr}");
+
+    let load_args = args.clone();
+    let loading = tokio::task::spawn_blocking(move || load_backend(&load_args, device));
+    let loaded = tokio::select! {
+        loaded = loading => Some(loaded),
+        () = signals.recv() => None,
+    };
+    match loaded {
+        None => tracing::info!("stop requested while the model was loading"),
+        Some(loaded) => {
+            let backend = loaded.map_err(|e| ServerError::Load(format!("loader task: {e}")))??;
+            worker.attach(backend).map_err(ServerError::Engine)?;
+            signals.recv().await;
+            tracing::info!(
+                drain_timeout = ?args.drain_timeout,
+                "stop requested; finishing the jobs in flight"
+            );
+            tokio::spawn(async move {
+                signals.recv().await;
+                tracing::warn!("second stop signal; exiting now");
+                std::process::exit(130);
+            });
+            let report = worker.shutdown(args.drain_timeout).await;
+            tracing::info!(
+                drained = report.drained,
+                engine_stopped = report.engine_stopped,
+                "generation stopped"
+            );
+        }
+    }
+
+    let _ = stop_server.send(true);
+    match tokio::time::timeout(STREAM_FLUSH, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(ServerError::Serve(e)),
+        Ok(Err(e)) => return Err(ServerError::Serve(std::io::Error::other(e))),
+        Err(_) => tracing::warn!("some streams were still open after {STREAM_FLUSH:?}; closing"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn worker_id(args: &WorkerArgs) -> &str {
+    args.worker_id.as_deref().unwrap_or("(generated)")
+}
+
+fn load_backend(
+    args: &WorkerArgs,
+    device: DeviceSpec,
+) -> Result<CandleInferenceBackend, ServerError> {
+    let path = args.model_path()?;
+    let built = (device.build)(args.device).map_err(|e| ServerError::Device {
+        kind: device.kind,
+        index: args.device,
+        message: e.to_string(),
+    })?;
+    tracing::info!(path = %path.display(), "loading the model");
+    let options = LoadOptions {
+        device: built,
+        context_length: Some(args.context_length()),
+    };
+    let backend = CandleInferenceBackend::load(&path, &options)
+        .map_err(|e| ServerError::Load(e.to_string()))?;
+    tracing::info!(load_time = ?backend.load_time(), "model loaded");
+    Ok(backend)
+}
+
+/// SIGTERM and SIGINT, registered when created (not on first poll), so no signal is lost to
+/// the default handler while the model loads.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            if let Err(e) = term.as_ref().and(int.as_ref()) {
+                tracing::warn!("cannot install signal handlers: {e}");
+            }
+            Self {
+                term: term.ok(),
+                int: int.ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                // `None` from `recv` means no more signals will come: wait forever rather than
+                // report a signal that never happened.
+                if let Some(s) = s
+                    && s.recv().await.is_some()
+                {
+                    return;
+                }
+                std::future::pending().await
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Putting the worker together: queue, registry, engine and router ([`Worker`]), and the
+//! seed's one-call entry point [`setup_worker_with_backend`].
+//!
+//! A [`Worker`] exists before its model: the router answers `/health` with 503 `loading`
+//! until [`Worker::attach`] hands it a backend, which is what lets the server bind first and
+//! load second. [`Worker::shutdown`] is the graceful stop: refuse new jobs, let the ones in
+//! flight finish for up to the drain timeout, cancel the rest (each gets its terminal event).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+
+use crate::engine::{InferenceBackend, RequestQueue, SchedulerConfig};
+use crate::http::{self, ApiAuth, AppState};
+use crate::jobs::{JobRegistry, RegistryConfig};
+use crate::worker_info::WorkerIdentity;
+
+/// How long the engine may take to notice an abort (it finishes the step in progress).
+const ABORT_WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub scheduler: SchedulerConfig,
+    pub queue_capacity: usize,
+    pub registry: RegistryConfig,
+    /// The served model name (`--model-ref`); `None` uses the model's own.
+    pub model_id: Option<String>,
+    pub expected_token: Option<String>,
+    pub identity: WorkerIdentity,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            queue_capacity: 64,
+            registry: RegistryConfig::default(),
+            model_id: None,
+            expected_token: None,
+            identity: WorkerIdentity::new("llm-worker-rbee-cpu", "cpu:0"),
+        }
+    }
+}
+
+/// How a graceful shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every job finished on its own within the drain timeout (none had to be cancelled).
+    pub drained: bool,
+    /// The engine thread has exited (false only if it was stuck past the abort wait).
+    pub engine_stopped: bool,
+}
+
+pub struct Worker {
+    registry: Arc<JobRegistry>,
+    scheduler: SchedulerConfig,
+    model_id: Option<String>,
+    router: Router,
+}
+
+impl Worker {
+    /// A worker without a model yet.
+    pub fn new(config: WorkerConfig) -> Self {
+        let queue = Arc::new(RequestQueue::new(config.queue_capacity));
+        // Room for every job that can be live at once, so only finished ones are ever evicted.
+        let live_max = config.queue_capacity + config.scheduler.max_sequences;
+        let registry_config = RegistryConfig {
+            capacity: config.registry.capacity.max(2 * live_max),
+            ..config.registry
+        };
+        let registry = JobRegistry::new(queue, registry_config);
+        if let Some(token) = &config.expected_token {
+            tracing::info!(
+                token_fingerprint = %http::auth::fingerprint(token),
+                "API token required"
+            );
+        }
+        let router = http::router(
+            AppState::new(registry.clone(), config.identity),
+            ApiAuth::new(config.expected_token.as_deref()),
+        );
+        Self {
+            registry,
+            scheduler: config.scheduler,
+            model_id: config.model_id,
+            router,
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    pub fn registry(&self) -> &Arc<JobRegistry> {
+        &self.registry
+    }
+
+    /// Starts the engine on `backend`; from now on jobs are accepted.
+    pub fn attach<B: InferenceBackend>(&self, backend: B) -> std::io::Result<()> {
+        let meta = backend.meta();
+        tracing::info!(
+            model = %self.model_id.as_deref().unwrap_or(&meta.name),
+            device = %meta.device,
+            context_length = meta.context_length,
+            slots = self.scheduler.max_sequences,
+            "model attached; accepting jobs"
+        );
+        self.registry
+            .serve(backend, self.model_id.clone(), self.scheduler)
+    }
+
+    /// Stops admitting jobs, lets queued and running ones finish for up to `drain_timeout`,
+    /// then cancels what is left (reason `shutdown`). Every job has its terminal event when
+    /// this returns with `engine_stopped`.
+    pub async fn shutdown(&self, drain_timeout: Duration) -> ShutdownReport {
+        self.registry.begin_drain();
+        let drained = wait_until(drain_timeout, || self.registry.engine_finished()).await;
+        if !drained {
+            tracing::warn!(
+                "drain timeout ({drain_timeout:?}) reached; cancelling the remaining jobs"
+            );
+            self.registry.abort();
+        }
+        let engine_stopped = wait_until(ABORT_WAIT, || self.registry.engine_finished()).await;
+        ShutdownReport {
+            drained,
+            engine_stopped,
+        }
+    }
+}
+
+async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The seed's interface: a queue, a registry and an engine on `backend`, behind the rbee
+/// router. The engine stops when the router (and every clone of it) is dropped.
+pub fn setup_worker_with_backend<B: InferenceBackend>(
+    backend: B,
+    expected_token: Option<String>,
+) -> Router {
+    let queue = Arc::new(RequestQueue::new(WorkerConfig::default().queue_capacity));
+    let registry = JobRegistry::new(queue.clone(), RegistryConfig::default());
+    if let Err(e) = registry.serve(backend, None, SchedulerConfig::default()) {
+        // The router still answers: `/health` says `loading` and jobs get 503.
+        tracing::error!("cannot start the generation engine: {e}");
+    }
+    http::create_router(queue, registry, expected_token)
+}

@@ -1,0 +1,2 @@
+pub mod default_model;
+pub mod tiny_models;
