@@ -95,10 +95,7 @@ impl InferenceBackend for CandleInferenceBackend {
         for (cache, b) in caches.into_iter().zip(batch) {
             self.caches.insert(b.seq, cache);
         }
-        let logits = result.map_err(|e| BackendError(e.to_string()))?;
-        logits
-            .to_vec2::<f32>()
-            .map_err(|e| BackendError(format!("reading logits: {e}")))
+        result.map_err(|e| BackendError(e.to_string()))
     }
 
     fn release(&mut self, seq: SeqId) {

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::heartbeat::{HeartbeatConfig, HiveUrlError};
+use crate::logging::LogFormat;
+use crate::model::chat_template::ChatTemplate;
+
 /// The GGUF downloader and cache, embedded so the binary can fetch its default model anywhere.
 const FETCH_DEFAULT_MODEL: &str = include_str!("../scripts/fetch-default-model.sh");
 
@@ -33,6 +37,11 @@ pub struct WorkerArgs {
     /// Name clients use in `model` and that the worker reports (default: from the model file).
     #[arg(long, env = "LLM_WORKER_MODEL_REF", value_name = "ID")]
     pub model_ref: Option<String>,
+
+    /// Jinja chat template for /v1/chat/completions, used instead of the model's own (a model
+    /// without one gets plain ChatML). `bos_token` and `eos_token` come from the model.
+    #[arg(long, env = "LLM_WORKER_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 
     /// This worker's id, as the hive knows it (default: a random one).
     #[arg(long, env = "LLM_WORKER_ID", value_name = "ID")]
@@ -76,7 +85,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,
 
-    /// Compute threads (sets RAYON_NUM_THREADS and CANDLE_NUM_THREADS; default: all cores).
+    /// Compute threads (our CPU kernels' pool, and Candle's via RAYON_NUM_THREADS and
+    /// CANDLE_NUM_THREADS; default: one per physical core).
     #[arg(long, env = "LLM_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
 
@@ -106,6 +116,29 @@ pub struct WorkerArgs {
     /// How long a finished job's status and events stay available.
     #[arg(long, env = "LLM_WORKER_JOB_TTL", default_value = "5m", value_parser = parse_duration)]
     pub job_ttl: Duration,
+
+    /// With --hive-url: how often the worker sends its heartbeat when nothing changes (it also
+    /// sends one at once on start and one on every status change).
+    #[arg(long, env = "LLM_WORKER_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_interval)]
+    pub heartbeat_interval: Duration,
+
+    /// Bearer token the heartbeat presents to the hive. Prefer the environment variable:
+    /// command lines are visible to other local users.
+    #[arg(
+        long,
+        env = "LLM_WORKER_HIVE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub hive_token: Option<String>,
+
+    /// Require the API token on GET /metrics too (by default it is public, like /health).
+    #[arg(long, env = "LLM_WORKER_METRICS_AUTH")]
+    pub metrics_auth: bool,
+
+    /// Log format: `pretty` (human-readable lines) or `json` (one object per line).
+    #[arg(long, env = "LLORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
 }
 
 /// Why the worker refuses to start.
@@ -125,6 +158,10 @@ pub enum ConfigError {
     EmptyToken { source_name: String },
     #[error("cannot fetch the default model: {0}")]
     FetchModel(String),
+    #[error("--chat-template {path}: {message}")]
+    ChatTemplate { path: PathBuf, message: String },
+    #[error(transparent)]
+    HiveUrl(#[from] HiveUrlError),
 }
 
 /// Validated settings the server starts from.
@@ -132,6 +169,8 @@ pub enum ConfigError {
 pub struct ServerSettings {
     pub bind: SocketAddr,
     pub api_token: Option<String>,
+    /// Set when `--hive-url` is given.
+    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 impl WorkerArgs {
@@ -147,7 +186,26 @@ impl WorkerArgs {
         Ok(ServerSettings {
             bind: SocketAddr::new(ip, self.port),
             api_token,
+            heartbeat: self.heartbeat()?,
         })
+    }
+
+    fn heartbeat(&self) -> Result<Option<HeartbeatConfig>, ConfigError> {
+        let Some(url) = &self.hive_url else {
+            return Ok(None);
+        };
+        let mut config = HeartbeatConfig::new(url)?;
+        config.interval = self.heartbeat_interval;
+        if let Some(token) = &self.hive_token {
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(ConfigError::EmptyToken {
+                    source_name: "--hive-token".into(),
+                });
+            }
+            config.token = Some(token.to_string());
+        }
+        Ok(Some(config))
     }
 
     fn api_token(&self) -> Result<Option<String>, ConfigError> {
@@ -166,6 +224,23 @@ impl WorkerArgs {
             return Err(ConfigError::EmptyToken { source_name });
         }
         Ok(Some(token))
+    }
+
+    /// `--chat-template`, read and compiled (before the model loads, so a broken template
+    /// stops the worker at once). Its `bos_token`/`eos_token` are supplied per request from
+    /// the served model's tokenizer.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>, ConfigError> {
+        let Some(path) = &self.chat_template else {
+            return Ok(None);
+        };
+        let fail = |message: String| ConfigError::ChatTemplate {
+            path: path.clone(),
+            message,
+        };
+        let source = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        ChatTemplate::new(&source, "", "")
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// The serving context to ask the loader for.
@@ -238,6 +313,14 @@ pub fn fetch_default_model() -> Result<PathBuf, ConfigError> {
         .rfind(|l| !l.is_empty())
         .map(PathBuf::from)
         .ok_or_else(|| fail("the fetch script printed no path".into()))
+}
+
+/// A [`parse_duration`] that is not zero.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
 }
 
 /// `"5"`, `"5s"`, `"1.5s"`, `"500ms"`, `"2m"`, `"1h"`.
@@ -325,6 +408,49 @@ mod tests {
         std::fs::write(&dir, "\n").unwrap();
         assert!(matches!(a.settings(), Err(ConfigError::EmptyToken { .. })));
         let _ = std::fs::remove_file(dir);
+    }
+
+    #[test]
+    fn hive_flags() {
+        let a = args(&["--hive-url", "http://hive:7835/", "--hive-token", " t "]);
+        let hb = a.settings().unwrap().heartbeat.unwrap();
+        assert_eq!(hb.endpoint.as_str(), "http://hive:7835/v1/worker-heartbeat");
+        assert_eq!(hb.token.as_deref(), Some("t"));
+        assert_eq!(hb.interval, Duration::from_secs(30));
+        assert!(args(&[]).settings().unwrap().heartbeat.is_none());
+        let a = args(&["--hive-url", "http://h", "--heartbeat-interval", "2s"]);
+        assert_eq!(
+            a.settings().unwrap().heartbeat.unwrap().interval,
+            Duration::from_secs(2)
+        );
+        assert!(WorkerArgs::try_parse_from(["w", "--heartbeat-interval", "0s"]).is_err());
+        assert!(matches!(
+            args(&["--hive-url", "https://h"]).settings(),
+            Err(ConfigError::HiveUrl(_))
+        ));
+        assert!(matches!(
+            args(&["--hive-url", "http://h", "--hive-token", " "]).settings(),
+            Err(ConfigError::EmptyToken { .. })
+        ));
+        let a = args(&["--metrics-auth", "--log-format", "json"]);
+        assert!(a.metrics_auth);
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(args(&[]).log_format, LogFormat::Pretty);
+        assert!(!args(&[]).metrics_auth);
+    }
+
+    #[test]
+    fn chat_template_file_is_read_and_compiled() {
+        assert!(args(&[]).chat_template().unwrap().is_none());
+        let path = std::env::temp_dir().join(format!("llm-worker-tmpl-{}", std::process::id()));
+        std::fs::write(&path, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let a = args(&["--chat-template", path.to_str().unwrap()]);
+        assert!(a.chat_template().unwrap().is_some());
+        std::fs::write(&path, "{% for m in messages %}").unwrap();
+        let err = a.chat_template().unwrap_err().to_string();
+        assert!(err.starts_with("--chat-template"), "{err}");
+        let _ = std::fs::remove_file(&path);
+        assert!(a.chat_template().is_err(), "a missing file");
     }
 
     #[test]

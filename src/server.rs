@@ -61,7 +61,8 @@ enum ServerError {
 /// configuration error, 1 for anything else.
 pub fn run(args: WorkerArgs, device: DeviceSpec) -> ExitCode {
     args.apply_threads();
-    init_tracing();
+    // Held to the end of `run`: dropping it flushes the buffered log lines.
+    let _log_writer = crate::logging::init(args.log_format);
     let settings = match args.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -93,17 +94,6 @@ pub fn run(args: WorkerArgs, device: DeviceSpec) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }
 
 async fn serve(
@@ -144,6 +134,9 @@ async fn serve(
         model_id: args.model_ref.clone(),
         expected_token: settings.api_token.clone(),
         identity,
+        chat_template: args.chat_template()?.map(Arc::new),
+        heartbeat: settings.heartbeat.clone(),
+        metrics_auth: args.metrics_auth,
     }));
     if settings.api_token.is_none() {
         tracing::warn!("no API token set: every client that can reach {addr} may use this worker");
@@ -172,8 +165,24 @@ async fn serve(
     match loaded {
         None => tracing::info!("stop requested while the model was loading"),
         Some(loaded) => {
-            let backend = loaded.map_err(|e| ServerError::Load(format!("loader task: {e}")))??;
-            worker.attach(backend).map_err(ServerError::Engine)?;
+            let attached = loaded
+                .map_err(|e| ServerError::Load(format!("loader task: {e}")))
+                .and_then(|loaded| loaded)
+                .and_then(|backend| {
+                    let load_time = backend.load_time();
+                    worker.metrics().set_model_load_time(load_time);
+                    worker.attach(backend).map_err(ServerError::Engine)?;
+                    Ok(load_time)
+                });
+            let load_time = match attached {
+                Ok(t) => t,
+                Err(e) => {
+                    // The hive hears `stopped` rather than waiting for heartbeats to stop.
+                    worker.finish().await;
+                    return Err(e);
+                }
+            };
+            log_ready(&worker, addr, &args, load_time);
             signals.recv().await;
             tracing::info!(
                 drain_timeout = ?args.drain_timeout,
@@ -200,8 +209,25 @@ async fn serve(
         Ok(Err(e)) => return Err(ServerError::Serve(std::io::Error::other(e))),
         Err(_) => tracing::warn!("some streams were still open after {STREAM_FLUSH:?}; closing"),
     }
+    worker.finish().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The startup line: where, what, on which device, with how many threads, loaded how fast.
+fn log_ready(worker: &Worker, addr: std::net::SocketAddr, args: &WorkerArgs, load: Duration) {
+    let served = worker.registry().served();
+    let threads = args
+        .threads
+        .map_or_else(crate::model::load::physical_cores, |n| n as usize);
+    tracing::info!(
+        url = %format!("http://{addr}"),
+        model = served.map_or("", |s| s.model_id.as_str()),
+        device = served.map_or("", |s| s.meta.device.as_str()),
+        threads,
+        load_time_s = (load.as_secs_f64() * 1000.0).round() / 1000.0,
+        "worker ready"
+    );
 }
 
 fn worker_id(args: &WorkerArgs) -> &str {
@@ -222,6 +248,8 @@ fn load_backend(
     let options = LoadOptions {
         device: built,
         context_length: Some(args.context_length()),
+        threads: args.threads.map(|n| n as usize),
+        cpu_kernels: true,
     };
     let backend = CandleInferenceBackend::load(&path, &options)
         .map_err(|e| ServerError::Load(e.to_string()))?;

@@ -5,6 +5,10 @@
 //! until [`Worker::attach`] hands it a backend, which is what lets the server bind first and
 //! load second. [`Worker::shutdown`] is the graceful stop: refuse new jobs, let the ones in
 //! flight finish for up to the drain timeout, cancel the rest (each gets its terminal event).
+//! [`Worker::finish`] is the very end: the last heartbeat (`stopped`).
+//!
+//! The worker owns its [`WorkerMetrics`] (handed to the registry, and so to every job) and,
+//! with a hive configured, its [`Heartbeat`], which it tells about each lifecycle transition.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +16,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 
 use crate::engine::{InferenceBackend, RequestQueue, SchedulerConfig};
+use crate::heartbeat::{Heartbeat, HeartbeatConfig, StatusSource};
 use crate::http::{self, ApiAuth, AppState};
 use crate::jobs::{JobRegistry, RegistryConfig};
-use crate::worker_info::WorkerIdentity;
+use crate::metrics::WorkerMetrics;
+use crate::model::chat_template::ChatTemplate;
+use crate::worker_info::{Lifecycle, Stage, WorkerIdentity};
 
 /// How long the engine may take to notice an abort (it finishes the step in progress).
 const ABORT_WAIT: Duration = Duration::from_secs(30);
@@ -29,6 +36,12 @@ pub struct WorkerConfig {
     pub model_id: Option<String>,
     pub expected_token: Option<String>,
     pub identity: WorkerIdentity,
+    /// `--chat-template`: renders OpenAI chat requests instead of the model's own template.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Heartbeats to a hive (`--hive-url`); `None` sends nothing.
+    pub heartbeat: Option<HeartbeatConfig>,
+    /// `/metrics` requires the API token too.
+    pub metrics_auth: bool,
 }
 
 impl Default for WorkerConfig {
@@ -40,6 +53,9 @@ impl Default for WorkerConfig {
             model_id: None,
             expected_token: None,
             identity: WorkerIdentity::new("llm-worker-rbee-cpu", "cpu:0"),
+            chat_template: None,
+            heartbeat: None,
+            metrics_auth: false,
         }
     }
 }
@@ -58,10 +74,14 @@ pub struct Worker {
     scheduler: SchedulerConfig,
     model_id: Option<String>,
     router: Router,
+    metrics: Arc<WorkerMetrics>,
+    lifecycle: Arc<Lifecycle>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl Worker {
-    /// A worker without a model yet.
+    /// A worker without a model yet. With a heartbeat configured, this must run inside a tokio
+    /// runtime (the heartbeat's task is spawned on it) and the first heartbeat leaves at once.
     pub fn new(config: WorkerConfig) -> Self {
         let queue = Arc::new(RequestQueue::new(config.queue_capacity));
         // Room for every job that can be live at once, so only finished ones are ever evicted.
@@ -70,22 +90,44 @@ impl Worker {
             capacity: config.registry.capacity.max(2 * live_max),
             ..config.registry
         };
-        let registry = JobRegistry::new(queue, registry_config);
+        let metrics = Arc::new(WorkerMetrics::new());
+        let registry = JobRegistry::with_metrics(queue, registry_config, metrics.clone());
         if let Some(token) = &config.expected_token {
             tracing::info!(
                 token_fingerprint = %http::auth::fingerprint(token),
                 "API token required"
             );
+        } else if config.metrics_auth {
+            tracing::warn!("metrics auth is on but no API token is set: /metrics stays public");
         }
-        let router = http::router(
-            AppState::new(registry.clone(), config.identity),
-            ApiAuth::new(config.expected_token.as_deref()),
-        );
+        let state = AppState::new(registry.clone(), config.identity)
+            .with_metrics_auth(config.metrics_auth)
+            .with_chat_template(config.chat_template.clone());
+        let lifecycle = state.lifecycle.clone();
+        let heartbeat = config.heartbeat.and_then(|hb| {
+            let source = StatusSource::new(state.identity.clone(), &registry, lifecycle.clone());
+            Heartbeat::start(hb, source)
+        });
+        let router = http::router(state, ApiAuth::new(config.expected_token.as_deref()));
         Self {
             registry,
             scheduler: config.scheduler,
             model_id: config.model_id,
             router,
+            metrics,
+            lifecycle,
+            heartbeat,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
+        &self.metrics
+    }
+
+    /// Tells the hive (if any) the state as of now.
+    fn report_transition(&self) {
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.transition();
         }
     }
 
@@ -108,7 +150,16 @@ impl Worker {
             "model attached; accepting jobs"
         );
         self.registry
-            .serve(backend, self.model_id.clone(), self.scheduler)
+            .serve(backend, self.model_id.clone(), self.scheduler)?;
+        if let Some(served) = self.registry.served() {
+            self.metrics.set_info(
+                &served.model_id,
+                &served.meta.device,
+                env!("CARGO_PKG_VERSION"),
+            );
+        }
+        self.report_transition();
+        Ok(())
     }
 
     /// Stops admitting jobs, lets queued and running ones finish for up to `drain_timeout`,
@@ -116,6 +167,7 @@ impl Worker {
     /// this returns with `engine_stopped`.
     pub async fn shutdown(&self, drain_timeout: Duration) -> ShutdownReport {
         self.registry.begin_drain();
+        self.report_transition();
         let drained = wait_until(drain_timeout, || self.registry.engine_finished()).await;
         if !drained {
             tracing::warn!(
@@ -124,9 +176,23 @@ impl Worker {
             self.registry.abort();
         }
         let engine_stopped = wait_until(ABORT_WAIT, || self.registry.engine_finished()).await;
+        // Nothing runs any more (or the engine is stuck and the process is about to stop
+        // waiting for it): either way the worker is on its way out.
+        self.lifecycle.advance(Stage::Stopping);
+        self.report_transition();
         ShutdownReport {
             drained,
             engine_stopped,
+        }
+    }
+
+    /// The end of the worker's life: status `stopped`, and with a hive, the last heartbeat
+    /// (waits at most about twice the heartbeat's request timeout). Call it after the HTTP
+    /// server has stopped.
+    pub async fn finish(&self) {
+        self.lifecycle.advance(Stage::Stopped);
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.finish().await;
         }
     }
 }

@@ -1,10 +1,14 @@
-//! [`WorkerInfo`]: what the worker says about itself on `GET /info` (and, later, in its
-//! heartbeat to the hive).
+//! [`WorkerInfo`]: what the worker says about itself on `GET /info` and in its heartbeat to
+//! the hive, and the [`WorkerStatus`] in it.
+//!
+//! The status is derived, never stored apart from what it describes: the registry says whether
+//! a model is served and whether the worker drains, the engine's atomics say how many slots
+//! are taken, and [`Lifecycle`] adds the two stages after the engine has stopped.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::jobs::{JobRegistry, Phase};
 
@@ -32,37 +36,89 @@ impl WorkerIdentity {
     }
 }
 
-/// The worker's readiness, as `/health` and `/info` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Where the worker is in its life, as `/info` and the heartbeat report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerStatus {
-    Loading,
+    /// Listening; the model is loading.
+    Starting,
     /// Serving with at least one free slot.
-    Ok,
+    Ready,
     /// Every slot holds a job (new jobs wait in the queue).
     Busy,
+    /// Stop requested: no new jobs, the ones in flight finish.
     Draining,
+    /// Every job has ended and the engine has stopped; the HTTP server is closing.
+    Stopping,
+    /// The worker is about to exit (only ever seen in the last heartbeat).
+    Stopped,
 }
 
 impl WorkerStatus {
-    pub fn of(registry: &JobRegistry) -> Self {
+    pub fn of(registry: &JobRegistry, lifecycle: &Lifecycle) -> Self {
+        match lifecycle.stage() {
+            Stage::Stopped => return Self::Stopped,
+            Stage::Stopping => return Self::Stopping,
+            Stage::Running => {}
+        }
         match (registry.phase(), registry.served()) {
             (Phase::Draining, _) => Self::Draining,
-            (Phase::Loading, _) | (Phase::Ready, None) => Self::Loading,
+            (Phase::Loading, _) | (Phase::Ready, None) => Self::Starting,
             (Phase::Ready, Some(served)) => {
                 let total = served.stats.slots_total.load(Ordering::Relaxed);
                 let busy = served.stats.running.load(Ordering::Relaxed);
                 if busy >= total || !registry.queue().is_empty() {
                     Self::Busy
                 } else {
-                    Self::Ok
+                    Self::Ready
                 }
             }
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Busy => "busy",
+            Self::Draining => "draining",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+        }
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The stages after draining that only the worker itself knows (the registry stops at
+/// "draining").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Running = 0,
+    Stopping = 1,
+    Stopped = 2,
+}
+
+/// The worker's [`Stage`]; it only moves forward.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    stage: AtomicU8,
+}
+
+impl Lifecycle {
+    pub fn stage(&self) -> Stage {
+        match self.stage.load(Ordering::SeqCst) {
+            0 => Stage::Running,
+            1 => Stage::Stopping,
+            _ => Stage::Stopped,
+        }
+    }
+
+    /// Moves to `stage` unless the worker is already past it.
+    pub fn advance(&self, stage: Stage) {
+        self.stage.fetch_max(stage as u8, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub id: String,
     /// The served model name (`null` while loading).
@@ -82,14 +138,18 @@ pub struct WorkerInfo {
 }
 
 impl WorkerInfo {
-    pub fn collect(identity: &WorkerIdentity, registry: &JobRegistry) -> Self {
+    pub fn collect(
+        identity: &WorkerIdentity,
+        registry: &JobRegistry,
+        lifecycle: &Lifecycle,
+    ) -> Self {
         let served = registry.served();
         Self {
             id: identity.id.clone(),
             model_id: served.map(|s| s.model_id.clone()),
             device: served.map_or_else(|| identity.device.clone(), |s| s.meta.device.clone()),
             port: identity.port,
-            status: WorkerStatus::of(registry),
+            status: WorkerStatus::of(registry, lifecycle),
             implementation: identity.implementation.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             slots_total: served.map_or(0, |s| s.stats.slots_total.load(Ordering::Relaxed)),

@@ -12,29 +12,17 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::conformance_rule::{Outcome, compare, ids};
 use common::default_model::{conformance_file, default_model_path, read_json};
 use llm_worker_rbee::backend::CandleInferenceBackend;
 use llm_worker_rbee::engine::{
     CollectingSink, EngineEvent, GenerationJob, InferenceBackend, Scheduler, SchedulerConfig,
 };
-use llm_worker_rbee::generation::{FinishReason, GenerationParams};
+use llm_worker_rbee::generation::GenerationParams;
 use llm_worker_rbee::model::LoadOptions;
 use llm_worker_rbee::model::detokenizer::StreamingDetokenizer;
 use llm_worker_rbee::model::gguf::read_vocab;
 use llm_worker_rbee::model::tokenizer::TextTokenizer;
-
-/// A divergence is accepted only where llama.cpp's top two were this close (README rule).
-const NEAR_TIE_MARGIN: f64 = 0.5;
-/// Matched tokens' log-probabilities must be this close to llama.cpp's (README rule).
-const LOGPROB_TOLERANCE: f64 = 0.25;
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
 
 #[test]
 fn tokenize_json_matches_llama_cpp() {
@@ -93,12 +81,6 @@ fn tokenize_json_matches_llama_cpp() {
         cases.len(),
         failures.join("\n")
     );
-}
-
-struct Outcome {
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
-    finish: FinishReason,
 }
 
 #[test]
@@ -192,62 +174,4 @@ fn outcome(events: &[EngineEvent]) -> Result<Outcome, String> {
         }
     }
     Err("no terminal event".into())
-}
-
-/// The README's comparison rule; returns a one-line summary on success.
-fn compare(case: &serde_json::Value, ours: &Outcome) -> Result<String, String> {
-    let want = ids(&case["generated_ids"]);
-    let steps = case["steps"].as_array().ok_or("no steps")?;
-    let mut max_delta = 0f64;
-    for (i, (&got, &expected)) in ours.tokens.iter().zip(&want).enumerate() {
-        let step = &steps[i];
-        if got != expected {
-            let margin = step["margin"].as_f64().ok_or("no margin")?;
-            if margin < NEAR_TIE_MARGIN {
-                return Ok(format!(
-                    "diverged at near-tie step {i} (margin {margin:.3})"
-                ));
-            }
-            return Err(format!(
-                "step {i}: token {got}, llama.cpp {expected} with a clear margin {margin:.3}"
-            ));
-        }
-        let reference = step["logprob"].as_f64().ok_or("no logprob")?;
-        let delta = (f64::from(ours.logprobs[i]) - reference).abs();
-        if std::env::var_os("CONFORMANCE_VERBOSE").is_some() {
-            eprintln!(
-                "  step {i:2} token {got:6} ours {:8.4} llama.cpp {reference:8.4} delta {delta:.4}",
-                ours.logprobs[i]
-            );
-        }
-        if delta > LOGPROB_TOLERANCE {
-            return Err(format!(
-                "step {i}: token {got} logprob differs by {delta:.3}"
-            ));
-        }
-        max_delta = max_delta.max(delta);
-    }
-    if ours.tokens.len() != want.len() {
-        return Err(format!(
-            "agreed on all {} common steps but generated {} tokens, llama.cpp {}",
-            ours.tokens.len().min(want.len()),
-            ours.tokens.len(),
-            want.len()
-        ));
-    }
-    let expected_finish = match case["stop_reason"].as_str() {
-        Some("eos") => FinishReason::Eos,
-        Some("limit") => FinishReason::MaxTokens,
-        other => return Err(format!("unknown reference stop reason {other:?}")),
-    };
-    if ours.finish != expected_finish {
-        return Err(format!(
-            "finish {:?}, llama.cpp {expected_finish:?}",
-            ours.finish
-        ));
-    }
-    Ok(format!(
-        "all {} steps equal, max |dlogprob| {max_delta:.3}",
-        want.len()
-    ))
 }

@@ -920,7 +920,7 @@ async fn health_is_loading_until_the_model_is_attached() {
     let r = w.post("/v1/jobs", &infer("a", 1)).await;
     expect_error(r, 503, "MODEL_LOADING").await;
     let (_, info) = w.get_json("/info").await;
-    assert_eq!(info["status"], "loading");
+    assert_eq!(info["status"], "starting");
 
     w.attach();
     let (status, v) = w.get_json("/health").await;
@@ -936,7 +936,7 @@ async fn health_is_loading_until_the_model_is_attached() {
     assert_eq!(status, 200);
     for (field, want) in [
         ("model_id", json!(MODEL)),
-        ("status", json!("ok")),
+        ("status", json!("ready")),
         ("device", json!("cpu:0")),
         ("implementation", json!("llm-worker-rbee-cpu")),
         ("slots_total", json!(2)),

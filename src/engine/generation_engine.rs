@@ -22,6 +22,8 @@ pub struct EngineStats {
     pub slots_total: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_cache_bytes: AtomicUsize,
+    /// Positions held in KV caches, over every running sequence (for the KV-cache usage ratio).
+    pub kv_positions: AtomicUsize,
     pub steps: AtomicU64,
     pub jobs_finished: AtomicU64,
     /// Smoothed seconds a job holds a slot, in microseconds (0 until a job finished).
@@ -172,6 +174,9 @@ fn run<B: InferenceBackend>(
 
 fn publish<B: InferenceBackend>(scheduler: &Scheduler<B>, stats: &EngineStats) {
     stats.running.store(scheduler.running(), Ordering::Relaxed);
+    stats
+        .kv_positions
+        .store(scheduler.positions_in_use(), Ordering::Relaxed);
     stats
         .kv_cache_bytes
         .store(scheduler.backend().kv_cache_bytes(), Ordering::Relaxed);

@@ -292,6 +292,15 @@ impl<B: InferenceBackend> Scheduler<B> {
         }
     }
 
+    /// Positions the running sequences occupy in their KV caches (prompt read so far plus
+    /// generated tokens).
+    pub fn positions_in_use(&self) -> usize {
+        self.running
+            .iter()
+            .map(|r| r.prefilled + r.generator.generated())
+            .sum()
+    }
+
     /// Ids of the jobs holding slots.
     pub fn running_job_ids(&self) -> Vec<String> {
         self.running.iter().map(|r| r.job.id.clone()).collect()

@@ -14,9 +14,33 @@ use serde::Serialize;
 use super::AppState;
 use crate::worker_info::{WorkerInfo, WorkerStatus};
 
+/// `/health`'s own words for the worker's status, kept from before [`WorkerStatus`] had six
+/// values so that load balancers and scripts that match on them keep working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Loading,
+    Ok,
+    Busy,
+    Draining,
+}
+
+impl From<WorkerStatus> for HealthStatus {
+    fn from(status: WorkerStatus) -> Self {
+        match status {
+            WorkerStatus::Starting => Self::Loading,
+            WorkerStatus::Ready => Self::Ok,
+            WorkerStatus::Busy => Self::Busy,
+            WorkerStatus::Draining | WorkerStatus::Stopping | WorkerStatus::Stopped => {
+                Self::Draining
+            }
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Health {
-    pub status: WorkerStatus,
+    pub status: HealthStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     pub uptime_s: u64,
@@ -27,7 +51,7 @@ pub struct Health {
 
 /// 503 `{"status":"loading"}` until the model is attached, then 200.
 pub async fn health(State(app): State<AppState>) -> Response {
-    let status = WorkerStatus::of(&app.registry);
+    let status = HealthStatus::from(WorkerStatus::of(&app.registry, &app.lifecycle));
     let Some(served) = app.registry.served() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -47,5 +71,9 @@ pub async fn health(State(app): State<AppState>) -> Response {
 }
 
 pub async fn info(State(app): State<AppState>) -> Json<WorkerInfo> {
-    Json(WorkerInfo::collect(&app.identity, &app.registry))
+    Json(WorkerInfo::collect(
+        &app.identity,
+        &app.registry,
+        &app.lifecycle,
+    ))
 }

@@ -7,26 +7,38 @@
 //! - [`validation`]: the job request's fields and rules.
 //! - [`jobs`]: the rbee job routes; [`sse`]: their event stream.
 //! - [`health`]: `/health` and `/info`.
+//! - [`metrics`]: `/metrics` (Prometheus text format).
+//! - [`openai`]: the OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
+//!   `/v1/models`), same registry and engine, OpenAI's shapes; [`tokenize`]: `/tokenize`,
+//!   `/detokenize`.
 //! - [`timestamp`]: RFC 3339.
 //!
-//! Routes (all but `/health` require the token when one is configured):
+//! Routes (all but `/health` and `/metrics` require the token when one is configured;
+//! `/metrics` too with `--metrics-auth`):
 //!
 //! | method | path | |
 //! |---|---|---|
 //! | GET | `/health` | liveness and load |
 //! | GET | `/info` | [`WorkerInfo`](crate::worker_info::WorkerInfo) |
+//! | GET | `/metrics` | Prometheus metrics ([`WorkerMetrics`](crate::metrics::WorkerMetrics)) |
 //! | POST | `/v1/jobs`, `/v1/inference` | create a job → `{job_id, sse_url}` |
 //! | GET | `/v1/jobs/{id}/stream`, `/v1/inference/{id}/stream` | the job's events (SSE) |
 //! | GET | `/v1/jobs/{id}`, `/v1/inference/{id}` | the job's state |
 //! | DELETE | `/v1/jobs/{id}`, `/v1/inference/{id}` | cancel (204, idempotent) |
+//! | POST | `/v1/chat/completions`, `/v1/completions` | OpenAI-compatible generation |
+//! | GET | `/v1/models`, `/v1/models/{id}` | the served model, OpenAI's shape |
+//! | POST | `/tokenize`, `/detokenize` | llama-server's tokenizer routes |
 
 pub mod auth;
 pub mod body;
 pub mod error;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
+pub mod openai;
 pub mod sse;
 pub mod timestamp;
+pub mod tokenize;
 pub mod validation;
 
 use std::sync::Arc;
@@ -35,6 +47,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 pub use auth::ApiAuth;
@@ -42,7 +55,8 @@ pub use error::{ApiError, FieldError};
 
 use crate::engine::RequestQueue;
 use crate::jobs::JobRegistry;
-use crate::worker_info::WorkerIdentity;
+use crate::model::chat_template::ChatTemplate;
+use crate::worker_info::{Lifecycle, WorkerIdentity};
 
 /// What every handler sees.
 #[derive(Clone)]
@@ -52,6 +66,12 @@ pub struct AppState {
     /// How often an idle SSE stream sends a comment (keeps proxies open and lets a vanished
     /// client be noticed well within the detach grace).
     pub keep_alive: Duration,
+    /// The stages after draining (`stopping`, `stopped`), for `/info`.
+    pub lifecycle: Arc<Lifecycle>,
+    /// `/metrics` requires the API token too.
+    pub metrics_auth: bool,
+    /// `--chat-template`: renders OpenAI chat requests instead of the model's own template.
+    pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl AppState {
@@ -62,7 +82,22 @@ impl AppState {
             registry,
             identity: Arc::new(identity),
             keep_alive,
+            lifecycle: Arc::new(Lifecycle::default()),
+            metrics_auth: false,
+            chat_template: None,
         }
+    }
+
+    /// Renders chat requests with `template` instead of the model's own (`--chat-template`).
+    pub fn with_chat_template(mut self, template: Option<Arc<ChatTemplate>>) -> Self {
+        self.chat_template = template;
+        self
+    }
+
+    /// Puts `/metrics` behind the API token (when one is configured).
+    pub fn with_metrics_auth(mut self, on: bool) -> Self {
+        self.metrics_auth = on;
+        self
     }
 }
 
@@ -91,6 +126,15 @@ pub fn create_router(
 /// The router for a given state and authentication.
 pub fn router(state: AppState, auth: ApiAuth) -> Router {
     let auth = Arc::new(auth);
+    let metrics_route = Router::new().route("/metrics", get(metrics::metrics));
+    let metrics_route = if state.metrics_auth {
+        metrics_route.route_layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            auth::require_token,
+        ))
+    } else {
+        metrics_route
+    };
     let protected = Router::new()
         .route("/info", get(health::info))
         .route("/v1/jobs", post(jobs::create_job))
@@ -106,22 +150,31 @@ pub fn router(state: AppState, auth: ApiAuth) -> Router {
         .route("/v1/jobs/{id}/stream", get(jobs::stream_job))
         .route("/v1/inference/{id}/stream", get(jobs::stream_job))
         .route_layer(axum::middleware::from_fn_with_state(
-            auth,
+            auth.clone(),
             auth::require_token,
         ));
     Router::new()
         .route("/health", get(health::health))
+        .merge(metrics_route)
         .merge(protected)
+        .merge(openai::router(auth))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::RouteNotFound(uri.path().to_string())
+async fn not_found(uri: Uri) -> Response {
+    let e = ApiError::RouteNotFound(uri.path().to_string());
+    if openai::owns_path(uri.path()) {
+        return openai::route_error(e);
+    }
+    e.into_response()
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+async fn method_not_allowed(uri: Uri) -> Response {
+    if openai::owns_path(uri.path()) {
+        return openai::route_error(ApiError::MethodNotAllowed);
+    }
+    ApiError::MethodNotAllowed.into_response()
 }

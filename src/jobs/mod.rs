@@ -9,6 +9,7 @@
 pub mod record;
 pub mod registry;
 
+pub use crate::metrics::JobApi;
 pub use record::{Attachment, JobRecord, JobSnapshot, JobState, LoggedEvent};
 pub use registry::{
     JobNotFound, JobRegistry, NewJob, Phase, RegistryConfig, ServedModel, SubmitError, new_job_id,

@@ -11,7 +11,9 @@
 //! replaced.
 //!
 //! The std `Mutex` guards a few field updates and a `Vec` push; it is never held across an
-//! `.await` and never while taking another lock.
+//! `.await` and never while taking another lock. Metrics and the job's log line come after
+//! the lock is released: the metrics are atomics ([`JobObserver`]), and the one log line per
+//! job is written at its end, inside the job's span (which carries `job_id` and `api`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::engine::{CancelReason, EngineEvent, JobSink};
+use crate::metrics::{JobObserver, Outcome};
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,11 @@ const LOG_SLACK: usize = 4;
 pub struct JobRecord {
     id: String,
     created_at: SystemTime,
+    arrived: Instant,
+    /// Moves the worker's metrics as the job's events pass (absent for records built alone).
+    observer: Option<JobObserver>,
+    /// Every log line about the job is in it.
+    span: tracing::Span,
     /// 0: none, else a [`CancelReason`] (see `encode_reason`). The first reason wins.
     cancel: AtomicU8,
     max_events: usize,
@@ -82,6 +90,8 @@ struct JobLog {
     started_at: Option<SystemTime>,
     finished_at: Option<(SystemTime, Instant)>,
     tokens_out: usize,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
     /// Streams currently reading this job.
     attached: usize,
     /// Since when no stream has been attached (creation, then the last detach).
@@ -92,10 +102,29 @@ struct JobLog {
 
 impl JobRecord {
     pub fn new(id: String, max_tokens: usize) -> Arc<Self> {
+        Self::build(id, max_tokens, None)
+    }
+
+    /// A record that reports to the worker's metrics through `observer`.
+    pub fn observed(id: String, max_tokens: usize, observer: JobObserver) -> Arc<Self> {
+        Self::build(id, max_tokens, Some(observer))
+    }
+
+    fn build(id: String, max_tokens: usize, observer: Option<JobObserver>) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
+        let span = tracing::info_span!(
+            "job",
+            job_id = %id,
+            api = observer.as_ref().map_or("", |o| o.api().as_str())
+        );
         Arc::new(Self {
             id,
             created_at: SystemTime::now(),
+            arrived: observer
+                .as_ref()
+                .map_or_else(Instant::now, JobObserver::arrived),
+            observer,
+            span,
             cancel: AtomicU8::new(0),
             max_events: max_tokens.saturating_add(LOG_SLACK),
             log: Mutex::new(JobLog {
@@ -105,6 +134,8 @@ impl JobRecord {
                 started_at: None,
                 finished_at: None,
                 tokens_out: 0,
+                first_token_at: None,
+                last_token_at: None,
                 attached: 0,
                 unattached_since: Instant::now(),
                 refused: 0,
@@ -115,6 +146,11 @@ impl JobRecord {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The job's span: handlers may enter it so their lines carry the job's id.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     fn lock(&self) -> MutexGuard<'_, JobLog> {
@@ -202,51 +238,166 @@ impl Drop for Attachment {
     }
 }
 
+/// What an event means for the metrics and the log, worked out under the lock and acted on
+/// after it.
+enum Seen {
+    Nothing,
+    Started,
+    Token { previous: Option<Instant> },
+    Ended(Ending),
+}
+
+struct Ending {
+    outcome: Outcome,
+    /// The stop reason, error code or cancel reason.
+    reason: &'static str,
+    /// From the `end` event's summary (0 when the job did not finish on its own).
+    tokens_in: usize,
+    tokens_out: usize,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+impl JobRecord {
+    fn observe(&self, seen: Seen, now: Instant) {
+        match seen {
+            Seen::Nothing => {}
+            Seen::Started => {
+                if let Some(o) = &self.observer {
+                    o.started(now);
+                }
+            }
+            Seen::Token { previous } => {
+                if let Some(o) = &self.observer {
+                    o.token(previous, now);
+                }
+            }
+            Seen::Ended(ending) => {
+                if let Some(o) = &self.observer {
+                    o.ended(ending.outcome, now);
+                }
+                self.log_ending(&ending, now);
+            }
+        }
+    }
+
+    /// The one info line per job: sizes, speed and why it ended; never its text.
+    fn log_ending(&self, e: &Ending, now: Instant) {
+        let tokens_in = self
+            .observer
+            .as_ref()
+            .map_or(e.tokens_in, |o| o.prompt_tokens());
+        let decode = match (e.first_token_at, e.last_token_at) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
+        let tokens_per_s = if e.tokens_out > 1 && decode > 0.0 {
+            ((e.tokens_out - 1) as f64 / decode * 10.0).round() / 10.0
+        } else {
+            0.0
+        };
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let ttft_ms = e
+            .first_token_at
+            .map(|t| ms(t.saturating_duration_since(self.arrived)));
+        self.span.in_scope(|| {
+            tracing::info!(
+                outcome = e.outcome.as_str(),
+                reason = e.reason,
+                tokens_in,
+                tokens_out = e.tokens_out,
+                tokens_per_s,
+                ttft_ms,
+                total_ms = ms(now.saturating_duration_since(self.arrived)),
+                "job finished"
+            );
+        });
+    }
+}
+
 impl JobSink for JobRecord {
     fn emit(&self, event: EngineEvent) {
-        let newest = {
+        let now = Instant::now();
+        let (newest, seen) = {
             let mut log = self.lock();
             if log.state.is_terminal() {
                 // Exactly one terminal event per job: anything after it is ignored.
                 return;
             }
             let terminal = event.is_terminal();
-            match &event {
+            let ended = |log: &mut JobLog, state, outcome, reason, tokens_in| {
+                log.state = state;
+                Seen::Ended(Ending {
+                    outcome,
+                    reason,
+                    tokens_in,
+                    tokens_out: log.tokens_out,
+                    first_token_at: log.first_token_at,
+                    last_token_at: log.last_token_at,
+                })
+            };
+            let seen = match &event {
                 EngineEvent::Queued { .. } => {
                     if matches!(log.events.last(), Some((_, EngineEvent::Queued { .. }))) {
                         log.events.pop();
                     }
+                    Seen::Nothing
                 }
                 EngineEvent::Started { at } => {
                     log.state = JobState::Running;
                     log.started_at = Some(*at);
+                    Seen::Started
                 }
-                EngineEvent::Token(_) => log.tokens_out += 1,
-                EngineEvent::Finished(_) => log.state = JobState::Completed,
-                EngineEvent::Failed { .. } => log.state = JobState::Failed,
-                EngineEvent::Cancelled { .. } => log.state = JobState::Cancelled,
-            }
+                EngineEvent::Token(_) => {
+                    log.tokens_out += 1;
+                    log.first_token_at.get_or_insert(now);
+                    Seen::Token {
+                        previous: log.last_token_at.replace(now),
+                    }
+                }
+                EngineEvent::Finished(summary) => ended(
+                    &mut log,
+                    JobState::Completed,
+                    Outcome::Completed,
+                    summary.reason.as_str(),
+                    summary.tokens_in,
+                ),
+                EngineEvent::Failed { code, .. } => ended(
+                    &mut log,
+                    JobState::Failed,
+                    Outcome::Failed,
+                    code.as_str(),
+                    0,
+                ),
+                EngineEvent::Cancelled { reason } => ended(
+                    &mut log,
+                    JobState::Cancelled,
+                    Outcome::Cancelled,
+                    reason.as_str(),
+                    0,
+                ),
+            };
             if terminal {
-                log.finished_at = Some((SystemTime::now(), Instant::now()));
-                tracing::info!(
-                    job_id = %self.id,
-                    state = log.state.as_str(),
-                    tokens_out = log.tokens_out,
-                    "job finished"
-                );
+                log.finished_at = Some((SystemTime::now(), now));
             } else if log.events.len() >= self.max_events {
                 log.refused += 1;
-                if log.refused == 1 {
-                    tracing::warn!(job_id = %self.id, "job event log is full; dropping events");
+                let first_refusal = log.refused == 1;
+                drop(log);
+                if first_refusal {
+                    self.span.in_scope(|| {
+                        tracing::warn!("job event log is full; dropping events");
+                    });
                 }
+                self.observe(seen, now);
                 return;
             }
             let id = log.next_id;
             log.next_id += 1;
             log.events.push((id, event));
-            id
+            (id, seen)
         };
         self.changed.send_replace(newest);
+        self.observe(seen, now);
     }
 
     fn cancel_requested(&self) -> Option<CancelReason> {

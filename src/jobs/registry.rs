@@ -11,6 +11,9 @@
 //!
 //! The registry also holds what is being served once the model is loaded ([`ServedModel`]),
 //! including the [`GenerationEngine`]: dropping the last handle on the registry stops the engine.
+//!
+//! It hands each job the worker's [`WorkerMetrics`] (through a [`JobObserver`] that knows the
+//! job's front door, [`JobApi`]) and counts the submissions it refuses.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +26,7 @@ use crate::engine::{
     ModelMeta, PushError, RequestQueue, SchedulerConfig,
 };
 use crate::generation::GenerationParams;
+use crate::metrics::{JobApi, JobObserver, WorkerMetrics};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryConfig {
@@ -105,11 +109,21 @@ pub struct JobRegistry {
     jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
     served: OnceLock<ServedModel>,
     draining: AtomicBool,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl JobRegistry {
-    /// Creates the registry and its reaper thread.
+    /// Creates the registry (with metrics of its own) and its reaper thread.
     pub fn new(queue: Arc<RequestQueue>, config: RegistryConfig) -> Arc<Self> {
+        Self::with_metrics(queue, config, Arc::new(WorkerMetrics::new()))
+    }
+
+    /// Creates the registry reporting to `metrics`, and its reaper thread.
+    pub fn with_metrics(
+        queue: Arc<RequestQueue>,
+        config: RegistryConfig,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Arc<Self> {
         let config = RegistryConfig {
             capacity: config.capacity.max(1),
             ..config
@@ -120,6 +134,7 @@ impl JobRegistry {
             jobs: Mutex::new(HashMap::new()),
             served: OnceLock::new(),
             draining: AtomicBool::new(false),
+            metrics,
         });
         spawn_reaper(Arc::downgrade(&registry), reaper_tick(config.detach_grace));
         registry
@@ -136,6 +151,10 @@ impl JobRegistry {
 
     pub fn queue(&self) -> &Arc<RequestQueue> {
         &self.queue
+    }
+
+    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
+        &self.metrics
     }
 
     /// Starts the engine on `backend` and begins accepting jobs. `model_id` overrides the
@@ -179,8 +198,26 @@ impl JobRegistry {
         }
     }
 
-    /// Registers a job and queues it. Never waits: a full queue or registry is refused at once.
+    /// Registers a job from the rbee job API and queues it (see [`Self::submit_via`]).
     pub fn submit(&self, job: NewJob) -> Result<(Arc<JobRecord>, usize), SubmitError> {
+        self.submit_via(JobApi::Rbee, job)
+    }
+
+    /// Registers a job that came through `api` and queues it. Never waits: a full queue or
+    /// registry is refused at once. `api` labels the job's metrics.
+    pub fn submit_via(
+        &self,
+        api: JobApi,
+        job: NewJob,
+    ) -> Result<(Arc<JobRecord>, usize), SubmitError> {
+        let submitted = self.try_submit(api, job);
+        if submitted.is_err() {
+            self.metrics.request_rejected(api);
+        }
+        submitted
+    }
+
+    fn try_submit(&self, api: JobApi, job: NewJob) -> Result<(Arc<JobRecord>, usize), SubmitError> {
         let Some(served) = self.served.get() else {
             return Err(SubmitError::Loading);
         };
@@ -192,7 +229,14 @@ impl JobRegistry {
             retry_after_s: served.stats.estimated_wait_seconds(self.queue.len()),
         };
         let id = job.id.unwrap_or_else(new_job_id);
-        let record = JobRecord::new(id.clone(), job.params.max_tokens);
+        let arrived_at = Instant::now();
+        let observer = JobObserver::new(
+            self.metrics.clone(),
+            api,
+            job.prompt_tokens.len(),
+            arrived_at,
+        );
+        let record = JobRecord::observed(id.clone(), job.params.max_tokens, observer);
         {
             let mut jobs = self.jobs();
             if jobs.contains_key(&id) {
@@ -208,7 +252,7 @@ impl JobRegistry {
             prompt_tokens: job.prompt_tokens,
             params: job.params,
             sink: record.clone(),
-            arrived_at: Instant::now(),
+            arrived_at,
         };
         match self.queue.try_push(queued) {
             Ok(position) => Ok((record, position)),

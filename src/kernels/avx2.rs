@@ -56,7 +56,7 @@ pub(crate) unsafe fn compute(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    debug_assert!(a.start % GROUP == 0 && a.end <= acts.m && r.end <= w.rows);
+    debug_assert!(a.start.is_multiple_of(GROUP) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs {
         w: w.data.as_ptr(),
         rb: w.row_bytes(),
@@ -142,28 +142,37 @@ fn pick_dense<const F16: bool>(mr: usize, _nr: usize) -> TileFn {
     pick_mr!(mr, tile_dense, F16)
 }
 
-/// GEMV software prefetch. A tile's rows are one contiguous range that it consumes evenly
-/// over its blocks, so at block `b` the tile requests the matching slice of the range
-/// `prefetch_distance` bytes further on: one linear sweep, each cache line requested about
-/// once. Without it the interleaved short row streams are latency bound at about half the
-/// DRAM bandwidth.
-#[inline]
-fn prefetch_distance(tile_bytes: usize) -> usize {
-    (2 * tile_bytes).clamp(2048, 8192)
+/// GEMV software prefetch. A tile's weight rows are one contiguous range that it consumes
+/// about evenly over its blocks; the cursor keeps every cache line up to `dist` bytes past the
+/// consumption point requested, each line once. Rows are contiguous, so this walks the panel
+/// linearly ahead of use. Without it the interleaved short row streams are latency bound at
+/// about half the DRAM bandwidth.
+struct Prefetch {
+    next: usize,
+    dist: usize,
 }
 
-/// Prefetches the cache lines overlapping `p[dist..dist + len]`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn prefetch(p: *const u8, len: usize, dist: usize) {
-    let start = p.wrapping_add(dist);
-    let mut off = 0;
-    // Lines overlapping [start, start + len): step from the line holding `start`.
-    let first = 64 - (start as usize % 64);
-    while off < len {
-        // A prefetch never faults, so an address past the end of the weights is harmless.
-        _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8);
-        off += if off == 0 { first } else { 64 };
+impl Prefetch {
+    /// For a tile of `tile_bytes` starting at `base`: about two tiles ahead, 2–8 KiB.
+    #[inline(always)]
+    fn new(base: *const u8, tile_bytes: usize) -> Prefetch {
+        let dist = (2 * tile_bytes).clamp(2048, 8192);
+        Prefetch {
+            next: (base as usize + dist) & !63,
+            dist,
+        }
+    }
+
+    /// Consumption has reached `p`: request the lines up to `p + dist`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn upto(&mut self, p: *const u8) {
+        let target = p as usize + self.dist;
+        while self.next < target {
+            // A prefetch never faults, so lines past the end of the weights are harmless.
+            _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8);
+            self.next += 64;
+        }
     }
 }
 
@@ -201,7 +210,6 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
     } else {
         (Q4_0_BYTES, 2)
     };
-    let dist = prefetch_distance(NR * t.rb);
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
@@ -211,6 +219,7 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
     // at b·32 (< cols), and the 4-row scale group at ((i0/4)·nb + b)·4 (< groups·nb·4).
     unsafe {
         let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let mut pf = Prefetch::new(wrow[0], NR * t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
         let sbase = t.s.add(i0 / GROUP * t.nb * GROUP);
@@ -220,7 +229,7 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
             let mut q = [_mm256_setzero_si256(); NR];
             let mut sc = [[0f32; GROUP]; NR];
             if MR == 1 {
-                prefetch(wrow[0].wrapping_add(b * NR * bb), NR * bb, dist);
+                pf.upto(wrow[0].wrapping_add((b + 1) * NR * bb));
             }
             for j in 0..NR {
                 let blk = wrow[j].add(b * bb);
@@ -269,12 +278,12 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
     j0: usize,
     out: OutPtr,
 ) {
-    let dist = prefetch_distance(NR * t.rb);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     // SAFETY: as in `tile_q4` (blocks of 34 bytes, 32 quants at offset 2).
     unsafe {
         let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let mut pf = Prefetch::new(wrow[0], NR * t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
         for b in 0..t.nb {
@@ -283,11 +292,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
             let mut aw = [_mm256_setzero_si256(); NR];
             let mut sc = [[0f32; GROUP]; NR];
             if MR == 1 {
-                prefetch(
-                    wrow[0].wrapping_add(b * NR * Q8_0_BYTES),
-                    NR * Q8_0_BYTES,
-                    dist,
-                );
+                pf.upto(wrow[0].wrapping_add((b + 1) * NR * Q8_0_BYTES));
             }
             for j in 0..NR {
                 let blk = wrow[j].add(b * Q8_0_BYTES);
@@ -347,14 +352,14 @@ unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
     // `formats`, activation super-block b is 256 quants at b·256 and 16 sums at (row·nb + b)·16.
     unsafe {
         let wrow = t.w.add(j0 * t.rb);
+        let mut pf = Prefetch::new(wrow, t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
-        let dist = prefetch_distance(t.rb);
         for b in 0..t.nb {
             let blk = wrow.add(b * bb);
             if MR == 1 {
-                prefetch(blk, bb, dist);
+                pf.upto(blk.wrapping_add(bb));
             }
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 blk as *const i32,
@@ -432,14 +437,14 @@ unsafe fn tile_q6k<const MR: usize, const NR: usize>(
     // SAFETY: as in `tile_k` with the Q6_K field offsets.
     unsafe {
         let wrow = t.w.add(j0 * t.rb);
+        let mut pf = Prefetch::new(wrow, t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
-        let dist = prefetch_distance(t.rb);
         for b in 0..t.nb {
             let blk = wrow.add(b * Q6K_BYTES);
             if MR == 1 {
-                prefetch(blk, Q6K_BYTES, dist);
+                pf.upto(blk.wrapping_add(Q6K_BYTES));
             }
             let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 blk.add(Q6K_D) as *const u16,
@@ -554,6 +559,7 @@ unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
     // i0..i0+MR have `cols` floats; vector loads stop at the last full 8.
     unsafe {
         let wrow = t.w.add(j0 * t.rb);
+        let mut pf = Prefetch::new(wrow, t.rb);
         let xrow: [*const f32; MR] = std::array::from_fn(|i| t.x.add((i0 + i) * t.cols));
         let full = t.cols / 8 * 8;
         let load_w = |k: usize| {
@@ -564,11 +570,10 @@ unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
             }
         };
         let esize = if F16 { 2 } else { 4 };
-        let dist = prefetch_distance(t.rb);
         let mut k = 0;
         while k < full {
             if MR == 1 {
-                prefetch(wrow.add(esize * k), 8 * esize, dist);
+                pf.upto(wrow.wrapping_add(esize * (k + 8)));
             }
             let wv = load_w(k);
             for i in 0..MR {

@@ -34,7 +34,7 @@
 //! the cost per row falls as `m` grows.
 //!
 //! # Threads
-//! [`matmul`] splits the weight rows into equal contiguous panels (tens of KiB each) that the
+//! [`matmul()`] splits the weight rows into equal contiguous panels (tens of KiB each) that the
 //! threads of a [`ThreadPool`] take in turn; each thread computes its panels for all `m`
 //! activation rows, so every weight byte is read once per matmul. Tiny matmuls stay on the
 //! calling thread. Keep one pool (and one [`ActivationScratch`] per calling thread) for the
@@ -189,7 +189,7 @@ impl<'a> QMatrix<'a> {
         cols: usize,
         data: &'a [u8],
     ) -> Result<Self, KernelError> {
-        if cols % ty.block_size() != 0 {
+        if !cols.is_multiple_of(ty.block_size()) {
             return Err(KernelError::NotBlockAligned {
                 ty,
                 cols,
@@ -363,7 +363,7 @@ pub fn matmul(
     )
 }
 
-/// [`matmul`] on a chosen path (for tests and benchmarks).
+/// [`matmul()`] on a chosen path (for tests and benchmarks).
 pub fn matmul_with_path(
     path: KernelPath,
     pool: &ThreadPool,

@@ -207,7 +207,7 @@ fn wait(spin: Duration, polite: bool, done: impl Fn() -> bool, park: impl Fn()) 
     let mut i = 0u32;
     while !done() {
         i = i.wrapping_add(1);
-        if i % 256 != 0 {
+        if !i.is_multiple_of(256) {
             std::hint::spin_loop();
         } else if start.elapsed() >= spin {
             park();

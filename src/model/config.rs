@@ -136,13 +136,13 @@ impl ModelConfig {
                 return Err(invalid(format!("{name} is 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(format!(
                 "head count {} is not a multiple of the key/value head count {}",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!("head dimension {} is odd", self.head_dim)));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -10,13 +10,24 @@
 //! (one pass over the weights), and only attention is done per sequence. A batch of one is the
 //! same code.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::ModelError;
-use super::attention::{self, AttentionShape, HostKv};
-use super::config::{ModelConfig, RopeScaling, RopeStyle};
-use super::weights::{LayerWeight, RawWeight, WeightName, WeightStore};
+use super::attention::{self, AttentionShape, HostKv, SpanAttention};
+use super::config::{ModelConfig, RopeScaling};
+use super::cpu_forward::{CpuGateUp, CpuLayer, CpuModel, CpuQkv, CpuSpan, Projection};
+use super::rope::Rope;
+use super::weights::{LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
+use crate::kernels::{self, ActivationScratch, ThreadPool};
+
+thread_local! {
+    /// Quantized activations, reused across matmuls (the engine thread is the only caller).
+    static SCRATCH: RefCell<ActivationScratch> = RefCell::new(ActivationScratch::default());
+}
 
 /// KV caches grow in steps of this many positions.
 const CACHE_GROWTH: usize = 256;
@@ -31,13 +42,29 @@ enum LinearWeight {
     Quantized(QMatMul),
     /// `(out, in)`, in the device's dense dtype.
     Dense(Tensor),
+    /// In the GGUF map, multiplied by our CPU kernels.
+    Native {
+        matrix: MappedMatrix,
+        pool: Arc<ThreadPool>,
+    },
 }
 
 impl Linear {
-    fn new(raw: RawWeight, bias: Option<Tensor>) -> candle_core::Result<Self> {
-        let weight = match raw {
-            RawWeight::Quantized(q) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
-            RawWeight::Dense(t) => LinearWeight::Dense(t),
+    fn new(
+        raw: RawWeight,
+        bias: Option<Tensor>,
+        pool: Option<&Arc<ThreadPool>>,
+    ) -> candle_core::Result<Self> {
+        let weight = match (raw, pool) {
+            (RawWeight::Quantized(q), _) => LinearWeight::Quantized(QMatMul::from_arc(q)?),
+            (RawWeight::Dense(t), _) => LinearWeight::Dense(t),
+            (RawWeight::Mapped(matrix), Some(pool)) => LinearWeight::Native {
+                matrix,
+                pool: pool.clone(),
+            },
+            (RawWeight::Mapped(_), None) => {
+                candle_core::bail!("an in-place matrix needs the CPU kernels' thread pool")
+            }
         };
         Ok(Self { weight, bias })
     }
@@ -51,12 +78,39 @@ impl Linear {
                 .to_dtype(w.dtype())?
                 .matmul(&w.t()?)?
                 .to_dtype(x.dtype())?,
+            LinearWeight::Native { matrix, pool } => native_matmul(matrix, pool, x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x (rows, in)` times a mapped matrix with our kernels, reading `x` in place.
+fn native_matmul(
+    matrix: &MappedMatrix,
+    pool: &ThreadPool,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (m, k) = x.dims2()?;
+    let w = matrix.matrix();
+    let mut out = vec![0f32; m * w.rows];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("CPU kernels were given a tensor on another device");
+        };
+        let start = layout.start_offset();
+        let input = &cpu.as_slice::<f32>()?[start..start + m * k];
+        SCRATCH
+            .with(|scratch| {
+                kernels::matmul(pool, &w, input, m, &mut out, &mut scratch.borrow_mut())
+            })
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Tensor::from_vec(out, (m, w.rows), x.device())
 }
 
 struct RmsNorm {
@@ -71,15 +125,28 @@ impl RmsNorm {
 }
 
 enum Embedding {
-    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    Quantized(Arc<candle_core::quantized::QTensor>),
     Dense(Tensor),
+    /// Rows dequantized from the GGUF map as they are looked up.
+    Mapped(MappedMatrix),
 }
 
 impl Embedding {
-    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
         match self {
-            Self::Quantized(q) => q.embedding(ids),
-            Self::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32),
+            Self::Quantized(q) => q.embedding(&Tensor::new(ids, device)?),
+            Self::Dense(t) => t
+                .index_select(&Tensor::new(ids, device)?, 0)?
+                .to_dtype(DType::F32),
+            Self::Mapped(m) => {
+                let w = m.matrix();
+                let mut out = vec![0f32; ids.len() * m.cols()];
+                for (&id, row) in ids.iter().zip(out.chunks_mut(m.cols())) {
+                    kernels::dequantize_row(&w, id as usize, row)
+                        .map_err(candle_core::Error::wrap)?;
+                }
+                Tensor::from_vec(out, (ids.len(), m.cols()), device)
+            }
         }
     }
 }
@@ -112,88 +179,6 @@ struct Layer {
     ffn_norm: RmsNorm,
     gate_up: GateUpProjection,
     down: Linear,
-}
-
-/// Rotary embedding frequencies.
-struct Rope {
-    inv_freq: Vec<f64>,
-    style: RopeStyle,
-}
-
-impl Rope {
-    fn new(cfg: &ModelConfig) -> Self {
-        let half = cfg.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-            .collect();
-        match &cfg.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::FreqFactors(factors) => {
-                for (f, d) in inv_freq.iter_mut().zip(factors) {
-                    *f /= f64::from(*d);
-                }
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                let low_wavelen = original_max_position_embeddings / low_freq_factor;
-                let high_wavelen = original_max_position_embeddings / high_freq_factor;
-                for f in inv_freq.iter_mut() {
-                    let wavelen = 2.0 * std::f64::consts::PI / *f;
-                    if wavelen > low_wavelen {
-                        *f /= factor;
-                    } else if wavelen >= high_wavelen {
-                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                    }
-                }
-            }
-        }
-        Self {
-            inv_freq,
-            style: cfg.rope_style,
-        }
-    }
-
-    /// cos and sin for each row's position, shaped `(rows, 1, head_dim / 2)`.
-    fn cos_sin(
-        &self,
-        positions: &[usize],
-        device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for f in &self.inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let shape = (positions.len(), 1, half);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?,
-            Tensor::from_vec(sin, shape, device)?,
-        ))
-    }
-
-    /// `x`: `(rows, heads, head_dim)` → rotated, same shape.
-    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let (rows, heads, head_dim) = x.dims3()?;
-        // Each row is its own "batch" entry so that it gets its own position's cos/sin.
-        let x4 = x.contiguous()?.reshape((rows, heads, 1, head_dim))?;
-        let y = match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, cos, sin)?,
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, cos, sin)?,
-        };
-        y.reshape((rows, heads, head_dim))
-    }
 }
 
 /// One layer's keys and values for a sequence on an accelerator, `(kv_heads, capacity, head_dim)`.
@@ -256,6 +241,10 @@ pub struct Decoder {
     rope: Rope,
     /// The positions this decoder accepts (the serving context, at most the model's).
     context_length: usize,
+    /// The CPU compute pool (our kernels and attention), when running on the CPU with them.
+    cpu_pool: Option<Arc<ThreadPool>>,
+    /// The tensor-free CPU path, when every matrix is readable by our kernels.
+    cpu: Option<CpuModel>,
 }
 
 /// What a row of the batch belongs to.
@@ -268,12 +257,17 @@ struct Span {
 impl Decoder {
     /// Builds the decoder from weights. `context_length` caps positions (it may be smaller than
     /// the model's trained context to bound memory).
+    /// With `cpu_pool`, matrices of the types our kernels read stay in the GGUF memory map and
+    /// are multiplied by the kernels on that pool; without it, Candle's own kernels are used.
     pub fn load(
         cfg: ModelConfig,
         store: &WeightStore,
         device: &Device,
         context_length: usize,
+        cpu_pool: Option<Arc<ThreadPool>>,
     ) -> Result<Self, ModelError> {
+        let cpu_pool = cpu_pool.filter(|_| device.is_cpu());
+        let in_place = cpu_pool.is_some();
         let dense = if device.is_cpu() {
             Some(DType::F32)
         } else {
@@ -311,15 +305,16 @@ impl Decoder {
                 .transpose()
         };
         let linear = |name: WeightName, out: usize, inp: usize, bias: Option<Tensor>| {
-            let w = store.require(name, &[out, inp], device, dense)?;
-            Linear::new(w, bias).map_err(candle_err(format!("{name:?}")))
+            let w = store.require_matrix(name, &[out, inp], device, dense, in_place)?;
+            Linear::new(w, bias, cpu_pool.as_ref()).map_err(candle_err(format!("{name:?}")))
         };
 
-        let embed_raw = store.require(
+        let embed_raw = store.require_matrix(
             WeightName::TokenEmbedding,
             &[cfg.vocab_size, h],
             device,
             dense,
+            in_place,
         )?;
         let lm_head = if store.contains(WeightName::Output) {
             linear(WeightName::Output, cfg.vocab_size, h, None)?
@@ -328,12 +323,15 @@ impl Decoder {
             let shared = match &embed_raw {
                 RawWeight::Quantized(q) => RawWeight::Quantized(q.clone()),
                 RawWeight::Dense(t) => RawWeight::Dense(t.clone()),
+                RawWeight::Mapped(m) => RawWeight::Mapped(m.clone()),
             };
-            Linear::new(shared, None).map_err(candle_err("tied output".into()))?
+            Linear::new(shared, None, cpu_pool.as_ref())
+                .map_err(candle_err("tied output".into()))?
         };
         let embedding = match embed_raw {
             RawWeight::Quantized(q) => Embedding::Quantized(q),
             RawWeight::Dense(t) => Embedding::Dense(t),
+            RawWeight::Mapped(m) => Embedding::Mapped(m),
         };
 
         let mut cfg = cfg;
@@ -404,7 +402,7 @@ impl Decoder {
         let output_norm = norm(WeightName::OutputNorm, h)?;
         let rope = Rope::new(&cfg);
         let context_length = context_length.min(cfg.max_position_embeddings).max(1);
-        Ok(Self {
+        Self {
             cfg,
             device: device.clone(),
             embedding,
@@ -413,7 +411,108 @@ impl Decoder {
             lm_head,
             rope,
             context_length,
+            cpu_pool,
+            cpu: None,
+        }
+        .with_cpu_path()
+        .map_err(|e| ModelError::Load {
+            source_name: source.clone(),
+            tensor: "(CPU path)".into(),
+            message: e.to_string(),
         })
+    }
+
+    /// Sets up the tensor-free CPU path when every matrix is in the map for our kernels; other
+    /// models (dense safetensors, types the kernels do not read) keep the Candle path.
+    fn with_cpu_path(mut self) -> candle_core::Result<Self> {
+        let Some(pool) = self.cpu_pool.clone() else {
+            return Ok(self);
+        };
+        let mapped = |l: &Linear| match &l.weight {
+            LinearWeight::Native { matrix, .. } => Some(matrix.clone()),
+            _ => None,
+        };
+        let vector = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let projection = |l: &Linear| -> candle_core::Result<Option<Projection>> {
+            let Some(matrix) = mapped(l) else {
+                return Ok(None);
+            };
+            let bias = l.bias.as_ref().map(vector).transpose()?;
+            Ok(Some(Projection { matrix, bias }))
+        };
+        let Embedding::Mapped(embedding) = &self.embedding else {
+            return Ok(self);
+        };
+        let Some(lm_head) = mapped(&self.lm_head) else {
+            return Ok(self);
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let qkv = match &layer.qkv {
+                QkvProjection::Separate { q, k, v } => {
+                    match (projection(q)?, projection(k)?, projection(v)?) {
+                        (Some(q), Some(k), Some(v)) => CpuQkv::Separate { q, k, v },
+                        _ => return Ok(self),
+                    }
+                }
+                QkvProjection::Fused(l) => match projection(l)? {
+                    Some(p) => CpuQkv::Fused(p),
+                    None => return Ok(self),
+                },
+            };
+            let gate_up = match &layer.gate_up {
+                GateUpProjection::Separate { gate, up } => match (mapped(gate), mapped(up)) {
+                    (Some(gate), Some(up)) => CpuGateUp::Separate { gate, up },
+                    _ => return Ok(self),
+                },
+                GateUpProjection::Fused(l) => match mapped(l) {
+                    Some(m) => CpuGateUp::Fused(m),
+                    None => return Ok(self),
+                },
+            };
+            let (Some(o), Some(down)) = (mapped(&layer.o), mapped(&layer.down)) else {
+                return Ok(self);
+            };
+            if layer.o.bias.is_some() {
+                return Ok(self);
+            }
+            layers.push(CpuLayer {
+                attn_norm: vector(&layer.attn_norm.weight)?,
+                qkv,
+                q_norm: layer
+                    .q_norm
+                    .as_ref()
+                    .map(|n| vector(&n.weight))
+                    .transpose()?,
+                k_norm: layer
+                    .k_norm
+                    .as_ref()
+                    .map(|n| vector(&n.weight))
+                    .transpose()?,
+                o,
+                ffn_norm: vector(&layer.ffn_norm.weight)?,
+                gate_up,
+                down,
+            });
+        }
+        self.cpu = Some(CpuModel {
+            pool,
+            embedding: embedding.clone(),
+            layers,
+            norm: vector(&self.norm.weight)?,
+            lm_head,
+            eps: self.norm.eps,
+            hidden: self.cfg.hidden_size,
+            intermediate: self.cfg.intermediate_size,
+            attention: self.attention_shape(),
+            buffers: Default::default(),
+        });
+        Ok(self)
+    }
+
+    /// Whether forwards run on the tensor-free CPU path.
+    pub fn uses_cpu_path(&self) -> bool {
+        self.cpu.is_some()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -492,7 +591,7 @@ impl Decoder {
 
     /// Runs one step for several sequences and returns the logits after each item's last token,
     /// shaped `(items, vocab)`. Each cache advances by its item's token count.
-    pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Tensor, ModelError> {
+    pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut spans = Vec::with_capacity(items.len());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -525,8 +624,46 @@ impl Decoder {
             ids.extend_from_slice(item.tokens);
             positions.extend(first_position..first_position + item.tokens.len());
         }
-        self.forward_rows(items, &spans, ids, &positions)
-            .map_err(|e| ModelError::Forward(e.to_string()))
+        let result = match &self.cpu {
+            Some(cpu) => self.forward_cpu(cpu, items, &spans, &ids, &positions),
+            None => self
+                .forward_rows(items, &spans, ids, &positions)
+                .and_then(|logits| logits.to_vec2::<f32>()),
+        };
+        result.map_err(|e| ModelError::Forward(e.to_string()))
+    }
+
+    fn forward_cpu(
+        &self,
+        cpu: &CpuModel,
+        items: &mut [ForwardItem<'_>],
+        spans: &[Span],
+        ids: &[u32],
+        positions: &[usize],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        for (item, span) in items.iter_mut().zip(spans) {
+            self.ensure_capacity(item.cache, span.first_position + span.rows)?;
+        }
+        let mut cpu_spans = Vec::with_capacity(spans.len());
+        for (item, span) in items.iter_mut().zip(spans) {
+            let CacheLayers::Host(layers) = &mut item.cache.layers else {
+                candle_core::bail!("a device cache was given to a CPU decoder");
+            };
+            cpu_spans.push(CpuSpan {
+                cache: layers.as_mut_slice(),
+                first_position: span.first_position,
+                start_row: span.start_row,
+                rows: span.rows,
+            });
+        }
+        let logits = cpu
+            .forward(ids, positions, &self.rope, &mut cpu_spans)
+            .map_err(candle_core::Error::wrap)?;
+        drop(cpu_spans);
+        for (item, span) in items.iter_mut().zip(spans) {
+            item.cache.len = span.first_position + span.rows;
+        }
+        Ok(logits)
     }
 
     fn forward_rows(
@@ -539,10 +676,8 @@ impl Decoder {
         for (item, span) in items.iter_mut().zip(spans) {
             self.ensure_capacity(item.cache, span.first_position + span.rows)?;
         }
-        let n_rows = ids.len();
-        let ids = Tensor::from_vec(ids, n_rows, &self.device)?;
-        let mut x = self.embedding.forward(&ids)?;
-        let (cos, sin) = self.rope.cos_sin(positions, &self.device)?;
+        let mut x = self.embedding.forward(&ids, &self.device)?;
+        let (cos, sin) = self.rope.tensors(positions, &self.device)?;
         let masks = if self.device.is_cpu() {
             Vec::new()
         } else {
@@ -634,8 +769,8 @@ impl Decoder {
         if let Some(n) = &layer.k_norm {
             k = n.forward(&k)?;
         }
-        let q = self.rope.apply(&q, cos, sin)?;
-        let k = self.rope.apply(&k, cos, sin)?;
+        let q = self.rope.apply_tensor(&q, cos, sin)?;
+        let k = self.rope.apply_tensor(&k, cos, sin)?;
 
         let attn = if self.device.is_cpu() {
             self.attend_host(layer_index, &q, &k, &v, items, spans)?
@@ -675,8 +810,8 @@ impl Decoder {
         x + layer.down.forward(&act)?
     }
 
-    /// CPU attention: every span's keys and values go into its f16 cache, then each span's rows
-    /// attend with llama.cpp's flash-attention numerics.
+    /// CPU attention: every span's keys and values go into its f16 cache, then all spans' rows
+    /// attend at once on the compute pool.
     fn attend_host(
         &self,
         layer_index: usize,
@@ -693,7 +828,7 @@ impl Decoder {
         let k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
         let rows = q.len() / q_width;
-        let mut out = vec![0f32; q.len()];
+        let mut caches = Vec::with_capacity(spans.len());
         for (item, span) in items.iter_mut().zip(spans) {
             let CacheLayers::Host(layers) = &mut item.cache.layers else {
                 candle_core::bail!("a device cache was given to a CPU decoder");
@@ -706,15 +841,20 @@ impl Decoder {
                 &k[a * kv_width..b * kv_width],
                 &v[a * kv_width..b * kv_width],
             );
-            attention::attend(
-                &shape,
-                kv,
-                &q[a * q_width..b * q_width],
-                span.first_position,
-                span.rows,
-                &mut out[a * q_width..b * q_width],
-            );
+            caches.push(&*kv);
         }
+        let jobs: Vec<SpanAttention<'_>> = caches
+            .into_iter()
+            .zip(spans)
+            .map(|(cache, span)| SpanAttention {
+                cache,
+                q: &q[span.start_row * q_width..(span.start_row + span.rows) * q_width],
+                first_position: span.first_position,
+                rows: span.rows,
+            })
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        attention::attend_spans(&shape, &jobs, &mut out, self.cpu_pool.as_deref());
         Tensor::from_vec(out, (rows, q_width), &self.device)
     }
 

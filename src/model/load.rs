@@ -16,6 +16,7 @@ use super::decoder::Decoder;
 use super::gguf::GgufFile;
 use super::tokenizer::TextTokenizer;
 use super::weights::WeightStore;
+use crate::kernels::ThreadPool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFormat {
@@ -36,6 +37,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Serving context; `None` uses the model's trained context.
     pub context_length: Option<usize>,
+    /// CPU compute threads; `None` uses one per physical core.
+    pub threads: Option<usize>,
+    /// On the CPU, multiply GGUF matrices in place with our kernels (`false`: Candle's).
+    pub cpu_kernels: bool,
 }
 
 impl Default for LoadOptions {
@@ -43,8 +48,39 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             context_length: None,
+            threads: None,
+            cpu_kernels: true,
         }
     }
+}
+
+impl LoadOptions {
+    fn cpu_pool(&self) -> Option<Arc<ThreadPool>> {
+        (self.device.is_cpu() && self.cpu_kernels).then(|| {
+            Arc::new(ThreadPool::with_spin(
+                self.threads.unwrap_or_else(physical_cores).max(1),
+                std::time::Duration::from_millis(2),
+            ))
+        })
+    }
+}
+
+/// Physical cores (hyper-threads share their core's execution units, so extra compute threads
+/// on them only add contention), falling back to the logical count.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cores = BTreeSet::new();
+    for cpu in 0..logical {
+        let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
+        let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).ok();
+        match (read("physical_package_id"), read("core_id")) {
+            (Some(p), Some(c)) => {
+                cores.insert((p.trim().to_string(), c.trim().to_string()));
+            }
+            _ => return logical,
+        }
+    }
+    cores.len().clamp(1, logical)
 }
 
 /// A model ready to run: decoder, tokenizer, chat template and end-of-generation tokens.
@@ -126,6 +162,7 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelErr
         options
             .context_length
             .unwrap_or(cfg.max_position_embeddings),
+        options.cpu_pool(),
     )?;
     Ok(LoadedModel {
         decoder,
@@ -309,6 +346,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelEr
         options
             .context_length
             .unwrap_or(cfg.max_position_embeddings),
+        options.cpu_pool(),
     )?;
     Ok(LoadedModel {
         decoder,

@@ -12,12 +12,14 @@
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_forward;
 pub mod decoder;
 pub mod detokenizer;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod gguf_writer;
 pub mod load;
+pub mod rope;
 pub mod tokenizer;
 pub mod weights;
 

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::gguf::{GgmlType, GgufFile};
+use crate::kernels::{self, QMatrix, WeightType};
 
 /// The role of a weight in the decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +113,58 @@ impl WeightName {
     }
 }
 
-/// A weight as loaded: quantized blocks, or a dense tensor.
+/// A weight as loaded: quantized blocks, a dense tensor, or a matrix left in place in the GGUF
+/// memory map for our CPU kernels.
 pub enum RawWeight {
     Quantized(Arc<QTensor>),
     Dense(Tensor),
+    Mapped(MappedMatrix),
+}
+
+/// A GGUF matrix used in place from the file's memory map: nothing is copied, the pages are
+/// read by the kernels as the forward needs them.
+#[derive(Clone)]
+pub struct MappedMatrix {
+    file: Arc<GgufFile>,
+    offset: usize,
+    len: usize,
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+}
+
+impl MappedMatrix {
+    pub fn matrix(&self) -> QMatrix<'_> {
+        QMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.file.map()[self.offset..self.offset + self.len],
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// The GGUF types our CPU kernels read directly.
+fn kernel_type(ty: GgmlType) -> Option<WeightType> {
+    Some(match ty {
+        GgmlType::Q4_0 => WeightType::Q4_0,
+        GgmlType::Q4_1 => WeightType::Q4_1,
+        GgmlType::Q8_0 => WeightType::Q8_0,
+        GgmlType::Q4K => WeightType::Q4K,
+        GgmlType::Q5K => WeightType::Q5K,
+        GgmlType::Q6K => WeightType::Q6K,
+        GgmlType::F16 => WeightType::F16,
+        GgmlType::F32 => WeightType::F32,
+        _ => return None,
+    })
 }
 
 impl RawWeight {
@@ -123,6 +172,7 @@ impl RawWeight {
         match self {
             Self::Quantized(q) => q.shape().dims().to_vec(),
             Self::Dense(t) => t.dims().to_vec(),
+            Self::Mapped(m) => vec![m.rows, m.cols],
         }
     }
 
@@ -131,6 +181,14 @@ impl RawWeight {
         match self {
             Self::Quantized(q) => q.dequantize(device),
             Self::Dense(t) => t.to_dtype(DType::F32),
+            Self::Mapped(m) => {
+                let w = m.matrix();
+                let mut out = vec![0f32; m.rows * m.cols];
+                for (r, row) in out.chunks_mut(m.cols).enumerate() {
+                    kernels::dequantize_row(&w, r, row).map_err(candle_core::Error::wrap)?;
+                }
+                Tensor::from_vec(out, (m.rows, m.cols), device)
+            }
         }
     }
 }
@@ -278,6 +336,40 @@ impl WeightStore {
         }
     }
 
+    /// Loads a matrix for the CPU kernels: a GGUF tensor of a type they read stays in the memory
+    /// map; anything else loads as [`Self::load`] does.
+    pub fn load_in_place(
+        &self,
+        name: WeightName,
+        expected_shape: &[usize],
+        device: &Device,
+        dense_dtype: Option<DType>,
+    ) -> Result<Option<RawWeight>, ModelError> {
+        if let (Self::Gguf(file), [rows, cols]) = (self, expected_shape)
+            && let Some(info) = file.tensor_info(&name.gguf_name())
+            && let Some(ty) = kernel_type(info.ty)
+        {
+            let shape = info.shape();
+            if shape != expected_shape {
+                return Err(ModelError::ShapeMismatch {
+                    source_name: self.source_name(),
+                    tensor: info.name.clone(),
+                    expected: expected_shape.to_vec(),
+                    got: shape,
+                });
+            }
+            return Ok(Some(RawWeight::Mapped(MappedMatrix {
+                file: file.clone(),
+                offset: info.offset,
+                len: info.n_bytes,
+                ty,
+                rows: *rows,
+                cols: *cols,
+            })));
+        }
+        self.load(name, expected_shape, device, dense_dtype)
+    }
+
     /// Like [`Self::load`], but the weight must exist.
     pub fn require(
         &self,
@@ -287,9 +379,30 @@ impl WeightStore {
         dense_dtype: Option<DType>,
     ) -> Result<RawWeight, ModelError> {
         self.load(name, expected_shape, device, dense_dtype)?
-            .ok_or_else(|| ModelError::MissingTensor {
-                source_name: self.source_name(),
-                tensor: self.file_name(name).unwrap_or_else(|| format!("{name:?}")),
-            })
+            .ok_or_else(|| self.missing(name))
+    }
+
+    /// A matrix that must exist, in place when `in_place` (see [`Self::load_in_place`]).
+    pub fn require_matrix(
+        &self,
+        name: WeightName,
+        expected_shape: &[usize],
+        device: &Device,
+        dense_dtype: Option<DType>,
+        in_place: bool,
+    ) -> Result<RawWeight, ModelError> {
+        let raw = if in_place {
+            self.load_in_place(name, expected_shape, device, dense_dtype)?
+        } else {
+            self.load(name, expected_shape, device, dense_dtype)?
+        };
+        raw.ok_or_else(|| self.missing(name))
+    }
+
+    fn missing(&self, name: WeightName) -> ModelError {
+        ModelError::MissingTensor {
+            source_name: self.source_name(),
+            tensor: self.file_name(name).unwrap_or_else(|| format!("{name:?}")),
+        }
     }
 }

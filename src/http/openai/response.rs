@@ -1,0 +1,301 @@
+//! Response bodies and stream chunks, shaped as OpenAI's (`chat.completion`,
+//! `chat.completion.chunk`, `text_completion`, `list`/`model`), and the log-probability
+//! formats of both endpoints built from the engine's [`TokenLogprobs`].
+
+use serde::Serialize;
+use serde_json::Map;
+
+use crate::generation::{FinishReason, TokenLogprobs};
+use crate::model::tokenizer::TextTokenizer;
+
+/// OpenAI's stand-in for a log-probability of minus infinity (JSON has no infinities).
+const NEG_INF_LOGPROB: f32 = -9999.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// `stop` (end of generation or a stop sequence) or `length` (`max_tokens` or the context).
+pub fn finish_reason(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Eos | FinishReason::StopSequence(_) => "stop",
+        FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+    }
+}
+
+/// What every response and chunk of one request repeats.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat
+
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub system_fingerprint: &'a str,
+    pub choices: [ChatChoice; 1],
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub system_fingerprint: &'a str,
+    pub choices: Vec<ChunkChoice>,
+    /// Absent unless `include_usage`; then `null` on every chunk but the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+impl<'a> ChatChunk<'a> {
+    pub fn new(
+        meta: &'a ResponseMeta,
+        choices: Vec<ChunkChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> Self {
+        Self {
+            id: &meta.id,
+            object: "chat.completion.chunk",
+            created: meta.created,
+            model: &meta.model,
+            system_fingerprint: &meta.system_fingerprint,
+            choices,
+            usage,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice {
+    pub index: usize,
+    pub delta: Delta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completions
+
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub system_fingerprint: &'a str,
+    pub choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+impl<'a> TextCompletion<'a> {
+    pub fn new(
+        meta: &'a ResponseMeta,
+        choices: Vec<TextChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> Self {
+        Self {
+            id: &meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: &meta.model,
+            system_fingerprint: &meta.system_fingerprint,
+            choices,
+            usage,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice {
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The legacy completions format: parallel lists, `top_logprobs` as `{token: logprob}` maps
+/// holding the `n` most likely tokens and the sampled one, `text_offset` in characters from the
+/// start of the completion (as vLLM counts them).
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<Map<String, serde_json::Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// vLLM's extension: the context a request may use.
+    pub max_model_len: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-probabilities
+
+/// How a token is named in log-probability lists.
+#[derive(Clone, Copy)]
+pub struct TokenNamer<'a> {
+    pub tokenizer: &'a TextTokenizer,
+    /// vLLM's `return_tokens_as_token_ids`.
+    pub as_ids: bool,
+}
+
+impl TokenNamer<'_> {
+    /// The token's text (an incomplete UTF-8 piece with U+FFFD) and its raw bytes. Control
+    /// tokens such as the end-of-generation token are empty, as llama-server reports them and
+    /// as they appear in the content: the entries' bytes always add up to the text.
+    pub fn name(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.tokenizer.token_bytes(id, false).to_vec();
+        let text = if self.as_ids {
+            format!("token_id:{id}")
+        } else {
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        (text, bytes)
+    }
+}
+
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        NEG_INF_LOGPROB
+    }
+}
+
+/// One chat `logprobs.content` entry.
+pub fn chat_token_logprob(
+    namer: TokenNamer<'_>,
+    token: u32,
+    lp: &TokenLogprobs,
+) -> ChatTokenLogprob {
+    let (text, bytes) = namer.name(token);
+    ChatTokenLogprob {
+        token: text,
+        logprob: finite(lp.logprob),
+        bytes,
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let (token, bytes) = namer.name(id);
+                TopLogprob {
+                    token,
+                    logprob: finite(logprob),
+                    bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+impl CompletionLogprobs {
+    /// Appends one token; `offset` is the completion's length in characters before it, and is
+    /// advanced past the token.
+    pub fn push(
+        &mut self,
+        namer: TokenNamer<'_>,
+        token: u32,
+        lp: &TokenLogprobs,
+        offset: &mut usize,
+    ) {
+        let (text, _) = namer.name(token);
+        let mut top = Map::new();
+        for &(id, logprob) in &lp.top {
+            top.entry(namer.name(id).0)
+                .or_insert_with(|| serde_json::Value::from(finite(logprob)));
+        }
+        top.entry(text.clone())
+            .or_insert_with(|| serde_json::Value::from(finite(lp.logprob)));
+        self.text_offset.push(*offset);
+        *offset += String::from_utf8_lossy(namer.tokenizer.token_bytes(token, false))
+            .chars()
+            .count();
+        self.tokens.push(text);
+        self.token_logprobs.push(finite(lp.logprob));
+        self.top_logprobs.push(top);
+    }
+}

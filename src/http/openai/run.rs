@@ -1,0 +1,293 @@
+//! What both generation endpoints do once a request is valid: submit the job to the shared
+//! [`JobRegistry`], follow its events, and cancel it when the client goes away.
+//!
+//! A [`JobWatch`] lives exactly as long as the client's request: inside the handler's future for
+//! a JSON response, inside the body stream for SSE. Dropping it before the job's terminal event
+//! (the client disconnected, so hyper dropped the future or the body) cancels the job at once,
+//! queued or running, with reason `disconnect`; the registry's detach grace is not waited for.
+//! It also holds the record's [`Attachment`], so the reaper never mistakes a request that is
+//! still waiting for an abandoned job.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::error::OpenAiError;
+use super::response::ResponseMeta;
+use crate::engine::{CancelReason, EngineEvent, ErrorCode};
+use crate::generation::GenerationParams;
+use crate::http::AppState;
+use crate::jobs::{Attachment, JobApi, JobRecord, JobRegistry, NewJob, Phase, ServedModel};
+
+/// Inputs larger than this (bytes) are templated and tokenized on the blocking pool, so a big
+/// prompt never stalls an async worker.
+pub const INLINE_WORK_BYTES: usize = 2048;
+
+/// Events read from a job's log per wake-up.
+const READ_BATCH: usize = 64;
+
+/// The served model, or the 503 that says why there is none.
+pub fn ready(app: &AppState) -> Result<&ServedModel, OpenAiError> {
+    match (app.registry.phase(), app.registry.served()) {
+        (Phase::Draining, _) => Err(crate::http::ApiError::Draining.into()),
+        (Phase::Ready, Some(served)) => Ok(served),
+        _ => Err(crate::http::ApiError::Loading.into()),
+    }
+}
+
+/// Runs `work` inline when the input is small, else on the blocking pool.
+pub async fn off_the_runtime<T: Send + 'static>(
+    input_bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OpenAiError> {
+    if input_bytes <= INLINE_WORK_BYTES {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| OpenAiError::internal(format!("blocking task: {e}")))
+}
+
+/// A fresh response id (`chatcmpl-…`, `cmpl-…`), the request's time and the fingerprint.
+pub fn response_meta(prefix: &str, served: &ServedModel) -> ResponseMeta {
+    let job_id = crate::jobs::new_job_id();
+    let unique = job_id.strip_prefix("job-").unwrap_or(&job_id);
+    ResponseMeta {
+        id: format!("{prefix}-{unique}"),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: served.model_id.clone(),
+        system_fingerprint: system_fingerprint(served),
+    }
+}
+
+/// Stable for one build serving one model on one device: clients compare it to know whether
+/// the same seed can be expected to give the same output.
+fn system_fingerprint(served: &ServedModel) -> String {
+    let digest = Sha256::digest(
+        format!(
+            "{}|{}|{}|{}",
+            env!("CARGO_PKG_VERSION"),
+            served.meta.name,
+            served.meta.format,
+            served.meta.device
+        )
+        .as_bytes(),
+    );
+    let hex: String = digest[..5].iter().map(|b| format!("{b:02x}")).collect();
+    format!("fp_{hex}")
+}
+
+/// A submitted job, followed by the request that submitted it.
+pub struct JobWatch {
+    record: Arc<JobRecord>,
+    changed: watch::Receiver<u64>,
+    cursor: u64,
+    ended: bool,
+    cancel: CancelOnDrop,
+    _attachment: Attachment,
+}
+
+impl JobWatch {
+    /// Queues the job under `id` (the response id); `api` labels its metrics. A full queue is a
+    /// 503 at once.
+    pub fn submit(
+        app: &AppState,
+        api: JobApi,
+        id: String,
+        prompt_tokens: Vec<u32>,
+        params: GenerationParams,
+    ) -> Result<Self, OpenAiError> {
+        let (record, position) = app
+            .registry
+            .submit_via(
+                api,
+                NewJob {
+                    id: Some(id),
+                    prompt_tokens,
+                    params,
+                },
+            )
+            .map_err(|e| OpenAiError::from(crate::http::ApiError::from(e)))?;
+        tracing::info!(job_id = record.id(), position, "openai request queued");
+        Ok(Self {
+            changed: record.subscribe(),
+            _attachment: record.attach(),
+            cancel: CancelOnDrop {
+                registry: app.registry.clone(),
+                id: record.id().to_string(),
+            },
+            record,
+            cursor: 0,
+            ended: false,
+        })
+    }
+
+    /// The next events of the job, waiting while there are none. Empty only after the
+    /// terminal event has been returned.
+    pub async fn next_events(&mut self) -> Vec<EngineEvent> {
+        loop {
+            if self.ended {
+                return Vec::new();
+            }
+            // Mark the current version seen before reading, so an event appended after the
+            // read wakes the wait below.
+            self.changed.borrow_and_update();
+            let batch = self.record.events_after(self.cursor, READ_BATCH);
+            if let Some((last, _)) = batch.last() {
+                self.cursor = *last;
+                let events: Vec<EngineEvent> = batch.into_iter().map(|(_, e)| e).collect();
+                if events.iter().any(EngineEvent::is_terminal) {
+                    self.ended = true;
+                    self.cancel.disarm();
+                }
+                return events;
+            }
+            if self.changed.changed().await.is_err() {
+                // The record owns the sender and we hold the record: this cannot happen.
+                self.ended = true;
+                return Vec::new();
+            }
+        }
+    }
+}
+
+/// Cancels the job when the request ends before the job does.
+struct CancelOnDrop {
+    registry: Arc<JobRegistry>,
+    /// Empty once disarmed.
+    id: String,
+}
+
+impl CancelOnDrop {
+    fn disarm(&mut self) {
+        self.id.clear();
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.id.is_empty() {
+            return;
+        }
+        tracing::info!(job_id = %self.id, "client went away; cancelling its request");
+        // Not found: already collected, nothing left to cancel.
+        let _ = self.registry.cancel(&self.id, CancelReason::Disconnect);
+    }
+}
+
+/// The error for a job that ended without finishing.
+pub fn ended_error(event: &EngineEvent) -> OpenAiError {
+    match event {
+        EngineEvent::Failed {
+            code: ErrorCode::InvalidRequest,
+            message,
+        } => OpenAiError::job_ended(StatusCode::BAD_REQUEST, "invalid_request", message.clone()),
+        EngineEvent::Failed { message, .. } => OpenAiError::job_ended(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "inference_failed",
+            format!("inference failed: {message}"),
+        ),
+        EngineEvent::Cancelled {
+            reason: CancelReason::Shutdown,
+        } => OpenAiError::job_ended(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the worker is shutting down; the request was cancelled".into(),
+        ),
+        EngineEvent::Cancelled { reason } => OpenAiError::job_ended(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cancelled",
+            format!("the request was cancelled ({})", reason.as_str()),
+        ),
+        other => OpenAiError::internal(format!("not a terminal event: {other:?}")),
+    }
+}
+
+/// A `data:` event holding `value` as JSON.
+pub fn json_event<T: Serialize>(value: &T) -> Event {
+    match serde_json::to_string(value) {
+        Ok(json) => Event::default().data(json),
+        // Only maps with non-string keys fail to serialize; ours have none.
+        Err(e) => Event::default().data(OpenAiError::internal(e.to_string()).body().to_string()),
+    }
+}
+
+/// Turns a job's events into SSE events: `translate` maps each engine event, and the stream
+/// ends with `data: [DONE]` after the terminal event.
+pub fn event_stream<F>(
+    job: JobWatch,
+    first: Vec<Event>,
+    translate: F,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
+where
+    F: FnMut(EngineEvent) -> Vec<Event> + Send + 'static,
+{
+    struct State<F> {
+        job: JobWatch,
+        translate: F,
+        pending: VecDeque<Event>,
+        done: bool,
+    }
+    let state = State {
+        job,
+        translate,
+        pending: first.into(),
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.done {
+                return None;
+            }
+            let events = s.job.next_events().await;
+            if events.is_empty() {
+                s.done = true;
+                continue;
+            }
+            for event in events {
+                let terminal = event.is_terminal();
+                s.pending.extend((s.translate)(event));
+                if terminal {
+                    s.pending.push_back(Event::default().data("[DONE]"));
+                    s.done = true;
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// The SSE response: keep-alive comments while the job waits (queued, or a long prefill), and
+/// headers that stop proxies from buffering.
+pub fn sse_response(
+    app: &AppState,
+    stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+) -> Response {
+    let sse =
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));
+    (
+        [
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        sse,
+    )
+        .into_response()
+}

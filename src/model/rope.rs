@@ -1,0 +1,206 @@
+//! Rotary position embeddings, computed the way ggml computes them.
+//!
+//! Reference: RoFormer (Su et al., 2021) for the rotation; ggml's CPU `rope` (ggml-cpu/ops.cpp,
+//! `ggml_rope_cache_init` and `rope_yarn`) for the arithmetic. The angle of pair `i` at position
+//! `p` is built in f32 as ggml does: `theta = p`, then `theta *= base^(-2/d)` once per pair, each
+//! angle divided by its frequency factor and multiplied by the linear scale, then `cosf`/`sinf`.
+//! Doing it in f64 would be more exact, but the angles at large positions then differ from
+//! llama.cpp's in their last bits, and this small quantized model amplifies such differences
+//! (see [`super::attention`]). Every scaling we support is expressed as per-pair frequency
+//! factors plus a linear scale, as llama.cpp's GGUF converter expresses Llama 3's.
+
+use candle_core::{Device, Tensor};
+
+use super::config::{ModelConfig, RopeScaling, RopeStyle};
+
+pub struct Rope {
+    /// `base^(-2 / head_dim)`, in f32.
+    theta_scale: f32,
+    /// Per-pair divisors of the angle (1 unless the model scales its frequencies).
+    freq_factors: Vec<f32>,
+    /// Multiplies every angle (linear scaling: 1 / factor).
+    freq_scale: f32,
+    pub style: RopeStyle,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let half = cfg.head_dim / 2;
+        let d = cfg.head_dim as f64;
+        let mut freq_factors = vec![1f32; half];
+        let mut freq_scale = 1f32;
+        match &cfg.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => freq_scale = (1.0 / factor) as f32,
+            RopeScaling::FreqFactors(f) => freq_factors.copy_from_slice(&f[..half]),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: orig,
+            } => {
+                let (low_wavelen, high_wavelen) = (orig / low_freq_factor, orig / high_freq_factor);
+                for (i, ff) in freq_factors.iter_mut().enumerate() {
+                    let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    *ff = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        *factor as f32
+                    } else {
+                        let smooth = (orig / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    };
+                }
+            }
+        }
+        Self {
+            theta_scale: (cfg.rope_theta as f32).powf(-2.0 / cfg.head_dim as f32),
+            freq_factors,
+            freq_scale,
+            style: cfg.rope_style,
+        }
+    }
+
+    /// Pairs per head.
+    pub fn half(&self) -> usize {
+        self.freq_factors.len()
+    }
+
+    /// cos and sin for every position, `positions.len() * half` values each.
+    pub fn tables(&self, positions: &[usize], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        cos.clear();
+        sin.clear();
+        for &p in positions {
+            let mut theta = p as f32;
+            for &ff in &self.freq_factors {
+                let angle = self.freq_scale * (theta / ff);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                theta *= self.theta_scale;
+            }
+        }
+    }
+
+    /// The tables as tensors shaped `(rows, 1, half)` for Candle's rope kernels.
+    pub fn tensors(
+        &self,
+        positions: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.tables(positions, &mut cos, &mut sin);
+        let shape = (positions.len(), 1, self.half());
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
+    }
+
+    /// `x`: `(rows, heads, head_dim)` tensor → rotated, same shape.
+    pub fn apply_tensor(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, heads, head_dim) = x.dims3()?;
+        // Each row is its own "batch" entry so that it gets its own position's cos/sin.
+        let x4 = x.contiguous()?.reshape((rows, heads, 1, head_dim))?;
+        let y = match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, cos, sin)?,
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, cos, sin)?,
+        };
+        y.reshape((rows, heads, head_dim))
+    }
+
+    /// Rotates every head of one row in place (`cos`/`sin`: that row's `half` values).
+    pub fn rotate_row(&self, row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+        let half = head_dim / 2;
+        for head in row.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::HalfSplit => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+
+    fn cfg(scaling: RopeScaling) -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            vocab_size: 10,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::HalfSplit,
+            rope_scaling: scaling,
+            max_position_embeddings: 128,
+            sliding_window: None,
+        }
+    }
+
+    #[test]
+    fn angles_follow_the_rope_formula() {
+        let rope = Rope::new(&cfg(RopeScaling::None));
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        rope.tables(&[0, 7], &mut cos, &mut sin);
+        assert!(cos[..32].iter().all(|&c| c == 1.0) && sin[..32].iter().all(|&s| s == 0.0));
+        for i in 0..32 {
+            let angle = 7.0 * 10_000f64.powf(-((2 * i) as f64) / 64.0);
+            assert!(
+                (f64::from(cos[32 + i]) - angle.cos()).abs() < 1e-5,
+                "pair {i}"
+            );
+            assert!(
+                (f64::from(sin[32 + i]) - angle.sin()).abs() < 1e-5,
+                "pair {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_scaling_divides_positions_and_factors_divide_frequencies() {
+        let (mut c1, mut s1, mut c2, mut s2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        Rope::new(&cfg(RopeScaling::Linear { factor: 4.0 })).tables(&[8], &mut c1, &mut s1);
+        Rope::new(&cfg(RopeScaling::None)).tables(&[2], &mut c2, &mut s2);
+        for (a, b) in c1.iter().zip(&c2) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        let rope = Rope::new(&cfg(RopeScaling::FreqFactors(vec![2.0; 32])));
+        rope.tables(&[6], &mut c1, &mut s1);
+        Rope::new(&cfg(RopeScaling::None)).tables(&[3], &mut c2, &mut s2);
+        for (a, b) in s1.iter().zip(&s2) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_scales_low_ones() {
+        let rope = Rope::new(&cfg(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        }));
+        assert_eq!(rope.freq_factors[0], 1.0);
+        assert_eq!(rope.freq_factors[31], 8.0);
+        assert!(rope.freq_factors.windows(2).all(|w| w[0] <= w[1]));
+    }
+}

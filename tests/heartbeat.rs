@@ -1,0 +1,591 @@
+//! The heartbeat against a stand-in hive (an axum server on an ephemeral port that records
+//! every heartbeat with its `Authorization` header).
+//!
+//! - In process, with a scripted fake backend: the first heartbeat leaves at once (`starting`),
+//!   the status follows the load (`ready → busy → ready`) and the shutdown (`draining →
+//!   stopping → stopped`); with the hive down the worker keeps serving, logs the outage once,
+//!   and the heartbeats resume when the hive is back.
+//! - The real binary on a tiny GGUF written by the test, stopped with SIGTERM: the same
+//!   lifecycle on the wire, and JSON logs with the startup line and one line per job.
+
+mod common;
+mod fake_backend;
+mod sse_client;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::tiny_models::{Arch, TempDir, TinySpec, gguf_writer, random_weights};
+use fake_backend::{CONTEXT, MODEL, ScriptedBackend, infer, serve_on};
+use llm_worker_rbee::engine::SchedulerConfig;
+use llm_worker_rbee::heartbeat::HeartbeatConfig;
+use llm_worker_rbee::worker::{Worker, WorkerConfig};
+use llm_worker_rbee::worker_info::WorkerIdentity;
+use serde_json::Value;
+use sse_client::{SseReader, assert_well_formed_ending};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// The stand-in hive
+
+/// One heartbeat as the hive got it.
+#[derive(Debug, Clone)]
+struct Beat {
+    authorization: Option<String>,
+    body: Value,
+}
+
+impl Beat {
+    fn status(&self) -> &str {
+        self.body["worker"]["status"].as_str().unwrap_or("?")
+    }
+}
+
+type Inbox = Arc<Mutex<Vec<Beat>>>;
+
+struct Hive {
+    addr: SocketAddr,
+    inbox: Inbox,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn take_heartbeat(
+    State(inbox): State<Inbox>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    let Ok(body) = serde_json::from_str::<Value>(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+        return StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    }
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    inbox.lock().unwrap().push(Beat {
+        authorization,
+        body,
+    });
+    StatusCode::NO_CONTENT
+}
+
+impl Hive {
+    async fn start() -> Self {
+        Self::listen("127.0.0.1:0".parse().unwrap(), Inbox::default()).await
+    }
+
+    async fn listen(addr: SocketAddr, inbox: Inbox) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new()
+            .route("/v1/worker-heartbeat", post(take_heartbeat))
+            .with_state(inbox.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            addr,
+            inbox,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes the listener and every connection: the hive's address refuses connections.
+    async fn go_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the hive did not stop")
+                .unwrap();
+        }
+    }
+
+    /// Listens again on the same address, keeping what it got.
+    async fn come_back(self) -> Self {
+        Self::listen(self.addr, self.inbox.clone()).await
+    }
+
+    fn beats(&self) -> Vec<Beat> {
+        self.inbox.lock().unwrap().clone()
+    }
+
+    /// The statuses received, consecutive repeats folded.
+    fn statuses(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for beat in self.beats() {
+            if out.last().map(String::as_str) != Some(beat.status()) {
+                out.push(beat.status().to_string());
+            }
+        }
+        out
+    }
+
+    async fn wait_for(&self, what: &str, cond: impl Fn(&[Beat]) -> bool) -> Vec<Beat> {
+        let start = Instant::now();
+        loop {
+            let beats = self.beats();
+            if cond(&beats) {
+                return beats;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting until {what}; got {:?}",
+                self.statuses()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_for_status(&self, status: &str) -> Beat {
+        let beats = self
+            .wait_for(&format!("status {status}"), |b| {
+                b.last().is_some_and(|b| b.status() == status)
+            })
+            .await;
+        beats.last().cloned().unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An in-process worker on a fake backend
+
+struct TestWorker {
+    base: String,
+    port: u16,
+    worker: Worker,
+    http: reqwest::Client,
+}
+
+impl TestWorker {
+    async fn start(heartbeat: HeartbeatConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut identity = WorkerIdentity::new("llm-worker-rbee-cpu", "cpu:0");
+        identity.port = port;
+        let worker = Worker::new(WorkerConfig {
+            scheduler: SchedulerConfig {
+                max_sequences: 1,
+                batch_tokens: 512,
+            },
+            identity,
+            heartbeat: Some(heartbeat),
+            ..WorkerConfig::default()
+        });
+        let base = serve_on(listener, worker.router()).await;
+        Self {
+            base,
+            port,
+            worker,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn attach(&self, step_delay: Duration) {
+        self.worker
+            .attach(ScriptedBackend::new(step_delay))
+            .unwrap();
+    }
+
+    /// Runs a job to its end and returns its events.
+    async fn run(&self, prompt: &str, max_tokens: usize) -> Vec<sse_client::SseEvent> {
+        let r = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .json(&infer(prompt, max_tokens))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, v["sse_url"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap();
+        let events = SseReader::new(r).collect(WAIT).await;
+        assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
+        events
+    }
+}
+
+/// Heartbeats quick enough for a test: status polled every 10 ms, changes 50 ms apart.
+fn fast_heartbeat(hive: &Hive) -> HeartbeatConfig {
+    let mut c = HeartbeatConfig::new(&hive.url()).unwrap();
+    c.token = Some("hive-secret".into());
+    c.status_poll = Duration::from_millis(10);
+    c.min_change_gap = Duration::from_millis(50);
+    c.backoff_base = Duration::from_millis(50);
+    c.request_timeout = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test]
+async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
+    let hive = Hive::start().await;
+    let config = fast_heartbeat(&hive);
+    // Only transitions and changes in this test, no periodic heartbeat.
+    let t = Instant::now();
+    let w = TestWorker::start(HeartbeatConfig {
+        interval: Duration::from_secs(600),
+        ..config
+    })
+    .await;
+    let first = hive
+        .wait_for("the first heartbeat", |b| !b.is_empty())
+        .await[0]
+        .clone();
+    let first_after = t.elapsed();
+    assert!(first_after < Duration::from_secs(2), "took {first_after:?}");
+    assert_eq!(first.authorization.as_deref(), Some("Bearer hive-secret"));
+    let info = &first.body["worker"];
+    assert_eq!(info["status"], "starting");
+    assert!(info["model_id"].is_null());
+    assert_eq!(info["port"], w.port);
+    assert_eq!(info["implementation"], "llm-worker-rbee-cpu");
+    assert_eq!(info["device"], "cpu:0");
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["slots_total"], 0);
+    assert!(info["id"].as_str().unwrap().starts_with("worker-"));
+    assert!(info["started_at"].as_str().unwrap().ends_with('Z'));
+    assert!(first.body["timestamp"].as_str().unwrap().ends_with('Z'));
+
+    // 20 ms a step, 40 tokens: the one slot is busy for most of a second.
+    w.attach(Duration::from_millis(20));
+    let ready = hive.wait_for_status("ready").await;
+    let info = &ready.body["worker"];
+    assert_eq!(info["model_id"], MODEL);
+    assert_eq!(info["slots_total"], 1);
+    assert_eq!(info["slots_busy"], 0);
+    assert_eq!(info["ctx_size"], CONTEXT);
+
+    let job = tokio::spawn({
+        let base = w.base.clone();
+        async move {
+            let http = reqwest::Client::new();
+            let v: Value = http
+                .post(format!("{base}/v1/jobs"))
+                .json(&infer("Hi", 40))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let r = http
+                .get(format!("{base}{}", v["sse_url"].as_str().unwrap()))
+                .send()
+                .await
+                .unwrap();
+            SseReader::new(r).collect(WAIT).await
+        }
+    });
+    let busy = hive.wait_for_status("busy").await;
+    assert_eq!(busy.body["worker"]["slots_busy"], 1);
+    let events = job.await.unwrap();
+    assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
+    let ready_again = hive.wait_for_status("ready").await;
+    assert_eq!(ready_again.body["worker"]["slots_busy"], 0);
+    assert_eq!(hive.statuses(), ["starting", "ready", "busy", "ready"]);
+
+    // The Worker API's shutdown (the binary's SIGTERM path is the test below).
+    let report = w.worker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.drained && report.engine_stopped);
+    w.worker.finish().await;
+    assert_eq!(
+        hive.statuses(),
+        [
+            "starting", "ready", "busy", "ready", "draining", "stopping", "stopped"
+        ]
+    );
+    assert!(
+        hive.beats()
+            .iter()
+            .all(|b| b.authorization.as_deref() == Some("Bearer hive-secret"))
+    );
+    let stamps: Vec<String> = hive
+        .beats()
+        .iter()
+        .map(|b| b.body["timestamp"].as_str().unwrap().to_string())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+}
+
+/// Log lines written while the guard lives, on this thread (the tests' runtime is
+/// single-threaded, so the heartbeat task logs here too).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn with_the_hive_down_the_worker_serves_and_heartbeats_resume_when_it_returns() {
+    let logs = CapturedLogs::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer({
+                let logs = logs.clone();
+                move || logs.clone()
+            })
+            .finish(),
+    );
+    let mut hive = Hive::start().await;
+    let w = TestWorker::start(HeartbeatConfig {
+        interval: Duration::from_millis(200),
+        ..fast_heartbeat(&hive)
+    })
+    .await;
+    w.attach(Duration::ZERO);
+    hive.wait_for_status("ready").await;
+
+    hive.go_down().await;
+    let down_at = Instant::now();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let events = w.run("Hi", 5).await;
+        assert_eq!(events.iter().filter(|e| e.name() == "token").count(), 5);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    let health = w
+        .http
+        .get(format!("{}/health", w.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // Several retries fail meanwhile (backoff from 50 ms, capped at the 200 ms interval).
+    tokio::time::sleep(Duration::from_millis(800).saturating_sub(down_at.elapsed())).await;
+    assert_eq!(logs.count("hive unreachable"), 1, "one line per outage");
+    assert_eq!(logs.count("hive reachable again"), 0);
+
+    let received = hive.beats().len();
+    let hive = hive.come_back().await;
+    let back_at = Instant::now();
+    let beats = hive
+        .wait_for("heartbeats resume", |b| b.len() > received)
+        .await;
+    let resumed_after = back_at.elapsed();
+    assert!(
+        resumed_after < Duration::from_secs(2),
+        "took {resumed_after:?}"
+    );
+    assert_eq!(beats[received].status(), "ready");
+    assert_eq!(logs.count("hive unreachable"), 1);
+    assert_eq!(logs.count("hive reachable again"), 1);
+    // And they go on at the interval.
+    hive.wait_for("more heartbeats", |b| b.len() > received + 2)
+        .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary, stopped with SIGTERM
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
+    let dir = TempDir::new("heartbeat");
+    let mut spec = TinySpec::new(Arch::Llama);
+    spec.context = 256;
+    let model = dir.path().join("tiny.gguf");
+    gguf_writer(&spec, &random_weights(&spec, 7), None)
+        .write(&model)
+        .expect("write the tiny GGUF");
+
+    let hive = Hive::start().await;
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_llm-worker-rbee-cpu"))
+            .args(["--port", "0", "--parallel", "1", "--threads", "1"])
+            .args(["--ctx-size", "256", "--log-format", "json"])
+            .args(["--hive-url", &hive.url(), "--heartbeat-interval", "30s"])
+            .arg("--model")
+            .arg(&model)
+            .env("LLM_WORKER_HIVE_TOKEN", "hive-secret")
+            .env("RUST_LOG", "info")
+            .env_remove("LLORCH_API_TOKEN")
+            .env_remove("LLORCH_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the worker binary"),
+    );
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[worker] {line}");
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log: Vec<Value> = Vec::new();
+    let ready_line = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the worker never said it was ready");
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            log.push(v.clone());
+            if v["message"] == "worker ready" {
+                break v;
+            }
+        }
+    };
+    let base = ready_line["url"].as_str().unwrap().to_string();
+    assert_eq!(ready_line["level"], "INFO");
+    assert_eq!(ready_line["model"], "tiny");
+    assert_eq!(ready_line["device"], "cpu:0");
+    assert_eq!(ready_line["threads"], 1);
+    assert!(ready_line["load_time_s"].is_number(), "{ready_line}");
+
+    let ready = hive.wait_for_status("ready").await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(ready.body["worker"]["port"], port);
+    assert_eq!(ready.body["worker"]["model_id"], "tiny");
+    assert_eq!(ready.body["worker"]["ctx_size"], 256);
+
+    // One job, so that its log line can be checked.
+    let http = reqwest::Client::new();
+    let prompt = "a very private prompt";
+    let v: Value = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&infer(prompt, 8))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_id = v["job_id"].as_str().unwrap().to_string();
+    let r = http
+        .get(format!("{base}{}", v["sse_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(r).collect(WAIT).await;
+    let (end, _) = assert_well_formed_ending(&events);
+
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+
+    // On the wire: starting, ready (busy and back, if the job was seen), then the shutdown.
+    let statuses = hive.statuses();
+    assert_eq!(statuses[..2], ["starting", "ready"], "{statuses:?}");
+    assert_eq!(
+        statuses[statuses.len() - 3..],
+        ["draining", "stopping", "stopped"],
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[2..statuses.len() - 3]
+            .iter()
+            .all(|s| s == "busy" || s == "ready"),
+        "{statuses:?}"
+    );
+    assert!(
+        hive.beats()
+            .iter()
+            .all(|b| b.authorization.as_deref() == Some("Bearer hive-secret"))
+    );
+
+    // The logs: one line for the job, in its span, with sizes and no text.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        log.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+    }
+    let finished: Vec<&Value> = log
+        .iter()
+        .filter(|l| l["message"] == "job finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "{log:?}");
+    let line = finished[0];
+    assert_eq!(line["span"]["job_id"], job_id.as_str(), "{line}");
+    assert_eq!(line["span"]["api"], "rbee", "{line}");
+    assert_eq!(line["outcome"], "completed");
+    assert_eq!(line["reason"], end.json()["stop_reason"]);
+    assert_eq!(line["tokens_in"], prompt.len());
+    assert_eq!(line["tokens_out"], end.json()["tokens_out"]);
+    assert!(line["tokens_per_s"].is_number(), "{line}");
+    for l in &log {
+        let text = l.to_string();
+        assert!(!text.contains(prompt), "prompt text in a log line: {text}");
+        assert!(
+            !text.contains("hive-secret"),
+            "a token in a log line: {text}"
+        );
+    }
+    assert!(log.iter().any(|l| l["message"] == "stopped"));
+}

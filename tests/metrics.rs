@@ -1,0 +1,348 @@
+//! `GET /metrics` against a scripted fake backend: known requests move every metric by exactly
+//! the right amount (read from the parsed exposition text), and `--metrics-auth` decides
+//! whether the route needs the token. Every worker has its own registry, so these tests run in
+//! parallel with each other and with every other test in the process.
+
+mod fake_backend;
+mod sse_client;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use fake_backend::{CONTEXT, MODEL, ScriptedBackend, infer, serve_on};
+use llm_worker_rbee::engine::SchedulerConfig;
+use llm_worker_rbee::generation::GenerationParams;
+use llm_worker_rbee::jobs::{JobApi, NewJob};
+use llm_worker_rbee::worker::{Worker, WorkerConfig};
+use serde_json::Value;
+use sse_client::{SseReader, assert_well_formed_ending};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `name{labels}` → value, from the Prometheus text format.
+fn parse(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').expect("`series value`");
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().expect("a number"),
+            };
+            (key.to_string(), value)
+        })
+        .collect()
+}
+
+struct TestWorker {
+    base: String,
+    worker: Worker,
+    http: reqwest::Client,
+    token: Option<&'static str>,
+}
+
+impl TestWorker {
+    async fn start(parallel: usize, token: Option<&'static str>, metrics_auth: bool) -> Self {
+        let worker = Worker::new(WorkerConfig {
+            scheduler: SchedulerConfig {
+                max_sequences: parallel,
+                batch_tokens: 512,
+            },
+            expected_token: token.map(str::to_string),
+            metrics_auth,
+            ..WorkerConfig::default()
+        });
+        worker
+            .attach(ScriptedBackend::new(Duration::from_millis(10)))
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = serve_on(listener, worker.router()).await;
+        Self {
+            base,
+            worker,
+            http: reqwest::Client::new(),
+            token,
+        }
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.get(format!("{}{path}", self.base));
+        match self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn scrape(&self) -> HashMap<String, f64> {
+        let r = self.get("/metrics").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        parse(&r.text().await.unwrap())
+    }
+
+    async fn create(&self, body: &Value) -> reqwest::Response {
+        let rb = self.http.post(format!("{}/v1/jobs", self.base)).json(body);
+        match self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+        .send()
+        .await
+        .unwrap()
+    }
+
+    async fn create_ok(&self, body: &Value) -> String {
+        let r = self.create(body).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        r.json::<Value>().await.unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn stream(&self, id: &str) -> SseReader {
+        let r = self
+            .get(&format!("/v1/jobs/{id}/stream"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        SseReader::new(r)
+    }
+
+    /// Runs a job to its end; returns how many tokens it generated.
+    async fn run(&self, prompt: &str, max_tokens: usize) -> usize {
+        let id = self.create_ok(&infer(prompt, max_tokens)).await;
+        let events = self.stream(&id).await.collect(WAIT).await;
+        let (end, _) = assert_well_formed_ending(&events);
+        assert_eq!(end.json()["stop_reason"], "max_tokens");
+        events.iter().filter(|e| e.name() == "token").count()
+    }
+
+    async fn delete(&self, id: &str) {
+        let rb = self.http.delete(format!("{}/v1/jobs/{id}", self.base));
+        let r = match self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+
+    /// Scrapes until `cond` holds.
+    async fn scrape_until(
+        &self,
+        what: &str,
+        cond: impl Fn(&HashMap<String, f64>) -> bool,
+    ) -> HashMap<String, f64> {
+        let start = Instant::now();
+        loop {
+            let m = self.scrape().await;
+            if cond(&m) {
+                return m;
+            }
+            assert!(start.elapsed() < WAIT, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn requests(api: &str, outcome: &str) -> String {
+    format!(r#"rbee_worker_requests_total{{api="{api}",outcome="{outcome}"}}"#)
+}
+
+#[tokio::test]
+async fn known_requests_move_every_metric_by_exactly_their_amounts() {
+    let w = TestWorker::start(1, None, false).await;
+    w.worker
+        .metrics()
+        .set_model_load_time(Duration::from_millis(1250));
+    let before = w.scrape().await;
+
+    // Three jobs that run to max_tokens, one after another. The tokenizer is byte-level, so a
+    // prompt's tokens are its bytes.
+    let mut generated = 0;
+    for (prompt, max_tokens) in [("Hi", 5), ("abc", 7), ("wxyz", 4)] {
+        let n = w.run(prompt, max_tokens).await;
+        assert_eq!(n, max_tokens);
+        generated += n;
+    }
+
+    // A long job holds the one slot while a second one waits.
+    let long = w.create_ok(&infer("long", 400)).await;
+    let mut long_stream = w.stream(&long).await;
+    loop {
+        let e = long_stream.next_within(WAIT).await.expect("stream ended");
+        if e.name() == "token" {
+            break;
+        }
+    }
+    let queued = w.create_ok(&infer("q", 5)).await;
+    let mid = w
+        .scrape_until("one runs and one waits", |m| {
+            m["rbee_worker_num_requests_running"] == 1.0
+                && m["rbee_worker_num_requests_waiting"] == 1.0
+        })
+        .await;
+    let ratio = mid["rbee_worker_kv_cache_usage_ratio"];
+    assert!(ratio > 0.0 && ratio <= 1.0, "kv usage {ratio}");
+    // "long" (4 positions) plus at least one generated token, of 1 slot x CONTEXT positions.
+    assert!(ratio >= 5.0 / CONTEXT as f64, "kv usage {ratio}");
+
+    // A duplicate job id is refused at submission.
+    let mut dup = infer("x", 1);
+    dup["job_id"] = Value::from(long.clone());
+    assert_eq!(w.create(&dup).await.status(), 409);
+
+    // Cancel the waiting job (it never starts), then the running one.
+    w.delete(&queued).await;
+    w.delete(&long).await;
+    let mut long_events = vec![];
+    while let Some(e) = long_stream.next_within(WAIT).await {
+        long_events.push(e);
+    }
+    let (terminal, _) = assert_well_formed_ending(&long_events);
+    assert_eq!(terminal.json()["reason"], "client");
+    let (_, long_status) = {
+        let r = w.get(&format!("/v1/jobs/{long}")).send().await.unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    let long_tokens = long_status["tokens_out"].as_u64().unwrap() as usize;
+    assert!(long_tokens >= 1);
+    generated += long_tokens;
+
+    // A job from another front door, straight through the registry as the OpenAI routes do.
+    let tokenizer = w.worker.registry().served().unwrap().meta.tokenizer.clone();
+    let (record, _) = w
+        .worker
+        .registry()
+        .submit_via(
+            JobApi::OpenAiChat,
+            NewJob {
+                id: None,
+                prompt_tokens: tokenizer.encode_with_special("Yo", false, true).unwrap(),
+                params: GenerationParams::greedy(3),
+            },
+        )
+        .unwrap();
+    let start = Instant::now();
+    while record.terminal_event().is_none() {
+        assert!(start.elapsed() < WAIT, "the OpenAI-door job never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    generated += 3;
+
+    let after = w
+        .scrape_until("the slot is free", |m| {
+            m["rbee_worker_num_requests_running"] == 0.0
+        })
+        .await;
+    let delta = |key: &str| after[key] - before.get(key).copied().unwrap_or(0.0);
+
+    let jobs_with_tokens = 3 + 1 + 1;
+    let expected: Vec<(String, f64)> = vec![
+        (requests("rbee", "completed"), 3.0),
+        (requests("rbee", "cancelled"), 2.0),
+        (requests("rbee", "rejected"), 1.0),
+        (requests("rbee", "failed"), 0.0),
+        (requests("openai_chat", "completed"), 1.0),
+        (requests("openai_chat", "cancelled"), 0.0),
+        (requests("openai_completions", "completed"), 0.0),
+        // "Hi" + "abc" + "wxyz" + "long" + "Yo"; "q" never got a slot.
+        ("rbee_worker_prompt_tokens_total".into(), 15.0),
+        (
+            "rbee_worker_generation_tokens_total".into(),
+            generated as f64,
+        ),
+        (
+            "rbee_worker_time_to_first_token_seconds_count".into(),
+            jobs_with_tokens as f64,
+        ),
+        (
+            "rbee_worker_inter_token_latency_seconds_count".into(),
+            (generated - jobs_with_tokens) as f64,
+        ),
+        // Every job that got a slot.
+        ("rbee_worker_request_queue_time_seconds_count".into(), 5.0),
+        // Every job that ended, the never-started one included.
+        ("rbee_worker_e2e_request_latency_seconds_count".into(), 6.0),
+    ];
+    for (key, want) in &expected {
+        assert_eq!(delta(key), *want, "{key}");
+    }
+    for name in [
+        "time_to_first_token",
+        "inter_token_latency",
+        "request_queue_time",
+        "e2e_request_latency",
+    ] {
+        let count = after[&format!("rbee_worker_{name}_seconds_count")];
+        let inf = after[&format!(r#"rbee_worker_{name}_seconds_bucket{{le="+Inf"}}"#)];
+        assert_eq!(count, inf, "{name}: +Inf bucket = count");
+        assert!(
+            delta(&format!("rbee_worker_{name}_seconds_sum")) > 0.0,
+            "{name}"
+        );
+    }
+    // Steps take 10 ms: inter-token latencies average about that.
+    let itl = delta("rbee_worker_inter_token_latency_seconds_sum")
+        / delta("rbee_worker_inter_token_latency_seconds_count");
+    assert!(
+        (0.005..0.5).contains(&itl),
+        "mean inter-token latency {itl}"
+    );
+
+    assert_eq!(after["rbee_worker_num_requests_waiting"], 0.0);
+    assert_eq!(after["rbee_worker_kv_cache_usage_ratio"], 0.0);
+    assert_eq!(after["rbee_worker_model_load_seconds"], 1.25);
+    let info = format!(
+        r#"rbee_worker_info{{device="cpu:0",model="{MODEL}",version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(after[&info], 1.0);
+}
+
+#[tokio::test]
+async fn metrics_are_public_unless_metrics_auth_is_on() {
+    let anonymous = reqwest::Client::new();
+    let status = |base: String, token: Option<&'static str>| {
+        let anonymous = anonymous.clone();
+        async move {
+            let rb = anonymous.get(format!("{base}/metrics"));
+            let rb = match token {
+                Some(t) => rb.bearer_auth(t),
+                None => rb,
+            };
+            rb.send().await.unwrap().status().as_u16()
+        }
+    };
+
+    // A token protects the API but not /metrics by default.
+    let w = TestWorker::start(1, Some("t0ken"), false).await;
+    assert_eq!(status(w.base.clone(), None).await, 200);
+    let info = anonymous
+        .get(format!("{}/info", w.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 401);
+    // A fresh worker counts from zero whatever the other tests in this process do.
+    let m = w.scrape().await;
+    assert_eq!(m[&requests("rbee", "completed")], 0.0);
+    assert_eq!(m["rbee_worker_generation_tokens_total"], 0.0);
+
+    let w = TestWorker::start(1, Some("t0ken"), true).await;
+    assert_eq!(status(w.base.clone(), None).await, 401);
+    assert_eq!(status(w.base.clone(), Some("wrong")).await, 401);
+    assert_eq!(status(w.base.clone(), Some("t0ken")).await, 200);
+    assert_eq!(w.get("/health").send().await.unwrap().status(), 200);
+
+    // Without a token there is nothing to check: /metrics stays public.
+    let w = TestWorker::start(1, None, true).await;
+    assert_eq!(status(w.base.clone(), None).await, 200);
+}
