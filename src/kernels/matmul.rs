@@ -66,48 +66,74 @@ pub(crate) fn matmul(
     scratch: &mut ActivationScratch,
     min_parallel_bytes: usize,
 ) -> Result<(), KernelError> {
-    w.validate()?;
+    matmul_many(
+        path,
+        pool,
+        &mut [(w, out)],
+        x,
+        m,
+        scratch,
+        min_parallel_bytes,
+    )
+}
+
+/// Several matrices over the same activations (q/k/v, gate/up): the activations are quantized
+/// once and all matrices' panels go to the pool in one dispatch, so small matrices do not each
+/// pay a thread hand-off. Matrices that need different activation types are grouped.
+pub(crate) fn matmul_many(
+    path: KernelPath,
+    pool: &ThreadPool,
+    jobs: &mut [(&QMatrix, &mut [f32])],
+    x: &[f32],
+    m: usize,
+    scratch: &mut ActivationScratch,
+    min_parallel_bytes: usize,
+) -> Result<(), KernelError> {
     if !path.is_available() {
         return Err(KernelError::PathUnavailable(path));
     }
-    let x_len = m.checked_mul(w.cols).ok_or(KernelError::SizeOverflow)?;
-    if x.len() != x_len {
-        return Err(KernelError::ShapeMismatch {
-            what: "activation length (m × cols)",
-            expected: x_len,
-            actual: x.len(),
-        });
+    let Some((first, _)) = jobs.first() else {
+        return Ok(());
+    };
+    let (cols, kind) = (first.cols, ActKind::for_weights(first.ty));
+    for (w, out) in jobs.iter_mut() {
+        w.validate()?;
+        let x_len = m.checked_mul(w.cols).ok_or(KernelError::SizeOverflow)?;
+        if x.len() != x_len {
+            return Err(KernelError::ShapeMismatch {
+                what: "activation length (m × cols)",
+                expected: x_len,
+                actual: x.len(),
+            });
+        }
+        let out_len = m.checked_mul(w.rows).ok_or(KernelError::SizeOverflow)?;
+        if out.len() != out_len {
+            return Err(KernelError::ShapeMismatch {
+                what: "output length (m × rows)",
+                expected: out_len,
+                actual: out.len(),
+            });
+        }
     }
-    let out_len = m.checked_mul(w.rows).ok_or(KernelError::SizeOverflow)?;
-    if out.len() != out_len {
-        return Err(KernelError::ShapeMismatch {
-            what: "output length (m × rows)",
-            expected: out_len,
-            actual: out.len(),
-        });
-    }
-    if out_len == 0 {
+    if jobs.iter().any(|(w, _)| ActKind::for_weights(w.ty) != kind) {
+        for (w, out) in jobs.iter_mut() {
+            matmul(path, pool, w, x, m, out, scratch, min_parallel_bytes)?;
+        }
         return Ok(());
     }
-    if w.cols == 0 {
-        out.fill(0.0);
+    if m == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        for (_, out) in jobs.iter_mut() {
+            out.fill(0.0);
+        }
         return Ok(());
     }
 
-    let acts = quantize(
-        ActKind::for_weights(w.ty),
-        path,
-        pool,
-        x,
-        m,
-        w.cols,
-        scratch,
-    );
-    let outp = OutPtr::new(out, m, w.rows);
-
-    let rb = w.row_bytes();
-    let weight_bytes = rb * w.rows;
-    let threads = if weight_bytes.saturating_mul(m) < min_parallel_bytes {
+    let acts = quantize(kind, path, pool, x, m, cols, scratch);
+    let total_bytes: usize = jobs.iter().map(|(w, _)| w.row_bytes() * w.rows).sum();
+    let threads = if total_bytes.saturating_mul(m) < min_parallel_bytes {
         1
     } else {
         pool.n_threads()
@@ -117,18 +143,40 @@ pub(crate) fn matmul(
     } else {
         PANEL_BYTES_GEMM
     };
-    // Equal panels, a multiple of the thread count, each a multiple of 4 rows (tile width).
-    let per_thread = weight_bytes.div_ceil(target).div_ceil(threads).max(1);
-    let panels_wanted = per_thread * threads;
-    let panel_rows = w.rows.div_ceil(panels_wanted).next_multiple_of(4);
-    let n_panels = w.rows.div_ceil(panel_rows);
-    let panel = |p: usize| p * panel_rows..((p + 1) * panel_rows).min(w.rows);
-
+    // Every matrix is cut into equal panels of about `target` bytes, each a multiple of 4 rows
+    // (the tile width); the panels of all matrices form one list the threads take in turn.
+    struct Work<'w> {
+        w: &'w QMatrix<'w>,
+        out: OutPtr,
+        panel_rows: usize,
+        first_panel: usize,
+    }
+    let mut work = Vec::with_capacity(jobs.len());
+    let mut n_panels = 0;
+    for (w, out) in jobs.iter_mut() {
+        let weight_bytes = w.row_bytes() * w.rows;
+        let per_thread = weight_bytes.div_ceil(target).div_ceil(threads).max(1);
+        let panel_rows = w.rows.div_ceil(per_thread * threads).next_multiple_of(4);
+        let panels = w.rows.div_ceil(panel_rows);
+        work.push(Work {
+            w,
+            out: OutPtr::new(out, m, w.rows),
+            panel_rows,
+            first_panel: n_panels,
+        });
+        n_panels += panels;
+    }
+    let run_panel = |p: usize| {
+        let k = work.partition_point(|wk| wk.first_panel <= p) - 1;
+        let wk = &work[k];
+        let start = (p - wk.first_panel) * wk.panel_rows;
+        let rows = start..(start + wk.panel_rows).min(wk.w.rows);
+        // SAFETY: each panel index is run once, so the output columns written are disjoint;
+        // the outputs outlive this call.
+        unsafe { compute(path, wk.w, &acts, 0..m, rows, wk.out) };
+    };
     if threads == 1 || n_panels == 1 {
-        for p in 0..n_panels {
-            // SAFETY: single thread; panels are disjoint and inside 0..rows.
-            unsafe { compute(path, w, &acts, 0..m, panel(p), outp) };
-        }
+        (0..n_panels).for_each(run_panel);
         return Ok(());
     }
     let next = AtomicUsize::new(0);
@@ -138,9 +186,7 @@ pub(crate) fn matmul(
             if p >= n_panels {
                 break;
             }
-            // SAFETY: each panel index is taken by exactly one thread, so the output columns
-            // written are disjoint; `out` outlives `pool.run`.
-            unsafe { compute(path, w, &acts, 0..m, panel(p), outp) };
+            run_panel(p);
         }
     });
     Ok(())
@@ -254,6 +300,48 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_matrices_in_one_dispatch_equal_separate_matmuls() {
+        let mut rng = Rng::new(17);
+        let pool = ThreadPool::new(2);
+        let cols = 576;
+        for m in [1usize, 3, 40] {
+            let x = testutil::random_activations(&mut rng, m * cols);
+            // q/k/v-like shapes, plus a matrix needing other activations (grouped separately).
+            let shapes = [
+                (WeightType::Q4_1, 576),
+                (WeightType::Q4_1, 192),
+                (WeightType::Q4_1, 192),
+                (WeightType::Q8_0, 64),
+            ];
+            let datas: Vec<Vec<u8>> = shapes
+                .iter()
+                .map(|&(ty, rows)| testutil::random_weights(&mut rng, ty, rows, cols))
+                .collect();
+            let ws: Vec<QMatrix> = shapes
+                .iter()
+                .zip(&datas)
+                .map(|(&(ty, rows), d)| QMatrix::new(ty, rows, cols, d).unwrap())
+                .collect();
+            let separate: Vec<Vec<f32>> =
+                ws.iter().map(|w| run(detect(), &pool, w, &x, m)).collect();
+            for subset in [&ws[..3], &ws[..]] {
+                let mut outs: Vec<Vec<f32>> =
+                    subset.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+                let mut jobs: Vec<(&QMatrix, &mut [f32])> = subset
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(w, o)| (w, o.as_mut_slice()))
+                    .collect();
+                let mut scratch = ActivationScratch::default();
+                matmul_many(detect(), &pool, &mut jobs, &x, m, &mut scratch, 0).unwrap();
+                for (got, want) in outs.iter().zip(&separate) {
+                    assert_eq!(got, want, "m={m}");
                 }
             }
         }

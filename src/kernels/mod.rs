@@ -385,6 +385,27 @@ pub fn matmul_with_path(
     )
 }
 
+/// Several matrices with the same input `x` (`m × cols`, `cols` shared), e.g. the q, k and v
+/// projections: the activations are quantized once and all matrices run in one pool dispatch.
+/// Each output is `m × rows` of its matrix.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    jobs: &mut [(&QMatrix, &mut [f32])],
+    x: &[f32],
+    m: usize,
+    scratch: &mut ActivationScratch,
+) -> Result<(), KernelError> {
+    matmul::matmul_many(
+        detect(),
+        pool,
+        jobs,
+        x,
+        m,
+        scratch,
+        matmul::DEFAULT_MIN_PARALLEL_BYTES,
+    )
+}
+
 /// Dequantizes row `row` of `w` into `out` (length `cols`), e.g. for a token-embedding lookup
 /// from a quantized table.
 pub fn dequantize_row(w: &QMatrix, row: usize, out: &mut [f32]) -> Result<(), KernelError> {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::attention::{self, AttentionShape, SpanAttention};
 use super::rope::Rope;
+use super::vecmath::silu_mul;
 use super::weights::MappedMatrix;
 use crate::kernels::{self, ActivationScratch, KernelError, ThreadPool};
 
@@ -132,27 +133,27 @@ impl CpuModel {
             let h = &b.h[..n * hsz];
             match &layer.qkv {
                 CpuQkv::Separate { q, k, v } => {
-                    project(pool, q, h, n, resize(&mut b.q, n * q_width), &mut b.scratch)?;
-                    project(
+                    let (qm, km, vm) = (q.matrix.matrix(), k.matrix.matrix(), v.matrix.matrix());
+                    kernels::matmul_many(
                         pool,
-                        k,
+                        &mut [
+                            (&qm, resize(&mut b.q, n * q_width)),
+                            (&km, resize(&mut b.k, n * kv_width)),
+                            (&vm, resize(&mut b.v, n * kv_width)),
+                        ],
                         h,
                         n,
-                        resize(&mut b.k, n * kv_width),
                         &mut b.scratch,
                     )?;
-                    project(
-                        pool,
-                        v,
-                        h,
-                        n,
-                        resize(&mut b.v, n * kv_width),
-                        &mut b.scratch,
-                    )?;
+                    add_bias(&mut b.q[..n * q_width], &q.bias);
+                    add_bias(&mut b.k[..n * kv_width], &k.bias);
+                    add_bias(&mut b.v[..n * kv_width], &v.bias);
                 }
                 CpuQkv::Fused(p) => {
                     let width = q_width + 2 * kv_width;
-                    project(pool, p, h, n, resize(&mut b.qkv, n * width), &mut b.scratch)?;
+                    let qkv = resize(&mut b.qkv, n * width);
+                    kernels::matmul(pool, &p.matrix.matrix(), h, n, qkv, &mut b.scratch)?;
+                    add_bias(qkv, &p.bias);
                     let (q, k, v) = (
                         resize(&mut b.q, n * q_width),
                         resize(&mut b.k, n * kv_width),
@@ -236,20 +237,15 @@ impl CpuModel {
             let ff = self.intermediate;
             match &layer.gate_up {
                 CpuGateUp::Separate { gate, up } => {
-                    kernels::matmul(
+                    let (gm, um) = (gate.matrix(), up.matrix());
+                    kernels::matmul_many(
                         pool,
-                        &gate.matrix(),
+                        &mut [
+                            (&gm, resize(&mut b.gate, n * ff)),
+                            (&um, resize(&mut b.up, n * ff)),
+                        ],
                         h,
                         n,
-                        resize(&mut b.gate, n * ff),
-                        &mut b.scratch,
-                    )?;
-                    kernels::matmul(
-                        pool,
-                        &up.matrix(),
-                        h,
-                        n,
-                        resize(&mut b.up, n * ff),
                         &mut b.scratch,
                     )?;
                     silu_mul(&mut b.gate[..n * ff], &b.up[..n * ff]);
@@ -291,21 +287,13 @@ impl CpuModel {
     }
 }
 
-fn project(
-    pool: &ThreadPool,
-    p: &Projection,
-    x: &[f32],
-    rows: usize,
-    out: &mut [f32],
-    scratch: &mut ActivationScratch,
-) -> Result<(), KernelError> {
-    kernels::matmul(pool, &p.matrix.matrix(), x, rows, out, scratch)?;
-    if let Some(bias) = &p.bias {
+/// Adds a bias to every row of `out` (rows of `bias.len()` values).
+fn add_bias(out: &mut [f32], bias: &Option<Vec<f32>>) {
+    if let Some(bias) = bias {
         for row in out.chunks_mut(bias.len()) {
             add_in_place(row, bias);
         }
     }
-    Ok(())
 }
 
 /// `out = x / rms(x) * w` per row of `w.len()` values.
@@ -337,100 +325,5 @@ fn rms_scale(x: &[f32], eps: f32) -> f32 {
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// `gate = silu(gate) * up`.
-fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA are available (checked above).
-        unsafe { x86::silu_mul(gate, up) };
-        return;
-    }
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// `e^x` for 8 lanes: the single-precision routine of Arm's optimized-routines library, as
-    /// ggml vectorizes it for its SiLU (error ≤ 1.5 ulp; flushes beyond ±88/−104). Using the
-    /// same approximation as llama.cpp keeps our activations bit-identical to its.
-    /// Reduction `x = n·ln2 + b` with `n` rounded by the 1.5·2²³ shift, a degree-5 polynomial
-    /// for `e^b − 1`, and the scale `2^n` assembled in the exponent bits (split in two when `n`
-    /// leaves the normal range).
-    #[target_feature(enable = "avx2,fma")]
-    fn expf(x: __m256) -> __m256 {
-        let shift = _mm256_set1_ps(f32::from_bits(0x4b40_0000)); // 1.5 * 2^23
-        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(f32::from_bits(0x3fb8_aa3b)), shift); // 1/ln2
-        let n = _mm256_sub_ps(z, shift);
-        let ln2_hi = _mm256_set1_ps(f32::from_bits(0x3f31_7200));
-        let ln2_lo = _mm256_set1_ps(f32::from_bits(0x35bf_be8e));
-        let b = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, x));
-        let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
-        let k = _mm256_castsi256_ps(_mm256_add_epi32(
-            e,
-            _mm256_castps_si256(_mm256_set1_ps(1.0)),
-        ));
-        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
-        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0));
-        let u = _mm256_mul_ps(b, b);
-        let c5 = _mm256_set1_ps(f32::from_bits(0x3c07_2010));
-        let c4 = _mm256_set1_ps(f32::from_bits(0x3d2b_9f17));
-        let c3 = _mm256_set1_ps(f32::from_bits(0x3e2a_af33));
-        let c2 = _mm256_set1_ps(f32::from_bits(0x3eff_fedb));
-        let c1 = _mm256_set1_ps(f32::from_bits(0x3f7f_fff6));
-        let j = _mm256_fmadd_ps(
-            _mm256_fmadd_ps(_mm256_fmadd_ps(c5, b, c4), u, _mm256_fmadd_ps(c3, b, c2)),
-            u,
-            _mm256_mul_ps(c1, b),
-        );
-        if _mm256_movemask_ps(big) == 0 {
-            return _mm256_fmadd_ps(j, k, k);
-        }
-        let g = _mm256_and_si256(
-            _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps())),
-            _mm256_set1_epi32(0x8200_0000u32 as i32),
-        );
-        let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
-        let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
-        let huge = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
-        _mm256_or_ps(
-            _mm256_and_ps(huge, _mm256_mul_ps(s1, s1)),
-            _mm256_andnot_ps(
-                huge,
-                _mm256_or_ps(
-                    _mm256_and_ps(big, _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
-                    _mm256_andnot_ps(big, _mm256_fmadd_ps(k, j, k)),
-                ),
-            ),
-        )
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
-        let n = gate.len().min(up.len());
-        let one = _mm256_set1_ps(1.0);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n for both slices; unaligned loads and stores.
-            unsafe {
-                let x = _mm256_loadu_ps(gate.as_ptr().add(i));
-                let e = expf(_mm256_sub_ps(_mm256_setzero_ps(), x));
-                let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
-                let y = _mm256_mul_ps(silu, _mm256_loadu_ps(up.as_ptr().add(i)));
-                _mm256_storeu_ps(gate.as_mut_ptr().add(i), y);
-            }
-            i += 8;
-        }
-        for j in i..n {
-            gate[j] = gate[j] / (1.0 + (-gate[j]).exp()) * up[j];
-        }
     }
 }

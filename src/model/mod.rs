@@ -21,6 +21,7 @@ pub mod gguf_writer;
 pub mod load;
 pub mod rope;
 pub mod tokenizer;
+mod vecmath;
 pub mod weights;
 
 use std::path::PathBuf;
