@@ -590,3 +590,41 @@ fn wrong_shapes_and_missing_tensors_name_the_tensor() {
         "{err}"
     );
 }
+
+#[test]
+fn load_model_reads_weights_tokenizer_template_and_stop_tokens_from_both_formats() {
+    use llm_worker_rbee::model::chat_template::ChatMessage;
+    use llm_worker_rbee::model::{LoadOptions, ModelFormat, load_model};
+    let t = tiny(Arch::Qwen3);
+    let gguf = t.gguf(Some(GgmlDType::Q8_0));
+    for (path, format) in [
+        (t.hf_dir.clone(), ModelFormat::Safetensors),
+        (gguf, ModelFormat::Gguf),
+    ] {
+        let model = load_model(&path, &LoadOptions::default()).expect("load");
+        assert_eq!(model.format, format);
+        assert_eq!(model.decoder.uses_cpu_path(), format == ModelFormat::Gguf);
+        assert!(
+            model.eog_tokens.contains(&2),
+            "{format:?}: {:?}",
+            model.eog_tokens
+        );
+        let ids = model.tokenizer.encode("hi!", false).expect("encode");
+        assert_eq!(ids, vec![u32::from(b'h'), u32::from(b'i'), u32::from(b'!')]);
+        let template = model.chat_template.as_ref().expect("template");
+        let prompt = template
+            .render(&[ChatMessage::new("user", "hi")], true)
+            .expect("render");
+        assert_eq!(prompt, "<user>hi<assistant>");
+        let mut cache = model.decoder.new_cache();
+        let logits = model
+            .decoder
+            .forward(&mut [ForwardItem {
+                cache: &mut cache,
+                tokens: &ids,
+            }])
+            .expect("forward");
+        assert_eq!(logits[0].len(), t.spec.vocab);
+        assert!(logits[0].iter().all(|l| l.is_finite()));
+    }
+}

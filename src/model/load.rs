@@ -104,16 +104,48 @@ pub fn load_model(path: &Path, options: &LoadOptions) -> Result<LoadedModel, Mod
         path: path.to_path_buf(),
         what: "model file or directory".into(),
     })?;
-    let mut model = if meta.is_dir() {
-        load_hf_dir(path, options)?
+    let parts = if meta.is_dir() {
+        load_hf_dir(path)?
     } else {
-        load_gguf(path, options)?
+        load_gguf(path)?
     };
-    model.load_time = start.elapsed();
-    Ok(model)
+    let decoder = Decoder::load(
+        parts.cfg.clone(),
+        &parts.store,
+        &options.device,
+        options
+            .context_length
+            .unwrap_or(parts.cfg.max_position_embeddings),
+        options.cpu_pool(),
+    )?;
+    Ok(LoadedModel {
+        decoder,
+        tokenizer: Arc::new(parts.tokenizer),
+        chat_template: parts.chat_template,
+        eog_tokens: parts.eog_tokens,
+        name: parts
+            .name
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+        format: parts.format,
+        path: path.to_path_buf(),
+        load_time: start.elapsed(),
+    })
 }
 
-fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+/// What a format's loader finds before the decoder is built.
+struct ModelParts<'a> {
+    cfg: ModelConfig,
+    store: WeightStore,
+    tokenizer: TextTokenizer,
+    chat_template: Option<ChatTemplate>,
+    eog_tokens: Vec<u32>,
+    format: ModelFormat,
+    /// The served name's source: the file stem or the directory name.
+    name: Option<&'a std::ffi::OsStr>,
+}
+
+fn load_gguf(path: &Path) -> Result<ModelParts<'_>, ModelError> {
     let file = GgufFile::open(path)?;
     let cfg = ModelConfig::from_gguf(&file)?;
     let vocab = file.vocab()?;
@@ -153,29 +185,14 @@ fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelErr
             explicit.push(id as u32);
         }
     }
-    let eog_tokens = end_of_generation_tokens(&vocab.tokens, &explicit);
-    let store = WeightStore::Gguf(Arc::new(file));
-    let decoder = Decoder::load(
-        cfg.clone(),
-        &store,
-        &options.device,
-        options
-            .context_length
-            .unwrap_or(cfg.max_position_embeddings),
-        options.cpu_pool(),
-    )?;
-    Ok(LoadedModel {
-        decoder,
-        tokenizer: Arc::new(tokenizer),
+    Ok(ModelParts {
+        eog_tokens: end_of_generation_tokens(&vocab.tokens, &explicit),
+        cfg,
+        store: WeightStore::Gguf(Arc::new(file)),
+        tokenizer,
         chat_template,
-        eog_tokens,
-        name: path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
         format: ModelFormat::Gguf,
-        path: path.to_path_buf(),
-        load_time: Duration::ZERO,
+        name: path.file_stem(),
     })
 }
 
@@ -255,7 +272,7 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-fn load_hf_dir(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+fn load_hf_dir(dir: &Path) -> Result<ModelParts<'_>, ModelError> {
     let config_path = dir.join("config.json");
     let config_text =
         std::fs::read_to_string(&config_path).map_err(|_| ModelError::MissingFile {
@@ -335,31 +352,15 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions) -> Result<LoadedModel, ModelEr
     let pieces: Vec<String> = (0..tokenizer.vocab_size() as u32)
         .map(|id| tokenizer.id_to_piece(id).unwrap_or_default().to_string())
         .collect();
-    let eog_tokens = end_of_generation_tokens(&pieces, &explicit);
-
     let files = safetensors_files(dir)?;
-    let store = WeightStore::open_safetensors(dir, &files)?;
-    let decoder = Decoder::load(
-        cfg.clone(),
-        &store,
-        &options.device,
-        options
-            .context_length
-            .unwrap_or(cfg.max_position_embeddings),
-        options.cpu_pool(),
-    )?;
-    Ok(LoadedModel {
-        decoder,
-        tokenizer: Arc::new(tokenizer),
+    Ok(ModelParts {
+        eog_tokens: end_of_generation_tokens(&pieces, &explicit),
+        store: WeightStore::open_safetensors(dir, &files)?,
+        cfg,
+        tokenizer,
         chat_template,
-        eog_tokens,
-        name: dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
         format: ModelFormat::Safetensors,
-        path: dir.to_path_buf(),
-        load_time: Duration::ZERO,
+        name: dir.file_name(),
     })
 }
 
