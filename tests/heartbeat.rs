@@ -9,30 +9,27 @@
 //!   lifecycle on the wire, and JSON logs with the startup line and one line per job.
 
 mod common;
-mod fake_backend;
-mod sse_client;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use common::WAIT;
+use common::client::{Client, infer};
+use common::fake_backend::{ASCII_SCRIPT, MODEL, script_tokens};
+use common::process::WorkerProcess;
+use common::sse::assert_well_formed_ending;
 use common::tiny_models::{Arch, TempDir, TinySpec, gguf_writer, random_weights};
-use fake_backend::{CONTEXT, MODEL, ScriptedBackend, infer, serve_on};
-use llm_worker_rbee::engine::SchedulerConfig;
+use common::worker::{Setup, TestWorker};
 use llm_worker_rbee::heartbeat::HeartbeatConfig;
-use llm_worker_rbee::worker::{Worker, WorkerConfig};
-use llm_worker_rbee::worker_info::WorkerIdentity;
 use serde_json::Value;
-use sse_client::{SseReader, assert_well_formed_ending};
 use tokio::sync::oneshot;
 
-const WAIT: Duration = Duration::from_secs(20);
+const CONTEXT: usize = 512;
 
 // ---------------------------------------------------------------------------------------------
 // The stand-in hive
@@ -174,64 +171,19 @@ impl Hive {
 // ---------------------------------------------------------------------------------------------
 // An in-process worker on a fake backend
 
-struct TestWorker {
-    base: String,
-    port: u16,
-    worker: Worker,
-    http: reqwest::Client,
-}
-
-impl TestWorker {
-    async fn start(heartbeat: HeartbeatConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut identity = WorkerIdentity::new("llm-worker-rbee-cpu", "cpu:0");
-        identity.port = port;
-        let worker = Worker::new(WorkerConfig {
-            scheduler: SchedulerConfig {
-                max_sequences: 1,
-                batch_tokens: 512,
-            },
-            identity,
-            heartbeat: Some(heartbeat),
-            ..WorkerConfig::default()
-        });
-        let base = serve_on(listener, worker.router()).await;
-        Self {
-            base,
-            port,
-            worker,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn attach(&self, step_delay: Duration) {
-        self.worker
-            .attach(ScriptedBackend::new(step_delay))
-            .unwrap();
-    }
-
-    /// Runs a job to its end and returns its events.
-    async fn run(&self, prompt: &str, max_tokens: usize) -> Vec<sse_client::SseEvent> {
-        let r = self
-            .http
-            .post(format!("{}/v1/jobs", self.base))
-            .json(&infer(prompt, max_tokens))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        let v: Value = r.json().await.unwrap();
-        let r = self
-            .http
-            .get(format!("{}{}", self.base, v["sse_url"].as_str().unwrap()))
-            .send()
-            .await
-            .unwrap();
-        let events = SseReader::new(r).collect(WAIT).await;
-        assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
-        events
-    }
+/// A one-slot worker reporting to a hive, loading until [`TestWorker::attach`]; its fake model
+/// takes `step_delay` a step.
+async fn start(heartbeat: HeartbeatConfig, step_delay: Duration) -> TestWorker {
+    TestWorker::start(Setup {
+        parallel: 1,
+        heartbeat: Some(heartbeat),
+        step_delay,
+        script: script_tokens(ASCII_SCRIPT),
+        context: CONTEXT,
+        attach: false,
+        ..Setup::default()
+    })
+    .await
 }
 
 /// Heartbeats quick enough for a test: status polled every 10 ms, changes 50 ms apart.
@@ -251,10 +203,14 @@ async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
     let config = fast_heartbeat(&hive);
     // Only transitions and changes in this test, no periodic heartbeat.
     let t = Instant::now();
-    let w = TestWorker::start(HeartbeatConfig {
-        interval: Duration::from_secs(600),
-        ..config
-    })
+    // 20 ms a step, 40 tokens: the one slot is busy for most of a second.
+    let w = start(
+        HeartbeatConfig {
+            interval: Duration::from_secs(600),
+            ..config
+        },
+        Duration::from_millis(20),
+    )
     .await;
     let first = hive
         .wait_for("the first heartbeat", |b| !b.is_empty())
@@ -275,8 +231,7 @@ async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
     assert!(info["started_at"].as_str().unwrap().ends_with('Z'));
     assert!(first.body["timestamp"].as_str().unwrap().ends_with('Z'));
 
-    // 20 ms a step, 40 tokens: the one slot is busy for most of a second.
-    w.attach(Duration::from_millis(20));
+    w.attach();
     let ready = hive.wait_for_status("ready").await;
     let info = &ready.body["worker"];
     assert_eq!(info["model_id"], MODEL);
@@ -285,25 +240,8 @@ async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
     assert_eq!(info["ctx_size"], CONTEXT);
 
     let job = tokio::spawn({
-        let base = w.base.clone();
-        async move {
-            let http = reqwest::Client::new();
-            let v: Value = http
-                .post(format!("{base}/v1/jobs"))
-                .json(&infer("Hi", 40))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let r = http
-                .get(format!("{base}{}", v["sse_url"].as_str().unwrap()))
-                .send()
-                .await
-                .unwrap();
-            SseReader::new(r).collect(WAIT).await
-        }
+        let client = Client::clone(&w);
+        async move { client.run(infer("Hi", 40)).await }
     });
     let busy = hive.wait_for_status("busy").await;
     assert_eq!(busy.body["worker"]["slots_busy"], 1);
@@ -374,19 +312,22 @@ async fn with_the_hive_down_the_worker_serves_and_heartbeats_resume_when_it_retu
             .finish(),
     );
     let mut hive = Hive::start().await;
-    let w = TestWorker::start(HeartbeatConfig {
-        interval: Duration::from_millis(200),
-        ..fast_heartbeat(&hive)
-    })
+    let w = start(
+        HeartbeatConfig {
+            interval: Duration::from_millis(200),
+            ..fast_heartbeat(&hive)
+        },
+        Duration::ZERO,
+    )
     .await;
-    w.attach(Duration::ZERO);
+    w.attach();
     hive.wait_for_status("ready").await;
 
     hive.go_down().await;
     let down_at = Instant::now();
     for _ in 0..3 {
         let t = Instant::now();
-        let events = w.run("Hi", 5).await;
+        let events = w.run(infer("Hi", 5)).await;
         assert_eq!(events.iter().filter(|e| e.name() == "token").count(), 5);
         assert!(
             t.elapsed() < Duration::from_secs(2),
@@ -394,13 +335,7 @@ async fn with_the_hive_down_the_worker_serves_and_heartbeats_resume_when_it_retu
             t.elapsed()
         );
     }
-    let health = w
-        .http
-        .get(format!("{}/health", w.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(w.get_json("/health").await.0, 200);
     // Several retries fail meanwhile (backoff from 50 ms, capped at the 200 ms interval).
     tokio::time::sleep(Duration::from_millis(800).saturating_sub(down_at.elapsed())).await;
     assert_eq!(logs.count("hive unreachable"), 1, "one line per outage");
@@ -428,15 +363,6 @@ async fn with_the_hive_down_the_worker_serves_and_heartbeats_resume_when_it_retu
 // ---------------------------------------------------------------------------------------------
 // The real binary, stopped with SIGTERM
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     let dir = TempDir::new("heartbeat");
@@ -448,45 +374,23 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
         .expect("write the tiny GGUF");
 
     let hive = Hive::start().await;
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_llm-worker-rbee-cpu"))
+    let mut worker = WorkerProcess::start(|command| {
+        command
             .args(["--port", "0", "--parallel", "1", "--threads", "1"])
             .args(["--ctx-size", "256", "--log-format", "json"])
             .args(["--hive-url", &hive.url(), "--heartbeat-interval", "30s"])
             .arg("--model")
             .arg(&model)
             .env("LLM_WORKER_HIVE_TOKEN", "hive-secret")
-            .env("RUST_LOG", "info")
-            .env_remove("LLORCH_API_TOKEN")
-            .env_remove("LLORCH_LOG_FORMAT")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the worker binary"),
-    );
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let stderr = child.0.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[worker] {line}");
-            let _ = lines_tx.send(line);
-        }
+            .env_remove("LLORCH_LOG_FORMAT");
     });
     let mut log: Vec<Value> = Vec::new();
-    let ready_line = {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the worker never said it was ready");
-            let v: Value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-            log.push(v.clone());
-            if v["message"] == "worker ready" {
-                break v;
-            }
-        }
-    };
+    let ready_line = worker.wait_for_line(WAIT, "the worker never said it was ready", |line| {
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        log.push(v.clone());
+        (v["message"] == "worker ready").then_some(v)
+    });
     let base = ready_line["url"].as_str().unwrap().to_string();
     assert_eq!(ready_line["level"], "INFO");
     assert_eq!(ready_line["model"], "tiny");
@@ -501,45 +405,14 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     assert_eq!(ready.body["worker"]["ctx_size"], 256);
 
     // One job, so that its log line can be checked.
-    let http = reqwest::Client::new();
+    let client = Client::new(base, None);
     let prompt = "a very private prompt";
-    let v: Value = http
-        .post(format!("{base}/v1/jobs"))
-        .json(&infer(prompt, 8))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_id = v["job_id"].as_str().unwrap().to_string();
-    let r = http
-        .get(format!("{base}{}", v["sse_url"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
-    let events = SseReader::new(r).collect(WAIT).await;
+    let job_id = client.create(infer(prompt, 8)).await;
+    let events = client.stream(&job_id, None).await.collect(WAIT).await;
     let (end, _) = assert_well_formed_ending(&events);
 
-    let pid = child.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    worker.sigterm();
+    let status = worker.wait_for_exit();
     assert!(status.success(), "exit status {status:?}");
 
     // On the wire: starting, ready (busy and back, if the job was seen), then the shutdown.
@@ -563,7 +436,7 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     );
 
     // The logs: one line for the job, in its span, with sizes and no text.
-    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+    while let Ok(line) = worker.lines.recv_timeout(Duration::from_secs(5)) {
         log.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
     }
     let finished: Vec<&Value> = log

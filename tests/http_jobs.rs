@@ -4,301 +4,34 @@
 //! The fake backend forces a known token sequence (one byte-level token per byte of a script),
 //! optionally sleeping per step so that jobs are observably queued and running.
 
-mod sse_client;
+mod common;
 
-use std::collections::HashMap;
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llm_worker_rbee::engine::{
-    BackendError, BatchItem, InferenceBackend, ModelMeta, SchedulerConfig, SeqId,
-};
-use llm_worker_rbee::jobs::RegistryConfig;
-use llm_worker_rbee::model::tokenizer::TextTokenizer;
-use llm_worker_rbee::worker::{Worker, WorkerConfig};
+use common::client::{Client, infer};
+use common::fake_backend::{EOS, MODEL, SCRIPT, ScriptedBackend, script_tokens};
+use common::sse::{SseEvent, SseReader, assert_well_formed_ending};
+use common::worker::{Setup, TestWorker, serve};
+use common::{WAIT, wait_until};
 use serde_json::{Value, json};
-use sse_client::{SseEvent, SseReader, assert_well_formed_ending};
 
-const MODEL: &str = "tiny-test";
 const CONTEXT: usize = 512;
-const EOS: u32 = 257;
-const IM_START: u32 = 256;
-const SCRIPT: &str = "Hello, wörld! ";
-const WAIT: Duration = Duration::from_secs(20);
 
-// ---------------------------------------------------------------------------------------------
-// The fake model
-
-/// GPT-2's byte-to-character map: the piece of byte-level token `b`.
-fn byte_level_char(b: u8) -> char {
-    let printable = |b: u8| {
-        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    if printable(b) {
-        return char::from(b);
+/// A worker with two slots, eight queue places and a 10 s detach grace.
+fn setup() -> Setup {
+    Setup {
+        queue: 8,
+        grace: Duration::from_secs(10),
+        context: CONTEXT,
+        ..Setup::default()
     }
-    let offset = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + offset).unwrap_or('?')
-}
-
-/// Byte-level BPE without merges: token `b` is byte `b`; 256 and 257 are special.
-fn tiny_tokenizer() -> Arc<TextTokenizer> {
-    let vocab: serde_json::Map<String, Value> = (0..=255u8)
-        .map(|b| (byte_level_char(b).to_string(), Value::from(b)))
-        .collect();
-    let special = |id: u32, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": false, "special": true})
-    };
-    let spec = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(IM_START, "<|im_start|>"), special(EOS, "<|endoftext|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
-    let hf = tokenizers::Tokenizer::from_str(&spec.to_string()).expect("tiny tokenizer.json");
-    Arc::new(TextTokenizer::from_tokenizers(hf).expect("tiny tokenizer"))
-}
-
-/// Forces, for every sequence, the tokens of `script` in order (cycling), one per step.
-struct ScriptedBackend {
-    meta: ModelMeta,
-    script: Vec<u32>,
-    step_delay: Duration,
-    steps_seen: HashMap<SeqId, usize>,
-}
-
-impl ScriptedBackend {
-    fn new(script: Vec<u32>, step_delay: Duration) -> Self {
-        Self {
-            meta: ModelMeta {
-                name: MODEL.into(),
-                architecture: "llama".into(),
-                format: "gguf".into(),
-                device: "cpu:0".into(),
-                context_length: CONTEXT,
-                vocab_size: 258,
-                tokenizer: tiny_tokenizer(),
-                eog_tokens: vec![EOS].into(),
-                chat_template: None,
-            },
-            script,
-            step_delay,
-            steps_seen: HashMap::new(),
-        }
-    }
-}
-
-impl InferenceBackend for ScriptedBackend {
-    fn meta(&self) -> &ModelMeta {
-        &self.meta
-    }
-
-    fn forward(&mut self, batch: &[BatchItem<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
-        if !self.step_delay.is_zero() {
-            std::thread::sleep(self.step_delay);
-        }
-        Ok(batch
-            .iter()
-            .map(|item| {
-                let k = self.steps_seen.entry(item.seq).or_insert(0);
-                let token = self.script[*k % self.script.len()];
-                *k += 1;
-                let mut logits = vec![0.0; self.meta.vocab_size];
-                logits[token as usize] = 10.0;
-                logits
-            })
-            .collect())
-    }
-
-    fn release(&mut self, seq: SeqId) {
-        self.steps_seen.remove(&seq);
-    }
-}
-
-fn script_tokens(text: &str) -> Vec<u32> {
-    text.bytes().map(u32::from).collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A worker on an ephemeral port
-
-struct Setup {
-    parallel: usize,
-    queue: usize,
-    step_delay: Duration,
-    grace: Duration,
-    ttl: Duration,
-    capacity: usize,
-    token: Option<&'static str>,
-    script: Vec<u32>,
-    attach: bool,
-}
-
-impl Default for Setup {
-    fn default() -> Self {
-        Self {
-            parallel: 2,
-            queue: 8,
-            step_delay: Duration::ZERO,
-            grace: Duration::from_secs(10),
-            ttl: Duration::from_secs(300),
-            capacity: 256,
-            token: None,
-            script: script_tokens(SCRIPT),
-            attach: true,
-        }
-    }
-}
-
-struct TestWorker {
-    base: String,
-    worker: Worker,
-    http: reqwest::Client,
-    token: Option<&'static str>,
-    setup_script: Vec<u32>,
-    step_delay: Duration,
 }
 
 impl TestWorker {
-    async fn start(setup: Setup) -> Self {
-        let worker = Worker::new(WorkerConfig {
-            scheduler: SchedulerConfig {
-                max_sequences: setup.parallel,
-                batch_tokens: 512,
-            },
-            queue_capacity: setup.queue,
-            registry: RegistryConfig {
-                detach_grace: setup.grace,
-                job_ttl: setup.ttl,
-                capacity: setup.capacity,
-            },
-            expected_token: setup.token.map(str::to_string),
-            ..WorkerConfig::default()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let router = worker.router();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        let t = Self {
-            base,
-            worker,
-            http: reqwest::Client::new(),
-            token: setup.token,
-            setup_script: setup.script,
-            step_delay: setup.step_delay,
-        };
-        if setup.attach {
-            t.attach();
-        }
-        t
-    }
-
-    fn attach(&self) {
-        self.worker
-            .attach(ScriptedBackend::new(
-                self.setup_script.clone(),
-                self.step_delay,
-            ))
-            .unwrap();
-    }
-
-    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.authed(self.http.post(format!("{}{path}", self.base)))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Creates a job and returns its id.
-    async fn create(&self, body: Value) -> String {
-        let r = self.post("/v1/jobs", &body).await;
-        assert_eq!(
-            r.status(),
-            200,
-            "create failed: {}",
-            r.text().await.unwrap()
-        );
-        let v: Value = r.json().await.unwrap();
-        let id = v["job_id"].as_str().unwrap().to_string();
-        assert_eq!(v["sse_url"], format!("/v1/jobs/{id}/stream"));
-        id
-    }
-
-    async fn stream(&self, id: &str, last_event_id: Option<u64>) -> SseReader {
-        let mut rb = self.authed(self.http.get(format!("{}/v1/jobs/{id}/stream", self.base)));
-        if let Some(last) = last_event_id {
-            rb = rb.header("Last-Event-ID", last.to_string());
-        }
-        let r = rb.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["content-type"], "text/event-stream");
-        assert_eq!(r.headers()["x-accel-buffering"], "no");
-        SseReader::new(r)
-    }
-
-    async fn get_json(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .authed(self.http.get(format!("{}{path}", self.base)))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn delete(&self, id: &str) -> u16 {
-        self.authed(self.http.delete(format!("{}/v1/jobs/{id}", self.base)))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
     async fn job_state(&self, id: &str) -> String {
         let (_, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
         v["state"].as_str().unwrap_or("?").to_string()
     }
-
-    async fn slots_busy(&self) -> u64 {
-        self.get_json("/health").await.1["slots_busy"]
-            .as_u64()
-            .unwrap()
-    }
-}
-
-fn infer(prompt: &str, max_tokens: usize) -> Value {
-    json!({"operation": "infer", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-}
-
-async fn wait_until<F, Fut>(what: &str, mut cond: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < WAIT, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    start.elapsed()
 }
 
 fn text_of(events: &[SseEvent]) -> String {
@@ -326,7 +59,7 @@ async fn read_until_token(reader: &mut SseReader, index: u64) -> Vec<SseEvent> {
 
 #[tokio::test]
 async fn a_job_streams_started_tokens_end_and_done() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let id = w.create(infer("Hi", 10)).await;
     let events = w.stream(&id, None).await.collect(WAIT).await;
     let (end, sentinel) = assert_well_formed_ending(&events);
@@ -379,11 +112,7 @@ async fn a_job_streams_started_tokens_end_and_done() {
 async fn eos_stop_strings_logprobs_and_special_tokens_in_the_prompt() {
     let mut script = script_tokens("ab");
     script.push(EOS);
-    let w = TestWorker::start(Setup {
-        script,
-        ..Setup::default()
-    })
-    .await;
+    let w = TestWorker::start(Setup { script, ..setup() }).await;
 
     let id = w.create(infer("<|im_start|>x", 20)).await;
     let events = w.stream(&id, None).await.collect(WAIT).await;
@@ -424,7 +153,7 @@ async fn eos_stop_strings_logprobs_and_special_tokens_in_the_prompt() {
 
 #[tokio::test]
 async fn the_legacy_inference_body_and_client_job_ids() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     // What the queen sends today, unknown fields included.
     let body = json!({"job_id": "queen-job-1", "prompt": "Hi", "max_tokens": 3,
                       "temperature": 0.0, "seed": 1, "hive_id": "h1", "worker_id": "w1",
@@ -435,10 +164,7 @@ async fn the_legacy_inference_body_and_client_job_ids() {
     assert_eq!(v["job_id"], "queen-job-1");
     assert_eq!(v["sse_url"], "/v1/inference/queen-job-1/stream");
     let r = w
-        .authed(
-            w.http
-                .get(format!("{}/v1/inference/queen-job-1/stream", w.base)),
-        )
+        .request(reqwest::Method::GET, "/v1/inference/queen-job-1/stream")
         .send()
         .await
         .unwrap();
@@ -469,7 +195,7 @@ async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Value {
 
 #[tokio::test]
 async fn invalid_bodies_each_get_their_4xx() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let long_prompt = "x".repeat(CONTEXT - 5);
     let cases: Vec<(&str, Value, Vec<&str>)> = vec![
         (
@@ -607,7 +333,7 @@ async fn invalid_bodies_each_get_their_4xx() {
 
 #[tokio::test]
 async fn unknown_jobs_and_routes_are_404() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let (status, v) = w.get_json("/v1/jobs/nope").await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
@@ -642,7 +368,7 @@ async fn unknown_jobs_and_routes_are_404() {
 async fn auth_header_table() {
     let w = TestWorker::start(Setup {
         token: Some("s3cret-token"),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let cases: &[(Option<&str>, u16, Option<&str>)] = &[
@@ -713,7 +439,7 @@ fn slow(parallel: usize, queue: usize) -> Setup {
         parallel,
         queue,
         step_delay: Duration::from_millis(30),
-        ..Setup::default()
+        ..setup()
     }
 }
 
@@ -869,7 +595,7 @@ async fn reattach_with_last_event_id_loses_and_repeats_nothing() {
 async fn finished_jobs_are_collected_after_the_ttl() {
     let w = TestWorker::start(Setup {
         ttl: Duration::from_millis(200),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let id = w.create(infer("a", 2)).await;
@@ -888,7 +614,7 @@ async fn a_full_registry_evicts_the_oldest_finished_jobs() {
         parallel: 1,
         queue: 1,
         capacity: 1,
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let mut ids = Vec::new();
@@ -912,7 +638,7 @@ async fn health_is_loading_until_the_model_is_attached() {
     let w = TestWorker::start(Setup {
         attach: false,
         token: Some("t0ken"),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let (status, v) = w.get_json("/health").await;
@@ -998,32 +724,10 @@ async fn shutdown_lets_short_jobs_finish() {
 #[tokio::test]
 async fn the_seed_entry_point_serves_jobs() {
     let router = llm_worker_rbee::setup_worker_with_backend(
-        ScriptedBackend::new(script_tokens(SCRIPT), Duration::ZERO),
+        ScriptedBackend::new(CONTEXT, script_tokens(SCRIPT), Duration::ZERO),
         Some("tok".into()),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    let http = reqwest::Client::new();
-    let v: Value = http
-        .post(format!("{base}/v1/jobs"))
-        .bearer_auth("tok")
-        .json(&infer("Hi", 5))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let r = http
-        .get(format!("{base}{}", v["sse_url"].as_str().unwrap()))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap();
-    let events = SseReader::new(r).collect(WAIT).await;
-    assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
+    let client = Client::new(serve(router).await, Some("tok"));
+    let events = client.run(infer("Hi", 5)).await;
     assert_eq!(text_of(&events), "Hello");
 }

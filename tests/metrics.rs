@@ -3,21 +3,21 @@
 //! whether the route needs the token. Every worker has its own registry, so these tests run in
 //! parallel with each other and with every other test in the process.
 
-mod fake_backend;
-mod sse_client;
+mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fake_backend::{CONTEXT, MODEL, ScriptedBackend, infer, serve_on};
-use llm_worker_rbee::engine::SchedulerConfig;
+use common::WAIT;
+use common::client::infer;
+use common::fake_backend::{ASCII_SCRIPT, MODEL, script_tokens};
+use common::sse::assert_well_formed_ending;
+use common::worker::{Setup, TestWorker};
 use llm_worker_rbee::generation::GenerationParams;
 use llm_worker_rbee::jobs::{JobApi, NewJob};
-use llm_worker_rbee::worker::{Worker, WorkerConfig};
 use serde_json::Value;
-use sse_client::{SseReader, assert_well_formed_ending};
 
-const WAIT: Duration = Duration::from_secs(20);
+const CONTEXT: usize = 512;
 
 /// `name{labels}` → value, from the Prometheus text format.
 fn parse(text: &str) -> HashMap<String, f64> {
@@ -34,47 +34,27 @@ fn parse(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-struct TestWorker {
-    base: String,
-    worker: Worker,
-    http: reqwest::Client,
-    token: Option<&'static str>,
+/// A worker whose fake model takes 10 ms a step.
+async fn start(parallel: usize, token: Option<&'static str>, metrics_auth: bool) -> TestWorker {
+    TestWorker::start(Setup {
+        parallel,
+        token,
+        metrics_auth,
+        step_delay: Duration::from_millis(10),
+        script: script_tokens(ASCII_SCRIPT),
+        context: CONTEXT,
+        ..Setup::default()
+    })
+    .await
 }
 
 impl TestWorker {
-    async fn start(parallel: usize, token: Option<&'static str>, metrics_auth: bool) -> Self {
-        let worker = Worker::new(WorkerConfig {
-            scheduler: SchedulerConfig {
-                max_sequences: parallel,
-                batch_tokens: 512,
-            },
-            expected_token: token.map(str::to_string),
-            metrics_auth,
-            ..WorkerConfig::default()
-        });
-        worker
-            .attach(ScriptedBackend::new(Duration::from_millis(10)))
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = serve_on(listener, worker.router()).await;
-        Self {
-            base,
-            worker,
-            http: reqwest::Client::new(),
-            token,
-        }
-    }
-
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.get(format!("{}{path}", self.base));
-        match self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-    }
-
     async fn scrape(&self) -> HashMap<String, f64> {
-        let r = self.get("/metrics").send().await.unwrap();
+        let r = self
+            .request(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.headers()["content-type"],
@@ -83,55 +63,12 @@ impl TestWorker {
         parse(&r.text().await.unwrap())
     }
 
-    async fn create(&self, body: &Value) -> reqwest::Response {
-        let rb = self.http.post(format!("{}/v1/jobs", self.base)).json(body);
-        match self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-        .send()
-        .await
-        .unwrap()
-    }
-
-    async fn create_ok(&self, body: &Value) -> String {
-        let r = self.create(body).await;
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        r.json::<Value>().await.unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    async fn stream(&self, id: &str) -> SseReader {
-        let r = self
-            .get(&format!("/v1/jobs/{id}/stream"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        SseReader::new(r)
-    }
-
     /// Runs a job to its end; returns how many tokens it generated.
-    async fn run(&self, prompt: &str, max_tokens: usize) -> usize {
-        let id = self.create_ok(&infer(prompt, max_tokens)).await;
-        let events = self.stream(&id).await.collect(WAIT).await;
+    async fn run_to_max_tokens(&self, prompt: &str, max_tokens: usize) -> usize {
+        let events = self.run(infer(prompt, max_tokens)).await;
         let (end, _) = assert_well_formed_ending(&events);
         assert_eq!(end.json()["stop_reason"], "max_tokens");
         events.iter().filter(|e| e.name() == "token").count()
-    }
-
-    async fn delete(&self, id: &str) {
-        let rb = self.http.delete(format!("{}/v1/jobs/{id}", self.base));
-        let r = match self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-        .send()
-        .await
-        .unwrap();
-        assert_eq!(r.status(), 204);
     }
 
     /// Scrapes until `cond` holds.
@@ -158,7 +95,7 @@ fn requests(api: &str, outcome: &str) -> String {
 
 #[tokio::test]
 async fn known_requests_move_every_metric_by_exactly_their_amounts() {
-    let w = TestWorker::start(1, None, false).await;
+    let w = start(1, None, false).await;
     w.worker
         .metrics()
         .set_model_load_time(Duration::from_millis(1250));
@@ -168,21 +105,21 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
     // prompt's tokens are its bytes.
     let mut generated = 0;
     for (prompt, max_tokens) in [("Hi", 5), ("abc", 7), ("wxyz", 4)] {
-        let n = w.run(prompt, max_tokens).await;
+        let n = w.run_to_max_tokens(prompt, max_tokens).await;
         assert_eq!(n, max_tokens);
         generated += n;
     }
 
     // A long job holds the one slot while a second one waits.
-    let long = w.create_ok(&infer("long", 400)).await;
-    let mut long_stream = w.stream(&long).await;
+    let long = w.create(infer("long", 400)).await;
+    let mut long_stream = w.stream(&long, None).await;
     loop {
         let e = long_stream.next_within(WAIT).await.expect("stream ended");
         if e.name() == "token" {
             break;
         }
     }
-    let queued = w.create_ok(&infer("q", 5)).await;
+    let queued = w.create(infer("q", 5)).await;
     let mid = w
         .scrape_until("one runs and one waits", |m| {
             m["rbee_worker_num_requests_running"] == 1.0
@@ -197,21 +134,18 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
     // A duplicate job id is refused at submission.
     let mut dup = infer("x", 1);
     dup["job_id"] = Value::from(long.clone());
-    assert_eq!(w.create(&dup).await.status(), 409);
+    assert_eq!(w.post("/v1/jobs", &dup).await.status(), 409);
 
     // Cancel the waiting job (it never starts), then the running one.
-    w.delete(&queued).await;
-    w.delete(&long).await;
+    assert_eq!(w.delete(&queued).await, 204);
+    assert_eq!(w.delete(&long).await, 204);
     let mut long_events = vec![];
     while let Some(e) = long_stream.next_within(WAIT).await {
         long_events.push(e);
     }
     let (terminal, _) = assert_well_formed_ending(&long_events);
     assert_eq!(terminal.json()["reason"], "client");
-    let (_, long_status) = {
-        let r = w.get(&format!("/v1/jobs/{long}")).send().await.unwrap();
-        (r.status(), r.json::<Value>().await.unwrap())
-    };
+    let (_, long_status) = w.get_json(&format!("/v1/jobs/{long}")).await;
     let long_tokens = long_status["tokens_out"].as_u64().unwrap() as usize;
     assert!(long_tokens >= 1);
     generated += long_tokens;
@@ -323,7 +257,7 @@ async fn metrics_are_public_unless_metrics_auth_is_on() {
     };
 
     // A token protects the API but not /metrics by default.
-    let w = TestWorker::start(1, Some("t0ken"), false).await;
+    let w = start(1, Some("t0ken"), false).await;
     assert_eq!(status(w.base.clone(), None).await, 200);
     let info = anonymous
         .get(format!("{}/info", w.base))
@@ -336,13 +270,13 @@ async fn metrics_are_public_unless_metrics_auth_is_on() {
     assert_eq!(m[&requests("rbee", "completed")], 0.0);
     assert_eq!(m["rbee_worker_generation_tokens_total"], 0.0);
 
-    let w = TestWorker::start(1, Some("t0ken"), true).await;
+    let w = start(1, Some("t0ken"), true).await;
     assert_eq!(status(w.base.clone(), None).await, 401);
     assert_eq!(status(w.base.clone(), Some("wrong")).await, 401);
     assert_eq!(status(w.base.clone(), Some("t0ken")).await, 200);
-    assert_eq!(w.get("/health").send().await.unwrap().status(), 200);
+    assert_eq!(w.get_json("/health").await.0, 200);
 
     // Without a token there is nothing to check: /metrics stays public.
-    let w = TestWorker::start(1, None, true).await;
+    let w = start(1, None, true).await;
     assert_eq!(status(w.base.clone(), None).await, 200);
 }

@@ -4,126 +4,35 @@
 //! tokenizer routes, `--chat-template`, and that a client that goes away cancels its job.
 
 mod common;
-mod sse_client;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::scripted::{EOS, IM_END, IM_START, ScriptedBackend, script_tokens, tiny_tokenizer};
-use llm_worker_rbee::engine::{CancelReason, JobSink, SchedulerConfig};
-use llm_worker_rbee::jobs::{JobState, RegistryConfig};
+use common::fake_backend::{EOS, IM_END, IM_START, MODEL, script_tokens, tiny_tokenizer};
+use common::sse::{SseEvent, SseReader};
+use common::worker::{Setup, TestWorker};
+use common::{WAIT, wait_until};
+use llm_worker_rbee::engine::{CancelReason, JobSink};
+use llm_worker_rbee::jobs::JobState;
 use llm_worker_rbee::model::chat_template::ChatTemplate;
-use llm_worker_rbee::worker::{Worker, WorkerConfig};
 use serde_json::{Value, json};
-use sse_client::{SseEvent, SseReader};
 
-const MODEL: &str = "tiny-test";
 const CONTEXT: usize = 128;
-const SCRIPT: &str = "Hello, wörld! ";
-const WAIT: Duration = Duration::from_secs(20);
 const TOKEN: &str = "s3cret";
 
-// ---------------------------------------------------------------------------------------------
-// A worker on an ephemeral port
-
-struct Setup {
-    parallel: usize,
-    queue: usize,
-    step_delay: Duration,
-    script: Vec<u32>,
-    token: Option<&'static str>,
-    chat_template: Option<ChatTemplate>,
-    attach: bool,
-    /// The registry's detach grace; SSE keep-alives come at half of it (at least 250 ms).
-    grace: Duration,
-}
-
-impl Default for Setup {
-    fn default() -> Self {
-        Self {
-            parallel: 2,
-            queue: 8,
-            step_delay: Duration::ZERO,
-            script: script_tokens(SCRIPT),
-            token: Some(TOKEN),
-            chat_template: None,
-            attach: true,
-            // Far longer than any test: a cancellation seen here is the request's own.
-            grace: Duration::from_secs(600),
-        }
+/// A worker with two slots, eight queue places and the token.
+fn setup() -> Setup {
+    Setup {
+        queue: 8,
+        token: Some(TOKEN),
+        context: CONTEXT,
+        // Far longer than any test: a cancellation seen here is the request's own. SSE
+        // keep-alives come at half the grace (at least 250 ms).
+        grace: Duration::from_secs(600),
+        ..Setup::default()
     }
-}
-
-struct TestWorker {
-    base: String,
-    worker: Worker,
-    http: reqwest::Client,
-    token: Option<&'static str>,
-    prompts: Arc<Mutex<Vec<Vec<u32>>>>,
-    script: Vec<u32>,
-    step_delay: Duration,
 }
 
 impl TestWorker {
-    async fn start(setup: Setup) -> Self {
-        let worker = Worker::new(WorkerConfig {
-            scheduler: SchedulerConfig {
-                max_sequences: setup.parallel,
-                batch_tokens: 512,
-            },
-            queue_capacity: setup.queue,
-            registry: RegistryConfig {
-                detach_grace: setup.grace,
-                ..RegistryConfig::default()
-            },
-            expected_token: setup.token.map(str::to_string),
-            chat_template: setup.chat_template.map(Arc::new),
-            ..WorkerConfig::default()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let router = worker.router();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        let w = Self {
-            base,
-            worker,
-            http: reqwest::Client::new(),
-            token: setup.token,
-            prompts: Arc::default(),
-            script: setup.script,
-            step_delay: setup.step_delay,
-        };
-        if setup.attach {
-            w.attach();
-        }
-        w
-    }
-
-    fn attach(&self) {
-        let mut backend =
-            ScriptedBackend::new(MODEL, CONTEXT, self.script.clone(), self.step_delay);
-        backend.prompts = self.prompts.clone();
-        self.worker.attach(backend).unwrap();
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{path}", self.base));
-        match self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.request(reqwest::Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
     /// A 200 JSON answer.
     async fn ok(&self, path: &str, body: Value) -> Value {
         let r = self.post(path, &body).await;
@@ -133,36 +42,13 @@ impl TestWorker {
         v
     }
 
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
     /// Every event of a 200 SSE answer.
-    async fn stream(&self, path: &str, body: Value) -> Vec<SseEvent> {
+    async fn stream_answer(&self, path: &str, body: Value) -> Vec<SseEvent> {
         let r = self.post(path, &body).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "text/event-stream");
         assert_eq!(r.headers()["x-accel-buffering"], "no");
         SseReader::new(r).collect(WAIT).await
-    }
-
-    /// The prompts the backend has been given, once `n` have arrived.
-    async fn prompts(&self, n: usize) -> Vec<Vec<u32>> {
-        let start = Instant::now();
-        loop {
-            let p = self.prompts.lock().unwrap().clone();
-            if p.len() >= n {
-                return p;
-            }
-            assert!(start.elapsed() < WAIT, "backend saw {} prompts", p.len());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     fn job_state(&self, id: &str) -> Option<JobState> {
@@ -196,15 +82,6 @@ async fn expect_error(r: reqwest::Response, status: u16) -> Value {
     e
 }
 
-async fn wait_until(what: &str, cond: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    start.elapsed()
-}
-
 fn chunks(events: &[SseEvent]) -> Vec<Value> {
     assert_eq!(events.last().map(|e| e.data.as_str()), Some("[DONE]"));
     events[..events.len() - 1]
@@ -228,8 +105,8 @@ fn tokens_of(text: &str) -> Vec<u32> {
 
 #[tokio::test]
 async fn models_lists_exactly_the_served_model() {
-    let w = TestWorker::start(Setup::default()).await;
-    let (status, v) = w.get("/v1/models").await;
+    let w = TestWorker::start(setup()).await;
+    let (status, v) = w.get_json("/v1/models").await;
     assert_eq!(status, 200);
     assert_eq!(v["object"], "list");
     let data = v["data"].as_array().unwrap();
@@ -240,7 +117,7 @@ async fn models_lists_exactly_the_served_model() {
     assert!(data[0]["created"].as_u64().unwrap() > 1_600_000_000);
     assert_eq!(data[0]["max_model_len"], CONTEXT);
 
-    let (status, v) = w.get(&format!("/v1/models/{MODEL}")).await;
+    let (status, v) = w.get_json(&format!("/v1/models/{MODEL}")).await;
     assert_eq!(status, 200);
     assert_eq!(v["id"], MODEL);
 
@@ -264,7 +141,7 @@ async fn models_lists_exactly_the_served_model() {
         .unwrap();
     expect_error(r, 405).await;
     // The job API keeps its own error shape.
-    let (status, v) = w.get("/v1/jobs/nope").await;
+    let (status, v) = w.get_json("/v1/jobs/nope").await;
     assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], "JOB_NOT_FOUND");
 }
@@ -274,7 +151,7 @@ async fn models_lists_exactly_the_served_model() {
 
 #[tokio::test]
 async fn chat_renders_chatml_and_answers_in_openai_shape() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let v = w
         .ok(
             "/v1/chat/completions",
@@ -312,11 +189,7 @@ async fn chat_renders_chatml_and_answers_in_openai_shape() {
 async fn eos_and_stop_strings_finish_with_stop() {
     let mut script = script_tokens("Hi there");
     script.push(IM_END);
-    let w = TestWorker::start(Setup {
-        script,
-        ..Setup::default()
-    })
-    .await;
+    let w = TestWorker::start(Setup { script, ..setup() }).await;
     let v = w
         .ok(
             "/v1/chat/completions",
@@ -357,7 +230,7 @@ async fn eos_and_stop_strings_finish_with_stop() {
 
 #[tokio::test]
 async fn without_max_tokens_generation_runs_until_the_context_is_full() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let v = w
         .ok(
             "/v1/completions",
@@ -382,9 +255,9 @@ async fn without_max_tokens_generation_runs_until_the_context_is_full() {
 
 #[tokio::test]
 async fn chat_stream_framing_with_and_without_usage() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let body = json!({"messages": user("x"), "temperature": 0, "max_tokens": 10, "stream": true});
-    let chunks_plain = chunks(&w.stream("/v1/chat/completions", body).await);
+    let chunks_plain = chunks(&w.stream_answer("/v1/chat/completions", body).await);
     let first = &chunks_plain[0];
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(
@@ -415,7 +288,7 @@ async fn chat_stream_framing_with_and_without_usage() {
 
     let body = json!({"messages": user("x"), "temperature": 0, "max_tokens": 10, "stream": true,
                       "stream_options": {"include_usage": true}});
-    let with_usage = chunks(&w.stream("/v1/chat/completions", body).await);
+    let with_usage = chunks(&w.stream_answer("/v1/chat/completions", body).await);
     let (usage_chunk, rest) = with_usage.split_last().unwrap();
     for c in rest {
         assert!(c["usage"].is_null() && c.get("usage").is_some(), "{c}");
@@ -432,7 +305,7 @@ async fn chat_stream_framing_with_and_without_usage() {
 
 #[tokio::test]
 async fn chat_logprobs_name_tokens_bytes_and_alternatives() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let v = w
         .ok(
             "/v1/chat/completions",
@@ -469,7 +342,7 @@ async fn chat_logprobs_name_tokens_bytes_and_alternatives() {
 
     let body = json!({"messages": user("x"), "temperature": 0, "max_tokens": 3, "stream": true,
                       "logprobs": true, "top_logprobs": 1});
-    let cs = chunks(&w.stream("/v1/chat/completions", body).await);
+    let cs = chunks(&w.stream_answer("/v1/chat/completions", body).await);
     let streamed: Vec<&Value> = cs[1..cs.len() - 1]
         .iter()
         .map(|c| &c["choices"][0]["logprobs"]["content"][0])
@@ -481,7 +354,7 @@ async fn chat_logprobs_name_tokens_bytes_and_alternatives() {
 
 #[tokio::test]
 async fn same_seed_same_text() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     // At temperature 2 the scripted token has about a third of the mass: seeds matter.
     let run = |seed: u64| {
         let body = json!({"prompt": "x", "max_tokens": 24, "temperature": 2, "seed": seed});
@@ -498,7 +371,7 @@ async fn same_seed_same_text() {
 
 #[tokio::test]
 async fn completions_in_openai_shape_with_logprobs() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let v = w
         .ok(
             "/v1/completions",
@@ -532,7 +405,7 @@ async fn completions_in_openai_shape_with_logprobs() {
 
     let body = json!({"prompt": "x", "temperature": 0, "max_tokens": 4, "stream": true,
                       "stream_options": {"include_usage": true}});
-    let cs = chunks(&w.stream("/v1/completions", body).await);
+    let cs = chunks(&w.stream_answer("/v1/completions", body).await);
     assert_eq!(cs.len(), 4 + 2);
     let text: String = cs[..4]
         .iter()
@@ -553,7 +426,7 @@ async fn completions_in_openai_shape_with_logprobs() {
 
 #[tokio::test]
 async fn validation_and_unsupported_features_are_400s_naming_the_field() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let cases = [
         (
             "/v1/chat/completions",
@@ -669,7 +542,7 @@ async fn validation_and_unsupported_features_are_400s_naming_the_field() {
 
 #[tokio::test]
 async fn the_token_is_required_and_401s_are_openai_shaped() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     for (method, path) in [
         (reqwest::Method::POST, "/v1/chat/completions"),
         (reqwest::Method::POST, "/v1/completions"),
@@ -706,7 +579,7 @@ async fn loading_and_a_full_queue_are_503s_with_retry_after() {
         parallel: 1,
         queue: 1,
         step_delay: Duration::from_millis(5),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let r = w.post("/v1/completions", &json!({"prompt": "x"})).await;
@@ -726,9 +599,9 @@ async fn loading_and_a_full_queue_are_503s_with_retry_after() {
     // One running, one queued; the third is refused at once.
     let long = json!({"prompt": "x", "max_tokens": 100, "stream": true});
     let running = w.post("/v1/completions", &long).await;
-    wait_until("the first job runs", || w.running() == 1).await;
+    wait_until("the first job runs", || async { w.running() == 1 }).await;
     let queued = w.post("/v1/completions", &long).await;
-    wait_until("the second job waits", || w.queued() == 1).await;
+    wait_until("the second job waits", || async { w.queued() == 1 }).await;
     let r = w
         .post("/v1/chat/completions", &json!({"messages": user("x")}))
         .await;
@@ -752,12 +625,12 @@ async fn a_queued_stream_gets_keep_alive_comments() {
         parallel: 1,
         step_delay: Duration::from_millis(50),
         grace: Duration::from_millis(500),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let body = json!({"prompt": "x", "max_tokens": 100, "stream": true});
     let running = w.post("/v1/completions", &body).await;
-    wait_until("the first job runs", || w.running() == 1).await;
+    wait_until("the first job runs", || async { w.running() == 1 }).await;
     let mut queued = SseReader::new(w.post("/v1/completions", &body).await);
     // No chunk while it waits, only comments.
     let waited = tokio::time::timeout(Duration::from_millis(900), queued.next()).await;
@@ -778,7 +651,7 @@ async fn a_dropped_stream_cancels_its_job_at_once() {
     let w = TestWorker::start(Setup {
         parallel: 1,
         step_delay: Duration::from_millis(50),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let body = json!({"messages": user("x"), "max_tokens": 100, "stream": true});
@@ -793,20 +666,20 @@ async fn a_dropped_stream_cancels_its_job_at_once() {
         .as_str()
         .unwrap()
         .to_string();
-    wait_until("the first job runs", || {
+    wait_until("the first job runs", || async {
         w.job_state(&running_id) == Some(JobState::Running)
     })
     .await;
     assert_eq!(w.job_state(&queued_id), Some(JobState::Queued));
 
     drop(queued_reader);
-    let took = wait_until("the queued job is cancelled", || {
+    let took = wait_until("the queued job is cancelled", || async {
         w.job_state(&queued_id) == Some(JobState::Cancelled)
     })
     .await;
     assert!(took < Duration::from_secs(2), "{took:?}");
     drop(reader);
-    wait_until("the running job is cancelled", || {
+    wait_until("the running job is cancelled", || async {
         w.job_state(&running_id) == Some(JobState::Cancelled)
     })
     .await;
@@ -820,7 +693,7 @@ async fn a_client_that_gives_up_on_a_json_answer_cancels_its_job() {
     let w = TestWorker::start(Setup {
         parallel: 1,
         step_delay: Duration::from_millis(50),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     let impatient = reqwest::Client::builder()
@@ -847,7 +720,10 @@ async fn a_client_that_gives_up_on_a_json_answer_cancels_its_job() {
     );
     assert!(a.unwrap_err().is_timeout());
     assert!(b.unwrap_err().is_timeout());
-    let took = wait_until("both jobs are gone", || w.running() == 0 && w.queued() == 0).await;
+    let took = wait_until("both jobs are gone", || async {
+        w.running() == 0 && w.queued() == 0
+    })
+    .await;
     assert!(took < Duration::from_secs(2), "{took:?}");
     // The engine is free again at once.
     let v = w
@@ -864,7 +740,7 @@ async fn a_client_that_gives_up_on_a_json_answer_cancels_its_job() {
 
 #[tokio::test]
 async fn tokenize_and_detokenize_in_llama_server_shapes() {
-    let w = TestWorker::start(Setup::default()).await;
+    let w = TestWorker::start(setup()).await;
     let v = w
         .ok("/tokenize", json!({"content": "<|im_start|>hö"}))
         .await;
@@ -915,7 +791,7 @@ async fn chat_template_override_is_used_with_the_models_special_tokens() {
     .unwrap();
     let w = TestWorker::start(Setup {
         chat_template: Some(template),
-        ..Setup::default()
+        ..setup()
     })
     .await;
     w.ok(

@@ -15,15 +15,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use common::client::Client;
 use common::conformance_rule::{Outcome, compare, ids};
-use common::default_model::{conformance_file, default_model_path, read_json};
-use llm_worker_rbee::backend::CandleInferenceBackend;
-use llm_worker_rbee::engine::{
-    BackendError, BatchItem, InferenceBackend, ModelMeta, SchedulerConfig, SeqId,
-};
+use common::default_model::{conformance_file, load_default_model, read_json};
+use common::worker::{serve, worker_config};
+use llm_worker_rbee::engine::{BackendError, BatchItem, InferenceBackend, ModelMeta, SeqId};
 use llm_worker_rbee::generation::FinishReason;
-use llm_worker_rbee::model::LoadOptions;
-use llm_worker_rbee::worker::{Worker, WorkerConfig};
+use llm_worker_rbee::worker::Worker;
 use serde_json::{Value, json};
 
 /// The template's default system prompt around the user's text (README, `kind: chat`).
@@ -119,44 +117,17 @@ async fn chat_cases_through_the_openai_api_match_llama_cpp() {
         .collect();
     assert!(!cases.is_empty(), "generate.json has no chat cases");
 
-    let path = default_model_path();
-    let backend = tokio::task::spawn_blocking(move || {
-        CandleInferenceBackend::load(
-            &path,
-            &LoadOptions {
-                context_length: Some(2048),
-                ..LoadOptions::default()
-            },
-        )
-    })
-    .await
-    .expect("loader task")
-    .expect("load the default model");
+    let backend = load_default_model().await;
     let fed: Fed = Arc::default();
-    let worker = Worker::new(WorkerConfig {
-        scheduler: SchedulerConfig {
-            max_sequences: cases.len(),
-            batch_tokens: 512,
-        },
-        ..WorkerConfig::default()
-    });
+    let worker = Worker::new(worker_config(cases.len()));
     worker
         .attach(Recording {
             inner: backend,
             fed: fed.clone(),
         })
         .expect("start the engine");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let router = worker.router();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    let http = reqwest::Client::new();
-    let (_, models): (u16, Value) = {
-        let r = http.get(format!("{base}/v1/models")).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    };
+    let client = Client::new(serve(worker.router()).await, None);
+    let (_, models) = client.get_json("/v1/models").await;
     let model = models["data"][0]["id"].as_str().unwrap().to_string();
 
     // All cases at once, as clients would send them: the engine batches them.
@@ -175,7 +146,9 @@ async fn chat_cases_through_the_openai_api_match_llama_cpp() {
             "logprobs": true,
             "return_tokens_as_token_ids": true,
         });
-        let request = http.post(format!("{base}/v1/chat/completions")).json(&body);
+        let request = client
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&body);
         async move {
             let r = request.send().await.expect("request");
             let status = r.status();

@@ -4,7 +4,8 @@
 //! - [`error`]: [`ApiError`] and its one mapping to status codes and bodies.
 //! - [`auth`]: bearer tokens (constant-time, fingerprints in logs).
 //! - [`body`]: the JSON body extractor (413, 415, malformed JSON).
-//! - [`validation`]: the job request's fields and rules.
+//! - [`validation`]: the job request's fields and rules; [`sampling`]: the sampling-parameter
+//!   rules it shares with the OpenAI requests.
 //! - [`jobs`]: the rbee job routes; [`sse`]: their event stream.
 //! - [`health`]: `/health` and `/info`.
 //! - [`metrics`]: `/metrics` (Prometheus text format).
@@ -36,6 +37,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
+pub mod sampling;
 pub mod sse;
 pub mod timestamp;
 pub mod tokenize;

@@ -31,13 +31,13 @@
 use serde_json::{Map, Value};
 
 use super::error::FieldError;
+use super::sampling::{FieldReader, TOP_P_ABOVE_ZERO, read_repeat_last_n, read_sampling_numbers};
 use crate::generation::rng::random_seed;
 use crate::generation::{GenerationParams, SamplingParams};
 
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 pub const MAX_STOP_STRINGS: usize = 4;
 pub const MAX_STOP_BYTES: usize = 100;
-pub const MAX_TOP_LOGPROBS: u64 = 20;
 const MAX_JOB_ID_CHARS: usize = 128;
 
 /// What a request is checked against.
@@ -104,79 +104,23 @@ pub fn parse_job_request(
         }
     };
 
-    let max_tokens = match f.int("max_tokens") {
-        Some(n) if n >= 1 => n as usize,
-        Some(_) => {
-            f.fail("max_tokens", "must be at least 1");
-            DEFAULT_MAX_TOKENS
-        }
-        None => DEFAULT_MAX_TOKENS,
-    };
+    let max_tokens = f.count("max_tokens").unwrap_or(DEFAULT_MAX_TOKENS);
 
+    // llama-server's defaults.
     let mut sampling = SamplingParams {
         temperature: 0.8,
         top_k: 40,
         top_p: 0.95,
         min_p: 0.05,
-        repetition_penalty: 1.0,
-        repeat_last_n: 64,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        logit_bias: Vec::new(),
-        seed: 0,
+        ..SamplingParams::greedy()
     };
-    if let Some(t) = f.ranged(
-        "temperature",
-        |t| (0.0..=2.0).contains(&t),
-        "must be between 0 and 2",
-    ) {
-        sampling.temperature = t;
-    }
-    if let Some(p) = f.ranged(
-        "top_p",
-        |p| p > 0.0 && p <= 1.0,
-        "must be greater than 0 and at most 1",
-    ) {
-        sampling.top_p = p;
-    }
-    if let Some(p) = f.ranged(
-        "min_p",
-        |p| (0.0..=1.0).contains(&p),
-        "must be between 0 and 1",
-    ) {
-        sampling.min_p = p;
-    }
-    if let Some(p) = f.ranged(
-        "repetition_penalty",
-        |p| p > 0.0 && p <= 2.0,
-        "must be greater than 0 and at most 2",
-    ) {
-        sampling.repetition_penalty = p;
-    }
-    for name in ["presence_penalty", "frequency_penalty"] {
-        if let Some(p) = f.ranged(
-            name,
-            |p| (-2.0..=2.0).contains(&p),
-            "must be between -2 and 2",
-        ) {
-            if name == "presence_penalty" {
-                sampling.presence_penalty = p;
-            } else {
-                sampling.frequency_penalty = p;
-            }
-        }
-    }
+    read_sampling_numbers(&mut f, &mut sampling, &TOP_P_ABOVE_ZERO);
     match f.int("top_k") {
         Some(k) if k >= 0 => sampling.top_k = k as usize,
         Some(_) => f.fail("top_k", "must be 0 (off) or more"),
         None => {}
     }
-    match f.int("repeat_last_n") {
-        Some(-1) => sampling.repeat_last_n = rules.context_length,
-        Some(n) if n >= 0 => sampling.repeat_last_n = n as usize,
-        Some(_) => f.fail("repeat_last_n", "must be -1 (whole context) or more"),
-        None => {}
-    }
+    read_repeat_last_n(&mut f, &mut sampling, rules.context_length);
     sampling.seed = match f.get("seed") {
         None => random_seed(),
         Some(v) => match (v.as_u64(), v.as_i64()) {
@@ -250,27 +194,15 @@ struct Fields<'a> {
     errors: &'a mut Vec<FieldError>,
 }
 
-impl<'a> Fields<'a> {
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        self.body.get(name).filter(|v| !v.is_null())
-    }
+impl<'a> FieldReader<'a> for Fields<'a> {
+    const NOT_A_BOOLEAN: &'static str = "must be true or false";
 
-    fn has(&self, name: &str) -> bool {
-        self.get(name).is_some()
+    fn body(&self) -> &'a Map<String, Value> {
+        self.body
     }
 
     fn fail(&mut self, name: &str, message: impl Into<String>) {
         self.errors.push(FieldError::new(name, message));
-    }
-
-    fn string(&mut self, name: &str) -> Option<&'a str> {
-        match self.get(name)? {
-            Value::String(s) => Some(s),
-            _ => {
-                self.fail(name, "must be a string");
-                None
-            }
-        }
     }
 
     fn int(&mut self, name: &str) -> Option<i64> {
@@ -285,33 +217,18 @@ impl<'a> Fields<'a> {
         self.fail(name, "must be an integer");
         None
     }
+}
 
-    fn number(&mut self, name: &str) -> Option<f64> {
-        match self.get(name)?.as_f64() {
-            Some(x) => Some(x),
-            None => {
-                self.fail(name, "must be a number");
-                None
-            }
-        }
+impl<'a> Fields<'a> {
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
     }
 
-    /// A number checked by `ok`, as `f32`.
-    fn ranged(&mut self, name: &str, ok: impl Fn(f64) -> bool, rule: &str) -> Option<f32> {
-        let x = self.number(name)?;
-        if ok(x) {
-            Some(x as f32)
-        } else {
-            self.fail(name, rule);
-            None
-        }
-    }
-
-    fn boolean(&mut self, name: &str) -> Option<bool> {
+    fn string(&mut self, name: &str) -> Option<&'a str> {
         match self.get(name)? {
-            Value::Bool(b) => Some(*b),
+            Value::String(s) => Some(s),
             _ => {
-                self.fail(name, "must be true or false");
+                self.fail(name, "must be a string");
                 None
             }
         }
@@ -354,26 +271,11 @@ impl<'a> Fields<'a> {
 
     /// `logprobs: true | n` and `top_logprobs: n` → `Some(alternatives)`.
     fn logprobs(&mut self) -> Option<usize> {
-        let alternatives = |this: &mut Self, name: &str, n: i64| -> Option<usize> {
-            if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
-                Some(n as usize)
-            } else {
-                this.fail(name, format!("must be between 0 and {MAX_TOP_LOGPROBS}"));
-                None
-            }
-        };
-        let top = match self.get("top_logprobs") {
-            None => None,
-            Some(_) => self
-                .int("top_logprobs")
-                .and_then(|n| alternatives(self, "top_logprobs", n)),
-        };
+        let top = self.alternatives("top_logprobs");
         let asked = match self.get("logprobs") {
             None => None,
             Some(Value::Bool(b)) => b.then_some(0),
-            Some(Value::Number(_)) => self
-                .int("logprobs")
-                .and_then(|n| alternatives(self, "logprobs", n)),
+            Some(Value::Number(_)) => self.alternatives("logprobs"),
             Some(_) => {
                 self.fail("logprobs", "must be true, false or an integer");
                 None

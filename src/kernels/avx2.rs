@@ -26,19 +26,35 @@ use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
-/// Raw views of one matmul's operands for the tile kernels.
-struct TileArgs {
+/// Raw views of one matmul's operands for the tile kernels (shared with `avx512`).
+pub(super) struct TileArgs {
     /// Weight data (`rows · rb` bytes) and bytes per row.
-    w: *const u8,
-    rb: usize,
+    pub(super) w: *const u8,
+    pub(super) rb: usize,
     /// Blocks per row (of the activation/weight block size).
-    nb: usize,
-    cols: usize,
-    qs: *const i8,
-    d: *const f32,
-    s: *const f32,
-    bsums: *const i16,
-    x: *const f32,
+    pub(super) nb: usize,
+    pub(super) cols: usize,
+    pub(super) qs: *const i8,
+    pub(super) d: *const f32,
+    pub(super) s: *const f32,
+    pub(super) bsums: *const i16,
+    pub(super) x: *const f32,
+}
+
+impl TileArgs {
+    pub(super) fn new(w: &QMatrix, acts: &Acts) -> TileArgs {
+        TileArgs {
+            w: w.data.as_ptr(),
+            rb: w.row_bytes(),
+            nb: acts.nb,
+            cols: w.cols,
+            qs: acts.qs.as_ptr(),
+            d: acts.d.as_ptr(),
+            s: acts.s.as_ptr(),
+            bsums: acts.bsums.as_ptr(),
+            x: acts.x.as_ptr(),
+        }
+    }
 }
 
 /// A tile kernel: rows `i0..i0+MR` × weight rows `j0..j0+NR`.
@@ -57,17 +73,7 @@ pub(crate) unsafe fn compute(
     out: OutPtr,
 ) {
     debug_assert!(a.start.is_multiple_of(GROUP) && a.end <= acts.m && r.end <= w.rows);
-    let t = TileArgs {
-        w: w.data.as_ptr(),
-        rb: w.row_bytes(),
-        nb: acts.nb,
-        cols: w.cols,
-        qs: acts.qs.as_ptr(),
-        d: acts.d.as_ptr(),
-        s: acts.s.as_ptr(),
-        bsums: acts.bsums.as_ptr(),
-        x: acts.x.as_ptr(),
-    };
+    let t = TileArgs::new(w, acts);
     let gemv = acts.m == 1;
     let (nr_max, pick): (usize, fn(usize, usize) -> TileFn) = match w.ty {
         WeightType::Q4_0 => (if gemv { 4 } else { 1 }, pick_q4::<false>),
@@ -176,9 +182,11 @@ impl Prefetch {
     }
 }
 
+/// The fixed horizontal sum of 8 lanes that every tile ends with; the order is part of the
+/// results' bit pattern, so the `avx512` tiles call this same function.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -143,8 +143,14 @@ pub(crate) fn matmul_many(
     } else {
         PANEL_BYTES_GEMM
     };
-    // Every matrix is cut into equal panels of about `target` bytes, each a multiple of 4 rows
-    // (the tile width); the panels of all matrices form one list the threads take in turn.
+    // Every matrix is cut into equal panels of about `target` bytes, each a multiple of the
+    // tile width (4 weight rows; 16 for the AVX-512 VNNI GEMM tiles); the panels of all
+    // matrices form one list the threads take in turn.
+    let align = if path == KernelPath::Avx512Vnni && m > 1 {
+        16
+    } else {
+        4
+    };
     struct Work<'w> {
         w: &'w QMatrix<'w>,
         out: OutPtr,
@@ -156,7 +162,10 @@ pub(crate) fn matmul_many(
     for (w, out) in jobs.iter_mut() {
         let weight_bytes = w.row_bytes() * w.rows;
         let per_thread = weight_bytes.div_ceil(target).div_ceil(threads).max(1);
-        let panel_rows = w.rows.div_ceil(per_thread * threads).next_multiple_of(4);
+        let panel_rows = w
+            .rows
+            .div_ceil(per_thread * threads)
+            .next_multiple_of(align);
         let panels = w.rows.div_ceil(panel_rows);
         work.push(Work {
             w,
@@ -208,6 +217,9 @@ unsafe fn compute(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C.
         KernelPath::Avx2 => unsafe { super::avx2::compute(w, acts, a, r, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C and AVX-512 F/BW/VL/VNNI.
+        KernelPath::Avx512Vnni => unsafe { super::avx512::compute(w, acts, a, r, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: forwarded contract.
         KernelPath::Neon => unsafe { super::neon::compute(w, acts, a, r, out) },
@@ -223,12 +235,17 @@ mod tests {
     use crate::kernels::testutil::{self, Rng};
     use crate::kernels::{WeightType, detect};
 
+    /// Every path this CPU can run (so AVX2 stays tested where AVX-512 VNNI is detected).
     fn paths() -> Vec<KernelPath> {
-        let mut p = vec![KernelPath::Scalar];
-        if detect() != KernelPath::Scalar {
-            p.push(detect());
-        }
-        p
+        [
+            KernelPath::Scalar,
+            KernelPath::Avx2,
+            KernelPath::Avx512Vnni,
+            KernelPath::Neon,
+        ]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect()
     }
 
     fn run(path: KernelPath, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
@@ -353,6 +370,7 @@ mod tests {
         let mut rng = Rng::new(5);
         let pool = ThreadPool::new(2);
         for ty in [
+            WeightType::Q4_0,
             WeightType::Q4_1,
             WeightType::Q8_0,
             WeightType::Q4K,
@@ -364,14 +382,16 @@ mod tests {
             let wf = testutil::dequantize_all(&w);
             let x = testutil::random_activations(&mut rng, m * cols);
             let reference = run(KernelPath::Scalar, &pool, &w, &x, m);
-            let got = run(detect(), &pool, &w, &x, m);
-            for i in 0..m {
-                for j in 0..rows {
-                    let tol = 1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;
-                    assert!(
-                        (got[i * rows + j] - reference[i * rows + j]).abs() <= tol,
-                        "{ty} ({i},{j})"
-                    );
+            for path in paths().into_iter().skip(1) {
+                let got = run(path, &pool, &w, &x, m);
+                for i in 0..m {
+                    for j in 0..rows {
+                        let tol = 1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;
+                        assert!(
+                            (got[i * rows + j] - reference[i * rows + j]).abs() <= tol,
+                            "{ty} {path} ({i},{j})"
+                        );
+                    }
                 }
             }
         }

@@ -29,9 +29,13 @@
 //!
 //! # Kernel paths
 //! [`KernelPath::Scalar`] is the reference (the spec); [`KernelPath::Avx2`] is picked at run
-//! time on x86-64 with AVX2+FMA+F16C; [`KernelPath::Neon`] on aarch64. For `m > 1` activation
-//! rows the SIMD paths compute register tiles of several activation rows per weight load, so
-//! the cost per row falls as `m` grows.
+//! time on x86-64 with AVX2+FMA+F16C, and [`KernelPath::Avx512Vnni`] instead where AVX-512
+//! F/BW/VL/VNNI are detected too (Zen 4, Ice Lake and later); [`KernelPath::Neon`] on aarch64.
+//! For `m > 1` activation rows the SIMD paths compute register tiles of several activation rows
+//! per weight load, so the cost per row falls as `m` grows. `Avx512Vnni` runs the AVX2 kernels
+//! for GEMV and for the types it has no tiles for, and its own tiles give results bit-identical
+//! to `Avx2` (same float operations in the same order; see `avx512.rs`), so which of the two a
+//! machine picks never changes an output.
 //!
 //! # Threads
 //! [`matmul()`] splits the weight rows into equal contiguous panels (tens of KiB each) that the
@@ -56,6 +60,8 @@ mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(any(target_arch = "aarch64", test))]
 mod neon;
@@ -234,6 +240,10 @@ pub enum KernelPath {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C, detected at run time.
     Avx2,
+    /// [`KernelPath::Avx2`] plus AVX-512 F/BW/VL/VNNI (e.g. Zen 4, Ice Lake and later): `vpdpbusd`
+    /// register tiles for the matmuls with `m > 1`, bit-identical to the AVX2 path; everything
+    /// else runs the AVX2 kernels.
+    Avx512Vnni,
     /// aarch64 NEON.
     Neon,
 }
@@ -244,6 +254,7 @@ impl KernelPath {
         match self {
             KernelPath::Scalar => true,
             KernelPath::Avx2 => avx2_available(),
+            KernelPath::Avx512Vnni => avx512_vnni_available(),
             KernelPath::Neon => cfg!(target_arch = "aarch64"),
         }
     }
@@ -254,6 +265,7 @@ impl fmt::Display for KernelPath {
         let name = match self {
             KernelPath::Scalar => "scalar",
             KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512Vnni => "avx512vnni",
             KernelPath::Neon => "neon",
         };
         f.write_str(name)
@@ -272,9 +284,53 @@ fn avx2_available() -> bool {
     false
 }
 
-/// The fastest path available on this CPU.
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni_available() -> bool {
+    avx2_available()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_vnni_available() -> bool {
+    false
+}
+
+/// The path the matmuls use: the fastest one available on this CPU, unless the environment
+/// variable `LLM_WORKER_CPU_KERNELS` names another available one (`scalar`, `avx2`,
+/// `avx512vnni`, `neon`), which lets benchmarks compare paths in one build. Decided once.
 pub fn detect() -> KernelPath {
-    if KernelPath::Avx2.is_available() {
+    static CHOSEN: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let fastest = fastest_available();
+        let Ok(wanted) = std::env::var("LLM_WORKER_CPU_KERNELS") else {
+            return fastest;
+        };
+        [
+            KernelPath::Scalar,
+            KernelPath::Avx2,
+            KernelPath::Avx512Vnni,
+            KernelPath::Neon,
+        ]
+        .into_iter()
+        .find(|p| p.to_string() == wanted.trim() && p.is_available())
+        .unwrap_or_else(|| {
+            tracing::warn!(
+                requested = %wanted,
+                using = %fastest,
+                "LLM_WORKER_CPU_KERNELS names no kernel path available on this CPU"
+            );
+            fastest
+        })
+    })
+}
+
+fn fastest_available() -> KernelPath {
+    if KernelPath::Avx512Vnni.is_available() {
+        KernelPath::Avx512Vnni
+    } else if KernelPath::Avx2.is_available() {
         KernelPath::Avx2
     } else if KernelPath::Neon.is_available() {
         KernelPath::Neon

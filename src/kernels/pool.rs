@@ -244,10 +244,10 @@ fn worker_loop(sh: &Shared, index: usize) {
             if let Some(job) = job {
                 // SAFETY: see `ThreadPool::run`: the closure outlives this call.
                 let job = unsafe { &*job };
-                if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| job(index, sh.n_threads))) {
-                    if let Ok(mut slot) = sh.panic.lock() {
-                        slot.get_or_insert(p);
-                    }
+                if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| job(index, sh.n_threads)))
+                    && let Ok(mut slot) = sh.panic.lock()
+                {
+                    slot.get_or_insert(p);
                 }
             }
             sh.done.fetch_add(1, Ordering::AcqRel);

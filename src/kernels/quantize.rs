@@ -210,7 +210,8 @@ fn quantize_row_q8(
     s: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx2 && KernelPath::Avx2.is_available() {
+    if matches!(path, KernelPath::Avx2 | KernelPath::Avx512Vnni) && KernelPath::Avx2.is_available()
+    {
         for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
             // SAFETY: AVX2/FMA/F16C availability checked just above.
             let (db, sb) = unsafe { super::avx2::quantize_block_q8(xb, qb) };
@@ -388,7 +389,15 @@ mod tests {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.activation()).collect();
             for kind in [ActKind::Q8_0, ActKind::Q8_1, ActKind::Q8K] {
                 let reference = quantized(kind, KernelPath::Scalar, &x, m, cols, 1);
-                for path in [KernelPath::Scalar, super::super::detect()] {
+                for path in [
+                    KernelPath::Scalar,
+                    KernelPath::Avx2,
+                    KernelPath::Avx512Vnni,
+                    KernelPath::Neon,
+                ]
+                .into_iter()
+                .filter(|p| p.is_available())
+                {
                     for threads in [1, 2, 3] {
                         assert!(
                             quantized(kind, path, &x, m, cols, threads) == reference,

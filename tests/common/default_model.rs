@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+use llm_worker_rbee::backend::CandleInferenceBackend;
+use llm_worker_rbee::model::LoadOptions;
+
 /// `LLM_WORKER_MODEL`, else the file `scripts/fetch-default-model.sh` caches. A missing model
 /// fails the test with the command that fetches it: these tests are never skipped.
 pub fn default_model_path() -> PathBuf {
@@ -29,6 +32,23 @@ pub fn default_model_path() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The default model with a 2048-token context, loaded on the blocking pool.
+pub async fn load_default_model() -> CandleInferenceBackend {
+    let path = default_model_path();
+    tokio::task::spawn_blocking(move || {
+        CandleInferenceBackend::load(
+            &path,
+            &LoadOptions {
+                context_length: Some(2048),
+                ..LoadOptions::default()
+            },
+        )
+    })
+    .await
+    .expect("loader task")
+    .expect("load the default model")
 }
 
 /// `LLM_WORKER_CONFORMANCE_DIR`, else `../shared/conformance` beside the checkout.

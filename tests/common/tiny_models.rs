@@ -325,6 +325,29 @@ pub fn byte_vocab() -> Vec<String> {
         .collect()
 }
 
+/// A byte-level BPE `tokenizer.json` without merges (token `b` is byte `b`, so any text
+/// encodes), with `added_tokens` after the bytes.
+pub fn byte_level_tokenizer_json(added_tokens: Vec<serde_json::Value>) -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_vocab()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (s, serde_json::Value::from(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
 /// Writes `config.json`, `model.safetensors`, a byte-level `tokenizer.json` and
 /// `tokenizer_config.json` into `dir`.
 pub fn write_hf_dir(dir: &Path, spec: &TinySpec, weights: &[NamedWeight]) {
@@ -344,24 +367,7 @@ pub fn write_hf_dir(dir: &Path, spec: &TinySpec, weights: &[NamedWeight]) {
         .collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
         .expect("save safetensors");
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_vocab()
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (s, serde_json::Value::from(i)))
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []}
-    });
+    let tokenizer = byte_level_tokenizer_json(Vec::new());
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("write tokenizer");
     let tokenizer_config = serde_json::json!({
         "eos_token": byte_level_char(2).to_string(),

@@ -3,23 +3,20 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::Json;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value};
 
 use super::OpenAiJson;
+use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
-use super::request::{Rules, parse_chat, resolve_max_tokens};
+use super::request::{Rules, parse_chat};
 use super::response::{
-    AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChunkChoice, Delta,
-    TokenNamer, Usage, chat_token_logprob, finish_reason,
+    AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Delta, TokenNamer, chat_token_logprob,
 };
-use super::run::{
-    JobWatch, ended_error, event_stream, json_event, off_the_runtime, ready, response_meta,
-    sse_response,
-};
-use crate::engine::{EngineEvent, ModelMeta};
+use super::run::{off_the_runtime, ready};
+use crate::engine::ModelMeta;
+use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::jobs::JobApi;
 use crate::model::chat_template::{ChatTemplate, ChatTemplateError};
@@ -70,12 +67,7 @@ pub async fn chat_completions(
 ) -> Result<Response, OpenAiError> {
     let served = ready(&app)?;
     let meta = &served.meta;
-    let rules = Rules {
-        model_id: &served.model_id,
-        vocab_size: meta.vocab_size,
-        context_length: meta.context_length,
-    };
-    let request = parse_chat(&body, &rules)?;
+    let request = parse_chat(&body, &Rules::of(served))?;
     drop(body);
 
     let (template, mut vars) = chat_template(&app, meta);
@@ -95,148 +87,81 @@ pub async fn chat_completions(
     })
     .await??;
 
-    let common = request.common;
-    let mut params = common.params;
-    params.max_tokens = resolve_max_tokens(
-        common.max_tokens,
-        prompt_tokens.len(),
-        meta.context_length,
-        "messages",
-    )?;
-    let wants_logprobs = params.logprobs.is_some();
-    let response = response_meta("chatcmpl", served);
-    let mut job = JobWatch::submit(
-        &app,
-        JobApi::OpenAiChat,
-        response.id.clone(),
-        prompt_tokens,
-        params,
-    )?;
-    let tokenizer = meta.tokenizer.clone();
-    let tokens_as_ids = common.tokens_as_ids;
+    answer(&app, served, Chat, request.common, prompt_tokens).await
+}
 
-    if common.stream {
-        let include_usage = common.include_usage;
-        let usage_null = include_usage.then_some(None);
-        let first = json_event(&ChatChunk::new(
-            &response,
-            vec![ChunkChoice {
-                index: 0,
-                delta: Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                },
-                logprobs: None,
-                finish_reason: None,
-            }],
-            usage_null,
-        ));
-        let translate = move |event: EngineEvent| match event {
-            EngineEvent::Token(step) => {
-                let namer = TokenNamer {
-                    tokenizer: &tokenizer,
-                    as_ids: tokens_as_ids,
-                };
-                let logprobs = step.logprobs.as_ref().map(|lp| ChatLogprobs {
-                    content: vec![chat_token_logprob(namer, step.token, lp)],
-                });
-                // Text withheld (an incomplete character, a possible stop string) comes with a
-                // later token; a chunk is only worth sending with text or log-probabilities.
-                if step.text.is_empty() && logprobs.is_none() {
-                    return Vec::new();
-                }
-                vec![json_event(&ChatChunk::new(
-                    &response,
-                    vec![ChunkChoice {
-                        index: 0,
-                        delta: Delta {
-                            role: None,
-                            content: Some(step.text),
-                        },
-                        logprobs,
-                        finish_reason: None,
-                    }],
-                    usage_null,
-                ))]
-            }
-            EngineEvent::Finished(summary) => {
-                let mut out = vec![json_event(&ChatChunk::new(
-                    &response,
-                    vec![ChunkChoice {
-                        index: 0,
-                        delta: Delta::default(),
-                        logprobs: None,
-                        finish_reason: Some(finish_reason(&summary.reason)),
-                    }],
-                    usage_null,
-                ))];
-                if include_usage {
-                    out.push(json_event(&ChatChunk::new(
-                        &response,
-                        Vec::new(),
-                        Some(Some(Usage::new(summary.tokens_in, summary.tokens_out))),
-                    )));
-                }
-                out
-            }
-            e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-                vec![json_event(&ended_error(&e).body())]
-            }
-            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => Vec::new(),
-        };
-        return Ok(sse_response(
-            &app,
-            event_stream(job, vec![first], translate),
-        ));
+/// The chat answer: `chat.completion`, or `chat.completion.chunk`s that open with the
+/// assistant's role.
+struct Chat;
+
+impl AnswerShape for Chat {
+    const API: JobApi = JobApi::OpenAiChat;
+    const ID_PREFIX: &'static str = "chatcmpl";
+    const PROMPT_PARAM: &'static str = "messages";
+    const OBJECT: &'static str = "chat.completion";
+    const CHUNK_OBJECT: &'static str = "chat.completion.chunk";
+
+    type Choice = ChatChoice;
+    type ChunkChoice = ChunkChoice;
+    type Logprobs = ChatLogprobs;
+
+    fn push_logprobs(
+        &mut self,
+        logprobs: &mut ChatLogprobs,
+        namer: TokenNamer<'_>,
+        token: u32,
+        lp: &TokenLogprobs,
+    ) {
+        logprobs.content.push(chat_token_logprob(namer, token, lp));
     }
 
-    let namer = TokenNamer {
-        tokenizer: &tokenizer,
-        as_ids: tokens_as_ids,
-    };
-    let mut content = String::new();
-    let mut logprobs = ChatLogprobs::default();
-    loop {
-        let events = job.next_events().await;
-        if events.is_empty() {
-            return Err(OpenAiError::internal("the job's events ended early"));
+    fn first_chunk() -> Option<ChunkChoice> {
+        Some(ChunkChoice {
+            index: 0,
+            delta: Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            logprobs: None,
+            finish_reason: None,
+        })
+    }
+
+    fn token_chunk(text: String, logprobs: Option<ChatLogprobs>) -> ChunkChoice {
+        ChunkChoice {
+            index: 0,
+            delta: Delta {
+                role: None,
+                content: Some(text),
+            },
+            logprobs,
+            finish_reason: None,
         }
-        for event in events {
-            match event {
-                EngineEvent::Token(step) => {
-                    content.push_str(&step.text);
-                    if let Some(lp) = &step.logprobs {
-                        logprobs
-                            .content
-                            .push(chat_token_logprob(namer, step.token, lp));
-                    }
-                }
-                EngineEvent::Finished(summary) => {
-                    return Ok(Json(ChatCompletion {
-                        id: &response.id,
-                        object: "chat.completion",
-                        created: response.created,
-                        model: &response.model,
-                        system_fingerprint: &response.system_fingerprint,
-                        choices: [ChatChoice {
-                            index: 0,
-                            message: AssistantMessage {
-                                role: "assistant",
-                                content,
-                                refusal: None,
-                            },
-                            logprobs: wants_logprobs.then_some(logprobs),
-                            finish_reason: finish_reason(&summary.reason),
-                        }],
-                        usage: Usage::new(summary.tokens_in, summary.tokens_out),
-                    })
-                    .into_response());
-                }
-                e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-                    return Err(ended_error(&e));
-                }
-                EngineEvent::Queued { .. } | EngineEvent::Started { .. } => {}
-            }
+    }
+
+    fn finish_chunk(finish_reason: &'static str) -> ChunkChoice {
+        ChunkChoice {
+            index: 0,
+            delta: Delta::default(),
+            logprobs: None,
+            finish_reason: Some(finish_reason),
+        }
+    }
+
+    fn choice(
+        content: String,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: &'static str,
+    ) -> ChatChoice {
+        ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content,
+                refusal: None,
+            },
+            logprobs,
+            finish_reason,
         }
     }
 }

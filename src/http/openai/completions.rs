@@ -1,21 +1,16 @@
 //! `POST /v1/completions`: a raw prompt (text or token ids) run as one job; the answer as a
 //! `text_completion` or a stream of them.
 
-use axum::Json;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::OpenAiJson;
+use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
-use super::request::{Prompt, Rules, parse_completion, resolve_max_tokens};
-use super::response::{
-    CompletionLogprobs, TextChoice, TextCompletion, TokenNamer, Usage, finish_reason,
-};
-use super::run::{
-    JobWatch, ended_error, event_stream, json_event, off_the_runtime, ready, response_meta,
-    sse_response,
-};
-use crate::engine::EngineEvent;
+use super::request::{Prompt, Rules, parse_completion};
+use super::response::{CompletionLogprobs, TextChoice, TokenNamer};
+use super::run::{off_the_runtime, ready};
+use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::jobs::JobApi;
 
@@ -25,12 +20,7 @@ pub async fn completions(
 ) -> Result<Response, OpenAiError> {
     let served = ready(&app)?;
     let meta = &served.meta;
-    let rules = Rules {
-        model_id: &served.model_id,
-        vocab_size: meta.vocab_size,
-        context_length: meta.context_length,
-    };
-    let request = parse_completion(&body, &rules)?;
+    let request = parse_completion(&body, &Rules::of(served))?;
     drop(body);
 
     let prompt_tokens = match request.prompt {
@@ -50,124 +40,60 @@ pub async fn completions(
         }
     };
 
-    let common = request.common;
-    let mut params = common.params;
-    params.max_tokens = resolve_max_tokens(
-        common.max_tokens,
-        prompt_tokens.len(),
-        meta.context_length,
-        "prompt",
-    )?;
-    let wants_logprobs = params.logprobs.is_some();
-    let response = response_meta("cmpl", served);
-    let mut job = JobWatch::submit(
-        &app,
-        JobApi::OpenAiCompletions,
-        response.id.clone(),
-        prompt_tokens,
-        params,
-    )?;
-    let tokenizer = meta.tokenizer.clone();
-    let tokens_as_ids = common.tokens_as_ids;
+    answer(&app, served, Text::default(), request.common, prompt_tokens).await
+}
 
-    if common.stream {
-        let include_usage = common.include_usage;
-        let usage_null = include_usage.then_some(None);
-        // Characters streamed so far, for `text_offset`.
-        let mut offset = 0;
-        let translate = move |event: EngineEvent| match event {
-            EngineEvent::Token(step) => {
-                let logprobs = step.logprobs.as_ref().map(|lp| {
-                    let mut l = CompletionLogprobs::default();
-                    let namer = TokenNamer {
-                        tokenizer: &tokenizer,
-                        as_ids: tokens_as_ids,
-                    };
-                    l.push(namer, step.token, lp, &mut offset);
-                    l
-                });
-                if step.text.is_empty() && logprobs.is_none() {
-                    return Vec::new();
-                }
-                vec![json_event(&TextCompletion::new(
-                    &response,
-                    vec![TextChoice {
-                        text: step.text,
-                        index: 0,
-                        logprobs,
-                        finish_reason: None,
-                    }],
-                    usage_null,
-                ))]
-            }
-            EngineEvent::Finished(summary) => {
-                let mut out = vec![json_event(&TextCompletion::new(
-                    &response,
-                    vec![TextChoice {
-                        text: String::new(),
-                        index: 0,
-                        logprobs: None,
-                        finish_reason: Some(finish_reason(&summary.reason)),
-                    }],
-                    usage_null,
-                ))];
-                if include_usage {
-                    out.push(json_event(&TextCompletion::new(
-                        &response,
-                        Vec::new(),
-                        Some(Some(Usage::new(summary.tokens_in, summary.tokens_out))),
-                    )));
-                }
-                out
-            }
-            e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-                vec![json_event(&ended_error(&e).body())]
-            }
-            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => Vec::new(),
-        };
-        return Ok(sse_response(&app, event_stream(job, Vec::new(), translate)));
+/// The `text_completion` answer, whole or in chunks of the same shape.
+#[derive(Default)]
+struct Text {
+    /// Characters answered so far, for `text_offset`.
+    offset: usize,
+}
+
+impl AnswerShape for Text {
+    const API: JobApi = JobApi::OpenAiCompletions;
+    const ID_PREFIX: &'static str = "cmpl";
+    const PROMPT_PARAM: &'static str = "prompt";
+    const OBJECT: &'static str = "text_completion";
+    const CHUNK_OBJECT: &'static str = "text_completion";
+
+    type Choice = TextChoice;
+    type ChunkChoice = TextChoice;
+    type Logprobs = CompletionLogprobs;
+
+    fn push_logprobs(
+        &mut self,
+        logprobs: &mut CompletionLogprobs,
+        namer: TokenNamer<'_>,
+        token: u32,
+        lp: &TokenLogprobs,
+    ) {
+        logprobs.push(namer, token, lp, &mut self.offset);
     }
 
-    let namer = TokenNamer {
-        tokenizer: &tokenizer,
-        as_ids: tokens_as_ids,
-    };
-    let mut text = String::new();
-    let mut logprobs = CompletionLogprobs::default();
-    let mut offset = 0;
-    loop {
-        let events = job.next_events().await;
-        if events.is_empty() {
-            return Err(OpenAiError::internal("the job's events ended early"));
+    fn token_chunk(text: String, logprobs: Option<CompletionLogprobs>) -> TextChoice {
+        TextChoice {
+            text,
+            index: 0,
+            logprobs,
+            finish_reason: None,
         }
-        for event in events {
-            match event {
-                EngineEvent::Token(step) => {
-                    text.push_str(&step.text);
-                    if let Some(lp) = &step.logprobs {
-                        logprobs.push(namer, step.token, lp, &mut offset);
-                    }
-                }
-                EngineEvent::Finished(summary) => {
-                    let choice = TextChoice {
-                        text,
-                        index: 0,
-                        logprobs: wants_logprobs.then_some(logprobs),
-                        finish_reason: Some(finish_reason(&summary.reason)),
-                    };
-                    let usage = Usage::new(summary.tokens_in, summary.tokens_out);
-                    return Ok(Json(TextCompletion::new(
-                        &response,
-                        vec![choice],
-                        Some(Some(usage)),
-                    ))
-                    .into_response());
-                }
-                e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-                    return Err(ended_error(&e));
-                }
-                EngineEvent::Queued { .. } | EngineEvent::Started { .. } => {}
-            }
+    }
+
+    fn finish_chunk(finish_reason: &'static str) -> TextChoice {
+        Self::choice(String::new(), None, finish_reason)
+    }
+
+    fn choice(
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: &'static str,
+    ) -> TextChoice {
+        TextChoice {
+            text,
+            index: 0,
+            logprobs,
+            finish_reason: Some(finish_reason),
         }
     }
 }

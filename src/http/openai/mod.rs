@@ -6,6 +6,8 @@
 //!   llama-server/vLLM extensions, unsupported features refused by name).
 //! - [`response`]: response, chunk and log-probability shapes.
 //! - [`run`]: submitting a job, following its events, cancelling it when the client leaves.
+//! - [`answer`]: what both generation handlers share from a tokenized prompt to the answer,
+//!   whole or streamed.
 //! - [`chat`], [`completions`], [`models`]: the handlers.
 //! - [`error`]: errors as `{"error":{"message","type","param","code"}}`.
 //!
@@ -19,6 +21,7 @@
 //! [`JobRegistry`]: crate::jobs::JobRegistry
 //! [`GenerationParams`]: crate::generation::GenerationParams
 
+pub mod answer;
 pub mod chat;
 pub mod completions;
 pub mod error;

@@ -44,9 +44,10 @@ use serde_json::{Map, Value};
 use super::error::{OpenAiError, Problem};
 use crate::generation::rng::random_seed;
 use crate::generation::{GenerationParams, SamplingParams};
+use crate::http::sampling::{FieldReader, TOP_P, read_repeat_last_n, read_sampling_numbers};
+use crate::jobs::ServedModel;
 use crate::model::chat_template::ChatMessage;
 
-pub const MAX_TOP_LOGPROBS: i64 = 20;
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 const MAX_LOGIT_BIAS: f64 = 100.0;
@@ -58,6 +59,17 @@ pub struct Rules<'a> {
     pub model_id: &'a str,
     pub vocab_size: usize,
     pub context_length: usize,
+}
+
+impl<'a> Rules<'a> {
+    /// The served model's name, vocabulary and context.
+    pub fn of(served: &'a ServedModel) -> Self {
+        Self {
+            model_id: &served.model_id,
+            vocab_size: served.meta.vocab_size,
+            context_length: served.meta.context_length,
+        }
+    }
 }
 
 /// What chat and completions requests share once validated.
@@ -104,9 +116,9 @@ pub fn parse_chat(
     refuse_chat_features(&mut f);
     let logprobs = match (f.boolean("logprobs"), f.get("top_logprobs")) {
         (Some(true), None) => Some(0),
-        (Some(true), Some(_)) => f.top_logprobs("top_logprobs"),
+        (Some(true), Some(_)) => f.alternatives("top_logprobs"),
         (_, Some(_)) => {
-            if f.top_logprobs("top_logprobs").is_some_and(|n| n > 0) {
+            if f.alternatives("top_logprobs").is_some_and(|n| n > 0) {
                 f.fail("top_logprobs", "requires `logprobs: true`");
             }
             None
@@ -154,7 +166,7 @@ pub fn parse_completion(
     }
     let logprobs = match f.get("logprobs") {
         None => None,
-        Some(_) => f.top_logprobs("logprobs"),
+        Some(_) => f.alternatives("logprobs"),
     };
     let common = f.common(rules, logprobs);
     f.finish()?;
@@ -258,6 +270,32 @@ struct Fields<'a> {
     problems: Vec<Problem>,
 }
 
+impl<'a> FieldReader<'a> for Fields<'a> {
+    const NOT_A_BOOLEAN: &'static str = "must be a boolean";
+
+    fn body(&self) -> &'a Map<String, Value> {
+        self.body
+    }
+
+    fn fail(&mut self, param: &str, message: impl Into<String>) {
+        self.problems.push(Problem::invalid(param, message));
+    }
+
+    /// An integer (a float with no fraction, such as `5.0`, counts).
+    fn int(&mut self, name: &str) -> Option<i64> {
+        let v = self.get(name)?;
+        let n = v.as_i64().or_else(|| {
+            v.as_f64()
+                .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
+                .map(|x| x as i64)
+        });
+        if n.is_none() {
+            self.fail(name, "must be an integer");
+        }
+        n
+    }
+}
+
 impl<'a> Fields<'a> {
     fn new(body: &'a Map<String, Value>) -> Self {
         Self {
@@ -274,81 +312,8 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        self.body.get(name).filter(|v| !v.is_null())
-    }
-
-    fn fail(&mut self, param: &str, message: impl Into<String>) {
-        self.problems.push(Problem::invalid(param, message));
-    }
-
     fn unsupported(&mut self, param: &str, message: impl Into<String>) {
         self.problems.push(Problem::unsupported(param, message));
-    }
-
-    fn boolean(&mut self, name: &str) -> Option<bool> {
-        match self.get(name)? {
-            Value::Bool(b) => Some(*b),
-            _ => {
-                self.fail(name, "must be a boolean");
-                None
-            }
-        }
-    }
-
-    /// An integer (a float with no fraction, such as `5.0`, counts).
-    fn int(&mut self, name: &str) -> Option<i64> {
-        let v = self.get(name)?;
-        let n = v.as_i64().or_else(|| {
-            v.as_f64()
-                .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
-                .map(|x| x as i64)
-        });
-        if n.is_none() {
-            self.fail(name, "must be an integer");
-        }
-        n
-    }
-
-    fn number(&mut self, name: &str) -> Option<f64> {
-        let v = self.get(name)?;
-        let n = v.as_f64();
-        if n.is_none() {
-            self.fail(name, "must be a number");
-        }
-        n
-    }
-
-    /// A number that must satisfy `ok`.
-    fn ranged(&mut self, name: &str, ok: impl Fn(f64) -> bool, rule: &str) -> Option<f32> {
-        let n = self.number(name)?;
-        if ok(n) {
-            Some(n as f32)
-        } else {
-            self.fail(name, rule);
-            None
-        }
-    }
-
-    /// A positive count (`max_tokens`, `max_completion_tokens`).
-    fn count(&mut self, name: &str) -> Option<usize> {
-        match self.int(name)? {
-            n if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-            _ => {
-                self.fail(name, "must be at least 1");
-                None
-            }
-        }
-    }
-
-    fn top_logprobs(&mut self, name: &str) -> Option<usize> {
-        match self.int(name)? {
-            n if (0..=MAX_TOP_LOGPROBS).contains(&n) => Some(n as usize),
-            _ => {
-                self.fail(name, format!("must be between 0 and {MAX_TOP_LOGPROBS}"));
-                None
-            }
-        }
     }
 
     /// The fields both endpoints share: sampling, limits, stop strings, streaming.
@@ -408,64 +373,18 @@ impl<'a> Fields<'a> {
     }
 
     fn sampling(&mut self, rules: &Rules<'_>) -> SamplingParams {
+        // OpenAI's defaults: nothing but temperature 1.
         let mut s = SamplingParams {
             temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            repeat_last_n: 64,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            logit_bias: Vec::new(),
-            seed: 0,
+            ..SamplingParams::greedy()
         };
-        if let Some(t) = self.ranged(
-            "temperature",
-            |t| (0.0..=2.0).contains(&t),
-            "must be between 0 and 2",
-        ) {
-            s.temperature = t;
-        }
-        if let Some(p) = self.ranged(
-            "top_p",
-            |p| (0.0..=1.0).contains(&p),
-            "must be between 0 and 1",
-        ) {
-            s.top_p = p;
-        }
-        if let Some(p) = self.ranged(
-            "min_p",
-            |p| (0.0..=1.0).contains(&p),
-            "must be between 0 and 1",
-        ) {
-            s.min_p = p;
-        }
-        if let Some(p) = self.ranged(
-            "repetition_penalty",
-            |p| p > 0.0 && p <= 2.0,
-            "must be greater than 0 and at most 2",
-        ) {
-            s.repetition_penalty = p;
-        }
-        let penalty = |p: f64| (-2.0..=2.0).contains(&p);
-        if let Some(p) = self.ranged("presence_penalty", penalty, "must be between -2 and 2") {
-            s.presence_penalty = p;
-        }
-        if let Some(p) = self.ranged("frequency_penalty", penalty, "must be between -2 and 2") {
-            s.frequency_penalty = p;
-        }
+        read_sampling_numbers(self, &mut s, &TOP_P);
         match self.int("top_k") {
             Some(-1 | 0) | None => {}
             Some(k) if k > 0 => s.top_k = usize::try_from(k).unwrap_or(usize::MAX),
             Some(_) => self.fail("top_k", "must be -1 or 0 (off), or a positive count"),
         }
-        match self.int("repeat_last_n") {
-            None => {}
-            Some(-1) => s.repeat_last_n = rules.context_length,
-            Some(n) if n >= 0 => s.repeat_last_n = n as usize,
-            Some(_) => self.fail("repeat_last_n", "must be -1 (whole context) or more"),
-        }
+        read_repeat_last_n(self, &mut s, rules.context_length);
         s.seed = match self.get("seed") {
             None => random_seed(),
             Some(v) => match (v.as_u64(), v.as_i64()) {

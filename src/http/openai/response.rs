@@ -45,19 +45,43 @@ pub struct ResponseMeta {
     pub system_fingerprint: String,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Chat
-
+/// A `chat.completion`, `chat.completion.chunk` or `text_completion` object: what every
+/// response and chunk of one request repeats, around its choices.
 #[derive(Debug, Serialize)]
-pub struct ChatCompletion<'a> {
+pub struct Completion<'a, C> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
     pub system_fingerprint: &'a str,
-    pub choices: [ChatChoice; 1],
-    pub usage: Usage,
+    pub choices: Vec<C>,
+    /// Always there in a whole response. Absent from chunks unless `include_usage`; then
+    /// `null` on every chunk but the usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
 }
+
+impl<'a, C> Completion<'a, C> {
+    pub fn new(
+        meta: &'a ResponseMeta,
+        object: &'static str,
+        choices: Vec<C>,
+        usage: Option<Option<Usage>>,
+    ) -> Self {
+        Self {
+            id: &meta.id,
+            object,
+            created: meta.created,
+            model: &meta.model,
+            system_fingerprint: &meta.system_fingerprint,
+            choices,
+            usage,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat
 
 #[derive(Debug, Serialize)]
 pub struct ChatChoice {
@@ -72,37 +96,6 @@ pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
     pub refusal: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub system_fingerprint: &'a str,
-    pub choices: Vec<ChunkChoice>,
-    /// Absent unless `include_usage`; then `null` on every chunk but the usage chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
-
-impl<'a> ChatChunk<'a> {
-    pub fn new(
-        meta: &'a ResponseMeta,
-        choices: Vec<ChunkChoice>,
-        usage: Option<Option<Usage>>,
-    ) -> Self {
-        Self {
-            id: &meta.id,
-            object: "chat.completion.chunk",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.system_fingerprint,
-            choices,
-            usage,
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -143,36 +136,6 @@ pub struct TopLogprob {
 
 // ---------------------------------------------------------------------------------------------
 // Completions
-
-#[derive(Debug, Serialize)]
-pub struct TextCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub system_fingerprint: &'a str,
-    pub choices: Vec<TextChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
-
-impl<'a> TextCompletion<'a> {
-    pub fn new(
-        meta: &'a ResponseMeta,
-        choices: Vec<TextChoice>,
-        usage: Option<Option<Usage>>,
-    ) -> Self {
-        Self {
-            id: &meta.id,
-            object: "text_completion",
-            created: meta.created,
-            model: &meta.model,
-            system_fingerprint: &meta.system_fingerprint,
-            choices,
-            usage,
-        }
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct TextChoice {

@@ -1,7 +1,8 @@
-//! A scripted fake model for the HTTP tests: a byte-level tokenizer without merges (token `b`
-//! is byte `b`, 256 is `<|im_start|>`, 257 `<|endoftext|>`, 258 `<|im_end|>`) and a backend
-//! that forces a known token sequence, one token per step, optionally sleeping per step so
-//! that jobs are observably queued and running. It records every prompt it is given.
+//! The scripted fake model every HTTP-level test runs against: a byte-level tokenizer without
+//! merges (token `b` is byte `b`, so a prompt of n ASCII bytes is n tokens; 256 is
+//! `<|im_start|>`, 257 `<|endoftext|>`, 258 `<|im_end|>`) and a backend that forces a known
+//! token sequence, one token per step, optionally sleeping per step so that jobs are observably
+//! queued and running. It records every prompt it is given.
 
 #![allow(dead_code)]
 
@@ -12,45 +13,33 @@ use std::time::Duration;
 
 use llm_worker_rbee::engine::{BackendError, BatchItem, InferenceBackend, ModelMeta, SeqId};
 use llm_worker_rbee::model::tokenizer::TextTokenizer;
-use serde_json::{Value, json};
+use serde_json::json;
+
+use super::tiny_models::byte_level_tokenizer_json;
+
+/// The fake model's name.
+pub const MODEL: &str = "tiny-test";
+/// What the fake model writes unless a test gives it another script. "ö" is two tokens.
+pub const SCRIPT: &str = "Hello, wörld! ";
+/// A script of one token per character.
+pub const ASCII_SCRIPT: &str = "Hello, world! ";
 
 pub const IM_START: u32 = 256;
 pub const EOS: u32 = 257;
 pub const IM_END: u32 = 258;
 pub const VOCAB: usize = 259;
 
-/// GPT-2's byte-to-character map: the piece of byte-level token `b`.
-fn byte_level_char(b: u8) -> char {
-    let printable = |b: u8| {
-        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    if printable(b) {
-        return char::from(b);
-    }
-    let offset = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + offset).unwrap_or('?')
-}
-
+/// The fake model's tokenizer.
 pub fn tiny_tokenizer() -> Arc<TextTokenizer> {
-    let vocab: serde_json::Map<String, Value> = (0..=255u8)
-        .map(|b| (byte_level_char(b).to_string(), Value::from(b)))
-        .collect();
     let special = |id: u32, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
-    let spec = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(IM_START, "<|im_start|>"), special(EOS, "<|endoftext|>"),
-                         special(IM_END, "<|im_end|>")],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
+    let spec = byte_level_tokenizer_json(vec![
+        special(IM_START, "<|im_start|>"),
+        special(EOS, "<|endoftext|>"),
+        special(IM_END, "<|im_end|>"),
+    ]);
     let hf = tokenizers::Tokenizer::from_str(&spec.to_string()).expect("tiny tokenizer.json");
     Arc::new(TextTokenizer::from_tokenizers(hf).expect("tiny tokenizer"))
 }
@@ -72,10 +61,11 @@ pub struct ScriptedBackend {
 }
 
 impl ScriptedBackend {
-    pub fn new(name: &str, context: usize, script: Vec<u32>, step_delay: Duration) -> Self {
+    /// The fake model with `context` positions, writing `script`.
+    pub fn new(context: usize, script: Vec<u32>, step_delay: Duration) -> Self {
         Self {
             meta: ModelMeta {
-                name: name.into(),
+                name: MODEL.into(),
                 architecture: "llama".into(),
                 format: "gguf".into(),
                 device: "cpu:0".into(),

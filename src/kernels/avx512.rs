@@ -1,0 +1,1180 @@
+//! x86-64 AVX-512 VNNI kernels for matmuls with `m > 1` activation rows, selected at run time
+//! ([`super::KernelPath::Avx512Vnni`]); results bit-identical to the AVX2 path.
+//!
+//! # Dispatch
+//! | weight type | `m = 1` (GEMV) | `2 ≤ m < 16` | `16 ≤ m < 24` | `m ≥ 24` |
+//! |---|---|---|---|---|
+//! | Q4_0, Q4_1, Q8_0 | AVX2 | 8×2 tiles | 8×2 tiles | wide |
+//! | Q4_K, Q5_K, Q6_K | AVX2 | AVX2 | wide | wide |
+//! | F32, F16 | AVX2 | AVX2 | AVX2 | AVX2 |
+//!
+//! (8×2 tiles: [`tile_q4`], [`tile_q8_0`]; wide: [`compute_wide`]. The thresholds are where
+//! the wide kernel's per-call weight repack starts to pay, measured on Zen 4.)
+//!
+//! # Why the results are bit-identical to `avx2`
+//! For each (activation row, weight row) pair the AVX2 tiles compute, per 32-weight block, eight
+//! i32 lanes `p_l = Σ_{k<4} u[4l+k]·v[4l+k]` (`vpmaddubsw` then `vpmaddwd` with ones), then
+//! `acc_l = fma(d_w·d_x, f32(p_l), acc_l)` block after block, the fixed [`hsum`] of the 8 lanes
+//! at the end, plus (Q4_0/Q4_1) the offset term `fma(offset_w, s_x, ·)` accumulated in its own
+//! lane and added last. The K-quant tiles do the same per 256-weight super-block, with `p_l`
+//! an exact integer sum over its sub-blocks weighted by their scales, and their min (Q4_K,
+//! Q5_K) or `−32` (Q6_K) terms. Every kernel here keeps exactly that float sequence per pair
+//! (the same scale products, the same FMAs per block in block order into the pair's lane `l`,
+//! [`hsum`]'s order, the same offset FMAs) and computes the same exact integers; only the
+//! integer instructions, the register tiling and where each lane lives differ.
+//!
+//! The integers are equal because nothing saturates or wraps:
+//! - AVX2's `vpmaddubsw` saturates its i16 pair sums; there `0 ≤ u ≤ 128` (4-, 5- and 6-bit
+//!   quants, or `|w|` of a Q8_0 weight, −128 included) and `|v| ≤ 127` (the Q8_0/Q8_1/Q8_K
+//!   activation quants are rounded from `x·127/amax`, never −128), so a pair sum is at most
+//!   2·128·127 = 32512 < 32767 and `p_l` is the exact dot product of its 4 bytes.
+//! - `vpdpbusd` (not the saturating `vpdpbusds`) adds four u8×i8 products to an i32 with no
+//!   intermediate rounding: `p_l` exactly. Where the weights are offset to unsigned (Q8_0:
+//!   `w + 128`) or the activations are (`y + 128`), the accumulator starts at the exact
+//!   correction (`−128·Σ` of the other operand's 4 bytes), all within ±2²⁰.
+//! - The K-quant sub-block scales are applied by `vpdpwssd` to the low i16 half of `p_l`
+//!   (|p_l| ≤ 4·63·127 < 2¹⁵, the scale's high half is 0), and the super-block sums stay far
+//!   below 2³¹, as in AVX2.
+//!
+//! # 8×2 tiles (`2 ≤ m < 24`)
+//! A tile is up to [`MR_MAX`] = 8 activation rows × [`NR_MAX`] = 2 weight rows: 16 ymm
+//! accumulators (AVX-512 has 32 vector registers), each weight block unpacked once for 8 rows,
+//! each activation block loaded once for 2 weight rows, the 16 scale products `d_w·d_x` of a
+//! block computed 8 at a time. Per (pair, block) that leaves `vpdpbusd`, `vcvtdq2ps` and an FMA
+//! with a broadcast scale operand, against `vpmaddubsw`, `vpmaddwd`, `vcvtdq2ps` and the FMA
+//! in the AVX2 4×1 tile; on Zen 4 the integer multiplies and the FMAs share two pipes, so that
+//! is 2 of their slots instead of 3. Q8_0 avoids `vpsignb` (also on those pipes): the
+//! activations are offset (`y + 128`, one XOR per activation block) and `vpdpbusd(c, y + 128,
+//! w)` starts from `c = −128·Σw`, computed once per weight block.
+//!
+//! # Wide kernel (`m ≥ 24`)
+//! Lane `k` of a zmm belongs to weight row `j0 + k` of a 16-row group, with one accumulator per
+//! activation row and lane position `l`; see [`compute_wide`]. No scale is broadcast per pair
+//! and an activation dword is a broadcast memory operand, so per (pair, block) only the two
+//! pipe-bound operations remain, at half the instructions of the 8×2 tile. It needs the 16-row
+//! weight group repacked (per call, into a per-thread buffer), which pays off from a few dozen
+//! activation rows.
+
+// Register tiles index several fixed-size arrays with the same row/column counters.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::{self, TileArgs, hsum};
+use super::formats::{
+    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES,
+    Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, unpack_scales_mins_k4,
+};
+use super::matmul::OutPtr;
+use super::quantize::{Acts, GROUP};
+use super::{QMatrix, WeightType};
+
+/// Activation rows per tile (two 4-row scale groups).
+const MR_MAX: usize = 2 * GROUP;
+
+/// Weight rows per tile.
+const NR_MAX: usize = 2;
+
+/// Blocks whose scale products a tile computes ahead of their dot products. Computing them in a
+/// separate loop and reading them back from memory lets every FMA take its scale as a broadcast
+/// memory operand; otherwise the compiler keeps them in registers and spends two shuffles per
+/// (row, block) to broadcast each one.
+const CHUNK: usize = 8;
+
+/// A tile kernel: activation rows `i0..i0+MR` × weight rows `j0..j0+NR`.
+type TileFn = unsafe fn(&TileArgs, usize, usize, OutPtr);
+
+/// Computes `out[i, j]` for activation rows `a` × weight rows `r`.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; otherwise as
+/// [`avx2::compute`]: `a.start` is a multiple of 4, `acts` was quantized for `w.ty` with
+/// `acts.m ≥ a.end`, `w.rows ≥ r.end`, and `out` is exclusively ours for `a × r`.
+pub(crate) unsafe fn compute(
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    let wide = acts.m >= WIDE_MIN_M;
+    let pick: fn(usize, usize) -> TileFn = match w.ty {
+        // SAFETY (the wide arms): forwarded contract.
+        WeightType::Q4_0 if wide => {
+            return unsafe { compute_wide(WideKind::Q4_0, w, acts, a, r, out) };
+        }
+        WeightType::Q4_1 if wide => {
+            return unsafe { compute_wide(WideKind::Q4_1, w, acts, a, r, out) };
+        }
+        WeightType::Q8_0 if wide => {
+            return unsafe { compute_wide(WideKind::Q8_0, w, acts, a, r, out) };
+        }
+        WeightType::Q4K if acts.m >= WIDE_MIN_M_K => {
+            return unsafe { compute_wide(WideKind::Q4K, w, acts, a, r, out) };
+        }
+        WeightType::Q5K if acts.m >= WIDE_MIN_M_K => {
+            return unsafe { compute_wide(WideKind::Q5K, w, acts, a, r, out) };
+        }
+        WeightType::Q6K if acts.m >= WIDE_MIN_M_K => {
+            return unsafe { compute_wide(WideKind::Q6K, w, acts, a, r, out) };
+        }
+        WeightType::Q4_0 if acts.m > 1 => pick_q4::<false>,
+        WeightType::Q4_1 if acts.m > 1 => pick_q4::<true>,
+        WeightType::Q8_0 if acts.m > 1 => pick_q8_0,
+        // SAFETY: forwarded contract (AVX2/FMA/F16C are part of it).
+        _ => return unsafe { avx2::compute(w, acts, a, r, out) },
+    };
+    debug_assert!(a.start.is_multiple_of(GROUP) && a.end <= acts.m && r.end <= w.rows);
+    let t = TileArgs::new(w, acts);
+    let mut i = a.start;
+    while i < a.end {
+        let mr = (a.end - i).min(MR_MAX);
+        let mut j = r.start;
+        while j < r.end {
+            let nr = (r.end - j).min(NR_MAX);
+            // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4 (a.start
+            // is, and MR_MAX is a multiple of 4); CPU features and output exclusivity are the
+            // caller's contract.
+            unsafe { pick(mr, nr)(&t, i, j, out) };
+            j += nr;
+        }
+        i += mr;
+    }
+}
+
+macro_rules! pick_mr_nr {
+    ($mr:expr, $nr:expr, $f:ident $(, $extra:tt)*) => {
+        match ($mr, $nr) {
+            (1, 1) => $f::<1, 1 $(, $extra)*>,
+            (2, 1) => $f::<2, 1 $(, $extra)*>,
+            (3, 1) => $f::<3, 1 $(, $extra)*>,
+            (4, 1) => $f::<4, 1 $(, $extra)*>,
+            (5, 1) => $f::<5, 1 $(, $extra)*>,
+            (6, 1) => $f::<6, 1 $(, $extra)*>,
+            (7, 1) => $f::<7, 1 $(, $extra)*>,
+            (8, 1) => $f::<8, 1 $(, $extra)*>,
+            (1, _) => $f::<1, 2 $(, $extra)*>,
+            (2, _) => $f::<2, 2 $(, $extra)*>,
+            (3, _) => $f::<3, 2 $(, $extra)*>,
+            (4, _) => $f::<4, 2 $(, $extra)*>,
+            (5, _) => $f::<5, 2 $(, $extra)*>,
+            (6, _) => $f::<6, 2 $(, $extra)*>,
+            (7, _) => $f::<7, 2 $(, $extra)*>,
+            _ => $f::<8, 2 $(, $extra)*>,
+        }
+    };
+}
+
+fn pick_q4<const Q41: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q4, Q41)
+}
+
+fn pick_q8_0(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0)
+}
+
+/// The activation scales of rows `i0..i0+MR` (`MR ≤ 8`) for the blocks of a tile: `d` or `s`
+/// of the one or two 4-row groups, as 8 lanes (row `i0 + l` in lane `l`; lanes of a missing
+/// second group are zero, lanes past `m` in a partial group are zero already).
+struct RowScales<const MR: usize> {
+    lo: *const f32,
+    hi: *const f32,
+}
+
+impl<const MR: usize> RowScales<MR> {
+    /// # Safety
+    /// `i0` is a multiple of 4 and the groups of rows `i0..i0+MR` exist in `base`.
+    #[inline(always)]
+    unsafe fn new(base: *const f32, nb: usize, i0: usize) -> Self {
+        // SAFETY: group i0/4 exists, and group i0/4 + 1 when MR > 4 (caller contract).
+        unsafe {
+            let lo = base.add(i0 / GROUP * nb * GROUP);
+            let hi = if MR > GROUP { lo.add(nb * GROUP) } else { lo };
+            RowScales { lo, hi }
+        }
+    }
+
+    /// # Safety
+    /// `b < nb`; the CPU has AVX.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn block(&self, b: usize) -> __m256 {
+        // SAFETY: each group holds nb·4 floats (caller contract of `new`).
+        unsafe {
+            if MR > GROUP {
+                _mm256_loadu2_m128(self.hi.add(b * GROUP), self.lo.add(b * GROUP))
+            } else {
+                _mm256_zextps128_ps256(_mm_loadu_ps(self.lo.add(b * GROUP)))
+            }
+        }
+    }
+}
+
+/// Q4_0 (`Q41 = false`, offset −8·d) and Q4_1 (`Q41 = true`, offset m) × Q8_0/Q8_1, `MR ≤ 8`
+/// rows × `NR ≤ 2` weight rows. Per pair the float operations are those of `avx2::tile_q4`.
+///
+/// # Safety
+/// AVX2/FMA/F16C and AVX-512 F/BW/VL/VNNI; the tile lies inside the operands described by `t`
+/// (see [`compute`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    let (bb, qoff) = if Q41 {
+        (Q4_1_BYTES, 4)
+    } else {
+        (Q4_0_BYTES, 2)
+    };
+    let mask = _mm256_set1_epi8(0x0F);
+    // Shift the upper 128 bits by 4: low nibbles (weights 0..16) below, high nibbles above.
+    let nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    // Lane l: the offset term of row i0 + l (as the AVX2 tile's 4-lane `accm`, 8 rows wide).
+    let mut accm = [_mm256_setzero_ps(); NR];
+    let mut sc = [[[0f32; MR_MAX]; NR]; CHUNK];
+    // SAFETY (whole block): rows j0..j0+NR and i0..i0+MR exist (caller contract), so every
+    // block pointer stays inside its row: weight block b at b·bb (< rb), activation block at
+    // b·32 (< cols), and the scales of block b at b·4 in their groups (< nb·4).
+    unsafe {
+        let mut wrow = [t.w; NR];
+        for j in 0..NR {
+            wrow[j] = t.w.add((j0 + j) * t.rb);
+        }
+        let mut yrow = [t.qs; MR];
+        for i in 0..MR {
+            yrow[i] = t.qs.add((i0 + i) * t.cols);
+        }
+        let dx = RowScales::<MR>::new(t.d, t.nb, i0);
+        let sx = RowScales::<MR>::new(t.s, t.nb, i0);
+        let mut b0 = 0;
+        while b0 < t.nb {
+            let n = (t.nb - b0).min(CHUNK);
+            for c in 0..n {
+                let b = b0 + c;
+                let (dxb, sxb) = (dx.block(b), sx.block(b));
+                for j in 0..NR {
+                    let blk = wrow[j].add(b * bb);
+                    let (dw, mw) = if Q41 {
+                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                            blk as *const i32,
+                        )));
+                        (
+                            _mm256_broadcastss_ps(dm),
+                            _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
+                        )
+                    } else {
+                        let raw = std::ptr::read_unaligned(blk as *const u16);
+                        let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
+                        (dw, _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)))
+                    };
+                    accm[j] = _mm256_fmadd_ps(mw, sxb, accm[j]);
+                    _mm256_storeu_ps(sc[c][j].as_mut_ptr(), _mm256_mul_ps(dw, dxb));
+                }
+            }
+            for c in 0..n {
+                let b = b0 + c;
+                let mut q = [_mm256_setzero_si256(); NR];
+                for j in 0..NR {
+                    let raw = _mm_loadu_si128(wrow[j].add(b * bb + qoff) as *const __m128i);
+                    let raw = _mm256_broadcastsi128_si256(raw);
+                    q[j] = _mm256_and_si256(_mm256_srlv_epi32(raw, nibble_shift), mask);
+                }
+                for i in 0..MR {
+                    let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
+                    for j in 0..NR {
+                        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[j], y);
+                        acc[i][j] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(sc[c][j][i]),
+                            _mm256_cvtepi32_ps(p),
+                            acc[i][j],
+                        );
+                    }
+                }
+            }
+            b0 += n;
+        }
+        for j in 0..NR {
+            let mut mins = [0f32; MR_MAX];
+            _mm256_storeu_ps(mins.as_mut_ptr(), accm[j]);
+            for i in 0..MR {
+                out.write(i0 + i, j0 + j, hsum(acc[i][j]) + mins[i]);
+            }
+        }
+    }
+}
+
+/// Q8_0 × Q8_0, `MR ≤ 8` rows × `NR ≤ 2` weight rows: `vpdpbusd(−128·Σw, y + 128, w)`.
+///
+/// # Safety
+/// As [`tile_q4`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    let bias = _mm256_set1_epi8(-128);
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let mut sc = [[[0f32; MR_MAX]; NR]; CHUNK];
+    // SAFETY: as in `tile_q4` (blocks of 34 bytes, 32 quants at offset 2).
+    unsafe {
+        let mut wrow = [t.w; NR];
+        for j in 0..NR {
+            wrow[j] = t.w.add((j0 + j) * t.rb);
+        }
+        let mut yrow = [t.qs; MR];
+        for i in 0..MR {
+            yrow[i] = t.qs.add((i0 + i) * t.cols);
+        }
+        let dx = RowScales::<MR>::new(t.d, t.nb, i0);
+        let mut b0 = 0;
+        while b0 < t.nb {
+            let n = (t.nb - b0).min(CHUNK);
+            for c in 0..n {
+                let b = b0 + c;
+                let dxb = dx.block(b);
+                for j in 0..NR {
+                    let raw = std::ptr::read_unaligned(wrow[j].add(b * Q8_0_BYTES) as *const u16);
+                    let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
+                    _mm256_storeu_ps(sc[c][j].as_mut_ptr(), _mm256_mul_ps(dw, dxb));
+                }
+            }
+            for c in 0..n {
+                let b = b0 + c;
+                let mut wq = [_mm256_setzero_si256(); NR];
+                let mut corr = [_mm256_setzero_si256(); NR];
+                for j in 0..NR {
+                    wq[j] = _mm256_loadu_si256(wrow[j].add(b * Q8_0_BYTES + 2) as *const __m256i);
+                    // −128·(sum of each 4 weights): cancels the +128 on the activations.
+                    let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, wq[j]);
+                    corr[j] = _mm256_sub_epi32(_mm256_setzero_si256(), s);
+                }
+                for i in 0..MR {
+                    let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
+                    let yb = _mm256_xor_si256(y, bias);
+                    for j in 0..NR {
+                        let p = _mm256_dpbusd_epi32(corr[j], yb, wq[j]);
+                        acc[i][j] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(sc[c][j][i]),
+                            _mm256_cvtepi32_ps(p),
+                            acc[i][j],
+                        );
+                    }
+                }
+            }
+            b0 += n;
+        }
+        for i in 0..MR {
+            for j in 0..NR {
+                out.write(i0 + i, j0 + j, hsum(acc[i][j]));
+            }
+        }
+    }
+}
+
+/// Activation rows from which Q4_0, Q4_1 and Q8_0 use the wide kernel ([`compute_wide`]).
+const WIDE_MIN_M: usize = 24;
+
+/// The same for the K-quants.
+const WIDE_MIN_M_K: usize = 16;
+
+/// Weight rows per wide group: the 16 lanes of a zmm.
+const WIDE: usize = 16;
+
+/// 64-byte lines of one repacked 32-weight block of a 16-row group: 8 lines of weights, `d`,
+/// and (Q4) the offset.
+const WIDE_LINES: usize = 10;
+
+/// 64-byte lines of one repacked Q4_K/Q5_K super-block of a 16-row group: 8 lines of weights
+/// per 32-weight sub-block, then 8 lines of sub-block scales, 8 of mins, `d` and `−dmin`.
+const WIDE_LINES_K: usize = 82;
+
+/// 64-byte lines of one repacked Q6_K super-block of a 16-row group: 8 lines of weights per
+/// 32-weight run, 16 lines of the 16-weight scales, 8 of scale pairs, `d`.
+const WIDE_LINES_Q6K: usize = 89;
+
+/// One cache line, so the repack buffer is 64-byte aligned.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+thread_local! {
+    /// Per-thread buffer for one repacked 16-row weight group (grows to the largest `nb` seen).
+    static REPACK: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The weight types of the wide kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WideKind {
+    /// Q4_0 (offset −8·d).
+    Q4_0,
+    /// Q4_1 (offset m).
+    Q4_1,
+    /// Q8_0 (weights stored +128, see [`tile_wide`]).
+    Q8_0,
+    /// Q4_K ([`tile_wide_k`]).
+    Q4K,
+    /// Q5_K ([`tile_wide_k`]).
+    Q5K,
+    /// Q6_K ([`tile_wide_q6k`]).
+    Q6K,
+}
+
+/// The wide kernel for many activation rows: lane `k` of a zmm belongs to weight row `j0 + k`
+/// of a 16-row group, and there is one accumulator per activation row and per *lane position*
+/// `l` (0..8) of the AVX2 layout.
+///
+/// Each 16-row weight group is first repacked ([`repack`]: unpacked quants, transposed so that
+/// line `l` of block `b` holds dword `l` of the 16 rows' blocks, plus their `d` and offset as
+/// f32). Then `vpdpbusd(U_l, broadcast(y dword l))` gives lane position `l` of 16 (activation
+/// row, weight row) pairs at once, the 16 scale products `d_w·d_x` are one multiply per
+/// (activation row, block), and no scale is broadcast per pair. Per pair and block the float
+/// work is exactly the AVX2 one: lane `l` of pair (i, j) is `fma(d_w·d_x, f32(p_l), acc)` block
+/// after block, the final sum is [`hsum`]'s order, `((a0+a4)+(a2+a6))+((a1+a5)+(a3+a7))`, then
+/// `+ offset`.
+///
+/// # Safety
+/// As [`compute`].
+unsafe fn compute_wide(
+    kind: WideKind,
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    debug_assert!(a.end <= acts.m && r.end <= w.rows);
+    let t = TileArgs::new(w, acts);
+    type Repack = unsafe fn(&TileArgs, usize, usize, *mut Line);
+    type WideTile = unsafe fn(&TileArgs, *const Line, usize, usize, usize, OutPtr);
+    let (lines_per_block, repack, tile2, tile1): (usize, Repack, WideTile, WideTile) = match kind {
+        WideKind::Q4_0 => (
+            WIDE_LINES,
+            repack::<0>,
+            tile_wide::<2, 0>,
+            tile_wide::<1, 0>,
+        ),
+        WideKind::Q4_1 => (
+            WIDE_LINES,
+            repack::<1>,
+            tile_wide::<2, 1>,
+            tile_wide::<1, 1>,
+        ),
+        WideKind::Q8_0 => (
+            WIDE_LINES,
+            repack::<2>,
+            tile_wide::<2, 2>,
+            tile_wide::<1, 2>,
+        ),
+        WideKind::Q4K => (
+            WIDE_LINES_K,
+            repack_k::<false>,
+            tile_wide_k::<2>,
+            tile_wide_k::<1>,
+        ),
+        WideKind::Q5K => (
+            WIDE_LINES_K,
+            repack_k::<true>,
+            tile_wide_k::<2>,
+            tile_wide_k::<1>,
+        ),
+        WideKind::Q6K => (
+            WIDE_LINES_Q6K,
+            repack_q6k,
+            tile_wide_q6k::<2>,
+            tile_wide_q6k::<1>,
+        ),
+    };
+    REPACK.with_borrow_mut(|buf| {
+        let lines = t.nb * lines_per_block;
+        if buf.len() < lines {
+            buf.resize(lines, Line([0; 64]));
+        }
+        let pack = buf.as_mut_ptr();
+        let mut j = r.start;
+        while j < r.end {
+            let n = (r.end - j).min(WIDE);
+            // SAFETY: rows j..j+n exist; `pack` holds nb·lines_per_block lines; CPU features
+            // are the caller's contract.
+            unsafe { repack(&t, j, n, pack) };
+            let mut i = a.start;
+            while i < a.end {
+                let mr = (a.end - i).min(2);
+                let tile = if mr == 2 { tile2 } else { tile1 };
+                // SAFETY: rows i..i+mr exist; `pack` holds the group; the outputs
+                // (i..i+mr) × (j..j+n) are ours.
+                unsafe { tile(&t, pack, i, j, n, out) };
+                i += mr;
+            }
+            j += n;
+        }
+    });
+}
+
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_0 (`K = 0`),
+/// Q4_1 (1) or Q8_0 (2) matrix into `dst`: for block
+/// `b`, lines `10b + l` (l < 8) hold, in their 16 dword lanes, dword `l` of each row's block as
+/// the AVX2 tiles feed it to the integer dot product (Q4: the unpacked nibbles of
+/// `avx2::tile_q4`'s `q`; Q8_0: the quants + 128, as u8); line `10b + 8` holds the rows' `d`
+/// and line `10b + 9` their offset (Q4_1 `m`, Q4_0 `-8·d`) as f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·10` lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let kind = [WideKind::Q4_0, WideKind::Q4_1, WideKind::Q8_0][K as usize];
+    let (bb, qoff) = match kind {
+        WideKind::Q4_0 => (Q4_0_BYTES, 2),
+        WideKind::Q4_1 => (Q4_1_BYTES, 4),
+        _ => (Q8_0_BYTES, 2),
+    };
+    let mask = _mm256_set1_epi8(0x0F);
+    let nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let bias = _mm256_set1_epi8(-128);
+    // SAFETY: block b of row j0 + k (k < n) lies inside the weights; line 10b + 9 < nb·10.
+    unsafe {
+        for b in 0..t.nb {
+            let line = dst.add(b * WIDE_LINES);
+            let mut d16 = [0u16; WIDE];
+            let mut m16 = [0u16; WIDE];
+            let mut z = [_mm512_setzero_si512(); WIDE / 2];
+            for k in 0..n {
+                let blk = t.w.add((j0 + k) * t.rb + b * bb);
+                d16[k] = std::ptr::read_unaligned(blk as *const u16);
+                let q = if kind == WideKind::Q8_0 {
+                    _mm256_xor_si256(_mm256_loadu_si256(blk.add(qoff) as *const __m256i), bias)
+                } else {
+                    if kind == WideKind::Q4_1 {
+                        m16[k] = std::ptr::read_unaligned(blk.add(2) as *const u16);
+                    }
+                    let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(raw), nibble_shift),
+                        mask,
+                    )
+                };
+                z[k / 2] = if k % 2 == 0 {
+                    _mm512_castsi256_si512(q)
+                } else {
+                    _mm512_inserti64x4::<1>(z[k / 2], q)
+                };
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            _mm512_store_ps(line.add(8) as *mut f32, dw);
+            match kind {
+                WideKind::Q4_0 => _mm512_store_ps(
+                    line.add(9) as *mut f32,
+                    _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
+                ),
+                WideKind::Q4_1 => _mm512_store_ps(
+                    line.add(9) as *mut f32,
+                    _mm512_cvtph_ps(_mm256_loadu_si256(m16.as_ptr() as *const __m256i)),
+                ),
+                _ => {}
+            }
+            transpose_store(&z, line);
+        }
+    }
+}
+
+/// Stores the 16 rows of 8 dwords held as row pairs in `z` (`z[p]` = rows 2p, 2p+1) as 8
+/// lines: line `l` = dword `l` of rows 0..16.
+///
+/// # Safety
+/// AVX-512 F; `line` points to 8 writable, 64-byte aligned lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn transpose_store(z: &[__m512i; WIDE / 2], line: *mut Line) {
+    // Row r of a quad (0..4), dword l (0..4 or 4..8) from the pair vectors [row 2p | row 2p+1].
+    let idx_lo = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    let idx_hi = _mm512_add_epi32(idx_lo, _mm512_set1_epi32(4));
+    // Quad g, lane position l in 128-bit lane l % 4: [rows 4g..4g+4, dword l].
+    let mut tlo = [_mm512_setzero_si512(); 4];
+    let mut thi = [_mm512_setzero_si512(); 4];
+    for g in 0..4 {
+        tlo[g] = _mm512_permutex2var_epi32(z[2 * g], idx_lo, z[2 * g + 1]);
+        thi[g] = _mm512_permutex2var_epi32(z[2 * g], idx_hi, z[2 * g + 1]);
+    }
+    // 4×4 transpose of 128-bit lanes: line l = [quads 0..4, dword l].
+    // SAFETY: lines 0..8 are writable and aligned (caller contract).
+    unsafe {
+        for (half, tq) in [tlo, thi].iter().enumerate() {
+            let p = _mm512_shuffle_i32x4::<0x44>(tq[0], tq[1]);
+            let q = _mm512_shuffle_i32x4::<0xEE>(tq[0], tq[1]);
+            let r = _mm512_shuffle_i32x4::<0x44>(tq[2], tq[3]);
+            let s = _mm512_shuffle_i32x4::<0xEE>(tq[2], tq[3]);
+            let l0 = line.add(4 * half) as *mut __m512i;
+            _mm512_store_si512(l0, _mm512_shuffle_i32x4::<0x88>(p, r));
+            _mm512_store_si512(l0.add(1), _mm512_shuffle_i32x4::<0xDD>(p, r));
+            _mm512_store_si512(l0.add(2), _mm512_shuffle_i32x4::<0x88>(q, s));
+            _mm512_store_si512(l0.add(3), _mm512_shuffle_i32x4::<0xDD>(q, s));
+        }
+    }
+}
+
+/// `MR` (1 or 2) activation rows from `i0` × the repacked 16-row group at `pack` (weight rows
+/// `j0..j0+n`); `K` is the kind: 0 Q4_0, 1 Q4_1, 2 Q8_0.
+///
+/// Q8_0 weights are stored +128 (unsigned, as `vpdpbusd` needs), so each lane's dot product
+/// starts from `−128·Σy` over its 4 activations instead of 0: `Σ(w+128)·y − 128·Σy = Σw·y`,
+/// exactly (all in i32, no overflow).
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack`] for this matrix and kind; rows
+/// `i0..i0+MR` exist in the activations; the outputs `(i0..i0+MR) × (j0..j0+n)` are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_wide<const MR: usize, const K: u8>(
+    t: &TileArgs,
+    pack: *const Line,
+    i0: usize,
+    j0: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let q8 = K == 2;
+    let bias = _mm256_set1_epi8(-128);
+    let mut acc = [[_mm512_setzero_ps(); 8]; MR];
+    let mut accm = [_mm512_setzero_ps(); MR];
+    // Q8_0: the −128·Σy start of each lane, for the blocks of a chunk (see `CHUNK`).
+    let mut start = [[[0i32; 8]; MR]; CHUNK];
+    // SAFETY: activation row i has cols quants at i·cols and its scales at
+    // ((i/4)·nb + b)·4 + i%4; line 10b + 9 < nb·10 of `pack`.
+    unsafe {
+        let mut yrow = [t.qs; MR];
+        let mut drow = [t.d; MR];
+        let mut srow = [t.s; MR];
+        for i in 0..MR {
+            let row = i0 + i;
+            yrow[i] = t.qs.add(row * t.cols);
+            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
+            srow[i] = t.s.add(row / GROUP * t.nb * GROUP + row % GROUP);
+        }
+        let mut b0 = 0;
+        while b0 < t.nb {
+            let nc = (t.nb - b0).min(CHUNK);
+            if q8 {
+                for c in 0..nc {
+                    for i in 0..MR {
+                        let y = _mm256_loadu_si256(yrow[i].add((b0 + c) * QK) as *const __m256i);
+                        let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, y);
+                        let neg = _mm256_sub_epi32(_mm256_setzero_si256(), s);
+                        _mm256_storeu_si256(start[c][i].as_mut_ptr() as *mut __m256i, neg);
+                    }
+                }
+            }
+            for c in 0..nc {
+                let b = b0 + c;
+                let line = pack.add(b * WIDE_LINES);
+                let dw = _mm512_load_ps(line.add(8) as *const f32);
+                let mut sc = [_mm512_setzero_ps(); MR];
+                for i in 0..MR {
+                    sc[i] = _mm512_mul_ps(dw, _mm512_set1_ps(*drow[i].add(b * GROUP)));
+                }
+                if !q8 {
+                    let mw = _mm512_load_ps(line.add(9) as *const f32);
+                    for i in 0..MR {
+                        let sx = _mm512_set1_ps(*srow[i].add(b * GROUP));
+                        accm[i] = _mm512_fmadd_ps(mw, sx, accm[i]);
+                    }
+                }
+                for l in 0..8 {
+                    let u = _mm512_load_si512(line.add(l) as *const __m512i);
+                    for i in 0..MR {
+                        let y = std::ptr::read_unaligned(yrow[i].add(b * QK + 4 * l) as *const i32);
+                        let init = if q8 {
+                            _mm512_set1_epi32(start[c][i][l])
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        let p = _mm512_dpbusd_epi32(init, u, _mm512_set1_epi32(y));
+                        acc[i][l] = _mm512_fmadd_ps(sc[i], _mm512_cvtepi32_ps(p), acc[i][l]);
+                    }
+                }
+            }
+            b0 += nc;
+        }
+        for i in 0..MR {
+            let a = &acc[i];
+            // `hsum`'s order for every lane at once.
+            let s = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+            );
+            let s = if q8 { s } else { _mm512_add_ps(s, accm[i]) };
+            let mut v = [0f32; WIDE];
+            _mm512_storeu_ps(v.as_mut_ptr(), s);
+            for k in 0..n {
+                out.write(i0 + i, j0 + k, v[k]);
+            }
+        }
+    }
+}
+
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_K (`FIVE =
+/// false`) or Q5_K matrix into `dst`, 82 lines per super-block `b` (from line `82b`):
+/// - `8s + l` (s, l < 8): dword `l` of each row's 32 quants of sub-block `s` (weights
+///   32s..32s+32: the low nibbles of `qs[32c..32c+32]` for s = 2c, the high ones for s = 2c+1,
+///   plus the fifth bit for Q5_K), the bytes `avx2::tile_k` feeds to `vpmaddubsw`;
+/// - `64 + s`: the 6-bit scale of sub-block `s` as i32; `72 + s`: its min, in both i16 halves;
+/// - `80`: `d`, `81`: `−dmin`, as f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let (bb, sc_off, qs_off) = if FIVE {
+        (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
+    } else {
+        (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
+    };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m1 = _mm256_set1_epi8(0x01);
+    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 82b + 81 is
+    // below nb·82.
+    unsafe {
+        for b in 0..t.nb {
+            let line = dst.add(b * WIDE_LINES_K);
+            let mut d16 = [0u16; WIDE];
+            let mut dmin16 = [0u16; WIDE];
+            let mut scales = [[0i32; WIDE]; 8];
+            let mut mins = [[0i32; WIDE]; 8];
+            for k in 0..n {
+                let blk = t.w.add((j0 + k) * t.rb + b * bb);
+                d16[k] = std::ptr::read_unaligned(blk as *const u16);
+                dmin16[k] = std::ptr::read_unaligned(blk.add(2) as *const u16);
+                let sm = unpack_scales_mins_k4(std::slice::from_raw_parts(blk.add(sc_off), 12));
+                for s in 0..8 {
+                    scales[s][k] = sm[s] as i32;
+                    mins[s][k] = sm[8 + s] as i32 * 0x1_0001;
+                }
+            }
+            for s in 0..8 {
+                let (c, high) = (s / 2, s % 2 == 1);
+                let mut z = [_mm512_setzero_si512(); WIDE / 2];
+                for k in 0..n {
+                    let blk = t.w.add((j0 + k) * t.rb + b * bb);
+                    let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i);
+                    let mut q = if high {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+                    } else {
+                        _mm256_and_si256(raw, m4)
+                    };
+                    if FIVE {
+                        // Bit s of each qh byte is the fifth bit of sub-block s.
+                        let qh = _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i);
+                        let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
+                        q = _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)));
+                    }
+                    z[k / 2] = if k % 2 == 0 {
+                        _mm512_castsi256_si512(q)
+                    } else {
+                        _mm512_inserti64x4::<1>(z[k / 2], q)
+                    };
+                }
+                transpose_store(&z, line.add(8 * s));
+                _mm512_store_si512(
+                    line.add(64 + s) as *mut __m512i,
+                    _mm512_loadu_si512(scales[s].as_ptr() as *const __m512i),
+                );
+                _mm512_store_si512(
+                    line.add(72 + s) as *mut __m512i,
+                    _mm512_loadu_si512(mins[s].as_ptr() as *const __m512i),
+                );
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin16.as_ptr() as *const __m256i));
+            _mm512_store_ps(line.add(80) as *mut f32, dw);
+            _mm512_store_ps(
+                line.add(81) as *mut f32,
+                _mm512_sub_ps(_mm512_setzero_ps(), dmin),
+            );
+        }
+    }
+}
+
+/// `MR` (1 or 2) activation rows from `i0` × a repacked Q4_K/Q5_K 16-row group (weight rows
+/// `j0..j0+n`), with `avx2::tile_k`'s float operations per pair: per super-block,
+/// `acc_l = fma(d·d_y, f32(isum_l), acc_l)` then `acc_l = fma(−dmin·d_y, msum_l, acc_l)`
+/// (`msum_l` = 0 for l ≥ 4), and [`hsum`]'s order at the end. The i32 `isum_l` is the same
+/// exact integer: `Σ_s scale_s · p_{s,l}`, the scale applied by `vpdpwssd` on the low i16 half
+/// (|p| ≤ 4·31·127 fits, the scale's high half is 0); `msum_l` is `vpmaddwd(mins, bsums)` of
+/// AVX2 with the pair sums of the bsums distributed.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_k`] for this matrix; rows `i0..i0+MR`
+/// exist in the Q8_K activations; the outputs `(i0..i0+MR) × (j0..j0+n)` are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_wide_k<const MR: usize>(
+    t: &TileArgs,
+    pack: *const Line,
+    i0: usize,
+    j0: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 8]; MR];
+    // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
+    // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; line 82b + 81 < nb·82 of `pack`.
+    unsafe {
+        let mut yrow = [t.qs; MR];
+        let mut drow = [t.d; MR];
+        let mut bsrow = [t.bsums; MR];
+        for i in 0..MR {
+            let row = i0 + i;
+            yrow[i] = t.qs.add(row * t.cols);
+            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
+            bsrow[i] = t.bsums.add(row * t.nb * 16);
+        }
+        for b in 0..t.nb {
+            let line = pack.add(b * WIDE_LINES_K);
+            let dw = _mm512_load_ps(line.add(80) as *const f32);
+            let ndmin = _mm512_load_ps(line.add(81) as *const f32);
+            let mut s1 = [_mm512_setzero_ps(); MR];
+            let mut s2 = [_mm512_setzero_ps(); MR];
+            for i in 0..MR {
+                let dy = _mm512_set1_ps(*drow[i].add(b * GROUP));
+                s1[i] = _mm512_mul_ps(dw, dy);
+                s2[i] = _mm512_mul_ps(ndmin, dy);
+            }
+            for l in 0..8 {
+                let mut isum = [_mm512_setzero_si512(); MR];
+                for s in 0..8 {
+                    let u = _mm512_load_si512(line.add(8 * s + l) as *const __m512i);
+                    let sc = _mm512_load_si512(line.add(64 + s) as *const __m512i);
+                    for i in 0..MR {
+                        let y = std::ptr::read_unaligned(
+                            yrow[i].add(b * QK_K + 32 * s + 4 * l) as *const i32
+                        );
+                        let p =
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_set1_epi32(y));
+                        isum[i] = _mm512_dpwssd_epi32(isum[i], p, sc);
+                    }
+                }
+                for i in 0..MR {
+                    acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(isum[i]), acc[i][l]);
+                    let msum = if l < 4 {
+                        // mins[2l]·(bs[4l] + bs[4l+1]) + mins[2l+1]·(bs[4l+2] + bs[4l+3]).
+                        let bs = bsrow[i].add(b * 16 + 4 * l) as *const i32;
+                        let lo = _mm512_set1_epi32(std::ptr::read_unaligned(bs));
+                        let hi = _mm512_set1_epi32(std::ptr::read_unaligned(bs.add(1)));
+                        let m0 = _mm512_load_si512(line.add(72 + 2 * l) as *const __m512i);
+                        let m1 = _mm512_load_si512(line.add(72 + 2 * l + 1) as *const __m512i);
+                        let v = _mm512_dpwssd_epi32(_mm512_setzero_si512(), m0, lo);
+                        _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(v, m1, hi))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    acc[i][l] = _mm512_fmadd_ps(s2[i], msum, acc[i][l]);
+                }
+            }
+        }
+        for i in 0..MR {
+            let a = &acc[i];
+            // `hsum`'s order for every lane at once.
+            let s = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+            );
+            let mut v = [0f32; WIDE];
+            _mm512_storeu_ps(v.as_mut_ptr(), s);
+            for k in 0..n {
+                out.write(i0 + i, j0 + k, v[k]);
+            }
+        }
+    }
+}
+
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q6_K matrix into
+/// `dst`, 89 lines per super-block `b` (from line `89b`):
+/// - `8r + l` (r, l < 8): dword `l` of each row's 32 six-bit quants (0..64) of run `r` (weights
+///   32r..32r+32, built as `avx2::tile_q6k` builds `q[c]` for half `r / 4`, run `r % 4`);
+/// - `64 + g` (g < 16): the i8 scale of 16-weight group `g`, as an i16 in the low half of an
+///   i32; `80 + l`: scales `2l` and `2l+1` as the two i16 halves;
+/// - `88`: `d` as f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·89` lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack_q6k(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 89b + 88 is
+    // below nb·89.
+    unsafe {
+        for b in 0..t.nb {
+            let line = dst.add(b * WIDE_LINES_Q6K);
+            let mut d16 = [0u16; WIDE];
+            let mut scales = [[0u32; WIDE]; 16];
+            let mut pairs = [[0u32; WIDE]; 8];
+            for k in 0..n {
+                let blk = t.w.add((j0 + k) * t.rb + b * Q6K_BYTES);
+                d16[k] = std::ptr::read_unaligned(blk.add(Q6K_D) as *const u16);
+                let sc = std::slice::from_raw_parts(blk.add(Q6K_SCALES) as *const i8, 16);
+                for g in 0..16 {
+                    scales[g][k] = sc[g] as i16 as u16 as u32;
+                }
+                for l in 0..8 {
+                    pairs[l][k] = scales[2 * l][k] | (scales[2 * l + 1][k] << 16);
+                }
+            }
+            for r in 0..8 {
+                let (half, c) = (r / 4, r % 4);
+                let mut z = [_mm512_setzero_si512(); WIDE / 2];
+                for k in 0..n {
+                    let blk = t.w.add((j0 + k) * t.rb + b * Q6K_BYTES);
+                    let ql_at = Q6K_QL + 64 * half + 32 * (c % 2);
+                    let ql = _mm256_loadu_si256(blk.add(ql_at) as *const __m256i);
+                    let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * half) as *const __m256i);
+                    let lo = if c < 2 {
+                        _mm256_and_si256(ql, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+                    };
+                    let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
+                    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
+                    let q = _mm256_or_si256(lo, hi);
+                    z[k / 2] = if k % 2 == 0 {
+                        _mm512_castsi256_si512(q)
+                    } else {
+                        _mm512_inserti64x4::<1>(z[k / 2], q)
+                    };
+                }
+                transpose_store(&z, line.add(8 * r));
+            }
+            for g in 0..16 {
+                let v = _mm512_loadu_si512(scales[g].as_ptr() as *const __m512i);
+                _mm512_store_si512(line.add(64 + g) as *mut __m512i, v);
+            }
+            for l in 0..8 {
+                let v = _mm512_loadu_si512(pairs[l].as_ptr() as *const __m512i);
+                _mm512_store_si512(line.add(80 + l) as *mut __m512i, v);
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            _mm512_store_ps(line.add(88) as *mut f32, dw);
+        }
+    }
+}
+
+/// `MR` (1 or 2) activation rows from `i0` × a repacked Q6_K 16-row group (weight rows
+/// `j0..j0+n`), with `avx2::tile_q6k`'s float operations per pair: per super-block
+/// `acc_l = fma(d·d_y, f32(isum_l − off_l), acc_l)`, and [`hsum`]'s order at the end. The i32
+/// `isum_l = Σ_r scale_{2r + [l ≥ 4]} · p_{r,l}` (scale applied by `vpdpwssd` on the low i16
+/// half; |p| ≤ 4·63·127 fits) and `off_l = 32·(sc_{2l}·bs_{2l} + sc_{2l+1}·bs_{2l+1})` are
+/// the AVX2 integers.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_q6k`] for this matrix; rows
+/// `i0..i0+MR` exist in the Q8_K activations; the outputs `(i0..i0+MR) × (j0..j0+n)` are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_wide_q6k<const MR: usize>(
+    t: &TileArgs,
+    pack: *const Line,
+    i0: usize,
+    j0: usize,
+    n: usize,
+    out: OutPtr,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 8]; MR];
+    // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
+    // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; line 89b + 88 < nb·89 of `pack`.
+    unsafe {
+        let mut yrow = [t.qs; MR];
+        let mut drow = [t.d; MR];
+        let mut bsrow = [t.bsums; MR];
+        for i in 0..MR {
+            let row = i0 + i;
+            yrow[i] = t.qs.add(row * t.cols);
+            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
+            bsrow[i] = t.bsums.add(row * t.nb * 16);
+        }
+        for b in 0..t.nb {
+            let line = pack.add(b * WIDE_LINES_Q6K);
+            let dw = _mm512_load_ps(line.add(88) as *const f32);
+            let mut s1 = [_mm512_setzero_ps(); MR];
+            for i in 0..MR {
+                s1[i] = _mm512_mul_ps(dw, _mm512_set1_ps(*drow[i].add(b * GROUP)));
+            }
+            for l in 0..8 {
+                let mut isum = [_mm512_setzero_si512(); MR];
+                for r in 0..8 {
+                    let u = _mm512_load_si512(line.add(8 * r + l) as *const __m512i);
+                    let sc = _mm512_load_si512(line.add(64 + 2 * r + l / 4) as *const __m512i);
+                    for i in 0..MR {
+                        let y = std::ptr::read_unaligned(
+                            yrow[i].add(b * QK_K + 32 * r + 4 * l) as *const i32
+                        );
+                        let p =
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_set1_epi32(y));
+                        isum[i] = _mm512_dpwssd_epi32(isum[i], p, sc);
+                    }
+                }
+                let pair = _mm512_load_si512(line.add(80 + l) as *const __m512i);
+                for i in 0..MR {
+                    let bs = std::ptr::read_unaligned(bsrow[i].add(b * 16 + 2 * l) as *const i32);
+                    let bs = _mm512_set1_epi32(bs);
+                    let off = _mm512_dpwssd_epi32(_mm512_setzero_si512(), pair, bs);
+                    let s = _mm512_sub_epi32(isum[i], _mm512_slli_epi32::<5>(off));
+                    acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(s), acc[i][l]);
+                }
+            }
+        }
+        for i in 0..MR {
+            let a = &acc[i];
+            // `hsum`'s order for every lane at once.
+            let s = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+            );
+            let mut v = [0f32; WIDE];
+            _mm512_storeu_ps(v.as_mut_ptr(), s);
+            for k in 0..n {
+                out.write(i0 + i, j0 + k, v[k]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::formats::Q6K_D;
+    use crate::kernels::testutil::{self, Rng};
+    use crate::kernels::{
+        ActivationScratch, KernelPath, QMatrix, ThreadPool, WeightType, matmul::matmul,
+    };
+
+    fn run(path: KernelPath, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * w.rows];
+        let mut scratch = ActivationScratch::default();
+        // Threshold 0 so that even tiny shapes exercise the threaded split.
+        matmul(path, pool, w, x, m, &mut out, &mut scratch, 0).unwrap();
+        out
+    }
+
+    /// Bit patterns, so that the comparison is exact (and NaN-safe).
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    fn assert_paths_identical(
+        pools: &[ThreadPool],
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        ms: &[usize],
+        data: &[u8],
+        x_all: &[f32],
+    ) {
+        let w = QMatrix::new(ty, rows, cols, data).unwrap();
+        for &m in ms {
+            let x = &x_all[..m * cols];
+            let want = bits(&run(KernelPath::Avx2, &pools[0], &w, x, m));
+            for pool in pools {
+                let got = bits(&run(KernelPath::Avx512Vnni, pool, &w, x, m));
+                if got != want {
+                    let k = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+                    panic!(
+                        "{ty} t={} m={m} rows={rows} cols={cols}: first difference at ({}, {}): \
+                         {} vs avx2 {}",
+                        pool.n_threads(),
+                        k / rows,
+                        k % rows,
+                        f32::from_bits(got[k]),
+                        f32::from_bits(want[k])
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 VNNI path equals the AVX2 path bit for bit, for every weight type (the
+    /// types without a VNNI tile, and GEMV, go through the AVX2 kernels), every m from 1 to 70,
+    /// row counts that are not multiples of the tile, several block counts and thread counts.
+    #[test]
+    fn avx512vnni_is_bit_identical_to_avx2() {
+        if !KernelPath::Avx512Vnni.is_available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(77);
+        let pools: Vec<ThreadPool> = [1, 2, 3].into_iter().map(ThreadPool::new).collect();
+        let all_m: Vec<usize> = (1..=70).collect();
+        for ty in WeightType::ALL {
+            let bs = ty.block_size();
+            let shapes: &[(usize, usize)] = match bs {
+                1 => &[(5, 33), (64, 576)],
+                32 => &[(1, 32), (3, 64), (5, 96), (17, 288), (67, 576), (64, 1536)],
+                _ => &[(3, 256), (17, 512), (67, 768)],
+            };
+            for (si, &(rows, cols)) in shapes.iter().enumerate() {
+                let data = testutil::random_weights(&mut rng, ty, rows, cols);
+                let x = testutil::random_activations(&mut rng, 70 * cols);
+                // Every m on the mid-sized shapes, a spread elsewhere, to bound run time.
+                let ms: Vec<usize> = if bs == 32 && (si == 3 || si == 4) {
+                    all_m.clone()
+                } else {
+                    vec![
+                        1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 24, 31, 33, 40, 64, 70,
+                    ]
+                };
+                assert_paths_identical(&pools, ty, rows, cols, &ms, &data, &x);
+            }
+        }
+    }
+
+    /// Extreme integer operands: every quant at its largest (or −128 for Q8_0), every K-quant
+    /// scale and min at 63 (Q6_K: −128 or 127), and activation blocks whose quants are all
+    /// ±127, where a saturating or wrapping integer step would show.
+    #[test]
+    fn avx512vnni_matches_avx2_on_extreme_values() {
+        if !KernelPath::Avx512Vnni.is_available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let pool = [ThreadPool::new(2)];
+        let (rows, cols, m) = (19, 256, 40);
+        let mut x = vec![0f32; m * cols];
+        for (k, v) in x.iter_mut().enumerate() {
+            *v = match (k / 32) % 4 {
+                0 => -3.0,
+                1 => 2.5,
+                2 => {
+                    if k % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                }
+                _ => (k % 7) as f32 - 3.0,
+            };
+        }
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        for ty in [
+            WeightType::Q4_0,
+            WeightType::Q4_1,
+            WeightType::Q8_0,
+            WeightType::Q4K,
+            WeightType::Q5K,
+            WeightType::Q6K,
+        ] {
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
+                let mut data = vec![fill; rows * ty.row_bytes(cols)];
+                for (n, blk) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+                    let d = f16(0.001 * (1 + n % 3) as f32);
+                    match ty {
+                        WeightType::Q6K => blk[Q6K_D..Q6K_D + 2].copy_from_slice(&d),
+                        _ => blk[0..2].copy_from_slice(&d),
+                    }
+                    if matches!(ty, WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K) {
+                        blk[2..4].copy_from_slice(&f16(0.0007));
+                    }
+                }
+                assert_paths_identical(&pool, ty, rows, cols, &[2, 11, 17, m], &data, &x);
+            }
+        }
+    }
+}
