@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine of this kind: fetches the default model (cached),
 # runs every Rust test (unit, model, conformance with llama.cpp, HTTP, end-to-end) and the
-# Python end-to-end tests with the official `openai` client (their venv is made from PyPI).
+# Python end-to-end tests with the official `openai` client (their venv is made from PyPI),
+# then the GPU check script on the CPU binary.
 #
 # Usage: scripts/test.sh
 set -euo pipefail
@@ -12,3 +13,7 @@ export LLM_WORKER_MODEL
 
 cargo test --all-targets
 scripts/test-python.sh
+# The GPU check script, run with the CPU binary the tests built, so a GPU session never finds it
+# broken (it is what a lent GPU machine runs; see README, GPU builds).
+bash scripts/gpu-check.sh --bin target/debug/llm-worker-rbee-cpu --model "$LLM_WORKER_MODEL" \
+    --streams 2 --bench-tokens 8

@@ -1,5 +1,7 @@
 //! End to end on the default model (SmolLM2-135M-Instruct Q4_1): a real socket, a real SSE
-//! client, and the real binary stopped with SIGTERM.
+//! client, and the real binary stopped with SIGTERM. The job API's rules that `http_jobs.rs`
+//! checks on the fake model run here too, from the same bodies (`common::job_api`), with short
+//! jobs so that each test takes a few seconds at most.
 //!
 //! The model comes from `LLM_WORKER_MODEL`, else the project cache
 //! (`scripts/fetch-default-model.sh` puts it there). Without it these tests fail and say how to
@@ -11,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::client::{Client, infer};
 use common::default_model::{default_model_path, load_default_model};
+use common::job_api::{self, TooLong};
 use common::process::WorkerProcess;
 use common::sse::{SseEvent, assert_well_formed_ending};
-use common::worker::{serve, worker_config};
-use llm_worker_rbee::worker::Worker;
+use common::worker::{Setup, TestWorker};
 use serde_json::Value;
 
 /// The default model on the CPU is slower than the fake one.
@@ -45,17 +47,43 @@ async fn run(client: &Client, body: Value) -> (Vec<u64>, String, Vec<SseEvent>) 
     (ids, text, events)
 }
 
-async fn in_process_worker(parallel: usize) -> (Worker, Client) {
-    let backend = load_default_model().await;
-    let worker = Worker::new(worker_config(parallel));
-    worker.attach(backend).unwrap();
-    let client = model_client(serve(worker.router()).await);
-    (worker, client)
+/// An in-process worker set up as `setup` says, serving the default model (the fake model's
+/// fields of `setup` are unused).
+async fn model_worker(setup: Setup) -> TestWorker {
+    let w = TestWorker::start(Setup {
+        attach: false,
+        ..setup
+    })
+    .await;
+    w.worker.attach(load_default_model().await).unwrap();
+    w
+}
+
+/// One slot and four queue places.
+fn one_slot() -> Setup {
+    Setup {
+        parallel: 1,
+        queue: 4,
+        ..Setup::default()
+    }
+}
+
+/// A job far longer than any test waits for (about 25 s alone): it is cancelled or deleted.
+fn long() -> Value {
+    infer(
+        &chat("Count from one to one thousand, one number per line."),
+        1000,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_stream_alone_and_together_with_the_same_greedy_output() {
-    let (_worker, client) = in_process_worker(4).await;
+    let w = model_worker(Setup {
+        parallel: 4,
+        ..Setup::default()
+    })
+    .await;
+    let client = model_client(w.base.clone());
     let prompts = [
         chat("What is the capital of France?"),
         chat("Name three colors."),
@@ -123,6 +151,82 @@ async fn jobs_stream_alone_and_together_with_the_same_greedy_output() {
          token events), slot free after {:?}",
         t.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_a_queued_job_while_the_running_one_completes() {
+    let w = model_worker(one_slot()).await;
+    let running = infer(&chat("Describe the sea."), 24);
+    let (_, mut running_stream) =
+        job_api::delete_a_queued_job(&w, running, infer(&chat("Name three colors."), 8)).await;
+    let rest = running_stream.collect(WAIT).await;
+    let (end, sentinel) = assert_well_formed_ending(&rest);
+    assert_eq!(sentinel.data, "[DONE]");
+    assert_eq!(end.json()["stop_reason"], "max_tokens", "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_slot() {
+    let w = model_worker(Setup {
+        grace: Duration::from_millis(200),
+        ..one_slot()
+    })
+    .await;
+    let next = infer(&chat("What is the capital of France?"), 8);
+    job_api::a_client_that_goes_away_frees_its_slot(&w, long(), next).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattach_with_last_event_id_loses_and_repeats_nothing() {
+    let w = model_worker(Setup {
+        grace: Duration::from_secs(5),
+        ..one_slot()
+    })
+    .await;
+    let body = infer(&chat("Tell me a story about a fox."), 32);
+    let joined = job_api::reattach_with_last_event_id_loses_and_repeats_nothing(&w, body, 4).await;
+    let end = joined[joined.len() - 2].json();
+    assert_eq!(end["stop_reason"], "max_tokens", "{end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_503_with_retry_after_at_once() {
+    let w = model_worker(Setup {
+        queue: 1,
+        ..one_slot()
+    })
+    .await;
+    job_api::a_full_queue_is_503_with_retry_after_at_once(&w, long()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_bodies_each_get_their_4xx() {
+    let w = model_worker(Setup::default()).await;
+    let meta = &w.worker.registry().served().unwrap().meta;
+    let prompt = "hello ".repeat(meta.context_length);
+    let tokens = meta
+        .tokenizer
+        .encode_with_special(&prompt, true, true)
+        .unwrap()
+        .len();
+    assert!(tokens + 10 > meta.context_length, "{tokens} tokens fit");
+    let too_long = TooLong {
+        prompt,
+        tokens,
+        context: meta.context_length,
+    };
+    job_api::invalid_bodies_each_get_their_4xx(&w, &too_long).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_header_table() {
+    let token = "s3cret-token";
+    let w = model_worker(Setup {
+        token: Some(token),
+        ..Setup::default()
+    })
+    .await;
+    job_api::auth_header_table(&w, token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

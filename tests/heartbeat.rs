@@ -375,14 +375,17 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
 
     let hive = Hive::start().await;
     let mut worker = WorkerProcess::start(|command| {
+        // Exactly the flags the hive passes today; the rest come from the environment.
         command
-            .args(["--port", "0", "--parallel", "1", "--threads", "1"])
-            .args(["--ctx-size", "256", "--log-format", "json"])
-            .args(["--hive-url", &hive.url(), "--heartbeat-interval", "30s"])
-            .arg("--model")
+            .args(["--worker-id", "worker-7", "--model"])
             .arg(&model)
-            .env("LLM_WORKER_HIVE_TOKEN", "hive-secret")
-            .env_remove("LLORCH_LOG_FORMAT");
+            .args(["--device", "0", "--port", "0", "--queen-url", &hive.url()])
+            .env("LLM_WORKER_PARALLEL", "1")
+            .env("LLM_WORKER_THREADS", "1")
+            .env("LLM_WORKER_CTX_SIZE", "256")
+            .env("LLM_WORKER_HEARTBEAT_INTERVAL", "30s")
+            .env("LLORCH_LOG_FORMAT", "json")
+            .env("LLM_WORKER_HIVE_TOKEN", "hive-secret");
     });
     let mut log: Vec<Value> = Vec::new();
     let ready_line = worker.wait_for_line(WAIT, "the worker never said it was ready", |line| {
@@ -401,6 +404,7 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     let ready = hive.wait_for_status("ready").await;
     let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(ready.body["worker"]["port"], port);
+    assert_eq!(ready.body["worker"]["id"], "worker-7");
     assert_eq!(ready.body["worker"]["model_id"], "tiny");
     assert_eq!(ready.body["worker"]["ctx_size"], 256);
 

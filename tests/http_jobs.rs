@@ -9,7 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::client::{Client, infer};
-use common::fake_backend::{EOS, MODEL, SCRIPT, ScriptedBackend, script_tokens};
+use common::fake_backend::{EOS, Fault, FaultKind, MODEL, SCRIPT, ScriptedBackend, script_tokens};
+use common::job_api::{self, TooLong, expect_error, text_of, token_indices};
 use common::sse::{SseEvent, SseReader, assert_well_formed_ending};
 use common::worker::{Setup, TestWorker, serve};
 use common::{WAIT, wait_until};
@@ -24,33 +25,6 @@ fn setup() -> Setup {
         grace: Duration::from_secs(10),
         context: CONTEXT,
         ..Setup::default()
-    }
-}
-
-impl TestWorker {
-    async fn job_state(&self, id: &str) -> String {
-        let (_, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
-        v["state"].as_str().unwrap_or("?").to_string()
-    }
-}
-
-fn text_of(events: &[SseEvent]) -> String {
-    events
-        .iter()
-        .filter(|e| e.name() == "token")
-        .map(|e| e.json()["t"].as_str().unwrap().to_string())
-        .collect()
-}
-
-async fn read_until_token(reader: &mut SseReader, index: u64) -> Vec<SseEvent> {
-    let mut seen = Vec::new();
-    loop {
-        let e = reader.next_within(WAIT).await.expect("stream ended early");
-        let done = e.name() == "token" && e.json()["i"] == index;
-        seen.push(e);
-        if done {
-            return seen;
-        }
     }
 }
 
@@ -185,150 +159,15 @@ async fn the_legacy_inference_body_and_client_job_ids() {
 // ---------------------------------------------------------------------------------------------
 // Validation, routing, body rules
 
-async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(r.status(), status, "want {status} {code}");
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].is_string(), "{v}");
-    v
-}
-
 #[tokio::test]
 async fn invalid_bodies_each_get_their_4xx() {
     let w = TestWorker::start(setup()).await;
-    let long_prompt = "x".repeat(CONTEXT - 5);
-    let cases: Vec<(&str, Value, Vec<&str>)> = vec![
-        (
-            "empty prompt",
-            json!({"operation": "infer", "prompt": "", "max_tokens": 5}),
-            vec!["prompt"],
-        ),
-        (
-            "missing prompt",
-            json!({"operation": "infer", "max_tokens": 5}),
-            vec!["prompt"],
-        ),
-        (
-            "max_tokens 0",
-            json!({"operation": "infer", "prompt": "a", "max_tokens": 0}),
-            vec!["max_tokens"],
-        ),
-        (
-            "temperature",
-            json!({"operation": "infer", "prompt": "a", "temperature": 2.5}),
-            vec!["temperature"],
-        ),
-        (
-            "top_p 0",
-            json!({"operation": "infer", "prompt": "a", "top_p": 0}),
-            vec!["top_p"],
-        ),
-        (
-            "min_p",
-            json!({"operation": "infer", "prompt": "a", "min_p": 1.5}),
-            vec!["min_p"],
-        ),
-        (
-            "penalties",
-            json!({"operation": "infer", "prompt": "a", "repetition_penalty": 0,
-                             "presence_penalty": 2.5, "frequency_penalty": -9}),
-            vec![
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-            ],
-        ),
-        (
-            "five stops",
-            json!({"operation": "infer", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}),
-            vec!["stop"],
-        ),
-        (
-            "long stop",
-            json!({"operation": "infer", "prompt": "a", "stop": ["x".repeat(101)]}),
-            vec!["stop[0]"],
-        ),
-        (
-            "context",
-            json!({"operation": "infer", "prompt": long_prompt, "max_tokens": 10}),
-            vec!["prompt"],
-        ),
-        (
-            "other model",
-            json!({"operation": "infer", "prompt": "a", "model": "gpt-4"}),
-            vec!["model"],
-        ),
-        (
-            "unknown operation",
-            json!({"operation": "train", "prompt": "a"}),
-            vec!["operation"],
-        ),
-        ("no operation", json!({"prompt": "a"}), vec!["operation"]),
-        (
-            "wrong types",
-            json!({"operation": "infer", "prompt": ["a"], "max_tokens": "5", "seed": -1}),
-            vec!["prompt", "max_tokens", "seed"],
-        ),
-        (
-            "everything at once",
-            json!({"operation": "infer", "prompt": "", "max_tokens": 0,
-                                      "temperature": -1, "top_p": 2, "model": "m"}),
-            vec!["prompt", "max_tokens", "temperature", "top_p", "model"],
-        ),
-    ];
-    for (name, body, fields) in cases {
-        let r = w.post("/v1/jobs", &body).await;
-        let v = expect_error(r, 400, "INVALID_REQUEST").await;
-        let got: Vec<&str> = v["error"]["details"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{name}: no details: {v}"))
-            .iter()
-            .map(|d| d["field"].as_str().unwrap())
-            .collect();
-        assert_eq!(got, fields, "{name}: {v}");
-        if name == "context" {
-            let m = v["error"]["details"][0]["message"].as_str().unwrap();
-            assert!(
-                m.contains(&format!("({} tokens)", CONTEXT - 5)) && m.contains("(10)"),
-                "{m}"
-            );
-        }
-    }
-
-    let raw = |body: &'static str, content_type: Option<&'static str>| {
-        let mut rb = w.http.post(format!("{}/v1/jobs", w.base)).body(body);
-        if let Some(ct) = content_type {
-            rb = rb.header("content-type", ct);
-        }
-        rb.send()
+    let too_long = TooLong {
+        prompt: "x".repeat(CONTEXT - 5),
+        tokens: CONTEXT - 5,
+        context: CONTEXT,
     };
-    expect_error(
-        raw("{", Some("application/json")).await.unwrap(),
-        400,
-        "INVALID_REQUEST",
-    )
-    .await;
-    expect_error(
-        raw("[1]", Some("application/json")).await.unwrap(),
-        400,
-        "INVALID_REQUEST",
-    )
-    .await;
-    let ok = r#"{"operation":"infer","prompt":"a","max_tokens":1}"#;
-    expect_error(
-        raw(ok, Some("text/plain")).await.unwrap(),
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
-    .await;
-    expect_error(raw(ok, None).await.unwrap(), 415, "UNSUPPORTED_MEDIA_TYPE").await;
-    let r = raw(ok, Some("application/json; charset=utf-8"))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-
-    let huge = json!({"operation": "infer", "prompt": "a".repeat(3 << 20)});
-    expect_error(w.post("/v1/jobs", &huge).await, 413, "PAYLOAD_TOO_LARGE").await;
+    job_api::invalid_bodies_each_get_their_4xx(&w, &too_long).await;
 }
 
 #[tokio::test]
@@ -366,69 +205,13 @@ async fn unknown_jobs_and_routes_are_404() {
 
 #[tokio::test]
 async fn auth_header_table() {
+    let token = "s3cret-token";
     let w = TestWorker::start(Setup {
-        token: Some("s3cret-token"),
+        token: Some(token),
         ..setup()
     })
     .await;
-    let cases: &[(Option<&str>, u16, Option<&str>)] = &[
-        (None, 401, Some("MISSING_API_KEY")),
-        (Some("Bearer"), 401, Some("MISSING_API_KEY")),
-        (Some("Basic czNjcmV0LXRva2Vu"), 401, Some("MISSING_API_KEY")),
-        (Some("Bearer wrong"), 401, Some("INVALID_API_KEY")),
-        (
-            Some("Bearer s3cret-token-and-more"),
-            401,
-            Some("INVALID_API_KEY"),
-        ),
-        (Some("Bearer s3cret-token"), 200, None),
-        (Some("bearer s3cret-token"), 200, None),
-    ];
-    for path in ["/info", "/v1/jobs"] {
-        for (header, status, code) in cases {
-            let mut rb = if path == "/info" {
-                w.http.get(format!("{}{path}", w.base))
-            } else {
-                w.http
-                    .post(format!("{}{path}", w.base))
-                    .json(&infer("a", 1))
-            };
-            if let Some(h) = header {
-                rb = rb.header("authorization", *h);
-            }
-            let r = rb.send().await.unwrap();
-            assert_eq!(r.status(), *status, "{path} with {header:?}");
-            if let Some(code) = code {
-                assert_eq!(r.headers()["www-authenticate"], "Bearer");
-                let v: Value = r.json().await.unwrap();
-                assert_eq!(v["error"]["code"], *code, "{path} with {header:?}");
-            }
-        }
-    }
-    // Streams, status and cancel are protected too; health is public.
-    for path in ["/v1/jobs/x", "/v1/jobs/x/stream", "/v1/inference/x/stream"] {
-        let r = w
-            .http
-            .get(format!("{}{path}", w.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "{path}");
-    }
-    let r = w
-        .http
-        .delete(format!("{}/v1/jobs/x", w.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = w
-        .http
-        .get(format!("{}/health", w.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    job_api::auth_header_table(&w, token).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,64 +226,22 @@ fn slow(parallel: usize, queue: usize) -> Setup {
     }
 }
 
+/// A job that runs for 12 s unless it is stopped.
+fn long() -> Value {
+    infer("a", 400)
+}
+
 #[tokio::test]
 async fn a_full_queue_is_503_with_retry_after_at_once() {
     let w = TestWorker::start(slow(1, 1)).await;
-    let running = w.create(infer("a", 400)).await;
-    let _running_stream = w.stream(&running, None).await;
-    wait_until("the first job runs", || async {
-        w.job_state(&running).await == "running"
-    })
-    .await;
-    let queued = w.create(infer("b", 400)).await;
-    let mut queued_stream = w.stream(&queued, None).await;
-    let first = queued_stream.next_within(WAIT).await.unwrap();
-    assert_eq!(first.name(), "queued");
-    assert_eq!(first.json()["position"], 0);
-    let (_, status) = w.get_json(&format!("/v1/jobs/{queued}")).await;
-    assert_eq!(status["state"], "queued");
-    assert_eq!(status["queue_position"], 0);
-
-    let t = Instant::now();
-    let r = w.post("/v1/jobs", &infer("c", 5)).await;
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "503 must be immediate"
-    );
-    let retry_after: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(retry_after >= 1);
-    let v = expect_error(r, 503, "ALL_SLOTS_BUSY").await;
-    assert_eq!(v["error"]["queue_depth"], 1);
-    assert_eq!(v["error"]["retry_after_s"], retry_after);
-
-    let (_, health) = w.get_json("/health").await;
-    assert_eq!(health["status"], "busy");
-    assert_eq!(health["queue_depth"], 1);
+    job_api::a_full_queue_is_503_with_retry_after_at_once(&w, long()).await;
 }
 
 #[tokio::test]
 async fn delete_a_queued_job_and_a_running_one() {
     let w = TestWorker::start(slow(1, 4)).await;
-    let running = w.create(infer("a", 400)).await;
-    let mut running_stream = w.stream(&running, None).await;
-    let queued = w.create(infer("b", 5)).await;
-    let queued_stream = w.stream(&queued, None).await;
-    read_until_token(&mut running_stream, 1).await;
-
-    assert_eq!(w.delete(&queued).await, 204);
-    assert_eq!(w.delete(&queued).await, 204, "idempotent");
-    let mut queued_stream = queued_stream;
-    let events = queued_stream.collect(WAIT).await;
-    let (terminal, sentinel) = assert_well_formed_ending(&events);
-    assert_eq!(terminal.json()["code"], "CANCELLED");
-    assert_eq!(terminal.json()["reason"], "client");
-    assert_eq!(sentinel.data, "[CANCELLED]");
-    assert!(events.iter().all(|e| e.name() != "started"));
-    assert_eq!(w.job_state(&queued).await, "cancelled");
+    let (running, mut running_stream) =
+        job_api::delete_a_queued_job(&w, long(), infer("b", 5)).await;
 
     let t = Instant::now();
     assert_eq!(w.delete(&running).await, 204);
@@ -526,29 +267,7 @@ async fn a_client_that_goes_away_frees_its_slot() {
         ..slow(1, 4)
     })
     .await;
-    let id = w.create(infer("a", 400)).await;
-    let mut reader = w.stream(&id, None).await;
-    read_until_token(&mut reader, 2).await;
-    let dropped_at = Instant::now();
-    drop(reader);
-    wait_until("the abandoned job is cancelled", || async {
-        w.job_state(&id).await == "cancelled"
-    })
-    .await;
-    wait_until("the slot is free", || async { w.slots_busy().await == 0 }).await;
-    let freed_after = dropped_at.elapsed();
-    assert!(freed_after < Duration::from_secs(2), "took {freed_after:?}");
-    // Its log says why.
-    let events = w.stream(&id, None).await.collect(WAIT).await;
-    let (terminal, _) = assert_well_formed_ending(&events);
-    assert_eq!(terminal.json()["reason"], "disconnect");
-
-    // A job nobody ever attaches to is cancelled too (grace counted from creation).
-    let never = w.create(infer("b", 400)).await;
-    wait_until("the unwatched job is cancelled", || async {
-        w.job_state(&never).await == "cancelled"
-    })
-    .await;
+    job_api::a_client_that_goes_away_frees_its_slot(&w, long(), infer("b", 3)).await;
 }
 
 #[tokio::test]
@@ -558,37 +277,13 @@ async fn reattach_with_last_event_id_loses_and_repeats_nothing() {
         ..slow(1, 4)
     })
     .await;
-    let id = w.create(infer("a", 30)).await;
-    let mut first = w.stream(&id, None).await;
-    let part1 = read_until_token(&mut first, 4).await;
-    drop(first);
-    let last_id = part1.last().unwrap().id.unwrap();
-    // Let a few tokens be generated while nobody listens.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let part2 = w.stream(&id, Some(last_id)).await.collect(WAIT).await;
-    let mut joined = part1.clone();
-    joined.extend(part2);
-    assert_well_formed_ending(&joined);
-
-    let replay = w.stream(&id, None).await.collect(WAIT).await;
-    assert_eq!(joined, replay, "resumed = replayed from the start");
-    let indices: Vec<u64> = joined
-        .iter()
-        .filter(|e| e.name() == "token")
-        .map(|e| e.json()["i"].as_u64().unwrap())
-        .collect();
-    assert_eq!(indices, (0..30).collect::<Vec<_>>());
+    let joined =
+        job_api::reattach_with_last_event_id_loses_and_repeats_nothing(&w, infer("a", 30), 4).await;
     assert_eq!(
         text_of(&joined),
         SCRIPT.repeat(2),
         "30 tokens are the script twice"
     );
-
-    // Resuming after the terminal event yields only the sentinel.
-    let terminal_id = replay[replay.len() - 2].id.unwrap();
-    let tail = w.stream(&id, Some(terminal_id)).await.collect(WAIT).await;
-    assert_eq!(tail.len(), 1);
-    assert_eq!(tail[0].data, "[DONE]");
 }
 
 #[tokio::test]
@@ -628,6 +323,78 @@ async fn a_full_registry_evicts_the_oldest_finished_jobs() {
         known.push(w.get_json(&format!("/v1/jobs/{id}")).await.0 == 200);
     }
     assert_eq!(known, [false, false, true, true, true, true]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A failing model
+
+/// Forward number 10 of the fake model goes wrong while two jobs run and a third waits: both
+/// running jobs end with `error` + `[ERROR] …` (never `[DONE]`) and state `failed`, and the
+/// waiting job and a later one then run normally. Returns the error event of the first job.
+async fn a_failed_step_ends_the_jobs_in_it(kind: FaultKind) -> Value {
+    let fault = Fault { step: 10, kind };
+    let w = TestWorker::start(Setup {
+        fault: Some(fault),
+        ..slow(2, 4)
+    })
+    .await;
+    let mut failing = Vec::new();
+    for _ in 0..2 {
+        let id = w.create(long()).await;
+        failing.push((id.clone(), w.stream(&id, None).await));
+    }
+    let waiting = w.create(infer("c", 5)).await;
+    let waiting_stream = w.stream(&waiting, None).await;
+
+    let mut errors = Vec::new();
+    let mut tokens = Vec::new();
+    for (id, mut reader) in failing {
+        let events = reader.collect(WAIT).await;
+        let (terminal, sentinel) = assert_well_formed_ending(&events);
+        let error = terminal.json();
+        assert_eq!(error["type"], "error", "{events:?}");
+        assert_eq!(error["code"], "INFERENCE_FAILED");
+        assert!(error.get("reason").is_none(), "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert_eq!(sentinel.data, format!("[ERROR] {message}"));
+        assert!(events.iter().all(|e| e.data != "[DONE]"));
+        assert_eq!(w.job_state(&id).await, "failed");
+        tokens.push(token_indices(&events).len());
+        errors.push(error);
+    }
+    assert_eq!(errors[0]["message"], errors[1]["message"]);
+    // Step 10 was the faulty one: the first job ran from step 0, the second from step 0 or
+    // soon after, and neither got a token from step 10 or after it.
+    assert_eq!(tokens[0], 10, "{tokens:?}");
+    assert!((1..=10).contains(&tokens[1]), "{tokens:?}");
+
+    let mut waiting_stream = waiting_stream;
+    let events = waiting_stream.collect(WAIT).await;
+    assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
+    assert_eq!(text_of(&events), "Hello");
+    assert_eq!(text_of(&w.run(infer("d", 3)).await), "Hel");
+    // The engine publishes its slot count after the step that ended the job.
+    wait_until("the slots are free", || async { w.slots_busy().await == 0 }).await;
+    let (_, health) = w.get_json("/health").await;
+    assert_eq!(health["status"], "ok");
+    errors.swap_remove(0)
+}
+
+#[tokio::test]
+async fn a_backend_error_fails_the_jobs_in_its_step_and_the_worker_goes_on() {
+    let error = a_failed_step_ends_the_jobs_in_it(FaultKind::Error).await;
+    let fault = Fault {
+        step: 10,
+        kind: FaultKind::Error,
+    };
+    assert_eq!(error["message"], fault.message());
+}
+
+#[tokio::test]
+async fn a_panic_in_a_step_fails_its_jobs_and_the_worker_goes_on() {
+    let error = a_failed_step_ends_the_jobs_in_it(FaultKind::Panic).await;
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("panic"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -701,6 +468,7 @@ async fn shutdown_ends_every_stream_with_a_terminal_event() {
         assert_eq!(sentinel.data, "[CANCELLED]");
     }
     let r = w.post("/v1/jobs", &infer("e", 1)).await;
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     expect_error(r, 503, "SHUTTING_DOWN").await;
     let (status, v) = w.get_json("/health").await;
     assert_eq!((status, v["status"].as_str()), (200, Some("draining")));

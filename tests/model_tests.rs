@@ -1,6 +1,7 @@
 //! The decoder on tiny random-weight models written by the tests: the GGUF and safetensors
 //! paths agree, agree with Candle's own `candle-transformers` implementations, batching does
-//! not change results, and broken files give typed errors instead of panics.
+//! not change results, the accelerators' attention path (run here on the CPU device) agrees
+//! with the CPU's, and broken files give typed errors instead of panics.
 
 mod common;
 
@@ -11,11 +12,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::tiny_models::{
     Arch, NamedWeight, TempDir, TinySpec, gguf_writer, random_weights, write_hf_dir,
+    write_hf_dir_with,
 };
 use llm_worker_rbee::kernels::ThreadPool;
 use llm_worker_rbee::model::ModelError;
 use llm_worker_rbee::model::config::ModelConfig;
-use llm_worker_rbee::model::decoder::{Decoder, ForwardItem};
+use llm_worker_rbee::model::decoder::{AttentionPath, Decoder, DecoderOptions, ForwardItem};
 use llm_worker_rbee::model::gguf::{GgufError, GgufFile};
 use llm_worker_rbee::model::weights::WeightStore;
 
@@ -69,6 +71,32 @@ impl Tiny {
                 .expect("open safetensors");
         Decoder::load(cfg, &store, &Device::Cpu, self.spec.context, Some(pool())).expect("load hf")
     }
+
+    /// The safetensors model on the accelerators' path (Candle attention and KV tensors), run
+    /// on the CPU device; `half`: dense matrices in half precision as on a GPU.
+    fn device_decoder(&self, half: bool) -> Decoder {
+        hf_dir_decoder(&self.hf_dir, self.spec.context, device_options(half))
+    }
+}
+
+fn device_options(half: bool) -> DecoderOptions {
+    DecoderOptions {
+        // Given to show that the device path ignores the CPU kernels.
+        cpu_pool: Some(pool()),
+        attention: Some(AttentionPath::Device),
+        half_weights: Some(half),
+    }
+}
+
+/// A decoder for the single-file safetensors checkpoint in `dir`.
+fn hf_dir_decoder(dir: &std::path::Path, context: usize, options: DecoderOptions) -> Decoder {
+    let cfg_text = std::fs::read_to_string(dir.join("config.json")).expect("config");
+    let cfg = ModelConfig::from_hf_json(&cfg_text, "config.json").expect("parse config");
+    let store = WeightStore::open_safetensors(dir, &[dir.join("model.safetensors")])
+        .expect("open safetensors");
+    let decoder = Decoder::load_with(cfg, &store, &Device::Cpu, context, options).expect("load");
+    assert!(!decoder.uses_cpu_path());
+    decoder
 }
 
 fn pool() -> Arc<ThreadPool> {
@@ -261,6 +289,14 @@ fn decoder_agrees_with_candle_transformers_for_every_architecture() {
             &ours,
             &reference,
             F16_CACHE_TOLERANCE,
+        );
+        // The device path keeps them in f32 too: only summation order differs.
+        let device = run(&t.device_decoder(false));
+        assert_close(
+            &format!("{arch:?} device path vs candle-transformers"),
+            &device,
+            &reference,
+            F32_REORDER_TOLERANCE,
         );
     }
 }
@@ -626,5 +662,366 @@ fn load_model_reads_weights_tokenizer_template_and_stop_tokens_from_both_formats
             .expect("forward");
         assert_eq!(logits[0].len(), t.spec.vocab);
         assert!(logits[0].iter().all(|l| l.is_finite()));
+    }
+}
+
+#[test]
+fn a_chat_template_that_does_not_compile_leaves_the_model_usable() {
+    use llm_worker_rbee::model::{LoadOptions, load_model};
+    let t = tiny(Arch::Llama);
+    let broken = "{% for m in messages %}<{{ m['role'] }}>";
+    let gguf = t.hf_dir.with_file_name("broken-template.gguf");
+    let mut writer = gguf_writer(&t.spec, &random_weights(&t.spec, 5), None);
+    writer.metadata("tokenizer.chat_template", broken.into());
+    writer.write(&gguf).expect("write");
+    let config_path = t.hf_dir.join("tokenizer_config.json");
+    let config = std::fs::read_to_string(&config_path).expect("read");
+    let mut config: serde_json::Value = serde_json::from_str(&config).expect("json");
+    config["chat_template"] = broken.into();
+    std::fs::write(&config_path, config.to_string()).expect("write");
+    for path in [gguf, t.hf_dir.clone()] {
+        let model = load_model(&path, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(model.chat_template.is_none(), "{}", path.display());
+        assert!(model.tokenizer.encode("hi", false).is_ok());
+    }
+}
+
+// The accelerators' path (Candle attention over KV tensors, `AttentionPath::Device`), which the
+// CUDA and Metal builds run, checked here on the CPU device against the CPU's host path.
+
+/// Relative logit tolerance between two runs of the device path that differ only in how rows
+/// are grouped into matmuls (batching, chunking): f32 throughout, so only summation order
+/// differs (observed: about 1e-6).
+const F32_REORDER_TOLERANCE: f32 = 1e-5;
+
+/// Deterministic token ids below the tiny vocabulary.
+fn token_stream(seed: u32, len: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (x >> 16) % 256
+        })
+        .collect()
+}
+
+/// Tokens fed to each of three sequences at each step (0: the sequence sits the step out).
+/// Sequence 0 reaches 270 positions at step 3, past the first cache allocation (256).
+const SCHEDULE: [[usize; 7]; 3] = [
+    [100, 1, 60, 109, 1, 1, 1],
+    [9, 1, 1, 0, 1, 1, 1],
+    [0, 0, 13, 7, 1, 1, 1],
+];
+
+struct ScheduleRun {
+    /// Per sequence, the logits after each chunk it was fed.
+    logits: Vec<Vec<Vec<f32>>>,
+    /// Per step, sequence 0's cache bytes after it.
+    first_cache_bytes: Vec<usize>,
+}
+
+/// Runs `chunks[s]` of `streams[s]` for every sequence; `together`: one forward per step over
+/// every sequence fed that step, else each sequence alone.
+fn run_schedule(
+    decoder: &Decoder,
+    streams: &[Vec<u32>],
+    chunks: &[Vec<usize>],
+    together: bool,
+) -> ScheduleRun {
+    let mut caches: Vec<_> = streams.iter().map(|_| decoder.new_cache()).collect();
+    let mut fed = vec![0usize; streams.len()];
+    let mut logits = vec![Vec::new(); streams.len()];
+    let mut first_cache_bytes = Vec::new();
+    let steps = chunks.iter().map(Vec::len).max().unwrap_or(0);
+    for step in 0..steps {
+        let active: Vec<usize> = (0..streams.len())
+            .filter(|&s| chunks[s].get(step).copied().unwrap_or(0) > 0)
+            .collect();
+        let groups: Vec<Vec<usize>> = if together {
+            vec![active]
+        } else {
+            active.into_iter().map(|s| vec![s]).collect()
+        };
+        for group in groups {
+            let mut items = Vec::new();
+            for (s, cache) in caches.iter_mut().enumerate() {
+                if group.contains(&s) {
+                    let n = chunks[s][step];
+                    items.push(ForwardItem {
+                        cache,
+                        tokens: &streams[s][fed[s]..fed[s] + n],
+                    });
+                }
+            }
+            let out = decoder.forward(&mut items).expect("forward");
+            drop(items);
+            for (i, &s) in group.iter().enumerate() {
+                fed[s] += chunks[s][step];
+                logits[s].push(out[i].clone());
+                assert_eq!(caches[s].len(), fed[s]);
+            }
+        }
+        first_cache_bytes.push(caches[0].allocated_bytes());
+    }
+    ScheduleRun {
+        logits,
+        first_cache_bytes,
+    }
+}
+
+#[test]
+fn device_path_on_the_cpu_matches_the_host_path_for_every_architecture() {
+    for arch in Arch::ALL {
+        let mut spec = TinySpec::new(arch);
+        // Room to grow the cache past its first 256 positions; Mistral keeps its 6-token window
+        // so chunks longer than the window go through the mask.
+        spec.context = 512;
+        let t = tiny_with(spec);
+        let host = t.hf_decoder();
+        let device = t.device_decoder(false);
+        assert_eq!(host.attention_path(), AttentionPath::Host);
+        assert_eq!(device.attention_path(), AttentionPath::Device);
+
+        let streams: Vec<Vec<u32>> = (0..3).map(|s| token_stream(s + arch as u32, 300)).collect();
+        let chunks: Vec<Vec<usize>> = SCHEDULE.iter().map(|c| c.to_vec()).collect();
+        let on_host = run_schedule(&host, &streams, &chunks, true);
+        let batched = run_schedule(&device, &streams, &chunks, true);
+        let alone = run_schedule(&device, &streams, &chunks, false);
+        // Sequence 0's cache grew at step 3, keeping what it held.
+        let bytes = &batched.first_cache_bytes;
+        assert!(
+            bytes[3] == 2 * bytes[2] && bytes[0] == bytes[2],
+            "{arch:?}: cache bytes per step {bytes:?}"
+        );
+        for s in 0..3 {
+            // Host keys and values are f16 (see F16_CACHE_TOLERANCE); the device's are f32.
+            assert_close(
+                &format!("{arch:?} sequence {s}: device vs host"),
+                &batched.logits[s],
+                &on_host.logits[s],
+                F16_CACHE_TOLERANCE,
+            );
+            assert_close(
+                &format!("{arch:?} sequence {s}: device batched vs alone"),
+                &batched.logits[s],
+                &alone.logits[s],
+                F32_REORDER_TOLERANCE,
+            );
+        }
+        // Sequence 0's 270-token prompt in one forward instead of four chunks.
+        let whole = vec![vec![270, 1, 1, 1]];
+        let at_once = run_schedule(&device, &streams[..1], &whole, false);
+        assert_close(
+            &format!("{arch:?}: prompt in chunks vs at once"),
+            &batched.logits[0][3..],
+            &at_once.logits[0],
+            F32_REORDER_TOLERANCE,
+        );
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy generation of `n` tokens after `prompt`, fed in chunks of `chunk`: the ids and the
+/// logits each was chosen from.
+fn greedy(decoder: &Decoder, prompt: &[u32], chunk: usize, n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = decoder.new_cache();
+    let mut last = Vec::new();
+    for part in prompt.chunks(chunk) {
+        last = decoder
+            .forward(&mut [ForwardItem {
+                cache: &mut cache,
+                tokens: part,
+            }])
+            .expect("prefill")
+            .remove(0);
+    }
+    let (mut ids, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let next = argmax(&last);
+        ids.push(next);
+        steps.push(last);
+        last = decoder
+            .forward(&mut [ForwardItem {
+                cache: &mut cache,
+                tokens: &[next],
+            }])
+            .expect("decode")
+            .remove(0);
+    }
+    (ids, steps)
+}
+
+#[test]
+fn device_path_greedy_continuation_equals_the_host_path() {
+    for arch in Arch::ALL {
+        let mut spec = TinySpec::new(arch);
+        spec.context = 512;
+        let t = tiny_with(spec);
+        // 245 prompt tokens in chunks of 64, then 24 decoded: the cache grows mid-decode.
+        let prompt = token_stream(7 + arch as u32, 245);
+        let (host_ids, host_logits) = greedy(&t.hf_decoder(), &prompt, 64, 24);
+        let (device_ids, _) = greedy(&t.device_decoder(false), &prompt, 64, 24);
+        // The paths' logits differ by up to F16_CACHE_TOLERANCE, so only a near-tie could pick
+        // differently; these seeds have none (the closest top two are 4.9e-3 of the scale
+        // apart), so the ids must be equal. (Llama and Qwen2, with tied embeddings, repeat one
+        // token; the others vary.)
+        if let Some(step) = (0..host_ids.len()).find(|&i| host_ids[i] != device_ids[i]) {
+            let l = &host_logits[step];
+            let scale = l.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let mut sorted = l.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            panic!(
+                "{arch:?}: greedy ids diverge at step {step} (host top-2 margin {} of scale \
+                 {scale}): host {host_ids:?}, device {device_ids:?}",
+                sorted[0] - sorted[1]
+            );
+        }
+    }
+}
+
+#[test]
+fn device_path_runs_gguf_weights_float_and_quantized() {
+    for arch in Arch::ALL {
+        let t = tiny(arch);
+        for (quant, tol) in [
+            (None, F16_CACHE_TOLERANCE),
+            // Both quantize activations to 8 bits before each matmul (Candle's kernels here,
+            // ours on the CPU path), so the f16-vs-f32 cache difference above flips a few
+            // activation quants per block; observed up to 0.034. A wrong mask, position or
+            // cache copy moves logits by O(0.1) or more.
+            (Some(GgmlDType::Q8_0), 5e-2),
+        ] {
+            let path = t.gguf(quant);
+            let host = gguf_decoder(&path);
+            let file = GgufFile::open(&path).expect("open gguf");
+            let cfg = ModelConfig::from_gguf(&file).expect("gguf config");
+            let device = Decoder::load_with(
+                cfg,
+                &WeightStore::Gguf(Arc::new(file)),
+                &Device::Cpu,
+                t.spec.context,
+                device_options(false),
+            )
+            .expect("load");
+            assert!(host.uses_cpu_path() && !device.uses_cpu_path());
+            assert_close(
+                &format!("{arch:?} {quant:?}: device vs CPU path"),
+                &run(&device),
+                &run(&host),
+                tol,
+            );
+        }
+    }
+}
+
+/// [`run`] on the model in `dir`, loaded by `load_model` as the CPU worker serves it.
+fn load_and_run(dir: &std::path::Path) -> Vec<Vec<f32>> {
+    use llm_worker_rbee::model::{LoadOptions, load_model};
+    let model = load_model(dir, &LoadOptions::default()).expect("load");
+    run(&model.decoder)
+}
+
+#[test]
+fn half_precision_weights_stay_close_to_f32_on_the_device_path() {
+    for arch in Arch::ALL {
+        let t = tiny(arch);
+        let full = run(&t.device_decoder(false));
+        let half = run(&t.device_decoder(true));
+        // F32 matrices become F16 and every matmul input is rounded to F16 (2^-11 relative);
+        // two layers of that moved the logits by up to 1.2e-3 here.
+        assert_close(&format!("{arch:?} f16 weights"), &half, &full, 5e-3);
+        assert!(
+            half.iter()
+                .zip(&full)
+                .any(|(a, b)| max_rel_diff(a, b) > 0.0),
+            "{arch:?}: half precision changed nothing: were the matrices converted?"
+        );
+        // A BF16 checkpoint stays BF16 (8-bit mantissa, 2^-8 relative per rounding): up to
+        // 8e-3 observed against the f32 checkpoint.
+        let bf16_dir = t.hf_dir.with_file_name("hf-bf16");
+        write_hf_dir_with(&bf16_dir, &t.spec, &t.weights, DType::BF16, 1);
+        let bf16 = run(&hf_dir_decoder(
+            &bf16_dir,
+            t.spec.context,
+            device_options(true),
+        ));
+        assert_close(&format!("{arch:?} bf16 weights"), &bf16, &full, 3e-2);
+    }
+}
+
+#[test]
+fn f16_and_bf16_safetensors_load_and_match_f32() {
+    for arch in Arch::ALL {
+        let t = tiny(arch);
+        let full = load_and_run(&t.hf_dir);
+        // On the CPU the stored halves are widened to f32, so only the weights' rounding
+        // differs: 2^-11 relative for F16, 2^-8 for BF16 (observed: up to 1.1e-3 and 6e-3).
+        for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+            let dir = t.hf_dir.with_file_name(format!("hf-{dtype:?}"));
+            write_hf_dir_with(&dir, &t.spec, &t.weights, dtype, 1);
+            assert_close(
+                &format!("{arch:?} {dtype:?} checkpoint vs f32"),
+                &load_and_run(&dir),
+                &full,
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn sharded_safetensors_give_the_same_logits_as_one_file() {
+    for arch in Arch::ALL {
+        let t = tiny(arch);
+        let dir = t.hf_dir.with_file_name("hf-sharded");
+        write_hf_dir_with(&dir, &t.spec, &t.weights, DType::F32, 2);
+        assert!(!dir.join("model.safetensors").exists());
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model.safetensors.index.json")).expect("index"),
+        )
+        .expect("index json");
+        let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+            .as_object()
+            .expect("weight map")
+            .values()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(shards.len(), 2, "{shards:?}");
+        // The same f32 values through the same code: bit for bit.
+        assert_eq!(load_and_run(&dir), load_and_run(&t.hf_dir), "{arch:?}");
+    }
+}
+
+#[test]
+fn generation_config_eos_token_ids_join_the_end_of_generation_set() {
+    use llm_worker_rbee::model::{LoadOptions, load_model};
+    let t = tiny(Arch::Llama);
+    let eog = || {
+        load_model(&t.hf_dir, &LoadOptions::default())
+            .expect("load")
+            .eog_tokens
+    };
+    // config.json and tokenizer_config.json declare 2.
+    assert_eq!(eog(), vec![2]);
+    for (eos, expected) in [
+        (serde_json::json!(7), vec![2, 7]),
+        (serde_json::json!([7, 9]), vec![2, 7, 9]),
+    ] {
+        std::fs::write(
+            t.hf_dir.join("generation_config.json"),
+            serde_json::json!({"bos_token_id": 1, "eos_token_id": eos}).to_string(),
+        )
+        .expect("write generation config");
+        assert_eq!(eog(), expected, "eos_token_id {eos}");
     }
 }

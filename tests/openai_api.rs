@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake_backend::{EOS, IM_END, IM_START, MODEL, script_tokens, tiny_tokenizer};
+use common::fake_backend::{
+    EOS, Fault, FaultKind, IM_END, IM_START, MODEL, script_tokens, tiny_tokenizer,
+};
 use common::sse::{SseEvent, SseReader};
 use common::worker::{Setup, TestWorker};
 use common::{WAIT, wait_until};
@@ -49,6 +51,17 @@ impl TestWorker {
         assert_eq!(r.headers()["content-type"], "text/event-stream");
         assert_eq!(r.headers()["x-accel-buffering"], "no");
         SseReader::new(r).collect(WAIT).await
+    }
+
+    /// A short greedy completion answers with the script's start: the engine serves.
+    async fn completes_a_request(&self) {
+        let v = self
+            .ok(
+                "/v1/completions",
+                json!({"prompt": "x", "temperature": 0, "max_tokens": 2}),
+            )
+            .await;
+        assert_eq!(v["choices"][0]["text"], "He");
     }
 
     fn job_state(&self, id: &str) -> Option<JobState> {
@@ -726,13 +739,63 @@ async fn a_client_that_gives_up_on_a_json_answer_cancels_its_job() {
     .await;
     assert!(took < Duration::from_secs(2), "{took:?}");
     // The engine is free again at once.
-    let v = w
-        .ok(
+    w.completes_a_request().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A failing model
+
+#[tokio::test]
+async fn a_failed_step_ends_a_stream_with_an_error_object_and_a_request_with_a_500() {
+    let fault = Fault {
+        step: 3,
+        kind: FaultKind::Error,
+    };
+    let w = TestWorker::start(Setup {
+        fault: Some(fault),
+        ..setup()
+    })
+    .await;
+    let body = json!({"messages": user("x"), "temperature": 0, "max_tokens": 10, "stream": true});
+    let streamed = chunks(&w.stream_answer("/v1/chat/completions", body).await);
+    // The role chunk, one chunk per token of steps 0 to 2, then the error instead of a finish
+    // chunk; `chunks` has checked that `[DONE]` still closes the stream.
+    let (error, before) = streamed.split_last().unwrap();
+    assert_eq!(before.len(), 1 + 3, "{streamed:?}");
+    let mut text = String::new();
+    for c in before {
+        assert!(c["choices"][0]["finish_reason"].is_null(), "{c}");
+        text.push_str(c["choices"][0]["delta"]["content"].as_str().unwrap());
+    }
+    assert_eq!(text, "Hel");
+    assert_eq!(
+        error,
+        &json!({"error": {
+            "message": format!("inference failed: {}", fault.message()),
+            "type": "server_error",
+            "param": null,
+            "code": "inference_failed",
+        }})
+    );
+
+    // The fault was one step: the worker goes on.
+    w.completes_a_request().await;
+
+    // A JSON answer whose job fails is a 500 with the same error.
+    let w = TestWorker::start(Setup {
+        fault: Some(Fault { step: 0, ..fault }),
+        ..setup()
+    })
+    .await;
+    let r = w
+        .post(
             "/v1/completions",
-            json!({"prompt": "x", "temperature": 0, "max_tokens": 2}),
+            &json!({"prompt": "x", "temperature": 0, "max_tokens": 2}),
         )
         .await;
-    assert_eq!(v["choices"][0]["text"], "He");
+    let e = expect_error(r, 500).await;
+    assert_eq!(e["code"], "inference_failed");
+    assert_eq!(e["type"], "server_error");
 }
 
 // ---------------------------------------------------------------------------------------------

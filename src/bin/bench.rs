@@ -57,7 +57,13 @@ fn main() {
             }
         },
     };
-    let mut backend = match CandleInferenceBackend::load(&model, &LoadOptions::default()) {
+    let mut backend = match CandleInferenceBackend::load(
+        &model,
+        &LoadOptions {
+            threads: Some(args.threads),
+            ..LoadOptions::default()
+        },
+    ) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e}");

@@ -158,10 +158,12 @@ impl SequenceGenerator {
             self.feed_stops(&delta, &mut text, &mut finish);
         }
         if finish.is_none() {
-            if self.generated >= self.params.max_tokens {
-                finish = Some(FinishReason::MaxTokens);
-            } else if self.prompt_len + self.generated >= self.context_length {
+            // The context first: a budget that runs out exactly where the context does (the
+            // OpenAI default, `context − prompt`) is reported as the context being full.
+            if self.prompt_len + self.generated >= self.context_length {
                 finish = Some(FinishReason::ContextFull);
+            } else if self.generated >= self.params.max_tokens {
+                finish = Some(FinishReason::MaxTokens);
             }
         }
         if finish
@@ -196,5 +198,155 @@ impl SequenceGenerator {
                 *finish = Some(FinishReason::StopSequence(stop));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tokenizer::tests::gpt2;
+
+    struct Fixture {
+        tokenizer: Arc<TextTokenizer>,
+        eog: u32,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let tokenizer = Arc::new(gpt2());
+            let eog = tokenizer.token_to_id("<|im_end|>").unwrap();
+            Self { tokenizer, eog }
+        }
+
+        fn id(&self, piece: &str) -> u32 {
+            self.tokenizer.token_to_id(piece).unwrap()
+        }
+
+        fn generator(
+            &self,
+            params: GenerationParams,
+            prompt: usize,
+            ctx: usize,
+        ) -> SequenceGenerator {
+            let prompt = vec![self.id("hello"); prompt];
+            let eog: Arc<[u32]> = Arc::from(vec![self.eog]);
+            SequenceGenerator::new(params, &prompt, self.tokenizer.clone(), eog, ctx)
+        }
+
+        /// Greedy logits that pick `token`.
+        fn logits(&self, token: u32) -> Vec<f32> {
+            let mut l = vec![0.0; self.tokenizer.vocab_size()];
+            l[token as usize] = 10.0;
+            l
+        }
+
+        /// Feeds `tokens` until the generator finishes; returns the steps taken.
+        fn run(&self, g: &mut SequenceGenerator, tokens: &[u32]) -> Vec<TokenStep> {
+            let mut steps = Vec::new();
+            for &t in tokens {
+                let step = g.step(&mut self.logits(t));
+                assert_eq!(step.token, t);
+                let done = step.finish.is_some();
+                steps.push(step);
+                if done {
+                    break;
+                }
+            }
+            assert_eq!(
+                g.is_finished(),
+                steps.last().is_some_and(|s| s.finish.is_some())
+            );
+            steps
+        }
+    }
+
+    fn finish(steps: &[TokenStep]) -> Option<FinishReason> {
+        steps.last().and_then(|s| s.finish.clone())
+    }
+
+    fn text(steps: &[TokenStep]) -> String {
+        steps.iter().map(|s| s.text.as_str()).collect()
+    }
+
+    #[test]
+    fn max_tokens_ends_after_exactly_that_many() {
+        let f = Fixture::new();
+        let mut g = f.generator(GenerationParams::greedy(3), 2, 100);
+        let world = f.id("Ġworld");
+        let steps = f.run(&mut g, &[world; 10]);
+        assert_eq!(steps.len(), 3);
+        assert_eq!(finish(&steps), Some(FinishReason::MaxTokens));
+        assert_eq!(text(&steps), " world world world");
+        assert_eq!(g.generated(), 3);
+    }
+
+    #[test]
+    fn end_of_generation_token_ends_unless_ignored() {
+        let f = Fixture::new();
+        let world = f.id("Ġworld");
+        let mut g = f.generator(GenerationParams::greedy(10), 2, 100);
+        let steps = f.run(&mut g, &[world, f.eog, world]);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(finish(&steps), Some(FinishReason::Eos));
+        assert_eq!(text(&steps), " world", "the end token is not text");
+
+        let mut params = GenerationParams::greedy(3);
+        params.ignore_eos = true;
+        let mut g = f.generator(params, 2, 100);
+        let steps = f.run(&mut g, &[world, f.eog, world, world]);
+        assert_eq!(steps.len(), 3);
+        assert_eq!(finish(&steps), Some(FinishReason::MaxTokens));
+    }
+
+    #[test]
+    fn a_full_context_ends_with_its_own_reason() {
+        let f = Fixture::new();
+        let world = f.id("Ġworld");
+        // 3 prompt tokens in a context of 5: two more fit.
+        let mut g = f.generator(GenerationParams::greedy(50), 3, 5);
+        let steps = f.run(&mut g, &[world; 10]);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(finish(&steps), Some(FinishReason::ContextFull));
+        assert_eq!(finish(&steps).unwrap().as_str(), "context_full");
+        // A budget ending exactly at the context's end: the context is what ran out.
+        let mut g = f.generator(GenerationParams::greedy(2), 3, 5);
+        assert_eq!(
+            finish(&f.run(&mut g, &[world; 10])),
+            Some(FinishReason::ContextFull)
+        );
+        // A budget ending before it: max_tokens.
+        let mut g = f.generator(GenerationParams::greedy(1), 3, 5);
+        assert_eq!(
+            finish(&f.run(&mut g, &[world; 10])),
+            Some(FinishReason::MaxTokens)
+        );
+    }
+
+    #[test]
+    fn stop_string_ends_and_is_withheld() {
+        let f = Fixture::new();
+        let mut params = GenerationParams::greedy(10);
+        params.stop = vec![" wor".into()];
+        let mut g = f.generator(params, 1, 100);
+        let steps = f.run(&mut g, &[f.id("hello"), f.id("Ġworld"), f.id("hello")]);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(
+            finish(&steps),
+            Some(FinishReason::StopSequence(" wor".into()))
+        );
+        assert_eq!(text(&steps), "hello");
+    }
+
+    #[test]
+    fn a_possible_stop_prefix_is_released_when_generation_ends() {
+        let f = Fixture::new();
+        let mut params = GenerationParams::greedy(2);
+        params.stop = vec![" world!".into()];
+        let mut g = f.generator(params, 1, 100);
+        let world = f.id("Ġworld");
+        let steps = f.run(&mut g, &[f.id("hello"), world, world]);
+        assert_eq!(steps[1].finish, Some(FinishReason::MaxTokens));
+        // " world" could have begun " world!", so it was held back until the end.
+        assert_eq!(text(&steps), "hello world");
     }
 }

@@ -113,10 +113,12 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<u64> {
+    /// Seconds for the `Retry-After` of a 503. Loading and draining are both brief on the
+    /// worker's scale (a supervisor restarts a drained worker), so a few seconds.
+    pub(crate) fn retry_after(&self) -> Option<u64> {
         match self {
             Self::AllSlotsBusy { retry_after_s, .. } => Some(*retry_after_s),
-            Self::Loading => Some(5),
+            Self::Loading | Self::Draining => Some(5),
             _ => None,
         }
     }

@@ -21,7 +21,7 @@ use super::attention::{self, AttentionShape, HostKv, SpanAttention};
 use super::config::{ModelConfig, RopeScaling};
 use super::cpu_forward::{CpuGateUp, CpuLayer, CpuModel, CpuQkv, CpuSpan, Projection};
 use super::rope::Rope;
-use super::weights::{LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
+use super::weights::{DenseDType, LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
 use crate::kernels::{self, ActivationScratch, ThreadPool};
 
 thread_local! {
@@ -195,6 +195,29 @@ enum CacheLayers {
     Host(Vec<HostKv>),
 }
 
+/// Where attention runs and a sequence's keys and values live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// f16 host buffers and our CPU attention: the CPU's path.
+    Host,
+    /// Candle tensors on the model's device: the CUDA and Metal path. It also runs on the CPU
+    /// device, which is how the tests check it without a GPU.
+    Device,
+}
+
+/// How [`Decoder::load_with`] builds the decoder; the defaults follow the device.
+#[derive(Clone, Default)]
+pub struct DecoderOptions {
+    /// The CPU kernels' pool: with it, matrices of the types our kernels read stay in the GGUF
+    /// memory map. Used only on the CPU with [`AttentionPath::Host`].
+    pub cpu_pool: Option<Arc<ThreadPool>>,
+    /// `None`: [`AttentionPath::Host`] on the CPU, [`AttentionPath::Device`] elsewhere.
+    pub attention: Option<AttentionPath>,
+    /// Dense matrices in half precision ([`DenseDType::Half`]) rather than f32. `None`: half
+    /// on accelerators, f32 on the CPU (whose kernels compute in f32).
+    pub half_weights: Option<bool>,
+}
+
 /// A sequence's KV cache: its length is the absolute position of the next token.
 pub struct SequenceCache {
     layers: CacheLayers,
@@ -241,6 +264,7 @@ pub struct Decoder {
     rope: Rope,
     /// The positions this decoder accepts (the serving context, at most the model's).
     context_length: usize,
+    attention: AttentionPath,
     /// The CPU compute pool (our kernels and attention), when running on the CPU with them.
     cpu_pool: Option<Arc<ThreadPool>>,
     /// The tensor-free CPU path, when every matrix is readable by our kernels.
@@ -266,12 +290,35 @@ impl Decoder {
         context_length: usize,
         cpu_pool: Option<Arc<ThreadPool>>,
     ) -> Result<Self, ModelError> {
-        let cpu_pool = cpu_pool.filter(|_| device.is_cpu());
-        let in_place = cpu_pool.is_some();
-        let dense = if device.is_cpu() {
-            Some(DType::F32)
+        let options = DecoderOptions {
+            cpu_pool,
+            ..DecoderOptions::default()
+        };
+        Self::load_with(cfg, store, device, context_length, options)
+    }
+
+    /// [`Self::load`] with every choice explicit.
+    pub fn load_with(
+        cfg: ModelConfig,
+        store: &WeightStore,
+        device: &Device,
+        context_length: usize,
+        options: DecoderOptions,
+    ) -> Result<Self, ModelError> {
+        let attention = options.attention.unwrap_or(if device.is_cpu() {
+            AttentionPath::Host
         } else {
-            None
+            AttentionPath::Device
+        });
+        // The in-place matrices and the tensor-free path belong to the CPU's host path.
+        let cpu_pool = options
+            .cpu_pool
+            .filter(|_| device.is_cpu() && attention == AttentionPath::Host);
+        let in_place = cpu_pool.is_some();
+        let dense = if options.half_weights.unwrap_or(!device.is_cpu()) {
+            DenseDType::Half
+        } else {
+            DenseDType::Exactly(DType::F32)
         };
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -287,7 +334,7 @@ impl Decoder {
         };
         let eps = cfg.rms_norm_eps as f32;
         let norm = |name: WeightName, size: usize| -> Result<RmsNorm, ModelError> {
-            let w = store.require(name, &[size], device, Some(DType::F32))?;
+            let w = store.require(name, &[size], device, DenseDType::Exactly(DType::F32))?;
             Ok(RmsNorm {
                 weight: w
                     .to_dense_f32(device)
@@ -297,7 +344,7 @@ impl Decoder {
         };
         let vector = |name: WeightName, size: usize| -> Result<Option<Tensor>, ModelError> {
             store
-                .load(name, &[size], device, Some(DType::F32))?
+                .load(name, &[size], device, DenseDType::Exactly(DType::F32))?
                 .map(|w| {
                     w.to_dense_f32(device)
                         .map_err(candle_err(format!("{name:?}")))
@@ -335,7 +382,12 @@ impl Decoder {
         };
 
         let mut cfg = cfg;
-        if let Some(raw) = store.load(WeightName::RopeFreqs, &[hd / 2], device, Some(DType::F32))? {
+        if let Some(raw) = store.load(
+            WeightName::RopeFreqs,
+            &[hd / 2],
+            device,
+            DenseDType::Exactly(DType::F32),
+        )? {
             let factors = raw
                 .to_dense_f32(device)
                 .and_then(|t| t.to_vec1::<f32>())
@@ -411,6 +463,7 @@ impl Decoder {
             lm_head,
             rope,
             context_length,
+            attention,
             cpu_pool,
             cpu: None,
         }
@@ -510,6 +563,11 @@ impl Decoder {
         Ok(self)
     }
 
+    /// Where attention runs and keys and values are kept.
+    pub fn attention_path(&self) -> AttentionPath {
+        self.attention
+    }
+
     /// Whether forwards run on the tensor-free CPU path.
     pub fn uses_cpu_path(&self) -> bool {
         self.cpu.is_some()
@@ -529,10 +587,9 @@ impl Decoder {
 
     /// An empty cache for a new sequence (allocates nothing until the first forward).
     pub fn new_cache(&self) -> SequenceCache {
-        let layers = if self.device.is_cpu() {
-            CacheLayers::Host(Vec::new())
-        } else {
-            CacheLayers::Device(Vec::new())
+        let layers = match self.attention {
+            AttentionPath::Host => CacheLayers::Host(Vec::new()),
+            AttentionPath::Device => CacheLayers::Device(Vec::new()),
         };
         SequenceCache {
             layers,
@@ -678,7 +735,7 @@ impl Decoder {
         }
         let mut x = self.embedding.forward(&ids, &self.device)?;
         let (cos, sin) = self.rope.tensors(positions, &self.device)?;
-        let masks = if self.device.is_cpu() {
+        let masks = if self.attention == AttentionPath::Host {
             Vec::new()
         } else {
             spans
@@ -772,7 +829,7 @@ impl Decoder {
         let q = self.rope.apply_tensor(&q, cos, sin)?;
         let k = self.rope.apply_tensor(&k, cos, sin)?;
 
-        let attn = if self.device.is_cpu() {
+        let attn = if self.attention == AttentionPath::Host {
             self.attend_host(layer_index, &q, &k, &v, items, spans)?
         } else {
             let mut outputs = Vec::with_capacity(spans.len());

@@ -29,7 +29,11 @@ impl GgufWriter {
     }
 
     pub fn metadata(&mut self, key: &str, value: GgufValue) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
+        // A key is unique in a GGUF: setting it again replaces its value.
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
         self
     }
 

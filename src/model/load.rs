@@ -158,20 +158,16 @@ fn load_gguf(path: &Path) -> Result<ModelParts<'_>, ModelError> {
             .cloned()
             .unwrap_or_default()
     };
-    let chat_template = match file.get_str("tokenizer.chat_template")? {
-        Some(source) => Some(
+    let chat_template = file.get_str("tokenizer.chat_template")?.and_then(|source| {
+        usable_template(
+            path,
             ChatTemplate::new(
                 source,
                 &token_text(vocab.bos_token_id),
                 &token_text(vocab.eos_token_id),
-            )
-            .map_err(|e| ModelError::ChatTemplate {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?,
-        ),
-        None => None,
-    };
+            ),
+        )
+    });
     let mut explicit = Vec::new();
     for key in [
         "tokenizer.ggml.eos_token_id",
@@ -194,6 +190,19 @@ fn load_gguf(path: &Path) -> Result<ModelParts<'_>, ModelError> {
         format: ModelFormat::Gguf,
         name: path.file_stem(),
     })
+}
+
+/// A chat template that does not compile is not a reason to refuse the model (its completions
+/// API works without one): like llama.cpp, warn and serve plain ChatML for chat requests.
+fn usable_template<T, E: std::fmt::Display>(path: &Path, template: Result<T, E>) -> Option<T> {
+    template
+        .inspect_err(|e| {
+            tracing::warn!(
+                path = %path.display(),
+                "the model's chat template is unusable ({e}); chat requests use ChatML"
+            );
+        })
+        .ok()
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>, ModelError> {
@@ -296,35 +305,27 @@ fn load_hf_dir(dir: &Path) -> Result<ModelParts<'_>, ModelError> {
 
     let tokenizer_config_path = dir.join("tokenizer_config.json");
     let tokenizer_config = read_json(&tokenizer_config_path)?;
-    let mut chat_template = match &tokenizer_config {
-        Some(tc) => {
-            ChatTemplate::from_tokenizer_config(tc, None).map_err(|e| ModelError::ChatTemplate {
-                path: tokenizer_config_path.clone(),
-                message: e.to_string(),
-            })?
-        }
-        None => None,
-    };
-    if chat_template.is_none() {
-        // Newer checkpoints keep the template in its own file.
-        let jinja = dir.join("chat_template.jinja");
-        if let Ok(source) = std::fs::read_to_string(&jinja) {
-            let (bos, eos) = match &tokenizer_config {
-                Some(tc) => ChatTemplate::special_tokens_from_config(tc).map_err(|e| {
-                    ModelError::ChatTemplate {
-                        path: tokenizer_config_path.clone(),
-                        message: e.to_string(),
-                    }
-                })?,
-                None => (String::new(), String::new()),
-            };
-            chat_template = Some(ChatTemplate::new(&source, &bos, &eos).map_err(|e| {
-                ModelError::ChatTemplate {
-                    path: jinja.clone(),
-                    message: e.to_string(),
-                }
-            })?);
-        }
+    let mut chat_template = tokenizer_config.as_ref().and_then(|tc| {
+        usable_template(
+            &tokenizer_config_path,
+            ChatTemplate::from_tokenizer_config(tc, None),
+        )
+        .flatten()
+    });
+    // Newer checkpoints keep the template in its own file.
+    let jinja = dir.join("chat_template.jinja");
+    if chat_template.is_none()
+        && let Ok(source) = std::fs::read_to_string(&jinja)
+    {
+        let (bos, eos) = match &tokenizer_config {
+            Some(tc) => usable_template(
+                &tokenizer_config_path,
+                ChatTemplate::special_tokens_from_config(tc),
+            )
+            .unwrap_or_default(),
+            None => (String::new(), String::new()),
+        };
+        chat_template = usable_template(&jinja, ChatTemplate::new(&source, &bos, &eos));
     }
 
     let mut explicit = Vec::new();

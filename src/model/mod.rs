@@ -67,8 +67,6 @@ pub enum ModelError {
     },
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    #[error("{path}: chat template: {message}")]
-    ChatTemplate { path: PathBuf, message: String },
     #[error("{path}: invalid JSON: {message}")]
     Json { path: PathBuf, message: String },
     #[error("device: {0}")]

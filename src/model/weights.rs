@@ -193,6 +193,29 @@ impl RawWeight {
     }
 }
 
+/// The dtype dense (unquantized) matrices are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseDType {
+    /// Converted to this type whatever was stored (the CPU computes in f32).
+    Exactly(DType),
+    /// Half precision, as llama.cpp and vLLM run on GPUs: F32 becomes F16, F16 and BF16 stay as
+    /// stored (a BF16 checkpoint may hold values outside F16's range).
+    Half,
+}
+
+impl DenseDType {
+    /// The dtype a tensor stored as `stored` is kept in.
+    pub fn for_stored(self, stored: DType) -> DType {
+        match self {
+            Self::Exactly(d) => d,
+            Self::Half => match stored {
+                DType::BF16 => DType::BF16,
+                _ => DType::F16,
+            },
+        }
+    }
+}
+
 /// Where the weights come from.
 pub enum WeightStore {
     Gguf(Arc<GgufFile>),
@@ -251,14 +274,14 @@ impl WeightStore {
         }
     }
 
-    /// Loads a weight if present, checking its shape. Dense (unquantized) weights are converted
-    /// to `dense_dtype`, or kept in their stored dtype when it is `None`.
+    /// Loads a weight if present, checking its shape. Dense (unquantized) weights are kept as
+    /// `dense_dtype` says.
     pub fn load(
         &self,
         name: WeightName,
         expected_shape: &[usize],
         device: &Device,
-        dense_dtype: Option<DType>,
+        dense_dtype: DenseDType,
     ) -> Result<Option<RawWeight>, ModelError> {
         let Some(file_name) = self.file_name(name) else {
             return Ok(None);
@@ -297,7 +320,7 @@ impl WeightStore {
                     };
                     let t = q
                         .dequantize(device)
-                        .and_then(|t| t.to_dtype(dense_dtype.unwrap_or(stored)))
+                        .and_then(|t| t.to_dtype(dense_dtype.for_stored(stored)))
                         .and_then(|t| t.reshape(expected_shape))
                         .map_err(runtime)?;
                     Ok(Some(RawWeight::Dense(t)))
@@ -325,10 +348,7 @@ impl WeightStore {
                 }
                 let t = tensors
                     .load(&file_name, device)
-                    .and_then(|t| match dense_dtype {
-                        Some(d) => t.to_dtype(d),
-                        None => Ok(t),
-                    })
+                    .and_then(|t| t.to_dtype(dense_dtype.for_stored(t.dtype())))
                     .and_then(|t| t.reshape(expected_shape))
                     .map_err(runtime)?;
                 Ok(Some(RawWeight::Dense(t)))
@@ -343,7 +363,7 @@ impl WeightStore {
         name: WeightName,
         expected_shape: &[usize],
         device: &Device,
-        dense_dtype: Option<DType>,
+        dense_dtype: DenseDType,
     ) -> Result<Option<RawWeight>, ModelError> {
         if let (Self::Gguf(file), [rows, cols]) = (self, expected_shape)
             && let Some(info) = file.tensor_info(&name.gguf_name())
@@ -376,7 +396,7 @@ impl WeightStore {
         name: WeightName,
         expected_shape: &[usize],
         device: &Device,
-        dense_dtype: Option<DType>,
+        dense_dtype: DenseDType,
     ) -> Result<RawWeight, ModelError> {
         self.load(name, expected_shape, device, dense_dtype)?
             .ok_or_else(|| self.missing(name))
@@ -388,7 +408,7 @@ impl WeightStore {
         name: WeightName,
         expected_shape: &[usize],
         device: &Device,
-        dense_dtype: Option<DType>,
+        dense_dtype: DenseDType,
         in_place: bool,
     ) -> Result<RawWeight, ModelError> {
         let raw = if in_place {
@@ -403,6 +423,24 @@ impl WeightStore {
         ModelError::MissingTensor {
             source_name: self.source_name(),
             tensor: self.file_name(name).unwrap_or_else(|| format!("{name:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_keeps_bf16_and_halves_f32() {
+        assert_eq!(DenseDType::Half.for_stored(DType::F32), DType::F16);
+        assert_eq!(DenseDType::Half.for_stored(DType::F16), DType::F16);
+        assert_eq!(DenseDType::Half.for_stored(DType::BF16), DType::BF16);
+        for stored in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(
+                DenseDType::Exactly(DType::F32).for_stored(stored),
+                DType::F32
+            );
         }
     }
 }

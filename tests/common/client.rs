@@ -110,6 +110,12 @@ impl Client {
             .as_u16()
     }
 
+    /// The job's `state` (`?` when there is none).
+    pub async fn job_state(&self, id: &str) -> String {
+        let (_, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
+        v["state"].as_str().unwrap_or("?").to_string()
+    }
+
     pub async fn slots_busy(&self) -> u64 {
         self.get_json("/health").await.1["slots_busy"]
             .as_u64()

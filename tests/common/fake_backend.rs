@@ -2,7 +2,7 @@
 //! merges (token `b` is byte `b`, so a prompt of n ASCII bytes is n tokens; 256 is
 //! `<|im_start|>`, 257 `<|endoftext|>`, 258 `<|im_end|>`) and a backend that forces a known
 //! token sequence, one token per step, optionally sleeping per step so that jobs are observably
-//! queued and running. It records every prompt it is given.
+//! queued and running, and optionally failing one step. It records every prompt it is given.
 
 #![allow(dead_code)]
 
@@ -49,6 +49,30 @@ pub fn script_tokens(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()
 }
 
+/// How the fake model's faulty step goes wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// `forward` returns an error.
+    Error,
+    /// `forward` panics.
+    Panic,
+}
+
+/// One faulty forward: the `step`th call (counting from 0, over all sequences) goes wrong, the
+/// ones before and after it do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub step: usize,
+    pub kind: FaultKind,
+}
+
+impl Fault {
+    /// What the error fault's `forward` returns.
+    pub fn message(&self) -> String {
+        format!("scripted failure at step {}", self.step)
+    }
+}
+
 /// Forces, for every sequence, the tokens of `script` in order (cycling), one per step: the
 /// scripted token gets logit 10, every other token 0.
 pub struct ScriptedBackend {
@@ -56,6 +80,9 @@ pub struct ScriptedBackend {
     script: Vec<u32>,
     step_delay: Duration,
     steps_seen: HashMap<SeqId, usize>,
+    /// Forward calls so far.
+    steps: usize,
+    pub fault: Option<Fault>,
     /// Every sequence's prompt (its first forward's tokens), in order of arrival.
     pub prompts: Arc<Mutex<Vec<Vec<u32>>>>,
 }
@@ -78,6 +105,8 @@ impl ScriptedBackend {
             script,
             step_delay,
             steps_seen: HashMap::new(),
+            steps: 0,
+            fault: None,
             prompts: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -91,6 +120,14 @@ impl InferenceBackend for ScriptedBackend {
     fn forward(&mut self, batch: &[BatchItem<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         if !self.step_delay.is_zero() {
             std::thread::sleep(self.step_delay);
+        }
+        let step = self.steps;
+        self.steps += 1;
+        if let Some(fault) = self.fault.filter(|f| f.step == step) {
+            match fault.kind {
+                FaultKind::Error => return Err(BackendError(fault.message())),
+                FaultKind::Panic => panic!("scripted panic at step {step}"),
+            }
         }
         Ok(batch
             .iter()

@@ -2,7 +2,8 @@
 //! what it needs, so every module allows dead code.
 //!
 //! - [`fake_backend`]: the scripted fake model; [`worker`]: an in-process worker serving it on
-//!   an ephemeral port; [`client`]: an HTTP client for any worker; [`sse`]: reading SSE.
+//!   an ephemeral port; [`client`]: an HTTP client for any worker; [`sse`]: reading SSE;
+//!   [`job_api`]: the job API's rules as test bodies, for the fake and the default model.
 //! - [`process`]: the real worker binary as a child process.
 //! - [`default_model`], [`conformance_rule`]: the default model and the llama.cpp comparison.
 //! - [`tiny_models`]: random tiny models written as safetensors and GGUF.
@@ -13,6 +14,7 @@ pub mod client;
 pub mod conformance_rule;
 pub mod default_model;
 pub mod fake_backend;
+pub mod job_api;
 pub mod process;
 pub mod sse;
 pub mod tiny_models;

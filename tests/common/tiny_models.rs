@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
 use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
 use llm_worker_rbee::model::gguf_writer::GgufWriter;
@@ -348,25 +348,66 @@ pub fn byte_level_tokenizer_json(added_tokens: Vec<serde_json::Value>) -> serde_
     })
 }
 
-/// Writes `config.json`, `model.safetensors`, a byte-level `tokenizer.json` and
+/// Writes `config.json`, `model.safetensors` (f32), a byte-level `tokenizer.json` and
 /// `tokenizer_config.json` into `dir`.
 pub fn write_hf_dir(dir: &Path, spec: &TinySpec, weights: &[NamedWeight]) {
+    write_hf_dir_with(dir, spec, weights, DType::F32, 1);
+}
+
+/// [`write_hf_dir`] with the weights stored as `dtype`, in one `model.safetensors` or, when
+/// `shards > 1`, in that many `model-0000i-of-0000n.safetensors` files listed by
+/// `model.safetensors.index.json` as Hugging Face writes large checkpoints.
+pub fn write_hf_dir_with(
+    dir: &Path,
+    spec: &TinySpec,
+    weights: &[NamedWeight],
+    dtype: DType,
+    shards: usize,
+) {
     std::fs::create_dir_all(dir).expect("create model dir");
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&spec.config_json()).expect("json"),
     )
     .expect("write config");
-    let tensors: HashMap<String, Tensor> = weights
-        .iter()
-        .map(|w| {
-            let t = Tensor::from_vec(w.values.clone(), w.shape.as_slice(), &Device::Cpu)
-                .expect("tensor");
-            (w.name.clone(), t)
-        })
-        .collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
-        .expect("save safetensors");
+    let tensor = |w: &NamedWeight| {
+        Tensor::from_vec(w.values.clone(), w.shape.as_slice(), &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("tensor")
+    };
+    if shards <= 1 {
+        let tensors: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|w| (w.name.clone(), tensor(w)))
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+            .expect("save safetensors");
+    } else {
+        let per_shard = weights.len().div_ceil(shards);
+        let mut weight_map = serde_json::Map::new();
+        let mut total_size = 0;
+        for (i, part) in weights.chunks(per_shard).enumerate() {
+            let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
+            let tensors: HashMap<String, Tensor> = part
+                .iter()
+                .map(|w| {
+                    weight_map.insert(w.name.clone(), file.clone().into());
+                    total_size += w.values.len() * dtype.size_in_bytes();
+                    (w.name.clone(), tensor(w))
+                })
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join(&file)).expect("save shard");
+        }
+        let index = serde_json::json!({
+            "metadata": {"total_size": total_size},
+            "weight_map": weight_map,
+        });
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).expect("json"),
+        )
+        .expect("write index");
+    }
     let tokenizer = byte_level_tokenizer_json(Vec::new());
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("write tokenizer");
     let tokenizer_config = serde_json::json!({

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use super::WAIT;
 use super::client::Client;
-use super::fake_backend::{SCRIPT, ScriptedBackend, script_tokens};
+use super::fake_backend::{Fault, SCRIPT, ScriptedBackend, script_tokens};
 
 /// A loopback listener on a port of the system's choosing.
 pub async fn bind() -> TcpListener {
@@ -65,6 +65,8 @@ pub struct Setup {
     pub script: Vec<u32>,
     /// The fake model's context.
     pub context: usize,
+    /// The fake model's one faulty step.
+    pub fault: Option<Fault>,
     pub chat_template: Option<ChatTemplate>,
     pub metrics_auth: bool,
     pub heartbeat: Option<HeartbeatConfig>,
@@ -86,6 +88,7 @@ impl Default for Setup {
             token: None,
             script: script_tokens(SCRIPT),
             context: 512,
+            fault: None,
             chat_template: None,
             metrics_auth: false,
             heartbeat: None,
@@ -104,6 +107,7 @@ pub struct TestWorker {
     script: Vec<u32>,
     step_delay: Duration,
     context: usize,
+    fault: Option<Fault>,
 }
 
 impl Deref for TestWorker {
@@ -142,6 +146,7 @@ impl TestWorker {
             script: setup.script,
             step_delay: setup.step_delay,
             context: setup.context,
+            fault: setup.fault,
         };
         if setup.attach {
             w.attach();
@@ -153,6 +158,7 @@ impl TestWorker {
     pub fn attach(&self) {
         let mut backend = ScriptedBackend::new(self.context, self.script.clone(), self.step_delay);
         backend.prompts = self.prompts.clone();
+        backend.fault = self.fault;
         self.worker.attach(backend).unwrap();
     }
 

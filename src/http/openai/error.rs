@@ -170,11 +170,7 @@ impl From<ApiError> for OpenAiError {
                 ("server_error", None)
             }
         };
-        let retry_after_s = match &e {
-            ApiError::AllSlotsBusy { retry_after_s, .. } => Some(*retry_after_s),
-            ApiError::Loading => Some(5),
-            _ => None,
-        };
+        let retry_after_s = e.retry_after();
         // The rbee message names the field already; OpenAI's `param` carries it separately.
         let param = match &e {
             ApiError::InvalidRequest { details, .. } => details.first().map(|d| d.field.clone()),

@@ -25,7 +25,7 @@
 //! | `logprobs` + `top_logprobs` (chat) | bool; 0–20, needs `logprobs: true` | off |
 //! | `logprobs` (completions) | 0–20 | off |
 //! | `n`, `best_of` | 1 | 1 |
-//! | `stream`, `stream_options.include_usage` | bool (`stream_options` is ignored without `stream`) | false |
+//! | `stream`, `stream_options.include_usage` | bool (`stream_options` only with `stream: true`, else 400) | false |
 //! | `ignore_eos` (ext.) | bool | false |
 //! | `return_tokens_as_token_ids` (vLLM) | bool: logprob tokens as `token_id:N` | false |
 //! | `add_generation_prompt`, `chat_template_kwargs` (vLLM, chat) | bool; object of template variables | true; none |
@@ -338,6 +338,12 @@ impl<'a> Fields<'a> {
         let stream = self.boolean("stream").unwrap_or(false);
         let include_usage = match self.get("stream_options") {
             None => false,
+            // As OpenAI and vLLM answer: options for a stream that is not asked for are a
+            // client mistake worth reporting, not something to ignore.
+            Some(_) if !stream => {
+                self.fail("stream_options", "is only allowed when stream is true");
+                false
+            }
             Some(Value::Object(o)) => match o.get("include_usage") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
@@ -952,10 +958,17 @@ mod tests {
     }
 
     #[test]
-    fn include_usage_only_counts_when_streaming() {
-        let r =
-            completion(json!({"prompt": "x", "stream_options": {"include_usage": true}})).unwrap();
+    fn stream_options_need_a_stream() {
+        let e = completion(json!({"prompt": "x", "stream_options": {"include_usage": true}}))
+            .unwrap_err();
+        assert!(format!("{e:?}").contains("stream_options"), "{e:?}");
+        let e =
+            completion(json!({"prompt": "x", "stream": false, "stream_options": {}})).unwrap_err();
+        assert!(format!("{e:?}").contains("stream_options"), "{e:?}");
+        let r = completion(json!({"prompt": "x", "stream_options": null})).unwrap();
         assert!(!r.common.include_usage);
+        let r = completion(json!({"prompt": "x", "stream": true, "stream_options": {}})).unwrap();
+        assert!(r.common.stream && !r.common.include_usage);
     }
 
     #[test]
