@@ -572,6 +572,17 @@ fn unsupported_tensor_types_and_architectures_are_named() {
     let file = GgufFile::open(&p).expect("open");
     let err = ModelConfig::from_gguf(&file).expect_err("unsupported arch");
     assert!(err.to_string().contains("mamba"), "{err}");
+
+    // A Phi-3 long-context GGUF (LongRoPE factors as tensors) is refused, not run without them.
+    let t = tiny(Arch::Phi3);
+    let mut w = gguf_writer(&t.spec, &random_weights(&t.spec, 3), None);
+    let half = t.spec.head_dim / 2;
+    w.tensor_f32("rope_factors_long.weight", &[half], &vec![1.5; half]);
+    w.tensor_f32("rope_factors_short.weight", &[half], &vec![1.0; half]);
+    w.write(&p).expect("write");
+    let file = GgufFile::open(&p).expect("open");
+    let err = ModelConfig::from_gguf(&file).expect_err("longrope");
+    assert!(err.to_string().contains("LongRoPE"), "{err}");
 }
 
 #[test]

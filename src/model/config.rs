@@ -218,6 +218,19 @@ impl ModelConfig {
                 });
             }
         };
+        // Phi-3's long-context variants (LongRoPE) store per-frequency factors as tensors and
+        // scale attention; running them without would be silently wrong at every position.
+        if let Some(name) = file
+            .tensor_names()
+            .find(|n| n.starts_with("rope_factors_long") || n.starts_with("rope_factors_short"))
+        {
+            return Err(ConfigError::Invalid {
+                source_name,
+                problem: format!(
+                    "LongRoPE (tensor {name}, Phi-3 long-context models) is not supported"
+                ),
+            });
+        }
         let rope_style = match architecture {
             Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
             Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3 => RopeStyle::HalfSplit,
