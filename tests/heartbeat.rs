@@ -443,6 +443,18 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     while let Ok(line) = worker.lines.recv_timeout(Duration::from_secs(5)) {
         log.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
     }
+    // Every line about the job is in its span (so a log query on job_id finds all of them).
+    let queued: Vec<&Value> = log
+        .iter()
+        .filter(|l| l["message"] == "job queued")
+        .collect();
+    assert_eq!(queued.len(), 1, "{log:?}");
+    assert_eq!(
+        queued[0]["span"]["job_id"],
+        job_id.as_str(),
+        "{}",
+        queued[0]
+    );
     let finished: Vec<&Value> = log
         .iter()
         .filter(|l| l["message"] == "job finished")

@@ -13,9 +13,7 @@ use common::client::infer;
 use common::fake_backend::{ASCII_SCRIPT, MODEL, script_tokens};
 use common::sse::assert_well_formed_ending;
 use common::worker::{Setup, TestWorker};
-use llm_worker_rbee::generation::GenerationParams;
-use llm_worker_rbee::jobs::{JobApi, NewJob};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const CONTEXT: usize = 512;
 
@@ -150,26 +148,29 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
     assert!(long_tokens >= 1);
     generated += long_tokens;
 
-    // A job from another front door, straight through the registry as the OpenAI routes do.
-    let tokenizer = w.worker.registry().served().unwrap().meta.tokenizer.clone();
-    let (record, _) = w
-        .worker
-        .registry()
-        .submit_via(
-            JobApi::OpenAiChat,
-            NewJob {
-                id: None,
-                prompt_tokens: tokenizer.encode_with_special("Yo", false, true).unwrap(),
-                params: GenerationParams::greedy(3),
-            },
+    // The OpenAI front doors, through their routes (not streamed).
+    let r = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Yo", "max_tokens": 3, "temperature": 0, "ignore_eos": true}),
         )
-        .unwrap();
-    let start = Instant::now();
-    while record.terminal_event().is_none() {
-        assert!(start.elapsed() < WAIT, "the OpenAI-door job never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    generated += 3;
+        .await;
+    assert_eq!(r.status(), 200);
+    let completion: Value = r.json().await.unwrap();
+    assert_eq!(completion["usage"]["prompt_tokens"], 2, "{completion}");
+    assert_eq!(completion["usage"]["completion_tokens"], 3, "{completion}");
+    let r = w
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Yo"}], "max_tokens": 2,
+                    "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let chat: Value = r.json().await.unwrap();
+    assert_eq!(chat["usage"]["completion_tokens"], 2, "{chat}");
+    let chat_prompt = chat["usage"]["prompt_tokens"].as_f64().unwrap();
+    generated += 3 + 2;
 
     let after = w
         .scrape_until("the slot is free", |m| {
@@ -178,7 +179,7 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
         .await;
     let delta = |key: &str| after[key] - before.get(key).copied().unwrap_or(0.0);
 
-    let jobs_with_tokens = 3 + 1 + 1;
+    let jobs_with_tokens = 3 + 1 + 2;
     let expected: Vec<(String, f64)> = vec![
         (requests("rbee", "completed"), 3.0),
         (requests("rbee", "cancelled"), 2.0),
@@ -186,9 +187,9 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
         (requests("rbee", "failed"), 0.0),
         (requests("openai_chat", "completed"), 1.0),
         (requests("openai_chat", "cancelled"), 0.0),
-        (requests("openai_completions", "completed"), 0.0),
-        // "Hi" + "abc" + "wxyz" + "long" + "Yo"; "q" never got a slot.
-        ("rbee_worker_prompt_tokens_total".into(), 15.0),
+        (requests("openai_completions", "completed"), 1.0),
+        // "Hi" + "abc" + "wxyz" + "long" + "Yo" + the chat prompt; "q" never got a slot.
+        ("rbee_worker_prompt_tokens_total".into(), 15.0 + chat_prompt),
         (
             "rbee_worker_generation_tokens_total".into(),
             generated as f64,
@@ -202,9 +203,9 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
             (generated - jobs_with_tokens) as f64,
         ),
         // Every job that got a slot.
-        ("rbee_worker_request_queue_time_seconds_count".into(), 5.0),
+        ("rbee_worker_request_queue_time_seconds_count".into(), 6.0),
         // Every job that ended, the never-started one included.
-        ("rbee_worker_e2e_request_latency_seconds_count".into(), 6.0),
+        ("rbee_worker_e2e_request_latency_seconds_count".into(), 7.0),
     ];
     for (key, want) in &expected {
         assert_eq!(delta(key), *want, "{key}");

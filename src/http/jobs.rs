@@ -114,7 +114,9 @@ async fn create(
         prompt_tokens,
         params: draft.params,
     })?;
-    tracing::info!(job_id = record.id(), position, "job queued");
+    record
+        .span()
+        .in_scope(|| tracing::info!(position, "job queued"));
     let job_id = record.id().to_string();
     Ok(Json(JobCreated {
         sse_url: format!("{}/{job_id}/stream", door.prefix()),
@@ -173,7 +175,6 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     app.registry.cancel(&id, CancelReason::Client)?;
-    tracing::info!(job_id = %id, "job cancelled by the client");
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -309,10 +309,6 @@ impl JobRegistry {
             });
         }
         for record in abandoned {
-            tracing::info!(
-                job_id = record.id(),
-                "no client attached; cancelling the job"
-            );
             cancel_record(&self.queue, &record, CancelReason::Disconnect);
         }
     }
@@ -358,6 +354,9 @@ fn cancel_record(queue: &RequestQueue, record: &JobRecord, reason: CancelReason)
     record.request_cancel(reason);
     // The first reason set is the one reported.
     let reason = record.cancel_requested().unwrap_or(reason);
+    record
+        .span()
+        .in_scope(|| tracing::info!(reason = reason.as_str(), "cancelling the job"));
     if !queue.cancel(record.id(), reason) {
         // Running (or between queue and slot): the scheduler sees the flag at its next step;
         // wake it in case it is idle-waiting.

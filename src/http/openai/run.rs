@@ -119,7 +119,9 @@ impl JobWatch {
                 },
             )
             .map_err(|e| OpenAiError::from(crate::http::ApiError::from(e)))?;
-        tracing::info!(job_id = record.id(), position, "openai request queued");
+        record
+            .span()
+            .in_scope(|| tracing::info!(position, "openai request queued"));
         Ok(Self {
             changed: record.subscribe(),
             _attachment: record.attach(),
@@ -180,7 +182,6 @@ impl Drop for CancelOnDrop {
         if self.id.is_empty() {
             return;
         }
-        tracing::info!(job_id = %self.id, "client went away; cancelling its request");
         // Not found: already collected, nothing left to cancel.
         let _ = self.registry.cancel(&self.id, CancelReason::Disconnect);
     }
