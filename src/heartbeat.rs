@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::http::auth::fingerprint;
-use crate::http::timestamp::rfc3339;
 use crate::jobs::JobRegistry;
+use crate::timestamp::rfc3339;
 use crate::worker_info::{Lifecycle, WorkerIdentity, WorkerInfo, WorkerStatus};
 
 /// Appended to the hive's URL.

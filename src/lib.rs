@@ -37,6 +37,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod timestamp;
 pub mod worker;
 pub mod worker_info;
 

@@ -156,7 +156,7 @@ impl WorkerInfo {
             slots_busy: served.map_or(0, |s| s.stats.running.load(Ordering::Relaxed)),
             queue_depth: registry.queue().len(),
             ctx_size: served.map_or(0, |s| s.meta.context_length),
-            started_at: crate::http::timestamp::rfc3339(identity.started_at),
+            started_at: crate::timestamp::rfc3339(identity.started_at),
         }
     }
 }

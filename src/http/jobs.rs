@@ -13,11 +13,11 @@ use super::AppState;
 use super::body::JsonObject;
 use super::error::{ApiError, FieldError};
 use super::sse::{StreamContext, job_event_stream};
-use super::timestamp::rfc3339;
 use super::validation::{JobRules, check_context, parse_job_request};
 use crate::engine::CancelReason;
 use crate::jobs::{JobState, NewJob, Phase};
 use crate::model::tokenizer::TextTokenizer;
+use crate::timestamp::rfc3339;
 
 /// Prompts longer than this are tokenized on the blocking pool, off the async workers.
 const INLINE_TOKENIZE_BYTES: usize = 2048;

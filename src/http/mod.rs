@@ -39,7 +39,6 @@ pub mod metrics;
 pub mod openai;
 pub mod sampling;
 pub mod sse;
-pub mod timestamp;
 pub mod tokenize;
 pub mod validation;
 

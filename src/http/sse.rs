@@ -15,10 +15,10 @@ use axum::response::sse::Event;
 use futures_util::Stream;
 use serde::Serialize;
 
-use super::timestamp::rfc3339;
 use crate::engine::EngineEvent;
 use crate::jobs::{Attachment, JobRecord};
 use crate::model::tokenizer::TextTokenizer;
+use crate::timestamp::rfc3339;
 
 /// Events read from the log per wake-up.
 const READ_BATCH: usize = 64;
