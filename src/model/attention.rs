@@ -227,6 +227,8 @@ struct BlockScratch {
     acc: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,
+    /// Each query's visible keys in the current tile, relative to its start (x86 path).
+    vis: Vec<(usize, usize)>,
 }
 
 /// A block of a long span's rows for the heads of one key/value head, in f32 with an online
@@ -323,14 +325,7 @@ fn attend_block_impl(
                 tile_max = tile_max.max(*v);
             }
             let acc = &mut s.acc[qi * hd..(qi + 1) * hd];
-            let new_max = s.max[qi].max(tile_max);
-            if new_max > s.max[qi] {
-                let ms = (s.max[qi] - new_max).exp();
-                acc.iter_mut().for_each(|a| *a *= ms);
-                s.sum[qi] *= ms;
-            }
-            s.max[qi] = new_max;
-            s.sum[qi] += exp_shifted(visible, new_max);
+            online_softmax_step(&mut s.max[qi], &mut s.sum[qi], acc, visible, tile_max);
             for (kk, &p) in (vis_lo..vis_hi).zip(visible.iter()) {
                 let v = &s.values[kk * hd..(kk + 1) * hd];
                 for (a, &x) in acc.iter_mut().zip(v) {
@@ -340,7 +335,42 @@ fn attend_block_impl(
         }
         tile += KEY_TILE;
     }
-    for qi in 0..nq {
+    write_block_output(shape, kv_head, rows, out, out_first_row, s);
+}
+
+/// One query's online-softmax step over a tile: `visible` (its scaled scores) becomes their
+/// exponentials, and the running max, sum and accumulator are rescaled when the max grows.
+#[inline(always)]
+fn online_softmax_step(
+    max: &mut f32,
+    sum: &mut f32,
+    acc: &mut [f32],
+    visible: &mut [f32],
+    tile_max: f32,
+) {
+    let new_max = max.max(tile_max);
+    if new_max > *max {
+        let ms = (*max - new_max).exp();
+        acc.iter_mut().for_each(|a| *a *= ms);
+        *sum *= ms;
+    }
+    *max = new_max;
+    *sum += exp_shifted(visible, new_max);
+}
+
+/// Writes a finished block's rows: each query's accumulator divided by its softmax sum.
+#[inline(always)]
+fn write_block_output(
+    shape: &AttentionShape,
+    kv_head: usize,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    out_first_row: usize,
+    s: &BlockScratch,
+) {
+    let hd = shape.head_dim;
+    let group = shape.heads / shape.kv_heads;
+    for qi in 0..rows.len() * group {
         let (t, j) = (qi / group, qi % group);
         let head = kv_head * group + j;
         let row = out_first_row + rows.start + t;
@@ -496,7 +526,18 @@ mod x86 {
 
     use half::f16;
 
-    /// [`super::attend_block_impl`] compiled with AVX2/FMA/F16C so its loops vectorize.
+    use super::KEY_TILE;
+
+    /// Queries per micro-kernel call: 6 queries × 16 lanes is 12 ymm accumulators, leaving
+    /// registers for two loaded vectors and a broadcast.
+    const MR: usize = 6;
+
+    /// [`super::attend_block_impl`] with register-tiled micro-kernels: scores for [`MR`] queries
+    /// × 16 keys at a time, and `P·V` for [`MR`] queries × 16 dimensions at a time, so that
+    /// each loaded key or value vector feeds several FMAs and accumulators stay in registers.
+    /// Every score and every accumulator element sees the same operations in the same order as
+    /// in the scalar code (dimensions in order for a score, keys in order for an accumulator),
+    /// so the results are identical to it.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
@@ -511,7 +552,370 @@ mod x86 {
         out_first_row: usize,
         s: &mut super::BlockScratch,
     ) {
-        super::attend_block_impl(shape, span, kv_head, rows, out, out_first_row, s);
+        let hd = shape.head_dim;
+        let group = shape.heads / shape.kv_heads;
+        let stride = shape.kv_stride();
+        let kv_offset = kv_head * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let nq = rows.len() * group;
+        assert!(span.q.len() >= span.rows * shape.heads * hd && rows.end <= span.rows);
+        s.keys.resize(hd * KEY_TILE, 0.0);
+        s.values.resize(KEY_TILE * hd, 0.0);
+        s.row.resize(hd, 0.0);
+        s.scores.resize(nq * KEY_TILE, 0.0);
+        s.acc.clear();
+        s.acc.resize(nq * hd, 0.0);
+        s.max.clear();
+        s.max.resize(nq, f32::NEG_INFINITY);
+        s.sum.clear();
+        s.sum.resize(nq, 0.0);
+        s.vis.clear();
+        s.vis.resize(nq, (0, 0));
+
+        let pos_of = |qi: usize| span.first_position + rows.start + qi / group;
+        let q_at = |qi: usize| {
+            let (t, j) = (qi / group, qi % group);
+            ((rows.start + t) * shape.heads + kv_head * group + j) * hd
+        };
+        let first_key = shape.first_visible(pos_of(0));
+        let last_key = pos_of(nq - 1);
+        let mut tile = first_key / KEY_TILE * KEY_TILE;
+        while tile <= last_key {
+            let lo = tile.max(first_key);
+            let hi = (tile + KEY_TILE).min(last_key + 1);
+            let mut c = lo;
+            while c < hi {
+                let kk = c - tile;
+                let off = c * stride + kv_offset;
+                // Whole groups of 8 keys are transposed 8×8 in registers: scattering one float at
+                // a time cost about an eighth of this function.
+                let n = if kk.is_multiple_of(8) && c + 8 <= hi {
+                    transpose_keys(&span.cache.k, off, stride, hd, &mut s.keys[kk..]);
+                    8
+                } else {
+                    cvt_f16(&span.cache.k[off..off + hd], &mut s.row);
+                    for (d, &v) in s.row.iter().enumerate() {
+                        s.keys[d * KEY_TILE + kk] = v;
+                    }
+                    1
+                };
+                for i in 0..n {
+                    let off = off + i * stride;
+                    cvt_f16(
+                        &span.cache.v[off..off + hd],
+                        &mut s.values[(kk + i) * hd..(kk + i + 1) * hd],
+                    );
+                }
+                c += n;
+            }
+            for (qi, vis) in s.vis.iter_mut().enumerate() {
+                let pos = pos_of(qi);
+                let vis_lo = shape.first_visible(pos).max(lo) - tile;
+                let vis_hi = (pos + 1).min(hi).saturating_sub(tile);
+                // An empty range is (0, 0): with a sliding window `vis_lo` can lie past the tile.
+                *vis = if vis_lo < vis_hi {
+                    (vis_lo, vis_hi)
+                } else {
+                    (0, 0)
+                };
+            }
+
+            // Scores, for the 16-key chunks any query of the group sees; scores of keys a query
+            // does not see come from whatever the tile holds there and are never read.
+            let keys = s.keys.as_ptr();
+            let scores = s.scores.as_mut_ptr();
+            for g0 in (0..nq).step_by(MR) {
+                let m = MR.min(nq - g0);
+                let vis = s.vis[g0..g0 + m].iter().filter(|v| v.0 < v.1);
+                let k0 = vis.clone().map(|v| v.0).min().unwrap_or(0) / 16 * 16;
+                let k1 = vis.map(|v| v.1).max().unwrap_or(0).div_ceil(16) * 16;
+                let q = span.q.as_ptr();
+                // SAFETY: query offsets lie inside `span.q` (asserted above); `keys` holds
+                // `hd * KEY_TILE` values and `k1 <= KEY_TILE`; score rows `g0..g0 + m` lie
+                // inside `scores` (`nq * KEY_TILE`).
+                unsafe {
+                    let qp = |i: usize| q.add(q_at(g0 + i.min(m - 1)));
+                    let sp = |i: usize| scores.add((g0 + i.min(m - 1)) * KEY_TILE);
+                    match m {
+                        6 => scores_mr::<6>(qp, sp, keys, hd, k0, k1, scale),
+                        5 => scores_mr::<5>(qp, sp, keys, hd, k0, k1, scale),
+                        4 => scores_mr::<4>(qp, sp, keys, hd, k0, k1, scale),
+                        3 => scores_mr::<3>(qp, sp, keys, hd, k0, k1, scale),
+                        2 => scores_mr::<2>(qp, sp, keys, hd, k0, k1, scale),
+                        _ => scores_mr::<1>(qp, sp, keys, hd, k0, k1, scale),
+                    }
+                }
+            }
+
+            // Online softmax, exactly as the scalar code.
+            for qi in 0..nq {
+                let (vis_lo, vis_hi) = s.vis[qi];
+                if vis_lo >= vis_hi {
+                    continue;
+                }
+                let visible = &mut s.scores[qi * KEY_TILE + vis_lo..qi * KEY_TILE + vis_hi];
+                let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let acc = &mut s.acc[qi * hd..(qi + 1) * hd];
+                super::online_softmax_step(&mut s.max[qi], &mut s.sum[qi], acc, visible, tile_max);
+            }
+
+            // P·V: keys all queries of a group see go through the register-tiled kernel; a
+            // query's keys before and after those go one query at a time, so that every
+            // accumulator still takes its keys in order.
+            let values = s.values.as_ptr();
+            let acc = s.acc.as_mut_ptr();
+            let scores = s.scores.as_ptr();
+            for g0 in (0..nq).step_by(MR) {
+                let m = MR.min(nq - g0);
+                let vis = &s.vis[g0..g0 + m];
+                let common_lo = vis.iter().map(|v| v.0).max().unwrap_or(0);
+                let common_hi = vis.iter().map(|v| v.1).min().unwrap_or(0).max(common_lo);
+                // SAFETY: score rows and accumulator rows `g0..g0 + m` lie inside `scores`
+                // (`nq * KEY_TILE`) and `acc` (`nq * hd`); key ranges are within `KEY_TILE`,
+                // the rows of `values`.
+                unsafe {
+                    let one = |i: usize, k0: usize, k1: usize| {
+                        pv_mr::<1>(
+                            |_| scores.add((g0 + i) * KEY_TILE),
+                            |_| acc.add((g0 + i) * hd),
+                            values,
+                            hd,
+                            k0,
+                            k1,
+                        )
+                    };
+                    if common_lo >= common_hi {
+                        for (i, &(vis_lo, vis_hi)) in vis.iter().enumerate() {
+                            one(i, vis_lo, vis_hi);
+                        }
+                        continue;
+                    }
+                    for (i, &(vis_lo, _)) in vis.iter().enumerate() {
+                        one(i, vis_lo, common_lo);
+                    }
+                    let pp = |i: usize| scores.add((g0 + i.min(m - 1)) * KEY_TILE);
+                    let ap = |i: usize| acc.add((g0 + i.min(m - 1)) * hd);
+                    let (k0, k1) = (common_lo, common_hi);
+                    match m {
+                        6 => pv_mr::<6>(pp, ap, values, hd, k0, k1),
+                        5 => pv_mr::<5>(pp, ap, values, hd, k0, k1),
+                        4 => pv_mr::<4>(pp, ap, values, hd, k0, k1),
+                        3 => pv_mr::<3>(pp, ap, values, hd, k0, k1),
+                        2 => pv_mr::<2>(pp, ap, values, hd, k0, k1),
+                        _ => pv_mr::<1>(pp, ap, values, hd, k0, k1),
+                    }
+                    for (i, &(_, vis_hi)) in vis.iter().enumerate() {
+                        one(i, common_hi, vis_hi);
+                    }
+                }
+            }
+            tile += KEY_TILE;
+        }
+        super::write_block_output(shape, kv_head, rows, out, out_first_row, s);
+    }
+
+    /// Keys `k[off + i * stride..][..hd]` for `i < 8`, converted to f32 and stored transposed:
+    /// dimension `d` of key `i` at `keys[d * KEY_TILE + i]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn transpose_keys(k: &[f16], off: usize, stride: usize, hd: usize, keys: &mut [f32]) {
+        let rows: [&[f16]; 8] = std::array::from_fn(|i| &k[off + i * stride..][..hd]);
+        let mut d = 0;
+        while d + 8 <= hd {
+            // SAFETY: d + 8 <= hd, inside each key row.
+            let r: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(rows[i].as_ptr().add(d).cast()))
+            });
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (j, col) in cols.into_iter().enumerate() {
+                let dst = &mut keys[(d + j) * KEY_TILE..][..8];
+                // SAFETY: `dst` holds 8 floats; unaligned store.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), col) };
+            }
+            d += 8;
+        }
+        for d in d..hd {
+            for (i, row) in rows.iter().enumerate() {
+                keys[d * KEY_TILE + i] = row[d].to_f32();
+            }
+        }
+    }
+
+    /// f16 to f32, 8 lanes at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn cvt_f16(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for both slices; unaligned loads and stores.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i).cast()));
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), x);
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
+
+    /// `scores_i[k] = (Σ_d q_i[d]·key_k[d]) * scale` for `R` queries and keys `k0..k1` (a
+    /// range of 16-key chunks) of the transposed tile `keys` (`[dim][KEY_TILE]`), with the
+    /// dimensions summed in order by FMAs from zero.
+    ///
+    /// # Safety
+    /// `q(i)` must point at `hd` readable values and `scores(i)` at `KEY_TILE` writable ones
+    /// for `i < R`; `keys` at `hd * KEY_TILE` values; `k1 <= KEY_TILE`. AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores_mr<const R: usize>(
+        q: impl Fn(usize) -> *const f32,
+        scores: impl Fn(usize) -> *mut f32,
+        keys: *const f32,
+        hd: usize,
+        k0: usize,
+        k1: usize,
+        scale: f32,
+    ) {
+        let qs: [*const f32; R] = std::array::from_fn(&q);
+        let sv = _mm256_set1_ps(scale);
+        let mut k = k0;
+        while k < k1 {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for d in 0..hd {
+                // SAFETY: d < hd and k + 16 <= KEY_TILE, inside `keys`; d < hd inside each
+                // query (the caller's contract).
+                unsafe {
+                    let kp = keys.add(d * KEY_TILE + k);
+                    let ka = _mm256_loadu_ps(kp);
+                    let kb = _mm256_loadu_ps(kp.add(8));
+                    for (a, &qp) in acc.iter_mut().zip(&qs) {
+                        let qv = _mm256_broadcast_ss(&*qp.add(d));
+                        a[0] = _mm256_fmadd_ps(qv, ka, a[0]);
+                        a[1] = _mm256_fmadd_ps(qv, kb, a[1]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: k + 16 <= KEY_TILE, inside each score row.
+                unsafe {
+                    let sp = scores(i).add(k);
+                    _mm256_storeu_ps(sp, _mm256_mul_ps(a[0], sv));
+                    _mm256_storeu_ps(sp.add(8), _mm256_mul_ps(a[1], sv));
+                }
+            }
+            k += 16;
+        }
+    }
+
+    /// `acc_i += Σ_k p_i[k]·value_k` for `R` queries over keys `k0..k1` of the value tile
+    /// (`[key][hd]`), keys taken in order for every element; 16 dimensions at a time, then 8,
+    /// then one.
+    ///
+    /// # Safety
+    /// `p(i)` must point at `KEY_TILE` readable values and `acc(i)` at `hd` writable ones for
+    /// `i < R`, and `values` at `KEY_TILE * hd`; `k1 <= KEY_TILE`. AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pv_mr<const R: usize>(
+        p: impl Fn(usize) -> *const f32,
+        acc: impl Fn(usize) -> *mut f32,
+        values: *const f32,
+        hd: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        if k0 >= k1 {
+            return;
+        }
+        let ps: [*const f32; R] = std::array::from_fn(&p);
+        let accs: [*mut f32; R] = std::array::from_fn(&acc);
+        let mut d = 0;
+        while d + 16 <= hd {
+            // SAFETY: d + 16 <= hd, inside each accumulator row.
+            let mut a: [[__m256; 2]; R] = std::array::from_fn(|i| unsafe {
+                [
+                    _mm256_loadu_ps(accs[i].add(d)),
+                    _mm256_loadu_ps(accs[i].add(d + 8)),
+                ]
+            });
+            for k in k0..k1 {
+                // SAFETY: k < k1 <= KEY_TILE and d + 16 <= hd: inside `values` and each
+                // probability row.
+                unsafe {
+                    let vp = values.add(k * hd + d);
+                    let va = _mm256_loadu_ps(vp);
+                    let vb = _mm256_loadu_ps(vp.add(8));
+                    for (a, &pp) in a.iter_mut().zip(&ps) {
+                        let pv = _mm256_broadcast_ss(&*pp.add(k));
+                        a[0] = _mm256_fmadd_ps(pv, va, a[0]);
+                        a[1] = _mm256_fmadd_ps(pv, vb, a[1]);
+                    }
+                }
+            }
+            for (a, &ap) in a.iter().zip(&accs) {
+                // SAFETY: as for the loads above.
+                unsafe {
+                    _mm256_storeu_ps(ap.add(d), a[0]);
+                    _mm256_storeu_ps(ap.add(d + 8), a[1]);
+                }
+            }
+            d += 16;
+        }
+        if d + 8 <= hd {
+            // SAFETY: d + 8 <= hd, inside each accumulator row.
+            let mut a: [__m256; R] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(accs[i].add(d)) });
+            for k in k0..k1 {
+                // SAFETY: k < k1 <= KEY_TILE and d + 8 <= hd, as above.
+                unsafe {
+                    let va = _mm256_loadu_ps(values.add(k * hd + d));
+                    for (a, &pp) in a.iter_mut().zip(&ps) {
+                        *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*pp.add(k)), va, *a);
+                    }
+                }
+            }
+            for (a, &ap) in a.iter().zip(&accs) {
+                // SAFETY: as for the loads above.
+                unsafe { _mm256_storeu_ps(ap.add(d), *a) };
+            }
+            d += 8;
+        }
+        for d in d..hd {
+            for (&pp, &ap) in ps.iter().zip(&accs) {
+                // SAFETY: d < hd and k < k1 <= KEY_TILE, as above.
+                unsafe {
+                    let mut a = *ap.add(d);
+                    for k in k0..k1 {
+                        a = (*pp.add(k)).mul_add(*values.add(k * hd + d), a);
+                    }
+                    *ap.add(d) = a;
+                }
+            }
+        }
     }
 
     /// # Safety
@@ -731,6 +1135,74 @@ mod tests {
                 err < tolerance,
                 "first {first} rows {rows}: max error {err}"
             );
+        }
+    }
+
+    /// The x86 micro-kernels do each score's and each accumulator's operations in the scalar
+    /// code's order, so the two agree exactly, on shapes that exercise every remainder: blocks
+    /// of rows that are not a multiple of the micro-kernel's queries, head dims with 16-, 8- and
+    /// 1-wide tails, GQA groups of 1 and 3, sliding windows, spans starting mid-cache.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_tiled_block_matches_the_scalar_one() {
+        if !simd_available() {
+            return;
+        }
+        let cases = [
+            // heads, kv_heads, head_dim, window, first_position, rows
+            (3, 1, 64, None, 0, 93),
+            (3, 3, 40, Some(50), 37, 70),
+            (6, 2, 24, Some(100), 130, 81),
+            (2, 2, 8, None, 64, 65),
+            (3, 1, 20, Some(7), 5, 77),
+            (9, 3, 64, Some(64), 190, 64),
+        ];
+        for (heads, kv_heads, head_dim, sliding_window, first, rows) in cases {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+                sliding_window,
+            };
+            let cache = setup(&shape, first + rows, 11);
+            let mut seed = 7;
+            let q: Vec<f32> = (0..rows * heads * head_dim)
+                .map(|_| lcg(&mut seed) * 1.5)
+                .collect();
+            let span = SpanAttention {
+                cache: &cache,
+                q: &q,
+                first_position: first,
+                rows,
+            };
+            let mut want = vec![f32::NAN; q.len()];
+            let mut got = vec![f32::NAN; q.len()];
+            let mut scratch = BlockScratch::default();
+            // Blocks of odd sizes, the last one short.
+            for kv_head in 0..kv_heads {
+                let mut t0 = 0;
+                for len in [13, 1, 16, 5].iter().cycle() {
+                    if t0 >= rows {
+                        break;
+                    }
+                    let block = t0..(t0 + len).min(rows);
+                    let ptr = OutPtr(want.as_mut_ptr());
+                    attend_block_impl(&shape, &span, kv_head, block.clone(), ptr, 0, &mut scratch);
+                    let ptr = OutPtr(got.as_mut_ptr());
+                    // SAFETY: AVX2, FMA and F16C are available (checked above).
+                    unsafe {
+                        x86::attend_block(&shape, &span, kv_head, block, ptr, 0, &mut scratch)
+                    };
+                    t0 += len;
+                }
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    a.is_finite() && a.to_bits() == b.to_bits(),
+                    "heads {heads}/{kv_heads} dim {head_dim} window {sliding_window:?} first \
+                     {first} rows {rows}: element {i}: {a} vs {b}"
+                );
+            }
         }
     }
 
