@@ -231,6 +231,25 @@ struct BlockScratch {
     vis: Vec<(usize, usize)>,
 }
 
+impl BlockScratch {
+    /// Sizes the buffers for `nq` queries of `hd` dimensions and resets the running softmax
+    /// state (tiles and scores are overwritten before they are read).
+    fn prepare(&mut self, hd: usize, nq: usize) {
+        self.keys.resize(hd * KEY_TILE, 0.0);
+        self.values.resize(KEY_TILE * hd, 0.0);
+        self.row.resize(hd, 0.0);
+        self.scores.resize(nq * KEY_TILE, 0.0);
+        self.acc.clear();
+        self.acc.resize(nq * hd, 0.0);
+        self.max.clear();
+        self.max.resize(nq, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(nq, 0.0);
+        self.vis.clear();
+        self.vis.resize(nq, (0, 0));
+    }
+}
+
 /// A block of a long span's rows for the heads of one key/value head, in f32 with an online
 /// softmax over key tiles of [`KEY_TILE`] aligned at multiples of it (ggml's tiled path).
 #[allow(clippy::too_many_arguments)]
@@ -272,16 +291,7 @@ fn attend_block_impl(
     let kv_offset = kv_head * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let nq = rows.len() * group;
-    s.keys.resize(hd * KEY_TILE, 0.0);
-    s.values.resize(KEY_TILE * hd, 0.0);
-    s.row.resize(hd, 0.0);
-    s.scores.resize(KEY_TILE, 0.0);
-    s.acc.clear();
-    s.acc.resize(nq * hd, 0.0);
-    s.max.clear();
-    s.max.resize(nq, f32::NEG_INFINITY);
-    s.sum.clear();
-    s.sum.resize(nq, 0.0);
+    s.prepare(hd, nq);
 
     let pos_of = |qi: usize| span.first_position + rows.start + qi / group;
     let first_key = shape.first_visible(pos_of(0));
@@ -559,18 +569,7 @@ mod x86 {
         let scale = 1.0 / (hd as f32).sqrt();
         let nq = rows.len() * group;
         assert!(span.q.len() >= span.rows * shape.heads * hd && rows.end <= span.rows);
-        s.keys.resize(hd * KEY_TILE, 0.0);
-        s.values.resize(KEY_TILE * hd, 0.0);
-        s.row.resize(hd, 0.0);
-        s.scores.resize(nq * KEY_TILE, 0.0);
-        s.acc.clear();
-        s.acc.resize(nq * hd, 0.0);
-        s.max.clear();
-        s.max.resize(nq, f32::NEG_INFINITY);
-        s.sum.clear();
-        s.sum.resize(nq, 0.0);
-        s.vis.clear();
-        s.vis.resize(nq, (0, 0));
+        s.prepare(hd, nq);
 
         let pos_of = |qi: usize| span.first_position + rows.start + qi / group;
         let q_at = |qi: usize| {
