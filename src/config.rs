@@ -14,6 +14,7 @@ use clap::Parser;
 use crate::heartbeat::{HeartbeatConfig, HiveUrlError};
 use crate::logging::LogFormat;
 use crate::model::chat_template::ChatTemplate;
+use crate::model_ref::{self, ModelRefError, ModelSource, ModelStores};
 
 /// The GGUF downloader and cache, embedded so the binary can fetch its default model anywhere.
 const FETCH_DEFAULT_MODEL: &str = include_str!("../scripts/fetch-default-model.sh");
@@ -29,12 +30,15 @@ pub const DEFAULT_CTX_CAP: usize = 8192;
 #[command(version, about, long_about = None)]
 pub struct WorkerArgs {
     /// Model to serve: a GGUF file or a Hugging Face directory (config.json, *.safetensors,
-    /// tokenizer.json). Default: SmolLM2-135M-Instruct Q4_1, fetched once into
-    /// ~/.cache/llm-worker-rbee (or $LLM_WORKER_CACHE).
-    #[arg(long, env = "LLM_WORKER_MODEL", value_name = "PATH")]
+    /// tokenizer.json), or a model reference ORG/NAME[:QUANT or :FILE.gguf] found in rbee's
+    /// model store (~/.cache/rbee/models) or the Hugging Face hub cache, without network.
+    /// Default: SmolLM2-135M-Instruct Q4_1, fetched once into ~/.cache/llm-worker-rbee (or
+    /// $LLM_WORKER_CACHE).
+    #[arg(long, env = "LLM_WORKER_MODEL", value_name = "PATH|REF")]
     pub model: Option<PathBuf>,
 
-    /// Name clients use in `model` and that the worker reports (default: from the model file).
+    /// Name clients use in `model` and that the worker reports (default: the reference given to
+    /// --model, else the model file's or directory's name).
     #[arg(long, env = "LLM_WORKER_MODEL_REF", value_name = "ID")]
     pub model_ref: Option<String>,
 
@@ -109,8 +113,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_DETACH_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub detach_grace: Duration,
 
-    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are cancelled.
-    #[arg(long, env = "LLM_WORKER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are cancelled
+    /// (each stream then ends with its cancellation). The default fits the hive's kill window:
+    /// it sends SIGKILL 2 s after SIGTERM. A standalone server may give more ("30s").
+    #[arg(long, env = "LLM_WORKER_DRAIN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// How long a finished job's status and events stay available.
@@ -139,6 +145,11 @@ pub struct WorkerArgs {
     /// Log format: `pretty` (human-readable lines) or `json` (one object per line).
     #[arg(long, env = "LLORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// Print the build profile (`release` or `debug`) and exit, before any other flag is read
+    /// (the hive asks this of an installed worker binary).
+    #[arg(long)]
+    pub build_info: bool,
 }
 
 /// Why the worker refuses to start.
@@ -162,6 +173,8 @@ pub enum ConfigError {
     ChatTemplate { path: PathBuf, message: String },
     #[error(transparent)]
     HiveUrl(#[from] HiveUrlError),
+    #[error(transparent)]
+    Model(#[from] ModelRefError),
 }
 
 /// Validated settings the server starts from.
@@ -171,6 +184,8 @@ pub struct ServerSettings {
     pub api_token: Option<String>,
     /// Set when `--hive-url` is given.
     pub heartbeat: Option<HeartbeatConfig>,
+    /// `--model`, resolved (a reference to the file it names).
+    pub model: ModelSource,
 }
 
 impl WorkerArgs {
@@ -187,6 +202,7 @@ impl WorkerArgs {
             bind: SocketAddr::new(ip, self.port),
             api_token,
             heartbeat: self.heartbeat()?,
+            model: model_ref::resolve(self.model.as_deref(), &ModelStores::from_env())?,
         })
     }
 
@@ -261,11 +277,21 @@ impl WorkerArgs {
         }
     }
 
-    /// The model to load: `--model`, or the default model, fetched if not cached. Blocking.
-    pub fn model_path(&self) -> Result<PathBuf, ConfigError> {
-        match &self.model {
-            Some(path) => Ok(path.clone()),
-            None => fetch_default_model(),
+    /// The name the model is served and reported under before and after loading, when it is
+    /// known from the flags alone: `--model-ref`, else a model reference given to `--model`.
+    pub fn served_name(&self, model: &ModelSource) -> Option<String> {
+        self.model_ref
+            .clone()
+            .or_else(|| model.served_name().map(str::to_string))
+    }
+}
+
+impl ModelSource {
+    /// The file or directory to load; the default model is fetched if not cached. Blocking.
+    pub fn local_path(&self) -> Result<PathBuf, ConfigError> {
+        match self {
+            Self::Path(path) | Self::Reference { path, .. } => Ok(path.clone()),
+            Self::Default => fetch_default_model(),
         }
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! - [`server`]: the binaries' shared `main` (bind, load in the background, serve, graceful
 //!   shutdown on SIGTERM/SIGINT). `src/bin/{cpu,cuda,metal}.rs` only name their device.
-//! - [`config`]: command-line flags and environment variables ([`config::WorkerArgs`]).
+//! - [`config`]: command-line flags and environment variables ([`config::WorkerArgs`]);
+//!   [`model_ref`]: `--model` as a path or a model reference resolved without network.
 //! - [`logging`]: structured logs (`--log-format pretty|json`).
 //! - [`worker`]: queue + registry + engine + router ([`worker::Worker`]), and the seed's
 //!   [`setup_worker_with_backend`].
@@ -36,6 +37,7 @@ pub mod kernels;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod model_ref;
 pub mod server;
 pub mod timestamp;
 pub mod worker;

@@ -17,6 +17,7 @@ use crate::config::{ServerSettings, WorkerArgs};
 use crate::engine::SchedulerConfig;
 use crate::jobs::RegistryConfig;
 use crate::model::LoadOptions;
+use crate::model_ref::ModelSource;
 use crate::worker::{Worker, WorkerConfig};
 use crate::worker_info::WorkerIdentity;
 
@@ -55,6 +56,27 @@ enum ServerError {
     Engine(std::io::Error),
     #[error("the server failed: {0}")]
     Serve(std::io::Error),
+}
+
+/// The binaries' `main`: answers `--build-info` before anything else is parsed or touched (the
+/// hive asks it of every installed worker binary, with no other argument), otherwise parses the
+/// flags and runs the worker.
+pub fn main(device: DeviceSpec) -> ExitCode {
+    if std::env::args_os().skip(1).any(|a| a == "--build-info") {
+        println!("{}", build_profile());
+        return ExitCode::SUCCESS;
+    }
+    run(<WorkerArgs as clap::Parser>::parse(), device)
+}
+
+/// `release` or `debug`: the profile this binary was built with, as the hive reads it (an
+/// optimized build with debug assertions, like the test profile, counts as `debug`).
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 /// Runs the worker until it is told to stop. Exit code 0 after a graceful shutdown, 2 for a
@@ -131,7 +153,7 @@ async fn serve(
             job_ttl: args.job_ttl,
             ..RegistryConfig::default()
         },
-        model_id: args.model_ref.clone(),
+        model_id: args.served_name(&settings.model),
         expected_token: settings.api_token.clone(),
         identity,
         chat_template: args.chat_template()?.map(Arc::new),
@@ -157,7 +179,8 @@ async fn serve(
     tracing::info!(worker_id = %worker_id(&args), "listening on http://{addr}");
 
     let load_args = args.clone();
-    let loading = tokio::task::spawn_blocking(move || load_backend(&load_args, device));
+    let model = settings.model.clone();
+    let loading = tokio::task::spawn_blocking(move || load_backend(&load_args, &model, device));
     let loaded = tokio::select! {
         loaded = loading => Some(loaded),
         () = signals.recv() => None,
@@ -236,9 +259,10 @@ fn worker_id(args: &WorkerArgs) -> &str {
 
 fn load_backend(
     args: &WorkerArgs,
+    model: &ModelSource,
     device: DeviceSpec,
 ) -> Result<CandleInferenceBackend, ServerError> {
-    let path = args.model_path()?;
+    let path = model.local_path()?;
     let built = (device.build)(args.device).map_err(|e| ServerError::Device {
         kind: device.kind,
         index: args.device,

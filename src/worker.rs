@@ -100,7 +100,11 @@ impl Worker {
         } else if config.metrics_auth {
             tracing::warn!("metrics auth is on but no API token is set: /metrics stays public");
         }
-        let state = AppState::new(registry.clone(), config.identity)
+        let mut identity = config.identity;
+        if let Some(name) = &config.model_id {
+            identity.model_id = name.clone();
+        }
+        let state = AppState::new(registry.clone(), identity)
             .with_metrics_auth(config.metrics_auth)
             .with_chat_template(config.chat_template.clone());
         let lifecycle = state.lifecycle.clone();

@@ -22,6 +22,9 @@ pub struct WorkerIdentity {
     /// The binary: "llm-worker-rbee-cpu", "-cuda" or "-metal".
     pub implementation: String,
     pub started_at: SystemTime,
+    /// The served model's name when the flags give it (`--model-ref`, a model reference), for
+    /// the reports sent while the model loads; empty when only the model itself knows it.
+    pub model_id: String,
 }
 
 impl WorkerIdentity {
@@ -32,12 +35,15 @@ impl WorkerIdentity {
             device: device.to_string(),
             implementation: implementation.to_string(),
             started_at: SystemTime::now(),
+            model_id: String::new(),
         }
     }
 }
 
-/// Where the worker is in its life, as `/info` and the heartbeat report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the worker is in its life. `/info` and the heartbeat report it in the words of rbee's
+/// `WorkerStatus` (`starting | ready | busy | stopping | stopped`), where draining is
+/// `stopping`; `/health` says `draining`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerStatus {
     /// Listening; the model is loading.
@@ -86,6 +92,20 @@ impl WorkerStatus {
             Self::Stopped => "stopped",
         }
     }
+
+    /// The status as rbee's hive and queen spell it.
+    pub fn as_wire_str(self) -> &'static str {
+        match self {
+            Self::Draining => "stopping",
+            other => other.as_str(),
+        }
+    }
+}
+
+impl Serialize for WorkerStatus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_wire_str())
+    }
 }
 
 /// The stages after draining that only the worker itself knows (the registry stops at
@@ -121,8 +141,10 @@ impl Lifecycle {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub id: String,
-    /// The served model name (`null` while loading).
-    pub model_id: Option<String>,
+    /// The served model name: the reference the worker was started with when it was given
+    /// one (the queen matches on it), known while loading too; empty only while loading a
+    /// model whose name comes from the model itself.
+    pub model_id: String,
     pub device: String,
     pub port: u16,
     pub status: WorkerStatus,
@@ -146,7 +168,7 @@ impl WorkerInfo {
         let served = registry.served();
         Self {
             id: identity.id.clone(),
-            model_id: served.map(|s| s.model_id.clone()),
+            model_id: served.map_or_else(|| identity.model_id.clone(), |s| s.model_id.clone()),
             device: served.map_or_else(|| identity.device.clone(), |s| s.meta.device.clone()),
             port: identity.port,
             status: WorkerStatus::of(registry, lifecycle),

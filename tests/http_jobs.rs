@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::client::{Client, infer};
@@ -65,7 +66,7 @@ async fn a_job_streams_started_tokens_end_and_done() {
 
     let end = end.json();
     assert_eq!(end["type"], "end");
-    assert_eq!(end["stop_reason"], "max_tokens");
+    assert_eq!(end["stop_reason"], "MAX_TOKENS");
     assert_eq!(end["tokens_in"], 2);
     assert_eq!(end["tokens_out"], 10);
     assert!(end["seed"].is_u64());
@@ -92,7 +93,7 @@ async fn eos_stop_strings_logprobs_and_special_tokens_in_the_prompt() {
     let events = w.stream(&id, None).await.collect(WAIT).await;
     let (end, _) = assert_well_formed_ending(&events);
     let end = end.json();
-    assert_eq!(end["stop_reason"], "eos");
+    assert_eq!(end["stop_reason"], "EOS");
     // The marker is one special token, not twelve bytes.
     assert_eq!(end["tokens_in"], 2);
     assert_eq!(text_of(&events), "ab");
@@ -105,8 +106,8 @@ async fn eos_stop_strings_logprobs_and_special_tokens_in_the_prompt() {
         .await;
     let events = w.stream(&id, None).await.collect(WAIT).await;
     let end = assert_well_formed_ending(&events).0.json();
-    assert_eq!(end["stop_reason"], "stop_sequence");
-    assert_eq!(end["stop_sequence"], "b");
+    assert_eq!(end["stop_reason"], "STOP_SEQUENCE");
+    assert_eq!(end["stop_sequence_matched"], "b");
     assert_eq!(end["seed"], 42);
     assert_eq!(text_of(&events), "a");
 
@@ -410,6 +411,13 @@ async fn health_is_loading_until_the_model_is_attached() {
     .await;
     let (status, v) = w.get_json("/health").await;
     assert_eq!((status, v), (503, json!({"status": "loading"})));
+    // `/` is what rbee's hive polls after spawning a worker: `/health`'s answer, no token.
+    let root = reqwest::get(format!("{}/", w.base)).await.unwrap();
+    assert_eq!(root.status(), 503);
+    assert_eq!(
+        root.json::<Value>().await.unwrap(),
+        json!({"status": "loading"})
+    );
     let r = w.post("/v1/jobs", &infer("a", 1)).await;
     expect_error(r, 503, "MODEL_LOADING").await;
     let (_, info) = w.get_json("/info").await;
@@ -419,6 +427,9 @@ async fn health_is_loading_until_the_model_is_attached() {
     let (status, v) = w.get_json("/health").await;
     assert_eq!(status, 200);
     assert_eq!(v["status"], "ok");
+    let root = reqwest::get(format!("{}/", w.base)).await.unwrap();
+    assert_eq!(root.status(), 200);
+    assert_eq!(root.json::<Value>().await.unwrap()["status"], "ok");
     assert_eq!(v["model"], MODEL);
     assert_eq!(v["slots_total"], 2);
     assert_eq!(v["slots_busy"], 0);
@@ -487,6 +498,47 @@ async fn shutdown_lets_short_jobs_finish() {
     assert!(report.drained && report.engine_stopped);
     let events = read.await.unwrap();
     assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
+}
+
+#[tokio::test]
+async fn an_abort_ends_every_stream_without_waiting_for_the_step_in_progress() {
+    // Steps of 4 s, like a long prompt chunk of a big model: the hive's SIGKILL comes 2 s
+    // after its SIGTERM, so the terminal events cannot wait for the engine to finish a step.
+    let w = TestWorker::start(Setup {
+        parallel: 1,
+        queue: 4,
+        step_delay: Duration::from_secs(4),
+        ..setup()
+    })
+    .await;
+    let mut readers = Vec::new();
+    for prompt in ["a", "b"] {
+        let id = w.create(infer(prompt, 50)).await;
+        readers.push(w.stream(&id, None).await);
+    }
+    wait_until("a job runs", || async { w.slots_busy().await == 1 }).await;
+    let reads: Vec<_> = readers
+        .into_iter()
+        .map(|mut r| tokio::spawn(async move { r.collect(Duration::from_secs(2)).await }))
+        .collect();
+    let worker = Arc::new(w);
+    let shutdown = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.worker.shutdown(Duration::from_millis(100)).await }
+    });
+    let aborted = Instant::now();
+    for read in reads {
+        let events = read.await.unwrap();
+        let (terminal, sentinel) = assert_well_formed_ending(&events);
+        assert_eq!(terminal.json()["reason"], "shutdown");
+        assert_eq!(sentinel.data, "[CANCELLED]");
+    }
+    assert!(
+        aborted.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        aborted.elapsed()
+    );
+    assert!(shutdown.await.unwrap().engine_stopped);
 }
 
 #[tokio::test]

@@ -65,7 +65,7 @@ impl TestWorker {
     async fn run_to_max_tokens(&self, prompt: &str, max_tokens: usize) -> usize {
         let events = self.run(infer(prompt, max_tokens)).await;
         let (end, _) = assert_well_formed_ending(&events);
-        assert_eq!(end.json()["stop_reason"], "max_tokens");
+        assert_eq!(end.json()["stop_reason"], "MAX_TOKENS");
         events.iter().filter(|e| e.name() == "token").count()
     }
 

@@ -22,8 +22,9 @@ use crate::timestamp::rfc3339;
 /// Prompts longer than this are tokenized on the blocking pool, off the async workers.
 const INLINE_TOKENIZE_BYTES: usize = 2048;
 
-/// Which route family a request came through; it decides the `sse_url` and whether the
-/// queen's legacy body (no `operation`) is accepted.
+/// Which route family a request came through; it decides the `sse_url`, whether the queen's
+/// flat body (no `operation`) is accepted, and whether the stream carries `queued` events
+/// (`/v1/inference` is the queen's door and speaks only rbee's `InferenceEvent` types).
 #[derive(Debug, Clone, Copy)]
 pub enum Door {
     Jobs,
@@ -183,7 +184,24 @@ pub async fn stream_job(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let after = last_event_id(&headers)?;
+    stream(&app, id, &headers, Door::Jobs)
+}
+
+pub async fn stream_inference(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    stream(&app, id, &headers, Door::Inference)
+}
+
+fn stream(
+    app: &AppState,
+    id: String,
+    headers: &HeaderMap,
+    door: Door,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(headers)?;
     let record = app
         .registry
         .get(&id)
@@ -196,6 +214,7 @@ pub async fn stream_job(
         job_id: id,
         model: served.model_id.clone(),
         tokenizer: served.meta.tokenizer.clone(),
+        queue_events: matches!(door, Door::Jobs),
     };
     let sse = Sse::new(job_event_stream(record, after, ctx))
         .keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));

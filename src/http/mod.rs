@@ -19,7 +19,7 @@
 //!
 //! | method | path | |
 //! |---|---|---|
-//! | GET | `/health` | liveness and load |
+//! | GET | `/health`, `/` | liveness and load (`/` is what the hive polls after spawning) |
 //! | GET | `/info` | [`WorkerInfo`](crate::worker_info::WorkerInfo) |
 //! | GET | `/metrics` | Prometheus metrics ([`WorkerMetrics`](crate::metrics::WorkerMetrics)) |
 //! | POST | `/v1/jobs`, `/v1/inference` | create a job → `{job_id, sse_url}` |
@@ -149,13 +149,14 @@ pub fn router(state: AppState, auth: ApiAuth) -> Router {
             get(jobs::job_status).delete(jobs::cancel_job),
         )
         .route("/v1/jobs/{id}/stream", get(jobs::stream_job))
-        .route("/v1/inference/{id}/stream", get(jobs::stream_job))
+        .route("/v1/inference/{id}/stream", get(jobs::stream_inference))
         .route_layer(axum::middleware::from_fn_with_state(
             auth.clone(),
             auth::require_token,
         ));
     Router::new()
         .route("/health", get(health::health))
+        .route("/", get(health::health))
         .merge(metrics_route)
         .merge(protected)
         .merge(openai::router(auth))

@@ -16,6 +16,7 @@ use futures_util::Stream;
 use serde::Serialize;
 
 use crate::engine::EngineEvent;
+use crate::generation::FinishReason;
 use crate::jobs::{Attachment, JobRecord};
 use crate::model::tokenizer::TextTokenizer;
 use crate::timestamp::rfc3339;
@@ -28,6 +29,8 @@ pub struct StreamContext {
     pub job_id: String,
     pub model: String,
     pub tokenizer: Arc<TextTokenizer>,
+    /// Send `queued` events (the job API's own; rbee's `InferenceEvent` has no such type).
+    pub queue_events: bool,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -65,9 +68,14 @@ pub enum StreamEvent<'a> {
         ttft_ms: u64,
         decode_time_ms: u64,
         tokens_per_sec: f64,
+        /// rbee's `StopReason`: `MAX_TOKENS`, `EOS` or `STOP_SEQUENCE`.
         stop_reason: &'static str,
+        /// The stop string that ended the job (with `STOP_SEQUENCE`).
         #[serde(skip_serializing_if = "Option::is_none")]
-        stop_sequence: Option<&'a str>,
+        stop_sequence_matched: Option<&'a str>,
+        /// With `MAX_TOKENS`: the limit was the context window, not `max_tokens`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        context_full: bool,
         seed: u64,
     },
     Error {
@@ -90,9 +98,30 @@ impl StreamEvent<'_> {
     }
 }
 
-/// The wire form of an engine event.
-pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> StreamEvent<'a> {
+/// rbee's spelling of a finish reason (its `StopReason` has no value for a full context: that
+/// is `MAX_TOKENS`, with `context_full` in the `end` event).
+pub fn stop_reason(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::MaxTokens | FinishReason::ContextFull => "MAX_TOKENS",
+        FinishReason::Eos => "EOS",
+        FinishReason::StopSequence(_) => "STOP_SEQUENCE",
+    }
+}
+
+/// The wire form of an engine event; `None` for what this stream does not carry: the
+/// end-of-generation token when it brings no text (it is not output; the `end` event that
+/// follows says `EOS`), and `queued` events on a stream without them.
+pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> Option<StreamEvent<'a>> {
     match event {
+        EngineEvent::Token(step)
+            if step.finish == Some(FinishReason::Eos) && step.text.is_empty() =>
+        {
+            return None;
+        }
+        EngineEvent::Queued { .. } if !ctx.queue_events => return None,
+        _ => {}
+    }
+    Some(match event {
         EngineEvent::Queued { position } => StreamEvent::Queued {
             job_id: &ctx.job_id,
             position: *position,
@@ -125,11 +154,12 @@ pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> Strea
             ttft_ms: millis(summary.time_to_first_token),
             decode_time_ms: millis(summary.decode_time),
             tokens_per_sec: (summary.tokens_per_second() * 100.0).round() / 100.0,
-            stop_reason: summary.reason.as_str(),
-            stop_sequence: match &summary.reason {
-                crate::generation::FinishReason::StopSequence(s) => Some(s),
+            stop_reason: stop_reason(&summary.reason),
+            stop_sequence_matched: match &summary.reason {
+                FinishReason::StopSequence(s) => Some(s),
                 _ => None,
             },
+            context_full: summary.reason == FinishReason::ContextFull,
             seed: summary.seed,
         },
         EngineEvent::Failed { code, message } => StreamEvent::Error {
@@ -142,24 +172,26 @@ pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> Strea
             message: format!("the job was cancelled ({})", reason.as_str()),
             reason: Some(reason.as_str()),
         },
-    }
+    })
 }
 
 fn millis(d: std::time::Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-/// The SSE event for a logged engine event.
-pub fn sse_event(id: u64, event: &EngineEvent, ctx: &StreamContext) -> Event {
-    let wire = stream_event(event, ctx);
+/// The SSE event for a logged engine event (`None`: nothing to send, see [`stream_event`]).
+pub fn sse_event(id: u64, event: &EngineEvent, ctx: &StreamContext) -> Option<Event> {
+    let wire = stream_event(event, ctx)?;
     let data = serde_json::to_string(&wire).unwrap_or_else(|e| {
         // Only non-string map keys fail to serialize; our types have none.
         format!(r#"{{"type":"error","code":"INTERNAL_ERROR","message":"{e}"}}"#)
     });
-    Event::default()
-        .event(wire.name())
-        .id(id.to_string())
-        .data(data)
+    Some(
+        Event::default()
+            .event(wire.name())
+            .id(id.to_string())
+            .data(data),
+    )
 }
 
 /// The data-only line after a terminal event.
@@ -229,7 +261,7 @@ pub fn job_event_stream(
             }
             for (id, event) in batch {
                 r.cursor = id;
-                r.pending.push_back(sse_event(id, &event, &r.ctx));
+                r.pending.extend(sse_event(id, &event, &r.ctx));
                 if event.is_terminal() {
                     r.pending.push_back(sentinel(&event));
                     r.done = true;

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::record::JobRecord;
 use crate::engine::{
-    CancelReason, EngineStats, GenerationEngine, GenerationJob, InferenceBackend, JobSink,
-    ModelMeta, PushError, RequestQueue, SchedulerConfig,
+    CancelReason, EngineEvent, EngineStats, GenerationEngine, GenerationJob, InferenceBackend,
+    JobSink, ModelMeta, PushError, RequestQueue, SchedulerConfig,
 };
 use crate::generation::GenerationParams;
 use crate::metrics::{JobApi, JobObserver, WorkerMetrics};
@@ -324,7 +324,10 @@ impl JobRegistry {
         }
     }
 
-    /// Cancels whatever is still queued or running (reason `shutdown`).
+    /// Cancels whatever is still queued or running (reason `shutdown`). Every live job gets its
+    /// terminal event now, not when the engine notices the abort after the step in progress
+    /// (a long prompt chunk can take seconds): a caller that kills the process shortly after
+    /// its SIGTERM (the hive waits 2 s) must not cut a stream before its end.
     pub fn abort(&self) {
         self.draining.store(true, Ordering::SeqCst);
         match self.served.get() {
@@ -335,6 +338,17 @@ impl JobRegistry {
                 self.queue.close();
                 self.queue.cancel_all(CancelReason::Shutdown);
             }
+        }
+        let live: Vec<Arc<JobRecord>> = self
+            .jobs()
+            .values()
+            .filter(|r| !r.state().is_terminal())
+            .cloned()
+            .collect();
+        for record in live {
+            cancel_record(&self.queue, &record, CancelReason::Shutdown);
+            let reason = record.cancel_requested().unwrap_or(CancelReason::Shutdown);
+            record.emit(EngineEvent::Cancelled { reason });
         }
     }
 
