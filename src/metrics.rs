@@ -303,7 +303,8 @@ impl WorkerMetrics {
 }
 
 /// One job's view of the metrics: it knows the job's door, prompt length and arrival, and its
-/// record calls it from the engine path. Every method is a few atomic operations.
+/// record calls it from the engine path with durations from the job's one timeline (it
+/// measures nothing itself). Every method is a few atomic operations.
 #[derive(Debug, Clone)]
 pub struct JobObserver {
     metrics: Arc<WorkerMetrics>,
@@ -339,35 +340,31 @@ impl JobObserver {
         self.arrived
     }
 
-    /// The job got a slot: its prompt is about to be read.
-    pub fn started(&self, now: Instant) {
+    /// The job got a slot, `queue_time` after it arrived.
+    pub fn started(&self, queue_time: Duration) {
         self.metrics.prompt_tokens.inc_by(self.prompt_tokens as u64);
         self.metrics
             .request_queue_time
-            .observe(now.saturating_duration_since(self.arrived).as_secs_f64());
+            .observe(queue_time.as_secs_f64());
     }
 
-    /// A token was generated; `previous` is when the one before it was (`None` for the first).
-    pub fn token(&self, previous: Option<Instant>, now: Instant) {
+    /// A token was generated, `after` its arrival (the first) or the token before it.
+    pub fn token(&self, first: bool, after: Duration) {
         self.metrics.generation_tokens.inc();
-        match previous {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe(now.saturating_duration_since(self.arrived).as_secs_f64()),
-            Some(previous) => self
-                .metrics
-                .inter_token_latency
-                .observe(now.saturating_duration_since(previous).as_secs_f64()),
-        }
+        let histogram = if first {
+            &self.metrics.time_to_first_token
+        } else {
+            &self.metrics.inter_token_latency
+        };
+        histogram.observe(after.as_secs_f64());
     }
 
-    /// The job's terminal event.
-    pub fn ended(&self, outcome: Outcome, now: Instant) {
+    /// The job's terminal event, `total` after it arrived.
+    pub fn ended(&self, outcome: Outcome, total: Duration) {
         self.metrics.requests[self.api.index()][outcome.index()].inc();
         self.metrics
             .e2e_request_latency
-            .observe(now.saturating_duration_since(self.arrived).as_secs_f64());
+            .observe(total.as_secs_f64());
     }
 }
 
@@ -408,13 +405,10 @@ mod tests {
         let m = Arc::new(WorkerMetrics::new());
         let t0 = Instant::now();
         let job = JobObserver::new(m.clone(), JobApi::OpenAiCompletions, 7, t0);
-        job.started(t0 + Duration::from_millis(2));
-        job.token(None, t0 + Duration::from_millis(30));
-        job.token(
-            Some(t0 + Duration::from_millis(30)),
-            t0 + Duration::from_millis(40),
-        );
-        job.ended(Outcome::Completed, t0 + Duration::from_millis(41));
+        job.started(Duration::from_millis(2));
+        job.token(true, Duration::from_millis(30));
+        job.token(false, Duration::from_millis(10));
+        job.ended(Outcome::Completed, Duration::from_millis(41));
         m.request_rejected(JobApi::Rbee);
         m.set_info("tiny", "cpu:0", "0.1.0");
         m.set_model_load_time(Duration::from_millis(1500));

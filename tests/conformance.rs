@@ -122,7 +122,6 @@ fn greedy_generation_matches_llama_cpp() {
             prompt_tokens: got_prompt,
             params,
             sink: sink.clone(),
-            arrived_at: Instant::now(),
         });
         sinks.push(sink);
     }

@@ -414,6 +414,20 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     let job_id = client.create(infer(prompt, 8)).await;
     let events = client.stream(&job_id, None).await.collect(WAIT).await;
     let (end, _) = assert_well_formed_ending(&events);
+    let metrics = client
+        .http
+        .get(format!("{}/metrics", client.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ttft_histogram_s: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rbee_worker_time_to_first_token_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the TTFT histogram");
 
     worker.sigterm();
     let status = worker.wait_for_exit();
@@ -473,6 +487,18 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     assert_eq!(line["tokens_in"], prompt.len());
     assert_eq!(line["tokens_out"], end.json()["tokens_out"]);
     assert!(line["tokens_per_s"].is_number(), "{line}");
+    // One timeline: the `end` event (whole ms), the log line (0.1 ms) and the one TTFT
+    // observation (seconds) are the same duration.
+    let log_ttft_ms = line["ttft_ms"].as_f64().unwrap();
+    let end_ttft_ms = end.json()["ttft_ms"].as_f64().unwrap();
+    assert!(
+        (0.0..1.0).contains(&(log_ttft_ms - end_ttft_ms)),
+        "log {log_ttft_ms} ms, end {end_ttft_ms} ms"
+    );
+    assert!(
+        (ttft_histogram_s * 1000.0 - log_ttft_ms).abs() <= 0.05,
+        "histogram {ttft_histogram_s} s, log {log_ttft_ms} ms"
+    );
     for l in &log {
         let text = l.to_string();
         assert!(!text.contains(prompt), "prompt text in a log line: {text}");

@@ -2,7 +2,7 @@
 //! through the job's [`JobSink`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use crate::generation::{FinishReason, GenerationParams, TokenStep};
 
@@ -27,29 +27,14 @@ impl CancelReason {
     }
 }
 
-/// How a finished job went.
+/// How a finished job went. Its times are not here: a job's record keeps its one timeline
+/// ([`Timeline`](crate::jobs::Timeline)), stamped as the events arrive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishSummary {
     pub reason: FinishReason,
     pub tokens_in: usize,
     pub tokens_out: usize,
-    /// From the job's arrival to its first generated token.
-    pub time_to_first_token: Duration,
-    /// From the first generated token to the last.
-    pub decode_time: Duration,
     pub seed: u64,
-}
-
-impl FinishSummary {
-    /// Decode speed after the first token (0 when a single token was generated).
-    pub fn tokens_per_second(&self) -> f64 {
-        let secs = self.decode_time.as_secs_f64();
-        if self.tokens_out > 1 && secs > 0.0 {
-            (self.tokens_out - 1) as f64 / secs
-        } else {
-            0.0
-        }
-    }
 }
 
 /// Everything the engine reports about a job, in order. Exactly one of `Finished`, `Failed` or
@@ -114,7 +99,6 @@ pub struct GenerationJob {
     pub prompt_tokens: Vec<u32>,
     pub params: GenerationParams,
     pub sink: Arc<dyn JobSink>,
-    pub arrived_at: Instant,
 }
 
 impl std::fmt::Debug for GenerationJob {

@@ -158,7 +158,6 @@ mod tests {
                 prompt_tokens: vec![1, 2],
                 params: GenerationParams::greedy(4),
                 sink: sink.clone(),
-                arrived_at: Instant::now(),
             },
             sink,
         )

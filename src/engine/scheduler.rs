@@ -10,11 +10,11 @@
 //! directly.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use super::backend::{BatchItem, InferenceBackend, SeqId};
 use super::job::{EngineEvent, ErrorCode, FinishSummary, GenerationJob};
-use crate::generation::SequenceGenerator;
+use crate::generation::{ContextFitError, SequenceGenerator, fit_max_tokens};
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -39,7 +39,6 @@ struct Running {
     generator: SequenceGenerator,
     /// Prompt tokens already in the cache.
     prefilled: usize,
-    first_token_at: Option<Instant>,
 }
 
 impl Running {
@@ -96,16 +95,16 @@ impl<B: InferenceBackend> Scheduler<B> {
             return;
         }
         let meta = self.backend.meta();
-        let needed = job.prompt_tokens.len() + job.params.max_tokens;
-        let problem = if job.prompt_tokens.is_empty() {
-            Some("the prompt has no tokens".to_string())
-        } else if needed > meta.context_length {
-            Some(format!(
-                "prompt ({} tokens) + max_tokens ({}) = {needed} exceeds the context ({})",
-                job.prompt_tokens.len(),
-                job.params.max_tokens,
-                meta.context_length
-            ))
+        let fit = fit_max_tokens(
+            job.prompt_tokens.len(),
+            Some(job.params.max_tokens),
+            meta.context_length,
+        );
+        let problem = if let Err(e) = fit {
+            Some(match e {
+                ContextFitError::EmptyPrompt => format!("the prompt {e}"),
+                _ => e.to_string(),
+            })
         } else {
             job.prompt_tokens
                 .iter()
@@ -141,7 +140,6 @@ impl<B: InferenceBackend> Scheduler<B> {
             job,
             generator,
             prefilled: 0,
-            first_token_at: None,
         });
     }
 
@@ -234,8 +232,6 @@ impl<B: InferenceBackend> Scheduler<B> {
                 }
             }
             let step = r.generator.step(&mut row);
-            let now = Instant::now();
-            let first_token_at = *r.first_token_at.get_or_insert(now);
             let finish = step.finish.clone();
             r.job.sink.emit(EngineEvent::Token(step));
             if let Some(reason) = finish {
@@ -243,8 +239,6 @@ impl<B: InferenceBackend> Scheduler<B> {
                     reason,
                     tokens_in: r.job.prompt_tokens.len(),
                     tokens_out: r.generator.generated(),
-                    time_to_first_token: first_token_at.duration_since(r.job.arrived_at),
-                    decode_time: now.duration_since(first_token_at),
                     seed: r.job.params.sampling.seed,
                 }));
                 finished.push(i);

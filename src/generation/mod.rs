@@ -44,6 +44,62 @@ impl GenerationParams {
     }
 }
 
+/// Why a prompt and its output budget do not fit a context window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ContextFitError {
+    #[error("produces no tokens")]
+    EmptyPrompt,
+    /// The requested `max_tokens` does not fit beside the prompt.
+    #[error(
+        "the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {}, more than the \
+         context ({context_length})",
+        prompt_tokens.saturating_add(*max_tokens)
+    )]
+    TooLong {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        context_length: usize,
+    },
+    /// No `max_tokens` was requested and the prompt leaves no room for output.
+    #[error(
+        "the prompt ({prompt_tokens} tokens) leaves no room for output in the context \
+         ({context_length})"
+    )]
+    NoRoom {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+}
+
+/// The one context-fit rule, applied by every API before a job is queued and by the engine
+/// before it admits one: the prompt must have tokens, and the prompt plus the output budget
+/// must fit the context. Returns the budget: `requested`, or all the room the context has left
+/// when nothing was requested (OpenAI's default).
+pub fn fit_max_tokens(
+    prompt_tokens: usize,
+    requested: Option<usize>,
+    context_length: usize,
+) -> Result<usize, ContextFitError> {
+    if prompt_tokens == 0 {
+        return Err(ContextFitError::EmptyPrompt);
+    }
+    match requested {
+        Some(max_tokens) if prompt_tokens.saturating_add(max_tokens) > context_length => {
+            Err(ContextFitError::TooLong {
+                prompt_tokens,
+                max_tokens,
+                context_length,
+            })
+        }
+        Some(max_tokens) => Ok(max_tokens),
+        None if prompt_tokens >= context_length => Err(ContextFitError::NoRoom {
+            prompt_tokens,
+            context_length,
+        }),
+        None => Ok(context_length - prompt_tokens),
+    }
+}
+
 /// Why a sequence stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishReason {
@@ -204,6 +260,27 @@ impl SequenceGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_rule_gives_both_numbers() {
+        let message = fit_max_tokens(60, Some(10), 64).unwrap_err().to_string();
+        assert!(message.contains("60 tokens"));
+        assert!(message.contains("max_tokens (10)"));
+        assert!(message.contains("context (64)"));
+        assert_eq!(fit_max_tokens(54, Some(10), 64), Ok(10));
+        assert_eq!(fit_max_tokens(54, None, 64), Ok(10));
+        assert_eq!(
+            fit_max_tokens(64, None, 64),
+            Err(ContextFitError::NoRoom {
+                prompt_tokens: 64,
+                context_length: 64
+            })
+        );
+        assert_eq!(
+            fit_max_tokens(0, Some(1), 64),
+            Err(ContextFitError::EmptyPrompt)
+        );
+    }
     use crate::model::tokenizer::tests::gpt2;
 
     struct Fixture {

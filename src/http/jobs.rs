@@ -1,26 +1,21 @@
 //! The rbee job routes: create, stream, status and cancel.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::response::sse::{KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use serde::Serialize;
 
 use super::AppState;
 use super::body::JsonObject;
 use super::error::{ApiError, FieldError};
+use super::pipeline;
 use super::sse::{StreamContext, job_event_stream};
-use super::validation::{JobRules, check_context, parse_job_request};
+use super::validation::{JobRules, parse_job_request};
 use crate::engine::CancelReason;
-use crate::jobs::{JobState, NewJob, Phase};
-use crate::model::tokenizer::TextTokenizer;
+use crate::generation::fit_max_tokens;
+use crate::jobs::{JobApi, JobState, Submission};
 use crate::timestamp::rfc3339;
-
-/// Prompts longer than this are tokenized on the blocking pool, off the async workers.
-const INLINE_TOKENIZE_BYTES: usize = 2048;
 
 /// Which route family a request came through; it decides the `sse_url`, whether the queen's
 /// flat body (no `operation`) is accepted, and whether the stream carries `queued` events
@@ -79,11 +74,7 @@ async fn create(
     body: &serde_json::Map<String, serde_json::Value>,
     door: Door,
 ) -> Result<Json<JobCreated>, ApiError> {
-    let served = match (app.registry.phase(), app.registry.served()) {
-        (Phase::Draining, _) => return Err(ApiError::Draining),
-        (_, None) | (Phase::Loading, _) => return Err(ApiError::Loading),
-        (Phase::Ready, Some(served)) => served,
-    };
+    let served = pipeline::served(app)?;
     let context_length = served.meta.context_length;
     let rules = JobRules {
         model_id: &served.model_id,
@@ -94,14 +85,14 @@ async fn create(
     let draft = parse_job_request(body, &rules, &mut errors);
     let mut prompt_tokens = Vec::new();
     if !draft.prompt.is_empty() {
-        match tokenize(served.meta.tokenizer.clone(), draft.prompt.clone()).await? {
+        match pipeline::tokenize_prompt(served.meta.tokenizer.clone(), draft.prompt.clone()).await?
+        {
             Ok(tokens) => {
-                check_context(
-                    tokens.len(),
-                    draft.params.max_tokens,
-                    context_length,
-                    &mut errors,
-                );
+                let fit =
+                    fit_max_tokens(tokens.len(), Some(draft.params.max_tokens), context_length);
+                if let Err(e) = fit {
+                    errors.push(FieldError::new("prompt", e.to_string()));
+                }
                 prompt_tokens = tokens;
             }
             Err(message) => errors.push(FieldError::new("prompt", message)),
@@ -110,40 +101,20 @@ async fn create(
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let (record, position) = app.registry.submit(NewJob {
-        id: draft.job_id,
-        prompt_tokens,
-        params: draft.params,
-    })?;
-    record
-        .span()
-        .in_scope(|| tracing::info!(position, "job queued"));
+    let (record, _) = pipeline::submit(
+        app,
+        Submission {
+            api: JobApi::Rbee,
+            id: draft.job_id,
+            prompt_tokens,
+            params: draft.params,
+        },
+    )?;
     let job_id = record.id().to_string();
     Ok(Json(JobCreated {
         sse_url: format!("{}/{job_id}/stream", door.prefix()),
         job_id,
     }))
-}
-
-/// The prompt's tokens (raw text; special-token text such as `<|im_start|>` is parsed, and BOS
-/// is added only where the model asks for it, as llama-server does). The outer error is ours
-/// (the blocking task died), the inner one is about the prompt.
-async fn tokenize(
-    tokenizer: Arc<TextTokenizer>,
-    prompt: String,
-) -> Result<Result<Vec<u32>, String>, ApiError> {
-    let small = prompt.len() <= INLINE_TOKENIZE_BYTES;
-    let run = move || {
-        tokenizer
-            .encode_with_special(&prompt, true, true)
-            .map_err(|e| format!("cannot be tokenized: {e}"))
-    };
-    if small {
-        return Ok(run());
-    }
-    tokio::task::spawn_blocking(run)
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))
 }
 
 pub async fn job_status(
@@ -216,19 +187,10 @@ fn stream(
         tokenizer: served.meta.tokenizer.clone(),
         queue_events: matches!(door, Door::Jobs),
     };
-    let sse = Sse::new(job_event_stream(record, after, ctx))
-        .keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));
-    Ok((
-        [
-            (
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        sse,
-    )
-        .into_response())
+    Ok(pipeline::sse_response(
+        app,
+        job_event_stream(record, after, ctx),
+    ))
 }
 
 /// `Last-Event-ID` as a log id; absent means "from the start".

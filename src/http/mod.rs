@@ -6,6 +6,8 @@
 //! - [`body`]: the JSON body extractor (413, 415, malformed JSON).
 //! - [`validation`]: the job request's fields and rules; [`sampling`]: the sampling-parameter
 //!   rules it shares with the OpenAI requests.
+//! - [`pipeline`]: what every API shares between the request and its events: readiness,
+//!   tokenizing off the runtime, submission, the SSE response.
 //! - [`jobs`]: the rbee job routes; [`sse`]: their event stream.
 //! - [`health`]: `/health` and `/info`.
 //! - [`metrics`]: `/metrics` (Prometheus text format).
@@ -37,6 +39,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
+pub mod pipeline;
 pub mod sampling;
 pub mod sse;
 pub mod tokenize;

@@ -4,8 +4,8 @@
 //! `data` whose `type` repeats the name. The terminal event is followed by a data-only sentinel
 //! line for line-oriented clients: `[DONE]`, `[ERROR] <message>` or `[CANCELLED]`.
 //!
-//! The stream reads the job's log and waits on its `watch` channel; it never holds the log's
-//! lock while it waits or while the client reads, so the engine is never slowed by a client.
+//! The stream reads the job through a [`JobFollower`], so the engine is never slowed by a
+//! client.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -17,12 +17,9 @@ use serde::Serialize;
 
 use crate::engine::EngineEvent;
 use crate::generation::FinishReason;
-use crate::jobs::{Attachment, JobRecord};
+use crate::jobs::{JobFollower, JobRecord, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 use crate::timestamp::rfc3339;
-
-/// Events read from the log per wake-up.
-const READ_BATCH: usize = 64;
 
 /// What every event of one job's stream needs besides the event.
 pub struct StreamContext {
@@ -111,7 +108,11 @@ pub fn stop_reason(reason: &FinishReason) -> &'static str {
 /// The wire form of an engine event; `None` for what this stream does not carry: the
 /// end-of-generation token when it brings no text (it is not output; the `end` event that
 /// follows says `EOS`), and `queued` events on a stream without them.
-pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> Option<StreamEvent<'a>> {
+pub fn stream_event<'a>(
+    event: &'a EngineEvent,
+    ctx: &'a StreamContext,
+    timeline: &Timeline,
+) -> Option<StreamEvent<'a>> {
     match event {
         EngineEvent::Token(step)
             if step.finish == Some(FinishReason::Eos) && step.text.is_empty() =>
@@ -151,9 +152,10 @@ pub fn stream_event<'a>(event: &'a EngineEvent, ctx: &'a StreamContext) -> Optio
         EngineEvent::Finished(summary) => StreamEvent::End {
             tokens_in: summary.tokens_in,
             tokens_out: summary.tokens_out,
-            ttft_ms: millis(summary.time_to_first_token),
-            decode_time_ms: millis(summary.decode_time),
-            tokens_per_sec: (summary.tokens_per_second() * 100.0).round() / 100.0,
+            ttft_ms: timeline.time_to_first_token().map_or(0, millis),
+            decode_time_ms: millis(timeline.decode_time()),
+            tokens_per_sec: (timeline.tokens_per_second(summary.tokens_out) * 100.0).round()
+                / 100.0,
             stop_reason: stop_reason(&summary.reason),
             stop_sequence_matched: match &summary.reason {
                 FinishReason::StopSequence(s) => Some(s),
@@ -179,9 +181,15 @@ fn millis(d: std::time::Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-/// The SSE event for a logged engine event (`None`: nothing to send, see [`stream_event`]).
-pub fn sse_event(id: u64, event: &EngineEvent, ctx: &StreamContext) -> Option<Event> {
-    let wire = stream_event(event, ctx)?;
+/// The SSE event for a logged engine event (`None`: nothing to send, see [`stream_event`]);
+/// `timeline` is the job's, for the `end` event's times.
+pub fn sse_event(
+    id: u64,
+    event: &EngineEvent,
+    ctx: &StreamContext,
+    timeline: &Timeline,
+) -> Option<Event> {
+    let wire = stream_event(event, ctx, timeline)?;
     let data = serde_json::to_string(&wire).unwrap_or_else(|e| {
         // Only non-string map keys fail to serialize; our types have none.
         format!(r#"{{"type":"error","code":"INTERNAL_ERROR","message":"{e}"}}"#)
@@ -206,30 +214,23 @@ pub fn sentinel(terminal: &EngineEvent) -> Event {
     Event::default().data(line)
 }
 
-struct Reader {
-    record: Arc<JobRecord>,
-    _attachment: Attachment,
-    ctx: StreamContext,
-    /// The id of the last event sent.
-    cursor: u64,
-    changed: tokio::sync::watch::Receiver<u64>,
-    pending: VecDeque<Event>,
-    done: bool,
-}
-
 /// The job's events after `after` (0: from the start), ending after the terminal event and its
-/// sentinel. The job counts as watched from this call until the stream is dropped.
+/// sentinel (resumed after the terminal event: the sentinel alone). The job counts as watched
+/// until the stream is dropped.
 pub fn job_event_stream(
     record: Arc<JobRecord>,
     after: u64,
     ctx: StreamContext,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    struct Reader {
+        job: JobFollower,
+        ctx: StreamContext,
+        pending: VecDeque<Event>,
+        done: bool,
+    }
     let reader = Reader {
-        _attachment: record.attach(),
-        changed: record.subscribe(),
-        record,
+        job: JobFollower::new(record, after),
         ctx,
-        cursor: after,
         pending: VecDeque::new(),
         done: false,
     };
@@ -241,31 +242,22 @@ pub fn job_event_stream(
             if r.done {
                 return None;
             }
-            // Mark the current version seen before reading, so an event appended after the
-            // read wakes the wait below.
-            r.changed.borrow_and_update();
-            let batch = r.record.events_after(r.cursor, READ_BATCH);
+            let batch = r.job.next_batch().await;
             if batch.is_empty() {
-                if let Some((terminal_id, terminal)) = r.record.terminal_event()
-                    && r.cursor >= terminal_id
-                {
-                    // Resumed after the terminal event: only the sentinel is left.
+                // Resumed after the terminal event: only the sentinel is left.
+                if let Some((_, terminal)) = r.job.record().terminal_event() {
                     r.pending.push_back(sentinel(&terminal));
-                    r.done = true;
-                    continue;
                 }
-                if r.changed.changed().await.is_err() {
-                    return None;
-                }
+                r.done = true;
                 continue;
             }
+            // Read after the batch: complete for any terminal event in it.
+            let timeline = r.job.record().timeline();
             for (id, event) in batch {
-                r.cursor = id;
-                r.pending.extend(sse_event(id, &event, &r.ctx));
+                r.pending.extend(sse_event(id, &event, &r.ctx, &timeline));
                 if event.is_terminal() {
                     r.pending.push_back(sentinel(&event));
                     r.done = true;
-                    break;
                 }
             }
         }

@@ -51,7 +51,7 @@ pub struct JobRules<'a> {
 }
 
 /// A request whose fields passed their own rules; the prompt still has to be tokenized and
-/// checked against the context ([`check_context`]).
+/// fitted to the context ([`fit_max_tokens`](crate::generation::fit_max_tokens)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobDraft {
     pub job_id: Option<String>,
@@ -157,27 +157,6 @@ pub fn parse_job_request(
             ignore_eos,
             logprobs,
         },
-    }
-}
-
-/// The prompt's tokens and the requested output must fit the context.
-pub fn check_context(
-    prompt_tokens: usize,
-    max_tokens: usize,
-    context_length: usize,
-    errors: &mut Vec<FieldError>,
-) {
-    if prompt_tokens == 0 {
-        errors.push(FieldError::new("prompt", "produces no tokens"));
-    } else if prompt_tokens.saturating_add(max_tokens) > context_length {
-        errors.push(FieldError::new(
-            "prompt",
-            format!(
-                "the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {}, more \
-                 than the context ({context_length})",
-                prompt_tokens.saturating_add(max_tokens)
-            ),
-        ));
     }
 }
 
@@ -422,17 +401,5 @@ mod tests {
         assert!(!valid_job_id("a b"));
         assert!(!valid_job_id("../x"));
         assert!(!valid_job_id(&"a".repeat(129)));
-    }
-
-    #[test]
-    fn context_rule_gives_both_numbers() {
-        let mut errors = Vec::new();
-        check_context(60, 10, 64, &mut errors);
-        assert!(errors[0].message.contains("60 tokens"));
-        assert!(errors[0].message.contains("max_tokens (10)"));
-        assert!(errors[0].message.contains("context (64)"));
-        let mut errors = Vec::new();
-        check_context(54, 10, 64, &mut errors);
-        assert!(errors.is_empty());
     }
 }

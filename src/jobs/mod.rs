@@ -3,14 +3,19 @@
 //!
 //! - [`record`]: one job's state, cancel flag and bounded event log; it is the engine's
 //!   [`JobSink`](crate::engine::JobSink) for that job.
+//! - [`follow`]: [`JobFollower`], the one reader of a job's events that every response is
+//!   written from.
 //! - [`registry`]: job id → record, submission into the queue, cancellation, the detach and
 //!   TTL reaper, and the served model with its engine.
 
+pub mod follow;
 pub mod record;
 pub mod registry;
 
 pub use crate::metrics::JobApi;
-pub use record::{Attachment, JobRecord, JobSnapshot, JobState, LoggedEvent};
+pub use follow::JobFollower;
+pub use record::{Attachment, JobRecord, JobSnapshot, JobState, LoggedEvent, Timeline};
 pub use registry::{
-    JobNotFound, JobRegistry, NewJob, Phase, RegistryConfig, ServedModel, SubmitError, new_job_id,
+    JobNotFound, JobRegistry, Phase, RegistryConfig, ServedModel, Submission, SubmitError,
+    new_job_id,
 };

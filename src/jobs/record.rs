@@ -64,13 +64,76 @@ pub struct JobSnapshot {
 /// An event with its stream id (ids start at 1 and only grow).
 pub type LoggedEvent = (u64, EngineEvent);
 
+/// A job's times, stamped once as its events reach the record, and the one source of every
+/// duration reported about the job: the `end` event, the job's log line and the metrics read
+/// them from here, so they agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeline {
+    /// When the request was submitted.
+    pub arrived: Instant,
+    /// When the job got a slot.
+    pub started: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+    /// When its terminal event arrived.
+    pub finished: Option<Instant>,
+}
+
+impl Timeline {
+    fn new(arrived: Instant) -> Self {
+        Self {
+            arrived,
+            started: None,
+            first_token: None,
+            last_token: None,
+            finished: None,
+        }
+    }
+
+    /// From arrival to the first generated token.
+    pub fn time_to_first_token(&self) -> Option<Duration> {
+        self.first_token
+            .map(|t| t.saturating_duration_since(self.arrived))
+    }
+
+    /// From arrival to the slot.
+    pub fn queue_time(&self) -> Option<Duration> {
+        self.started
+            .map(|t| t.saturating_duration_since(self.arrived))
+    }
+
+    /// From the first generated token to the last.
+    pub fn decode_time(&self) -> Duration {
+        match (self.first_token, self.last_token) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// From arrival to the terminal event (or to `now` while the job is live).
+    pub fn total(&self, now: Instant) -> Duration {
+        self.finished
+            .unwrap_or(now)
+            .saturating_duration_since(self.arrived)
+    }
+
+    /// Decode speed after the first of `tokens_out` tokens (0 with a single token).
+    pub fn tokens_per_second(&self, tokens_out: usize) -> f64 {
+        let secs = self.decode_time().as_secs_f64();
+        if tokens_out > 1 && secs > 0.0 {
+            (tokens_out - 1) as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Non-terminal events a log accepts beyond `max_tokens` (one `queued`, one `started`, slack).
 const LOG_SLACK: usize = 4;
 
 pub struct JobRecord {
     id: String,
     created_at: SystemTime,
-    arrived: Instant,
     /// Moves the worker's metrics as the job's events pass (absent for records built alone).
     observer: Option<JobObserver>,
     /// Every log line about the job is in it.
@@ -88,10 +151,9 @@ struct JobLog {
     events: Vec<LoggedEvent>,
     next_id: u64,
     started_at: Option<SystemTime>,
-    finished_at: Option<(SystemTime, Instant)>,
+    finished_at: Option<SystemTime>,
     tokens_out: usize,
-    first_token_at: Option<Instant>,
-    last_token_at: Option<Instant>,
+    timeline: Timeline,
     /// Streams currently reading this job.
     attached: usize,
     /// Since when no stream has been attached (creation, then the last detach).
@@ -117,12 +179,12 @@ impl JobRecord {
             job_id = %id,
             api = observer.as_ref().map_or("", |o| o.api().as_str())
         );
+        let arrived = observer
+            .as_ref()
+            .map_or_else(Instant::now, JobObserver::arrived);
         Arc::new(Self {
             id,
             created_at: SystemTime::now(),
-            arrived: observer
-                .as_ref()
-                .map_or_else(Instant::now, JobObserver::arrived),
             observer,
             span,
             cancel: AtomicU8::new(0),
@@ -134,8 +196,7 @@ impl JobRecord {
                 started_at: None,
                 finished_at: None,
                 tokens_out: 0,
-                first_token_at: None,
-                last_token_at: None,
+                timeline: Timeline::new(arrived),
                 attached: 0,
                 unattached_since: Instant::now(),
                 refused: 0,
@@ -169,7 +230,7 @@ impl JobRecord {
             state: log.state,
             created_at: self.created_at,
             started_at: log.started_at,
-            finished_at: log.finished_at.map(|(at, _)| at),
+            finished_at: log.finished_at,
             tokens_out: log.tokens_out,
         }
     }
@@ -218,8 +279,14 @@ impl JobRecord {
     /// How long ago the job ended (`None` while it is live).
     pub fn finished_for(&self, now: Instant) -> Option<Duration> {
         self.lock()
-            .finished_at
-            .map(|(_, at)| now.saturating_duration_since(at))
+            .timeline
+            .finished
+            .map(|at| now.saturating_duration_since(at))
+    }
+
+    /// The job's times so far.
+    pub fn timeline(&self) -> Timeline {
+        self.lock().timeline
     }
 }
 
@@ -239,11 +306,17 @@ impl Drop for Attachment {
 }
 
 /// What an event means for the metrics and the log, worked out under the lock and acted on
-/// after it.
+/// after it; every duration comes from the job's [`Timeline`].
 enum Seen {
     Nothing,
-    Started,
-    Token { previous: Option<Instant> },
+    Started {
+        queue_time: Duration,
+    },
+    /// The time to the first token, or the gap since the previous one.
+    Token {
+        first: bool,
+        after: Duration,
+    },
     Ended(Ending),
 }
 
@@ -254,52 +327,40 @@ struct Ending {
     /// From the `end` event's summary (0 when the job did not finish on its own).
     tokens_in: usize,
     tokens_out: usize,
-    first_token_at: Option<Instant>,
-    last_token_at: Option<Instant>,
+    timeline: Timeline,
 }
 
 impl JobRecord {
-    fn observe(&self, seen: Seen, now: Instant) {
+    fn observe(&self, seen: Seen) {
         match seen {
             Seen::Nothing => {}
-            Seen::Started => {
+            Seen::Started { queue_time } => {
                 if let Some(o) = &self.observer {
-                    o.started(now);
+                    o.started(queue_time);
                 }
             }
-            Seen::Token { previous } => {
+            Seen::Token { first, after } => {
                 if let Some(o) = &self.observer {
-                    o.token(previous, now);
+                    o.token(first, after);
                 }
             }
             Seen::Ended(ending) => {
                 if let Some(o) = &self.observer {
-                    o.ended(ending.outcome, now);
+                    o.ended(ending.outcome, ending.timeline.total(Instant::now()));
                 }
-                self.log_ending(&ending, now);
+                self.log_ending(&ending);
             }
         }
     }
 
     /// The one info line per job: sizes, speed and why it ended; never its text.
-    fn log_ending(&self, e: &Ending, now: Instant) {
+    fn log_ending(&self, e: &Ending) {
         let tokens_in = self
             .observer
             .as_ref()
             .map_or(e.tokens_in, |o| o.prompt_tokens());
-        let decode = match (e.first_token_at, e.last_token_at) {
-            (Some(first), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
-            _ => 0.0,
-        };
-        let tokens_per_s = if e.tokens_out > 1 && decode > 0.0 {
-            ((e.tokens_out - 1) as f64 / decode * 10.0).round() / 10.0
-        } else {
-            0.0
-        };
+        let tokens_per_s = (e.timeline.tokens_per_second(e.tokens_out) * 10.0).round() / 10.0;
         let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-        let ttft_ms = e
-            .first_token_at
-            .map(|t| ms(t.saturating_duration_since(self.arrived)));
         self.span.in_scope(|| {
             tracing::info!(
                 outcome = e.outcome.as_str(),
@@ -307,8 +368,8 @@ impl JobRecord {
                 tokens_in,
                 tokens_out = e.tokens_out,
                 tokens_per_s,
-                ttft_ms,
-                total_ms = ms(now.saturating_duration_since(self.arrived)),
+                ttft_ms = e.timeline.time_to_first_token().map(ms),
+                total_ms = ms(e.timeline.total(Instant::now())),
                 "job finished"
             );
         });
@@ -325,6 +386,10 @@ impl JobSink for JobRecord {
                 return;
             }
             let terminal = event.is_terminal();
+            if terminal {
+                log.finished_at = Some(SystemTime::now());
+                log.timeline.finished = Some(now);
+            }
             let ended = |log: &mut JobLog, state, outcome, reason, tokens_in| {
                 log.state = state;
                 Seen::Ended(Ending {
@@ -332,8 +397,7 @@ impl JobSink for JobRecord {
                     reason,
                     tokens_in,
                     tokens_out: log.tokens_out,
-                    first_token_at: log.first_token_at,
-                    last_token_at: log.last_token_at,
+                    timeline: log.timeline,
                 })
             };
             let seen = match &event {
@@ -346,13 +410,25 @@ impl JobSink for JobRecord {
                 EngineEvent::Started { at } => {
                     log.state = JobState::Running;
                     log.started_at = Some(*at);
-                    Seen::Started
+                    log.timeline.started = Some(now);
+                    Seen::Started {
+                        queue_time: now.saturating_duration_since(log.timeline.arrived),
+                    }
                 }
                 EngineEvent::Token(_) => {
                     log.tokens_out += 1;
-                    log.first_token_at.get_or_insert(now);
-                    Seen::Token {
-                        previous: log.last_token_at.replace(now),
+                    let t = &mut log.timeline;
+                    let previous = t.last_token.replace(now);
+                    t.first_token.get_or_insert(now);
+                    match previous {
+                        None => Seen::Token {
+                            first: true,
+                            after: now.saturating_duration_since(t.arrived),
+                        },
+                        Some(previous) => Seen::Token {
+                            first: false,
+                            after: now.saturating_duration_since(previous),
+                        },
                     }
                 }
                 EngineEvent::Finished(summary) => ended(
@@ -377,9 +453,7 @@ impl JobSink for JobRecord {
                     0,
                 ),
             };
-            if terminal {
-                log.finished_at = Some((SystemTime::now(), now));
-            } else if log.events.len() >= self.max_events {
+            if !terminal && log.events.len() >= self.max_events {
                 log.refused += 1;
                 let first_refusal = log.refused == 1;
                 drop(log);
@@ -388,7 +462,7 @@ impl JobSink for JobRecord {
                         tracing::warn!("job event log is full; dropping events");
                     });
                 }
-                self.observe(seen, now);
+                self.observe(seen);
                 return;
             }
             let id = log.next_id;
@@ -397,7 +471,7 @@ impl JobSink for JobRecord {
             (id, seen)
         };
         self.changed.send_replace(newest);
-        self.observe(seen, now);
+        self.observe(seen);
     }
 
     fn cancel_requested(&self) -> Option<CancelReason> {

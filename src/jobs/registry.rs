@@ -76,9 +76,13 @@ pub enum Phase {
     Draining,
 }
 
-/// A job ready to be queued.
-pub struct NewJob {
-    /// A client-chosen id (the queen sends one), or `None` for a generated one.
+/// A validated request ready to be queued: what every API parses its JSON into. Its
+/// `max_tokens` is resolved against the context ([`crate::generation::fit_max_tokens`]).
+pub struct Submission {
+    /// The front door it came through (labels its metrics).
+    pub api: JobApi,
+    /// A client-chosen id (the queen sends one), the OpenAI response id, or `None` for a
+    /// generated one.
     pub id: Option<String>,
     pub prompt_tokens: Vec<u32>,
     pub params: GenerationParams,
@@ -198,26 +202,18 @@ impl JobRegistry {
         }
     }
 
-    /// Registers a job from the rbee job API and queues it (see [`Self::submit_via`]).
-    pub fn submit(&self, job: NewJob) -> Result<(Arc<JobRecord>, usize), SubmitError> {
-        self.submit_via(JobApi::Rbee, job)
-    }
-
-    /// Registers a job that came through `api` and queues it. Never waits: a full queue or
-    /// registry is refused at once. `api` labels the job's metrics.
-    pub fn submit_via(
-        &self,
-        api: JobApi,
-        job: NewJob,
-    ) -> Result<(Arc<JobRecord>, usize), SubmitError> {
-        let submitted = self.try_submit(api, job);
+    /// Registers a job and queues it; returns its record and queue position. Never waits: a
+    /// full queue or registry is refused at once.
+    pub fn submit(&self, job: Submission) -> Result<(Arc<JobRecord>, usize), SubmitError> {
+        let api = job.api;
+        let submitted = self.try_submit(job);
         if submitted.is_err() {
             self.metrics.request_rejected(api);
         }
         submitted
     }
 
-    fn try_submit(&self, api: JobApi, job: NewJob) -> Result<(Arc<JobRecord>, usize), SubmitError> {
+    fn try_submit(&self, job: Submission) -> Result<(Arc<JobRecord>, usize), SubmitError> {
         let Some(served) = self.served.get() else {
             return Err(SubmitError::Loading);
         };
@@ -232,7 +228,7 @@ impl JobRegistry {
         let arrived_at = Instant::now();
         let observer = JobObserver::new(
             self.metrics.clone(),
-            api,
+            job.api,
             job.prompt_tokens.len(),
             arrived_at,
         );
@@ -252,7 +248,6 @@ impl JobRegistry {
             prompt_tokens: job.prompt_tokens,
             params: job.params,
             sink: record.clone(),
-            arrived_at,
         };
         match self.queue.try_push(queued) {
             Ok(position) => Ok((record, position)),
@@ -475,6 +470,7 @@ mod tests {
             tokenizer: Arc::new(tokenizer),
             eog_tokens: Arc::from([]),
             chat_template: None,
+            compute: None,
         };
         let queue = Arc::new(RequestQueue::new(8));
         let config = RegistryConfig {
@@ -491,8 +487,9 @@ mod tests {
         r
     }
 
-    fn job(id: &str) -> NewJob {
-        NewJob {
+    fn job(id: &str) -> Submission {
+        Submission {
+            api: JobApi::Rbee,
             id: Some(id.into()),
             prompt_tokens: vec![1],
             params: GenerationParams::greedy(100_000 - 1),

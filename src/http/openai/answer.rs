@@ -15,10 +15,11 @@ use serde::Serialize;
 use super::error::OpenAiError;
 use super::request::{Common, resolve_max_tokens};
 use super::response::{Completion, ResponseMeta, TokenNamer, Usage, finish_reason};
-use super::run::{JobWatch, ended_error, event_stream, json_event, response_meta, sse_response};
+use super::run::{JobWatch, ended_error, event_stream, json_event, response_meta};
 use crate::engine::EngineEvent;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::pipeline::sse_response;
 use crate::jobs::{JobApi, ServedModel};
 use crate::model::tokenizer::TextTokenizer;
 

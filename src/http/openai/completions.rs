@@ -9,9 +9,10 @@ use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
 use super::request::{Prompt, Rules, parse_completion};
 use super::response::{CompletionLogprobs, TextChoice, TokenNamer};
-use super::run::{off_the_runtime, ready};
+use super::run::ready;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::pipeline::tokenize_prompt;
 use crate::jobs::JobApi;
 
 pub async fn completions(
@@ -25,19 +26,9 @@ pub async fn completions(
 
     let prompt_tokens = match request.prompt {
         Prompt::Tokens(ids) => ids,
-        Prompt::Text(text) => {
-            let tokenizer = meta.tokenizer.clone();
-            // Special-token text is parsed and BOS added where the model asks for it, as
-            // llama-server does for a raw prompt.
-            off_the_runtime(text.len(), move || {
-                tokenizer
-                    .encode_with_special(&text, true, true)
-                    .map_err(|e| {
-                        OpenAiError::invalid("prompt", format!("cannot be tokenized: {e}"))
-                    })
-            })
-            .await??
-        }
+        Prompt::Text(text) => tokenize_prompt(meta.tokenizer.clone(), text)
+            .await?
+            .map_err(|message| OpenAiError::invalid("prompt", message))?,
     };
 
     answer(&app, served, Text::default(), request.common, prompt_tokens).await

@@ -43,7 +43,7 @@ use serde_json::{Map, Value};
 
 use super::error::{OpenAiError, Problem};
 use crate::generation::rng::random_seed;
-use crate::generation::{GenerationParams, SamplingParams};
+use crate::generation::{ContextFitError, GenerationParams, SamplingParams, fit_max_tokens};
 use crate::http::sampling::{FieldReader, TOP_P, read_repeat_last_n, read_sampling_numbers};
 use crate::jobs::ServedModel;
 use crate::model::chat_template::ChatMessage;
@@ -184,40 +184,33 @@ fn check_model(body: &Map<String, Value>, model_id: &str) -> Result<(), OpenAiEr
     }
 }
 
-/// The output budget: the requested `max_tokens` if prompt and output fit the context, or
-/// everything the context has left when none was requested.
+/// The output budget by the one context rule ([`fit_max_tokens`]), refusals in OpenAI's
+/// words (clients parse "maximum context length is N tokens").
 pub fn resolve_max_tokens(
     requested: Option<usize>,
     prompt_tokens: usize,
     context_length: usize,
     prompt_param: &str,
 ) -> Result<usize, OpenAiError> {
-    if prompt_tokens == 0 {
-        return Err(OpenAiError::invalid(prompt_param, "produces no tokens"));
-    }
-    match requested {
-        Some(n) if prompt_tokens.saturating_add(n) > context_length => {
-            Err(OpenAiError::context_length_exceeded(
-                prompt_param,
-                format!(
-                    "This model's maximum context length is {context_length} tokens. However, \
-                     you requested {} tokens ({prompt_tokens} in the {prompt_param}, {n} for \
-                     the completion). Please reduce the length of the {prompt_param} or \
-                     max_tokens.",
-                    prompt_tokens.saturating_add(n)
-                ),
-            ))
-        }
-        Some(n) => Ok(n),
-        None if prompt_tokens >= context_length => Err(OpenAiError::context_length_exceeded(
+    fit_max_tokens(prompt_tokens, requested, context_length).map_err(|e| match e {
+        ContextFitError::EmptyPrompt => OpenAiError::invalid(prompt_param, e.to_string()),
+        ContextFitError::TooLong { max_tokens, .. } => OpenAiError::context_length_exceeded(
+            prompt_param,
+            format!(
+                "This model's maximum context length is {context_length} tokens. However, you \
+                 requested {} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} for \
+                 the completion). Please reduce the length of the {prompt_param} or max_tokens.",
+                prompt_tokens.saturating_add(max_tokens)
+            ),
+        ),
+        ContextFitError::NoRoom { .. } => OpenAiError::context_length_exceeded(
             prompt_param,
             format!(
                 "This model's maximum context length is {context_length} tokens. However, the \
                  {prompt_param} is {prompt_tokens} tokens, leaving no room for the completion."
             ),
-        )),
-        None => Ok(context_length - prompt_tokens),
-    }
+        ),
+    })
 }
 
 fn refuse_chat_features(f: &mut Fields<'_>) {

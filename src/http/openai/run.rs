@@ -5,43 +5,29 @@
 //! a JSON response, inside the body stream for SSE. Dropping it before the job's terminal event
 //! (the client disconnected, so hyper dropped the future or the body) cancels the job at once,
 //! queued or running, with reason `disconnect`; the registry's detach grace is not waited for.
-//! It also holds the record's [`Attachment`], so the reaper never mistakes a request that is
-//! still waiting for an abandoned job.
+//! It follows the job with a [`JobFollower`], which also keeps the job counted as watched.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::sse::Event;
 use futures_util::Stream;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 
 use super::error::OpenAiError;
 use super::response::ResponseMeta;
 use crate::engine::{CancelReason, EngineEvent, ErrorCode};
 use crate::generation::GenerationParams;
-use crate::http::AppState;
-use crate::jobs::{Attachment, JobApi, JobRecord, JobRegistry, NewJob, Phase, ServedModel};
-
-/// Inputs larger than this (bytes) are templated and tokenized on the blocking pool, so a big
-/// prompt never stalls an async worker.
-pub const INLINE_WORK_BYTES: usize = 2048;
-
-/// Events read from a job's log per wake-up.
-const READ_BATCH: usize = 64;
+use crate::http::{AppState, pipeline};
+use crate::jobs::{JobApi, JobFollower, JobRegistry, ServedModel, Submission};
 
 /// The served model, or the 503 that says why there is none.
 pub fn ready(app: &AppState) -> Result<&ServedModel, OpenAiError> {
-    match (app.registry.phase(), app.registry.served()) {
-        (Phase::Draining, _) => Err(crate::http::ApiError::Draining.into()),
-        (Phase::Ready, Some(served)) => Ok(served),
-        _ => Err(crate::http::ApiError::Loading.into()),
-    }
+    Ok(pipeline::served(app)?)
 }
 
 /// Runs `work` inline when the input is small, else on the blocking pool.
@@ -49,12 +35,7 @@ pub async fn off_the_runtime<T: Send + 'static>(
     input_bytes: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, OpenAiError> {
-    if input_bytes <= INLINE_WORK_BYTES {
-        return Ok(work());
-    }
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| OpenAiError::internal(format!("blocking task: {e}")))
+    Ok(pipeline::off_the_runtime(input_bytes, work).await?)
 }
 
 /// A fresh response id (`chatcmpl-…`, `cmpl-…`), the request's time and the fingerprint.
@@ -90,12 +71,8 @@ fn system_fingerprint(served: &ServedModel) -> String {
 
 /// A submitted job, followed by the request that submitted it.
 pub struct JobWatch {
-    record: Arc<JobRecord>,
-    changed: watch::Receiver<u64>,
-    cursor: u64,
-    ended: bool,
+    job: JobFollower,
     cancel: CancelOnDrop,
-    _attachment: Attachment,
 }
 
 impl JobWatch {
@@ -108,59 +85,30 @@ impl JobWatch {
         prompt_tokens: Vec<u32>,
         params: GenerationParams,
     ) -> Result<Self, OpenAiError> {
-        let (record, position) = app
-            .registry
-            .submit_via(
-                api,
-                NewJob {
-                    id: Some(id),
-                    prompt_tokens,
-                    params,
-                },
-            )
-            .map_err(|e| OpenAiError::from(crate::http::ApiError::from(e)))?;
-        record
-            .span()
-            .in_scope(|| tracing::info!(position, "openai request queued"));
+        let submission = Submission {
+            api,
+            id: Some(id),
+            prompt_tokens,
+            params,
+        };
+        let (record, _) = pipeline::submit(app, submission)?;
         Ok(Self {
-            changed: record.subscribe(),
-            _attachment: record.attach(),
             cancel: CancelOnDrop {
                 registry: app.registry.clone(),
                 id: record.id().to_string(),
             },
-            record,
-            cursor: 0,
-            ended: false,
+            job: JobFollower::new(record, 0),
         })
     }
 
     /// The next events of the job, waiting while there are none. Empty only after the
     /// terminal event has been returned.
     pub async fn next_events(&mut self) -> Vec<EngineEvent> {
-        loop {
-            if self.ended {
-                return Vec::new();
-            }
-            // Mark the current version seen before reading, so an event appended after the
-            // read wakes the wait below.
-            self.changed.borrow_and_update();
-            let batch = self.record.events_after(self.cursor, READ_BATCH);
-            if let Some((last, _)) = batch.last() {
-                self.cursor = *last;
-                let events: Vec<EngineEvent> = batch.into_iter().map(|(_, e)| e).collect();
-                if events.iter().any(EngineEvent::is_terminal) {
-                    self.ended = true;
-                    self.cancel.disarm();
-                }
-                return events;
-            }
-            if self.changed.changed().await.is_err() {
-                // The record owns the sender and we hold the record: this cannot happen.
-                self.ended = true;
-                return Vec::new();
-            }
+        let batch = self.job.next_batch().await;
+        if batch.iter().any(|(_, e)| e.is_terminal()) {
+            self.cancel.disarm();
         }
+        batch.into_iter().map(|(_, e)| e).collect()
     }
 }
 
@@ -270,25 +218,4 @@ where
             }
         }
     })
-}
-
-/// The SSE response: keep-alive comments while the job waits (queued, or a long prefill), and
-/// headers that stop proxies from buffering.
-pub fn sse_response(
-    app: &AppState,
-    stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
-) -> Response {
-    let sse =
-        Sse::new(stream).keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));
-    (
-        [
-            (
-                HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        sse,
-    )
-        .into_response()
 }

@@ -1,0 +1,94 @@
+//! The stretch between "a request arrived" and "its events reach the client" that every API
+//! shares; each API keeps only its JSON fields and its wire format.
+//!
+//! 1. [`served`]: the model, or the 503 that says why there is none (loading, draining).
+//! 2. The API parses its body into a [`Submission`]; prompts are rendered and tokenized with
+//!    [`off_the_runtime`] ([`tokenize_prompt`] for raw text), and `max_tokens` is fitted to the
+//!    context by the one rule, [`fit_max_tokens`](crate::generation::fit_max_tokens).
+//! 3. [`submit`]: into the registry and the queue (a full queue is a 503 at once).
+//! 4. A [`JobFollower`](crate::jobs::JobFollower) reads the job's events for the response:
+//!    SSE through [`sse_response`], or one JSON body built from the same events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::jobs::{JobRecord, Phase, ServedModel, Submission};
+use crate::model::tokenizer::TextTokenizer;
+
+/// Inputs larger than this (bytes) are templated and tokenized on the blocking pool, so a big
+/// prompt never stalls an async worker.
+pub const INLINE_WORK_BYTES: usize = 2048;
+
+/// The served model, or the 503 that says why there is none.
+pub fn served(app: &AppState) -> Result<&ServedModel, ApiError> {
+    match (app.registry.phase(), app.registry.served()) {
+        (Phase::Draining, _) => Err(ApiError::Draining),
+        (Phase::Ready, Some(served)) => Ok(served),
+        _ => Err(ApiError::Loading),
+    }
+}
+
+/// Runs `work` inline when the input is small, else on the blocking pool.
+pub async fn off_the_runtime<T: Send + 'static>(
+    input_bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if input_bytes <= INLINE_WORK_BYTES {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))
+}
+
+/// A raw-text prompt's tokens, as llama-server reads one: special-token text such as
+/// `<|im_start|>` is parsed, and BOS is added only where the model asks for it. The outer error
+/// is ours (the blocking task died), the inner one is about the prompt.
+pub async fn tokenize_prompt(
+    tokenizer: Arc<TextTokenizer>,
+    prompt: String,
+) -> Result<Result<Vec<u32>, String>, ApiError> {
+    off_the_runtime(prompt.len(), move || {
+        tokenizer
+            .encode_with_special(&prompt, true, true)
+            .map_err(|e| format!("cannot be tokenized: {e}"))
+    })
+    .await
+}
+
+/// Queues a validated request; returns its record and queue position.
+pub fn submit(app: &AppState, job: Submission) -> Result<(Arc<JobRecord>, usize), ApiError> {
+    let (record, position) = app.registry.submit(job)?;
+    record
+        .span()
+        .in_scope(|| tracing::info!(position, "job queued"));
+    Ok((record, position))
+}
+
+/// An SSE response: keep-alive comments while the job waits (queued, or a long prefill), and
+/// headers that stop proxies from buffering.
+pub fn sse_response(
+    app: &AppState,
+    stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+) -> Response {
+    let sse =
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(app.keep_alive).text("keep-alive"));
+    (
+        [
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        sse,
+    )
+        .into_response()
+}
