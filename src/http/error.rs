@@ -7,11 +7,15 @@ use serde::Serialize;
 
 use crate::jobs::{JobNotFound, SubmitError};
 
-/// One broken validation rule.
+/// One broken validation rule: the field (OpenAI's `param`) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
+    /// OpenAI's `code`: `invalid_value`, or `unsupported_parameter` for a feature this worker
+    /// knows but does not implement (the job API's body does not carry it).
+    #[serde(skip)]
+    pub code: &'static str,
 }
 
 impl FieldError {
@@ -19,6 +23,14 @@ impl FieldError {
         Self {
             field: field.into(),
             message: message.into(),
+            code: "invalid_value",
+        }
+    }
+
+    pub fn unsupported(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: "unsupported_parameter",
+            ..Self::new(field, message)
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::AppState;
 use super::body::JsonObject;
 use super::error::{ApiError, FieldError};
+use super::fields::Rules;
 use super::pipeline;
 use super::sse::{StreamContext, job_event_stream};
 use super::validation::{JobRules, parse_job_request};
@@ -77,8 +78,7 @@ async fn create(
     let served = pipeline::served(app)?;
     let context_length = served.meta.context_length;
     let rules = JobRules {
-        model_id: &served.model_id,
-        context_length,
+        model: Rules::of(served),
         operation_required: matches!(door, Door::Jobs),
     };
     let mut errors = Vec::new();

@@ -4,8 +4,8 @@
 //! - [`error`]: [`ApiError`] and its one mapping to status codes and bodies.
 //! - [`auth`]: bearer tokens (constant-time, fingerprints in logs).
 //! - [`body`]: the JSON body extractor (413, 415, malformed JSON).
-//! - [`validation`]: the job request's fields and rules; [`sampling`]: the sampling-parameter
-//!   rules it shares with the OpenAI requests.
+//! - [`fields`]: typed access to a JSON body and the rules both APIs check;
+//!   [`validation`]: the job request read through it.
 //! - [`pipeline`]: what every API shares between the request and its events: readiness,
 //!   tokenizing off the runtime, submission, the SSE response.
 //! - [`jobs`]: the rbee job routes; [`sse`]: their event stream.
@@ -35,12 +35,12 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod fields;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
-pub mod sampling;
 pub mod sse;
 pub mod tokenize;
 pub mod validation;

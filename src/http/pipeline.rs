@@ -6,9 +6,10 @@
 //!    [`off_the_runtime`] ([`tokenize_prompt`] for raw text), and `max_tokens` is fitted to the
 //!    context by the one rule, [`fit_max_tokens`](crate::generation::fit_max_tokens).
 //! 3. [`submit`]: into the registry and the queue (a full queue is a 503 at once).
-//! 4. A [`JobFollower`](crate::jobs::JobFollower) reads the job's events for the response:
-//!    SSE through [`sse_response`], or one JSON body built from the same events.
+//! 4. A [`JobFollower`] reads the job's events for the response: SSE through [`event_stream`]
+//!    and [`sse_response`], or one JSON body built from the same events.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -19,7 +20,8 @@ use futures_util::Stream;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::jobs::{JobRecord, Phase, ServedModel, Submission};
+use crate::engine::EngineEvent;
+use crate::jobs::{JobFollower, JobRecord, Phase, ServedModel, Submission, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
 /// Inputs larger than this (bytes) are templated and tokenized on the blocking pool, so a big
@@ -70,6 +72,55 @@ pub fn submit(app: &AppState, job: Submission) -> Result<(Arc<JobRecord>, usize)
         .span()
         .in_scope(|| tracing::info!(position, "job queued"));
     Ok((record, position))
+}
+
+/// A job's events as a stream of SSE events: `first`, then whatever `translate` makes of each
+/// logged event (with the job's timeline, complete for a terminal event), ending after the
+/// terminal event; a follower that began after the end gets `after_end` of the record instead.
+pub fn event_stream<F>(
+    job: JobFollower,
+    first: Vec<Event>,
+    translate: F,
+    after_end: fn(&JobRecord) -> Option<Event>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
+where
+    F: FnMut(u64, EngineEvent, &Timeline) -> Vec<Event> + Send + 'static,
+{
+    struct State<F> {
+        job: JobFollower,
+        translate: F,
+        after_end: fn(&JobRecord) -> Option<Event>,
+        pending: VecDeque<Event>,
+        done: bool,
+    }
+    let state = State {
+        job,
+        translate,
+        after_end,
+        pending: first.into(),
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.done {
+                return None;
+            }
+            let batch = s.job.next_batch().await;
+            if batch.is_empty() {
+                s.pending.extend((s.after_end)(s.job.record()));
+                s.done = true;
+                continue;
+            }
+            let timeline = s.job.record().timeline();
+            for (id, event) in batch {
+                s.done |= event.is_terminal();
+                s.pending.extend((s.translate)(id, event, &timeline));
+            }
+        }
+    })
 }
 
 /// An SSE response: keep-alive comments while the job waits (queued, or a long prefill), and

@@ -7,7 +7,6 @@
 //! The stream reads the job through a [`JobFollower`], so the engine is never slowed by a
 //! client.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use axum::response::sse::Event;
 use futures_util::Stream;
 use serde::Serialize;
 
+use super::pipeline::event_stream;
 use crate::engine::EngineEvent;
 use crate::generation::FinishReason;
 use crate::jobs::{JobFollower, JobRecord, Timeline};
@@ -222,44 +222,18 @@ pub fn job_event_stream(
     after: u64,
     ctx: StreamContext,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    struct Reader {
-        job: JobFollower,
-        ctx: StreamContext,
-        pending: VecDeque<Event>,
-        done: bool,
-    }
-    let reader = Reader {
-        job: JobFollower::new(record, after),
-        ctx,
-        pending: VecDeque::new(),
-        done: false,
-    };
-    futures_util::stream::unfold(reader, |mut r| async move {
-        loop {
-            if let Some(event) = r.pending.pop_front() {
-                return Some((Ok(event), r));
-            }
-            if r.done {
-                return None;
-            }
-            let batch = r.job.next_batch().await;
-            if batch.is_empty() {
-                // Resumed after the terminal event: only the sentinel is left.
-                if let Some((_, terminal)) = r.job.record().terminal_event() {
-                    r.pending.push_back(sentinel(&terminal));
-                }
-                r.done = true;
-                continue;
-            }
-            // Read after the batch: complete for any terminal event in it.
-            let timeline = r.job.record().timeline();
-            for (id, event) in batch {
-                r.pending.extend(sse_event(id, &event, &r.ctx, &timeline));
-                if event.is_terminal() {
-                    r.pending.push_back(sentinel(&event));
-                    r.done = true;
-                }
-            }
+    let translate = move |id, event: EngineEvent, timeline: &Timeline| {
+        let mut out: Vec<Event> = sse_event(id, &event, &ctx, timeline).into_iter().collect();
+        if event.is_terminal() {
+            out.push(sentinel(&event));
         }
-    })
+        out
+    };
+    let after_end = |record: &JobRecord| record.terminal_event().map(|(_, e)| sentinel(&e));
+    event_stream(
+        JobFollower::new(record, after),
+        Vec::new(),
+        translate,
+        after_end,
+    )
 }

@@ -31,21 +31,16 @@
 use serde_json::{Map, Value};
 
 use super::error::FieldError;
-use super::sampling::{FieldReader, TOP_P_ABOVE_ZERO, read_repeat_last_n, read_sampling_numbers};
-use crate::generation::rng::random_seed;
+use super::fields::{Dialect, Fields, Rules};
 use crate::generation::{GenerationParams, SamplingParams};
 
 pub const DEFAULT_MAX_TOKENS: usize = 256;
-pub const MAX_STOP_STRINGS: usize = 4;
-pub const MAX_STOP_BYTES: usize = 100;
 const MAX_JOB_ID_CHARS: usize = 128;
 
-/// What a request is checked against.
+/// What a job request is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct JobRules<'a> {
-    /// The name clients may put in `model`.
-    pub model_id: &'a str,
-    pub context_length: usize,
+    pub model: Rules<'a>,
     /// `/v1/jobs` requires `operation`; `/v1/inference` also takes the queen's legacy body.
     pub operation_required: bool,
 }
@@ -66,7 +61,7 @@ pub fn parse_job_request(
     rules: &JobRules<'_>,
     errors: &mut Vec<FieldError>,
 ) -> JobDraft {
-    let mut f = Fields { body, errors };
+    let mut f = Fields::new(body, Dialect::Job);
 
     match f.string("operation") {
         Some("infer") => {}
@@ -114,38 +109,23 @@ pub fn parse_job_request(
         min_p: 0.05,
         ..SamplingParams::greedy()
     };
-    read_sampling_numbers(&mut f, &mut sampling, &TOP_P_ABOVE_ZERO);
-    match f.int("top_k") {
-        Some(k) if k >= 0 => sampling.top_k = k as usize,
-        Some(_) => f.fail("top_k", "must be 0 (off) or more"),
-        None => {}
-    }
-    read_repeat_last_n(&mut f, &mut sampling, rules.context_length);
-    sampling.seed = match f.get("seed") {
-        None => random_seed(),
-        Some(v) => match (v.as_u64(), v.as_i64()) {
-            (Some(seed), _) => seed,
-            (None, Some(_)) => {
-                f.fail("seed", "must not be negative");
-                0
-            }
-            (None, None) => {
-                f.fail("seed", "must be an integer");
-                0
-            }
-        },
-    };
+    f.sampling(&mut sampling, rules.model.context_length);
+    sampling.seed = f.seed();
 
     let stop = f.stop_strings();
-    let logprobs = f.logprobs();
+    let logprobs = logprobs(&mut f);
     let ignore_eos = f.boolean("ignore_eos").unwrap_or(false);
 
     if let Some(model) = f.string("model")
-        && model != rules.model_id
+        && model != rules.model.model_id
     {
-        let message = format!("this worker serves `{}`, not `{model}`", rules.model_id);
+        let message = format!(
+            "this worker serves `{}`, not `{model}`",
+            rules.model.model_id
+        );
         f.fail("model", message);
     }
+    errors.extend(f.into_errors());
 
     JobDraft {
         job_id,
@@ -167,104 +147,22 @@ fn valid_job_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// Typed access to the body's fields; `null` counts as absent.
-struct Fields<'a> {
-    body: &'a Map<String, Value>,
-    errors: &'a mut Vec<FieldError>,
-}
-
-impl<'a> FieldReader<'a> for Fields<'a> {
-    const NOT_A_BOOLEAN: &'static str = "must be true or false";
-
-    fn body(&self) -> &'a Map<String, Value> {
-        self.body
-    }
-
-    fn fail(&mut self, name: &str, message: impl Into<String>) {
-        self.errors.push(FieldError::new(name, message));
-    }
-
-    fn int(&mut self, name: &str) -> Option<i64> {
-        let value = self.get(name)?;
-        if let Some(n) = value.as_i64() {
-            return Some(n);
+/// `logprobs: true | n` and `top_logprobs: n` → `Some(alternatives)`.
+fn logprobs(f: &mut Fields<'_>) -> Option<usize> {
+    let top = f.alternatives("top_logprobs");
+    let asked = match f.get("logprobs") {
+        None => None,
+        Some(Value::Bool(b)) => b.then_some(0),
+        Some(Value::Number(_)) => f.alternatives("logprobs"),
+        Some(_) => {
+            f.fail("logprobs", "must be true, false or an integer");
+            None
         }
-        if value.is_u64() {
-            // Beyond i64: a huge count, which the range rules treat as "too many".
-            return Some(i64::MAX);
-        }
-        self.fail(name, "must be an integer");
-        None
-    }
-}
-
-impl<'a> Fields<'a> {
-    fn has(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    fn string(&mut self, name: &str) -> Option<&'a str> {
-        match self.get(name)? {
-            Value::String(s) => Some(s),
-            _ => {
-                self.fail(name, "must be a string");
-                None
-            }
-        }
-    }
-
-    fn stop_strings(&mut self) -> Vec<String> {
-        let list: Vec<&'a Value> = match self.get("stop") {
-            None => return Vec::new(),
-            Some(Value::Array(items)) => items.iter().collect(),
-            Some(one @ Value::String(_)) => vec![one],
-            Some(_) => {
-                self.fail("stop", "must be a string or an array of strings");
-                return Vec::new();
-            }
-        };
-        if list.len() > MAX_STOP_STRINGS {
-            self.fail(
-                "stop",
-                format!(
-                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
-                    list.len()
-                ),
-            );
-        }
-        let mut out = Vec::with_capacity(list.len());
-        for (i, item) in list.into_iter().enumerate() {
-            let field = format!("stop[{i}]");
-            match item {
-                Value::String(s) if s.is_empty() => self.fail(&field, "must not be empty"),
-                Value::String(s) if s.len() > MAX_STOP_BYTES => self.fail(
-                    &field,
-                    format!("is {} bytes, at most {MAX_STOP_BYTES} allowed", s.len()),
-                ),
-                Value::String(s) => out.push(s.clone()),
-                _ => self.fail(&field, "must be a string"),
-            }
-        }
-        out
-    }
-
-    /// `logprobs: true | n` and `top_logprobs: n` → `Some(alternatives)`.
-    fn logprobs(&mut self) -> Option<usize> {
-        let top = self.alternatives("top_logprobs");
-        let asked = match self.get("logprobs") {
-            None => None,
-            Some(Value::Bool(b)) => b.then_some(0),
-            Some(Value::Number(_)) => self.alternatives("logprobs"),
-            Some(_) => {
-                self.fail("logprobs", "must be true, false or an integer");
-                None
-            }
-        };
-        match (asked, top) {
-            (Some(a), Some(t)) => Some(a.max(t)),
-            (Some(a), None) => Some(a),
-            (None, t) => t,
-        }
+    };
+    match (asked, top) {
+        (Some(a), Some(t)) => Some(a.max(t)),
+        (Some(a), None) => Some(a),
+        (None, t) => t,
     }
 }
 
@@ -275,8 +173,11 @@ mod tests {
     use super::*;
 
     const RULES: JobRules<'static> = JobRules {
-        model_id: "tiny",
-        context_length: 64,
+        model: Rules {
+            model_id: "tiny",
+            vocab_size: 100,
+            context_length: 64,
+        },
         operation_required: true,
     };
 

@@ -5,13 +5,17 @@
 //! It reads the record's log in batches and waits on the record's `watch` channel between
 //! them; it never holds the log's lock while waiting or while its reader writes to a client,
 //! so a slow client never slows the engine. While it lives the job counts as watched (its
-//! [`Attachment`]), so the reaper never takes a followed job for an abandoned one.
+//! [`Attachment`]), so the reaper never takes a followed job for an abandoned one; a follower
+//! made with [`JobFollower::cancel_on_drop`] (an OpenAI request, which cannot re-attach) cancels
+//! the job at once when it is dropped before the job's end, queued or running.
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use super::record::{Attachment, JobRecord, LoggedEvent};
+use super::registry::JobRegistry;
+use crate::engine::CancelReason;
 
 /// Events read from the log per wake-up.
 const READ_BATCH: usize = 64;
@@ -22,6 +26,8 @@ pub struct JobFollower {
     /// The id of the last event returned.
     cursor: u64,
     ended: bool,
+    /// Cancels the job when dropped before its end.
+    cancel_on_drop: Option<Arc<JobRegistry>>,
     _attachment: Attachment,
 }
 
@@ -34,7 +40,15 @@ impl JobFollower {
             record,
             cursor: after,
             ended: false,
+            cancel_on_drop: None,
         }
+    }
+
+    /// Cancels the job (reason `disconnect`) if this follower is dropped before it has
+    /// returned the job's terminal event: the client went away.
+    pub fn cancel_on_drop(mut self, registry: Arc<JobRegistry>) -> Self {
+        self.cancel_on_drop = Some(registry);
+        self
     }
 
     pub fn record(&self) -> &Arc<JobRecord> {
@@ -73,6 +87,17 @@ impl JobFollower {
                 self.ended = true;
                 return Vec::new();
             }
+        }
+    }
+}
+
+impl Drop for JobFollower {
+    fn drop(&mut self) {
+        if let Some(registry) = &self.cancel_on_drop
+            && !self.ended
+        {
+            // Not found: already collected, nothing left to cancel.
+            let _ = registry.cancel(self.record.id(), CancelReason::Disconnect);
         }
     }
 }

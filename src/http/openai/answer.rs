@@ -15,12 +15,12 @@ use serde::Serialize;
 use super::error::OpenAiError;
 use super::request::{Common, resolve_max_tokens};
 use super::response::{Completion, ResponseMeta, TokenNamer, Usage, finish_reason};
-use super::run::{JobWatch, ended_error, event_stream, json_event, response_meta};
+use super::run::{ended_error, json_event, response_meta, submit};
 use crate::engine::EngineEvent;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
-use crate::http::pipeline::sse_response;
-use crate::jobs::{JobApi, ServedModel};
+use crate::http::pipeline::{event_stream, sse_response};
+use crate::jobs::{JobApi, JobFollower, ServedModel, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
 /// One generation endpoint's answer format.
@@ -89,7 +89,7 @@ pub async fn answer<S: AnswerShape>(
     )?;
     let wants_logprobs = params.logprobs.is_some();
     let response = response_meta(S::ID_PREFIX, served);
-    let job = JobWatch::submit(app, S::API, response.id.clone(), prompt_tokens, params)?;
+    let job = submit(app, S::API, response.id.clone(), prompt_tokens, params)?;
     let namer = OwnedNamer {
         tokenizer: served.meta.tokenizer.clone(),
         as_ids: common.tokens_as_ids,
@@ -118,7 +118,7 @@ impl OwnedNamer {
 
 /// The job's events as chunks, ending with the finish chunk (and the usage chunk when asked).
 fn chunks<S: AnswerShape>(
-    job: JobWatch,
+    job: JobFollower,
     response: ResponseMeta,
     mut shape: S,
     namer: OwnedNamer,
@@ -132,7 +132,7 @@ fn chunks<S: AnswerShape>(
         .map(|choice| chunk(vec![choice], usage_null))
         .into_iter()
         .collect();
-    let translate = move |event: EngineEvent| match event {
+    let mut chunks_of = move |event: EngineEvent| match event {
         EngineEvent::Token(step) => {
             let logprobs = step.logprobs.as_ref().map(|lp| {
                 let mut one = S::Logprobs::default();
@@ -160,12 +160,20 @@ fn chunks<S: AnswerShape>(
         }
         EngineEvent::Queued { .. } | EngineEvent::Started { .. } => Vec::new(),
     };
-    event_stream(job, first, translate)
+    let translate = move |_id, event: EngineEvent, _timeline: &Timeline| {
+        let terminal = event.is_terminal();
+        let mut out = chunks_of(event);
+        if terminal {
+            out.push(Event::default().data("[DONE]"));
+        }
+        out
+    };
+    event_stream(job, first, translate, |_| None)
 }
 
 /// Follows the job to its end and answers with the whole text in one response.
 async fn whole<S: AnswerShape>(
-    mut job: JobWatch,
+    mut job: JobFollower,
     response: ResponseMeta,
     mut shape: S,
     namer: OwnedNamer,
@@ -174,11 +182,11 @@ async fn whole<S: AnswerShape>(
     let mut text = String::new();
     let mut logprobs = S::Logprobs::default();
     loop {
-        let events = job.next_events().await;
+        let events = job.next_batch().await;
         if events.is_empty() {
             return Err(OpenAiError::internal("the job's events ended early"));
         }
-        for event in events {
+        for (_, event) in events {
             match event {
                 EngineEvent::Token(step) => {
                     text.push_str(&step.text);

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::OpenAiJson;
 use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
-use super::request::{Rules, parse_chat};
+use super::request::parse_chat;
 use super::response::{
     AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Delta, TokenNamer, chat_token_logprob,
 };
@@ -18,6 +18,7 @@ use super::run::{off_the_runtime, ready};
 use crate::engine::ModelMeta;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::fields::Rules;
 use crate::jobs::JobApi;
 use crate::model::chat_template::{ChatTemplate, ChatTemplateError};
 

@@ -7,11 +7,12 @@ use axum::response::Response;
 use super::OpenAiJson;
 use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
-use super::request::{Prompt, Rules, parse_completion};
+use super::request::{Prompt, parse_completion};
 use super::response::{CompletionLogprobs, TextChoice, TokenNamer};
 use super::run::ready;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::fields::Rules;
 use crate::http::pipeline::tokenize_prompt;
 use crate::jobs::JobApi;
 

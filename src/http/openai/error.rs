@@ -8,34 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::http::error::ApiError;
-
-/// One broken rule of a request: the parameter it is about and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub param: String,
-    pub message: String,
-    /// OpenAI's `code`: `invalid_value`, `unsupported_parameter`, ...
-    pub code: &'static str,
-}
-
-impl Problem {
-    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: param.into(),
-            message: message.into(),
-            code: "invalid_value",
-        }
-    }
-
-    pub fn unsupported(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: param.into(),
-            message: message.into(),
-            code: "unsupported_parameter",
-        }
-    }
-}
+use crate::http::error::{ApiError, FieldError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAiError {
@@ -62,22 +35,22 @@ impl OpenAiError {
 
     /// A 400 for every broken rule; `param` and `code` are the first one's, the message lists
     /// them all.
-    pub fn from_problems(problems: &[Problem]) -> Self {
+    pub fn from_problems(problems: &[FieldError]) -> Self {
         let message = problems
             .iter()
-            .map(|p| format!("{}: {}", p.param, p.message))
+            .map(|p| format!("{}: {}", p.field, p.message))
             .collect::<Vec<_>>()
             .join("; ");
         let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         if let Some(first) = problems.first() {
-            e.param = Some(first.param.clone());
+            e.param = Some(first.field.clone());
             e.code = Some(first.code);
         }
         e
     }
 
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::from_problems(&[Problem::invalid(param, message)])
+        Self::from_problems(&[FieldError::new(param, message)])
     }
 
     /// 404 for a `model` this worker does not serve.
@@ -208,8 +181,8 @@ mod tests {
     #[test]
     fn problems_become_one_400_naming_the_first_param() {
         let e = OpenAiError::from_problems(&[
-            Problem::unsupported("tools", "tool calling is not supported"),
-            Problem::invalid("n", "must be 1"),
+            FieldError::unsupported("tools", "tool calling is not supported"),
+            FieldError::new("n", "must be 1"),
         ]);
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         let body = e.body();

@@ -41,36 +41,12 @@
 
 use serde_json::{Map, Value};
 
-use super::error::{OpenAiError, Problem};
-use crate::generation::rng::random_seed;
+use super::error::OpenAiError;
 use crate::generation::{ContextFitError, GenerationParams, SamplingParams, fit_max_tokens};
-use crate::http::sampling::{FieldReader, TOP_P, read_repeat_last_n, read_sampling_numbers};
-use crate::jobs::ServedModel;
+use crate::http::fields::{Dialect, Fields, Rules};
 use crate::model::chat_template::ChatMessage;
 
-pub const MAX_STOP_STRINGS: usize = 16;
-pub const MAX_STOP_BYTES: usize = 256;
 const MAX_LOGIT_BIAS: f64 = 100.0;
-
-/// What a request is checked against.
-#[derive(Debug, Clone, Copy)]
-pub struct Rules<'a> {
-    /// The only name `model` may carry.
-    pub model_id: &'a str,
-    pub vocab_size: usize,
-    pub context_length: usize,
-}
-
-impl<'a> Rules<'a> {
-    /// The served model's name, vocabulary and context.
-    pub fn of(served: &'a ServedModel) -> Self {
-        Self {
-            model_id: &served.model_id,
-            vocab_size: served.meta.vocab_size,
-            context_length: served.meta.context_length,
-        }
-    }
-}
 
 /// What chat and completions requests share once validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +87,7 @@ pub fn parse_chat(
     rules: &Rules<'_>,
 ) -> Result<ChatRequest, OpenAiError> {
     check_model(body, rules.model_id)?;
-    let mut f = Fields::new(body);
+    let mut f = Fields::new(body, Dialect::OpenAi);
     let messages = f.messages();
     refuse_chat_features(&mut f);
     let logprobs = match (f.boolean("logprobs"), f.get("top_logprobs")) {
@@ -135,7 +111,7 @@ pub fn parse_chat(
             Map::new()
         }
     };
-    f.finish()?;
+    finish(f)?;
     Ok(ChatRequest {
         common,
         messages,
@@ -150,7 +126,7 @@ pub fn parse_completion(
     rules: &Rules<'_>,
 ) -> Result<CompletionRequest, OpenAiError> {
     check_model(body, rules.model_id)?;
-    let mut f = Fields::new(body);
+    let mut f = Fields::new(body, Dialect::OpenAi);
     let prompt = f.prompt(rules.vocab_size);
     if f.boolean("echo") == Some(true) {
         f.unsupported("echo", "echoing the prompt is not supported");
@@ -169,7 +145,7 @@ pub fn parse_completion(
         Some(_) => f.alternatives("logprobs"),
     };
     let common = f.common(rules, logprobs);
-    f.finish()?;
+    finish(f)?;
     Ok(CompletionRequest { common, prompt })
 }
 
@@ -256,59 +232,17 @@ fn refuse_chat_features(f: &mut Fields<'_>) {
     }
 }
 
-/// Typed access to the body's fields, collecting a [`Problem`] per broken rule; `null` counts
-/// as absent.
-struct Fields<'a> {
-    body: &'a Map<String, Value>,
-    problems: Vec<Problem>,
-}
-
-impl<'a> FieldReader<'a> for Fields<'a> {
-    const NOT_A_BOOLEAN: &'static str = "must be a boolean";
-
-    fn body(&self) -> &'a Map<String, Value> {
-        self.body
-    }
-
-    fn fail(&mut self, param: &str, message: impl Into<String>) {
-        self.problems.push(Problem::invalid(param, message));
-    }
-
-    /// An integer (a float with no fraction, such as `5.0`, counts).
-    fn int(&mut self, name: &str) -> Option<i64> {
-        let v = self.get(name)?;
-        let n = v.as_i64().or_else(|| {
-            v.as_f64()
-                .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
-                .map(|x| x as i64)
-        });
-        if n.is_none() {
-            self.fail(name, "must be an integer");
-        }
-        n
+/// A 400 naming every broken rule the reader found, if any.
+fn finish(f: Fields<'_>) -> Result<(), OpenAiError> {
+    if f.has_errors() {
+        Err(OpenAiError::from_problems(&f.into_errors()))
+    } else {
+        Ok(())
     }
 }
 
-impl<'a> Fields<'a> {
-    fn new(body: &'a Map<String, Value>) -> Self {
-        Self {
-            body,
-            problems: Vec::new(),
-        }
-    }
-
-    fn finish(self) -> Result<(), OpenAiError> {
-        if self.problems.is_empty() {
-            Ok(())
-        } else {
-            Err(OpenAiError::from_problems(&self.problems))
-        }
-    }
-
-    fn unsupported(&mut self, param: &str, message: impl Into<String>) {
-        self.problems.push(Problem::unsupported(param, message));
-    }
-
+/// The OpenAI readers for what only this API has.
+impl Fields<'_> {
     /// The fields both endpoints share: sampling, limits, stop strings, streaming.
     fn common(&mut self, rules: &Rules<'_>, logprobs: Option<usize>) -> Common {
         match self.int("n") {
@@ -325,8 +259,8 @@ impl<'a> Fields<'a> {
             }
             None => self.count("max_tokens"),
         };
-        let sampling = self.sampling(rules);
-        let stop = self.stop();
+        let sampling = self.openai_sampling(rules);
+        let stop = self.stop_strings();
         let ignore_eos = self.boolean("ignore_eos").unwrap_or(false);
         let stream = self.boolean("stream").unwrap_or(false);
         let include_usage = match self.get("stream_options") {
@@ -371,32 +305,14 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn sampling(&mut self, rules: &Rules<'_>) -> SamplingParams {
+    fn openai_sampling(&mut self, rules: &Rules<'_>) -> SamplingParams {
         // OpenAI's defaults: nothing but temperature 1.
         let mut s = SamplingParams {
             temperature: 1.0,
             ..SamplingParams::greedy()
         };
-        read_sampling_numbers(self, &mut s, &TOP_P);
-        match self.int("top_k") {
-            Some(-1 | 0) | None => {}
-            Some(k) if k > 0 => s.top_k = usize::try_from(k).unwrap_or(usize::MAX),
-            Some(_) => self.fail("top_k", "must be -1 or 0 (off), or a positive count"),
-        }
-        read_repeat_last_n(self, &mut s, rules.context_length);
-        s.seed = match self.get("seed") {
-            None => random_seed(),
-            Some(v) => match (v.as_u64(), v.as_i64()) {
-                (Some(seed), _) => seed,
-                (None, Some(-1)) => random_seed(),
-                // Negative seeds are valid int64s for OpenAI; keep them deterministic.
-                (None, Some(n)) => n as u64,
-                (None, None) => {
-                    self.fail("seed", "must be an integer");
-                    0
-                }
-            },
-        };
+        self.sampling(&mut s, rules.context_length);
+        s.seed = self.seed();
         s.logit_bias = self.logit_bias(rules.vocab_size);
         s
     }
@@ -431,39 +347,6 @@ impl<'a> Fields<'a> {
                     out.push((id, b as f32));
                 }
                 _ => self.fail(&param, "must be a number between -100 and 100"),
-            }
-        }
-        out
-    }
-
-    fn stop(&mut self) -> Vec<String> {
-        let list: Vec<&Value> = match self.get("stop") {
-            None => return Vec::new(),
-            Some(Value::String(s)) if s.is_empty() => return Vec::new(),
-            Some(v @ Value::String(_)) => vec![v],
-            Some(Value::Array(a)) => a.iter().collect(),
-            Some(_) => {
-                self.fail("stop", "must be a string or an array of strings");
-                return Vec::new();
-            }
-        };
-        if list.len() > MAX_STOP_STRINGS {
-            self.fail(
-                "stop",
-                format!("at most {MAX_STOP_STRINGS} stop sequences are supported"),
-            );
-            return Vec::new();
-        }
-        let mut out = Vec::with_capacity(list.len());
-        for (i, item) in list.into_iter().enumerate() {
-            match item {
-                Value::String(s) if s.is_empty() => {}
-                Value::String(s) if s.len() > MAX_STOP_BYTES => self.fail(
-                    &format!("stop[{i}]"),
-                    format!("is {} bytes, at most {MAX_STOP_BYTES} allowed", s.len()),
-                ),
-                Value::String(s) => out.push(s.clone()),
-                _ => self.fail(&format!("stop[{i}]"), "must be a string"),
             }
         }
         out

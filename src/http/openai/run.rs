@@ -1,20 +1,16 @@
 //! What both generation endpoints do once a request is valid: submit the job to the shared
 //! [`JobRegistry`], follow its events, and cancel it when the client goes away.
 //!
-//! A [`JobWatch`] lives exactly as long as the client's request: inside the handler's future for
-//! a JSON response, inside the body stream for SSE. Dropping it before the job's terminal event
-//! (the client disconnected, so hyper dropped the future or the body) cancels the job at once,
-//! queued or running, with reason `disconnect`; the registry's detach grace is not waited for.
-//! It follows the job with a [`JobFollower`], which also keeps the job counted as watched.
+//! The job's [`JobFollower`] lives exactly as long as the client's request: inside the handler's
+//! future for a JSON response, inside the body stream for SSE. Dropping it before the job's
+//! terminal event (the client disconnected, so hyper dropped the future or the body) cancels the
+//! job at once, queued or running, with reason `disconnect`; the registry's detach grace is not
+//! waited for.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use axum::response::sse::Event;
-use futures_util::Stream;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -23,7 +19,7 @@ use super::response::ResponseMeta;
 use crate::engine::{CancelReason, EngineEvent, ErrorCode};
 use crate::generation::GenerationParams;
 use crate::http::{AppState, pipeline};
-use crate::jobs::{JobApi, JobFollower, JobRegistry, ServedModel, Submission};
+use crate::jobs::{JobApi, JobFollower, ServedModel, Submission};
 
 /// The served model, or the 503 that says why there is none.
 pub fn ready(app: &AppState) -> Result<&ServedModel, OpenAiError> {
@@ -69,70 +65,23 @@ fn system_fingerprint(served: &ServedModel) -> String {
     format!("fp_{hex}")
 }
 
-/// A submitted job, followed by the request that submitted it.
-pub struct JobWatch {
-    job: JobFollower,
-    cancel: CancelOnDrop,
-}
-
-impl JobWatch {
-    /// Queues the job under `id` (the response id); `api` labels its metrics. A full queue is a
-    /// 503 at once.
-    pub fn submit(
-        app: &AppState,
-        api: JobApi,
-        id: String,
-        prompt_tokens: Vec<u32>,
-        params: GenerationParams,
-    ) -> Result<Self, OpenAiError> {
-        let submission = Submission {
-            api,
-            id: Some(id),
-            prompt_tokens,
-            params,
-        };
-        let (record, _) = pipeline::submit(app, submission)?;
-        Ok(Self {
-            cancel: CancelOnDrop {
-                registry: app.registry.clone(),
-                id: record.id().to_string(),
-            },
-            job: JobFollower::new(record, 0),
-        })
-    }
-
-    /// The next events of the job, waiting while there are none. Empty only after the
-    /// terminal event has been returned.
-    pub async fn next_events(&mut self) -> Vec<EngineEvent> {
-        let batch = self.job.next_batch().await;
-        if batch.iter().any(|(_, e)| e.is_terminal()) {
-            self.cancel.disarm();
-        }
-        batch.into_iter().map(|(_, e)| e).collect()
-    }
-}
-
-/// Cancels the job when the request ends before the job does.
-struct CancelOnDrop {
-    registry: Arc<JobRegistry>,
-    /// Empty once disarmed.
+/// Queues the job under `id` (the response id); `api` labels its metrics. A full queue is a
+/// 503 at once. The follower cancels the job when the request ends before the job does.
+pub fn submit(
+    app: &AppState,
+    api: JobApi,
     id: String,
-}
-
-impl CancelOnDrop {
-    fn disarm(&mut self) {
-        self.id.clear();
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.id.is_empty() {
-            return;
-        }
-        // Not found: already collected, nothing left to cancel.
-        let _ = self.registry.cancel(&self.id, CancelReason::Disconnect);
-    }
+    prompt_tokens: Vec<u32>,
+    params: GenerationParams,
+) -> Result<JobFollower, OpenAiError> {
+    let submission = Submission {
+        api,
+        id: Some(id),
+        prompt_tokens,
+        params,
+    };
+    let (record, _) = pipeline::submit(app, submission)?;
+    Ok(JobFollower::new(record, 0).cancel_on_drop(app.registry.clone()))
 }
 
 /// The error for a job that ended without finishing.
@@ -170,52 +119,4 @@ pub fn json_event<T: Serialize>(value: &T) -> Event {
         // Only maps with non-string keys fail to serialize; ours have none.
         Err(e) => Event::default().data(OpenAiError::internal(e.to_string()).body().to_string()),
     }
-}
-
-/// Turns a job's events into SSE events: `translate` maps each engine event, and the stream
-/// ends with `data: [DONE]` after the terminal event.
-pub fn event_stream<F>(
-    job: JobWatch,
-    first: Vec<Event>,
-    translate: F,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
-where
-    F: FnMut(EngineEvent) -> Vec<Event> + Send + 'static,
-{
-    struct State<F> {
-        job: JobWatch,
-        translate: F,
-        pending: VecDeque<Event>,
-        done: bool,
-    }
-    let state = State {
-        job,
-        translate,
-        pending: first.into(),
-        done: false,
-    };
-    futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(event) = s.pending.pop_front() {
-                return Some((Ok(event), s));
-            }
-            if s.done {
-                return None;
-            }
-            let events = s.job.next_events().await;
-            if events.is_empty() {
-                s.done = true;
-                continue;
-            }
-            for event in events {
-                let terminal = event.is_terminal();
-                s.pending.extend((s.translate)(event));
-                if terminal {
-                    s.pending.push_back(Event::default().data("[DONE]"));
-                    s.done = true;
-                    break;
-                }
-            }
-        }
-    })
 }
