@@ -43,6 +43,7 @@ impl CandleInferenceBackend {
             tokenizer: model.tokenizer.clone(),
             eog_tokens: model.eog_tokens.clone().into(),
             chat_template: model.chat_template.map(Arc::new),
+            compute: Some(Arc::new(model.decoder.compute_path().clone())),
         };
         Ok(Self {
             decoder: model.decoder,

@@ -5,12 +5,14 @@
 //! a model is served and whether the worker drains, the engine's atomics say how many slots
 //! are taken, and [`Lifecycle`] adds the two stages after the engine has stopped.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::{JobRegistry, Phase};
+use crate::model::decoder::ComputePath;
 
 /// Facts fixed at startup.
 #[derive(Debug, Clone)]
@@ -157,6 +159,58 @@ pub struct WorkerInfo {
     pub ctx_size: usize,
     /// RFC 3339.
     pub started_at: String,
+    /// How the served model computes; absent while loading (and for a backend that is not a
+    /// decoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeInfo>,
+}
+
+/// `compute` in [`WorkerInfo`]: the served model's compute path as its decoder decided at load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeInfo {
+    /// "cpu-kernels" (plain buffers and our CPU kernels) or "candle" (Candle tensors).
+    pub path: String,
+    /// Why the forward runs on Candle tensors; null on the CPU kernels' path.
+    pub reason: Option<String>,
+    /// Each stored tensor type ("Q4_1", "F32", …): how many tensors, and their path.
+    pub tensor_types: BTreeMap<String, TensorTypeInfo>,
+    /// The CPU kernels' selection ("avx512vnni", "avx2", "neon", "scalar", after
+    /// `LLM_WORKER_CPU_KERNELS`); null when only Candle computes.
+    pub cpu_kernels: Option<String>,
+}
+
+/// One stored tensor type in [`ComputeInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorTypeInfo {
+    pub count: usize,
+    /// "cpu-kernels", "candle", or "mixed" when the type's tensors go both ways.
+    pub path: String,
+    /// For "mixed": how many of `count` our CPU kernels read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_kernels: Option<usize>,
+}
+
+impl From<&ComputePath> for ComputeInfo {
+    fn from(compute: &ComputePath) -> Self {
+        Self {
+            path: compute.path_name().to_string(),
+            reason: compute.reason().map(ToString::to_string),
+            tensor_types: compute
+                .tensor_types
+                .iter()
+                .map(|t| {
+                    let info = TensorTypeInfo {
+                        count: t.count,
+                        path: t.path().to_string(),
+                        cpu_kernels: (t.cpu_kernels != 0 && t.cpu_kernels != t.count)
+                            .then_some(t.cpu_kernels),
+                    };
+                    (t.dtype.clone(), info)
+                })
+                .collect(),
+            cpu_kernels: compute.cpu_kernels.map(|k| k.to_string()),
+        }
+    }
 }
 
 impl WorkerInfo {
@@ -179,6 +233,9 @@ impl WorkerInfo {
             queue_depth: registry.queue().len(),
             ctx_size: served.map_or(0, |s| s.meta.context_length),
             started_at: crate::timestamp::rfc3339(identity.started_at),
+            compute: served
+                .and_then(|s| s.meta.compute.as_deref())
+                .map(ComputeInfo::from),
         }
     }
 }

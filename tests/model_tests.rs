@@ -11,13 +11,16 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::tiny_models::{
-    Arch, NamedWeight, TempDir, TinySpec, gguf_writer, random_weights, write_hf_dir,
-    write_hf_dir_with,
+    Arch, NamedWeight, TempDir, TinySpec, gguf_writer, gguf_writer_with, random_weights,
+    write_hf_dir, write_hf_dir_with,
 };
 use llm_worker_rbee::kernels::ThreadPool;
 use llm_worker_rbee::model::ModelError;
 use llm_worker_rbee::model::config::ModelConfig;
-use llm_worker_rbee::model::decoder::{AttentionPath, Decoder, DecoderOptions, ForwardItem};
+use llm_worker_rbee::model::decoder::{
+    AttentionPath, CandlePathReason, Decoder, DecoderOptions, ForwardItem, ForwardPath,
+    TensorTypeUse,
+};
 use llm_worker_rbee::model::gguf::{GgufError, GgufFile};
 use llm_worker_rbee::model::weights::WeightStore;
 
@@ -536,12 +539,12 @@ fn corrupt_headers_give_typed_errors_not_panics() {
 
 #[test]
 fn unsupported_tensor_types_and_architectures_are_named() {
+    use common::gguf_writer::GgufWriter;
     use llm_worker_rbee::model::gguf::GgufValue;
-    use llm_worker_rbee::model::gguf_writer::GgufWriter;
     let dir = TempDir::new("unsupported");
     let p = dir.path().join("iq.gguf");
     let mut w = GgufWriter::new();
-    w.metadata("general.architecture", "llama".into());
+    w.metadata("general.architecture", "llama");
     w.tensor(
         "blk.0.attn_q.weight",
         &[256],
@@ -683,7 +686,7 @@ fn a_chat_template_that_does_not_compile_leaves_the_model_usable() {
     let broken = "{% for m in messages %}<{{ m['role'] }}>";
     let gguf = t.hf_dir.with_file_name("broken-template.gguf");
     let mut writer = gguf_writer(&t.spec, &random_weights(&t.spec, 5), None);
-    writer.metadata("tokenizer.chat_template", broken.into());
+    writer.metadata("tokenizer.chat_template", broken);
     writer.write(&gguf).expect("write");
     let config_path = t.hf_dir.join("tokenizer_config.json");
     let config = std::fs::read_to_string(&config_path).expect("read");
@@ -1035,4 +1038,183 @@ fn generation_config_eos_token_ids_join_the_end_of_generation_set() {
         .expect("write generation config");
         assert_eq!(eog(), expected, "eos_token_id {eos}");
     }
+}
+
+/// The one matrix of [`mixed_gguf`] stored as Q5_0, a type our CPU kernels do not read.
+const SLOW_TENSOR: &str = "blk.1.attn_v.weight";
+
+/// `t`'s weights as a Q8_0 GGUF, with [`SLOW_TENSOR`] as `slow` when given.
+fn mixed_gguf(t: &Tiny, slow: Option<GgmlDType>) -> std::path::PathBuf {
+    let path = t.hf_dir.with_file_name(format!(
+        "mixed-{}.gguf",
+        slow.map_or("none".into(), |q| format!("{q:?}"))
+    ));
+    let quant = |name: &str| match slow {
+        Some(q) if name == SLOW_TENSOR => Some(q),
+        _ => Some(GgmlDType::Q8_0),
+    };
+    gguf_writer_with(&t.spec, &t.weights, quant)
+        .write(&path)
+        .expect("write gguf");
+    path
+}
+
+/// A log buffer shared with a `tracing` subscriber.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with a subscriber, for this thread only, that writes info and above into a buffer;
+/// returns `f`'s result and the log's lines.
+fn with_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let buffer = LogBuffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(buffer.0.lock().expect("log buffer").clone()).expect("utf-8");
+    (out, text.lines().map(str::to_string).collect())
+}
+
+fn tensor_type<'a>(types: &'a [TensorTypeUse], dtype: &str) -> &'a TensorTypeUse {
+    types
+        .iter()
+        .find(|t| t.dtype == dtype)
+        .unwrap_or_else(|| panic!("no {dtype} in {types:?}"))
+}
+
+#[test]
+fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which() {
+    use llm_worker_rbee::model::{LoadOptions, load_model};
+    let t = tiny(Arch::Llama);
+    let matrices = t.weights.iter().filter(|w| w.shape.len() == 2).count();
+    let vectors = t.weights.len() - matrices;
+
+    // Every type supported: the CPU kernels' path, every tensor on it, no warning.
+    let (model, logs) = with_logs(|| load_model(&mixed_gguf(&t, None), &LoadOptions::default()));
+    let model = model.expect("load");
+    let compute = model.decoder.compute_path();
+    assert!(model.decoder.uses_cpu_path());
+    assert_eq!(compute.forward, ForwardPath::CpuKernels);
+    assert_eq!(compute.reason(), None);
+    assert_eq!(compute.path_name(), "cpu-kernels");
+    assert_eq!(
+        compute.cpu_kernels,
+        Some(llm_worker_rbee::kernels::detect())
+    );
+    let q8 = tensor_type(&compute.tensor_types, "Q8_0");
+    assert_eq!(
+        (q8.count, q8.cpu_kernels, q8.path()),
+        (matrices, matrices, "cpu-kernels")
+    );
+    let f32s = tensor_type(&compute.tensor_types, "F32");
+    assert_eq!((f32s.count, f32s.path()), (vectors, "cpu-kernels"));
+    assert!(!logs.iter().any(|l| l.contains("WARN")), "{logs:#?}");
+    let info: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("compute path:"))
+        .collect();
+    assert_eq!(info.len(), 1, "{logs:#?}");
+    assert!(info[0].contains(" INFO "), "{}", info[0]);
+    assert!(
+        info[0].contains(&format!(
+            "compute path: cpu-kernels; Q8_0×{matrices} cpu-kernels, F32×{vectors} cpu-kernels"
+        )),
+        "{}",
+        info[0]
+    );
+
+    // One Q5_0 matrix: the model still loads and runs, on Candle's path, and says which tensor.
+    let path = mixed_gguf(&t, Some(GgmlDType::Q5_0));
+    let (model, logs) = with_logs(|| load_model(&path, &LoadOptions::default()));
+    let model = model.expect("load");
+    assert!(!model.decoder.uses_cpu_path());
+    let compute = model.decoder.compute_path();
+    assert_eq!(
+        compute.forward,
+        ForwardPath::Candle(CandlePathReason::UnsupportedTensorType {
+            tensor: SLOW_TENSOR.into(),
+            dtype: "Q5_0".into(),
+        })
+    );
+    assert_eq!(compute.path_name(), "candle");
+    let reason = compute.reason().expect("reason").to_string();
+    assert!(
+        reason.contains(SLOW_TENSOR) && reason.contains("Q5_0"),
+        "{reason}"
+    );
+    // The other matrices are still multiplied by our kernels inside Candle's forward; the
+    // norms are Candle tensors.
+    let q5 = tensor_type(&compute.tensor_types, "Q5_0");
+    assert_eq!((q5.count, q5.path()), (1, "candle"));
+    let q8 = tensor_type(&compute.tensor_types, "Q8_0");
+    assert_eq!((q8.count, q8.path()), (matrices - 1, "cpu-kernels"));
+    assert_eq!(tensor_type(&compute.tensor_types, "F32").path(), "candle");
+    let warnings: Vec<_> = logs.iter().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warnings.len(), 1, "{logs:#?}");
+    assert!(
+        warnings[0].contains(SLOW_TENSOR) && warnings[0].contains("Q5_0"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        logs.iter().any(|l| l.contains(" INFO ")
+            && l.contains("compute path: candle (")
+            && l.contains("Q5_0×1 candle")),
+        "{logs:#?}"
+    );
+    let logits = run(&model.decoder);
+    assert!(logits.iter().flatten().all(|l| l.is_finite()));
+    // Against the same file wholly on Candle's kernels (see the quantized test's tolerance).
+    assert_close(
+        "Q5_0 among Q8_0 vs Candle's kernels",
+        &logits,
+        &run(&gguf_decoder_with(&path, None)),
+        1e-2,
+    );
+
+    // Paths chosen by the device or the options are reasons too, but no warning.
+    let (decoders, logs) = with_logs(|| {
+        let file = GgufFile::open(&path).expect("open gguf");
+        let cfg = ModelConfig::from_gguf(&file).expect("gguf config");
+        let store = WeightStore::Gguf(Arc::new(file));
+        let load = |options| {
+            Decoder::load_with(cfg.clone(), &store, &Device::Cpu, 64, options).expect("load")
+        };
+        [
+            load(DecoderOptions::default()),
+            load(device_options(false)),
+            t.hf_decoder(),
+        ]
+    });
+    let reasons: Vec<_> = decoders
+        .iter()
+        .map(|d| d.compute_path().reason().cloned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(CandlePathReason::KernelsDisabled),
+            Some(CandlePathReason::DeviceAttention),
+            Some(CandlePathReason::Safetensors),
+        ]
+    );
+    assert!(!logs.iter().any(|l| l.contains(" WARN ")), "{logs:#?}");
+    assert_eq!(
+        tensor_type(&decoders[2].compute_path().tensor_types, "F32").path(),
+        "candle"
+    );
 }

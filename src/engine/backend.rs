@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::model::chat_template::ChatTemplate;
+use crate::model::decoder::ComputePath;
 use crate::model::tokenizer::TextTokenizer;
 
 /// Identifies a sequence (and its KV cache) inside a backend.
@@ -26,6 +27,9 @@ pub struct ModelMeta {
     pub tokenizer: Arc<TextTokenizer>,
     pub eog_tokens: Arc<[u32]>,
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// How the model computes (its forward's path and why, every tensor type's path), as the
+    /// decoder decided at load; `None` for a backend that is not a decoder (the tests' fakes).
+    pub compute: Option<Arc<ComputePath>>,
 }
 
 /// One sequence's part of a batched forward.

@@ -106,13 +106,6 @@ impl GenerationEngine {
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
-
-    /// Waits for the thread to exit.
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for GenerationEngine {

@@ -37,6 +37,11 @@
 //! to `Avx2` (same float operations in the same order; see `avx512.rs`), so which of the two a
 //! machine picks never changes an output.
 //!
+//! [`detect`] makes the one selection for the process, and every SIMD routine of the CPU forward
+//! follows it: the matmuls here, and attention and the vector math (SiLU, `e^x`) in the model
+//! layer, which run their AVX2 code exactly when [`KernelPath::runs_avx2_routines`] says so and
+//! their portable code otherwise (they have no NEON or AVX-512 versions).
+//!
 //! # Threads
 //! [`matmul()`] splits the weight rows into equal contiguous panels (tens of KiB each) that the
 //! threads of a [`ThreadPool`] take in turn; each thread computes its panels for all `m`
@@ -249,6 +254,14 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
+    /// Whether the AVX2+FMA+F16C routines outside the matmuls (attention, SiLU, `e^x`) run on
+    /// this path: on [`KernelPath::Avx2`] and on [`KernelPath::Avx512Vnni`] (which has none of
+    /// its own for them), and only where the CPU has those features. On the other paths they run
+    /// their portable code.
+    pub fn runs_avx2_routines(self) -> bool {
+        matches!(self, KernelPath::Avx2 | KernelPath::Avx512Vnni) && avx2_available()
+    }
+
     /// Whether this path can run on the current CPU.
     pub fn is_available(self) -> bool {
         match self {
@@ -298,9 +311,11 @@ fn avx512_vnni_available() -> bool {
     false
 }
 
-/// The path the matmuls use: the fastest one available on this CPU, unless the environment
-/// variable `LLM_WORKER_CPU_KERNELS` names another available one (`scalar`, `avx2`,
-/// `avx512vnni`, `neon`), which lets benchmarks compare paths in one build. Decided once.
+/// The path the CPU forward's SIMD routines use (the matmuls, and through
+/// [`KernelPath::runs_avx2_routines`] attention and the vector math): the fastest one available
+/// on this CPU, unless the environment variable `LLM_WORKER_CPU_KERNELS` names another available
+/// one (`scalar`, `avx2`, `avx512vnni`, `neon`), which lets benchmarks compare paths in one
+/// build. Decided once.
 pub fn detect() -> KernelPath {
     static CHOSEN: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
@@ -479,4 +494,21 @@ pub fn dequantize_row(w: &QMatrix, row: usize, out: &mut [f32]) -> Result<(), Ke
     let rb = w.row_bytes();
     formats::dequantize_row(w.ty, &w.data[row * rb..(row + 1) * rb], out);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_x86_paths_run_the_avx2_routines_and_only_where_the_cpu_has_avx2() {
+        assert!(!KernelPath::Scalar.runs_avx2_routines());
+        assert!(!KernelPath::Neon.runs_avx2_routines());
+        let avx2 = KernelPath::Avx2.is_available();
+        assert_eq!(KernelPath::Avx2.runs_avx2_routines(), avx2);
+        assert_eq!(KernelPath::Avx512Vnni.runs_avx2_routines(), avx2);
+        // The default selection runs them wherever the CPU has them, as before the selection
+        // reached attention and the vector math.
+        assert_eq!(fastest_available().runs_avx2_routines(), avx2);
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use half::slice::HalfFloatSliceExt;
 
 use super::vecmath::exp_shifted;
-use crate::kernels::ThreadPool;
+use crate::kernels::{self, ThreadPool};
 
 /// One layer's cache for one sequence: `capacity` positions of `kv_heads * head_dim` values,
 /// position-major (`[pos][kv_head][dim]`), as llama.cpp lays out its cache.
@@ -454,17 +454,11 @@ struct RowScratch {
     acc: Vec<f16>,
 }
 
+/// Whether the AVX2+FMA+F16C helpers run: the CPU kernels' one selection decides
+/// ([`kernels::detect`]), so `LLM_WORKER_CPU_KERNELS=scalar` runs attention's portable code too.
+/// Both give the same bits.
 fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    kernels::detect().runs_avx2_routines()
 }
 
 /// ggml's `ggml_vec_dot_f16` for f16 keys and an f16 query: four 8-lane f32 accumulators over
@@ -1082,7 +1076,7 @@ mod tests {
         let mut seed = 5;
         let k: Vec<f16> = (0..72).map(|_| f16::from_f32(lcg(&mut seed))).collect();
         let q: Vec<f16> = (0..72).map(|_| f16::from_f32(lcg(&mut seed))).collect();
-        let simd = simd_available();
+        let simd = kernels::KernelPath::Avx2.runs_avx2_routines();
         assert_eq!(dot_f16_f16(false, &k, &q), dot_f16_f16(simd, &k, &q));
         let (mut a, mut b) = (q.clone(), q.clone());
         mad_f16(false, &mut a, &k, 0.37);
@@ -1144,7 +1138,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn x86_tiled_block_matches_the_scalar_one() {
-        if !simd_available() {
+        if !kernels::KernelPath::Avx2.runs_avx2_routines() {
             return;
         }
         let cases = [

@@ -20,9 +20,10 @@ use super::ModelError;
 use super::attention::{self, AttentionShape, HostKv, SpanAttention};
 use super::config::{ModelConfig, RopeScaling};
 use super::cpu_forward::{CpuGateUp, CpuLayer, CpuModel, CpuQkv, CpuSpan, Projection};
+use super::gguf::GgmlType;
 use super::rope::Rope;
 use super::weights::{DenseDType, LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
-use crate::kernels::{self, ActivationScratch, ThreadPool};
+use crate::kernels::{self, ActivationScratch, KernelPath, ThreadPool, WeightType};
 
 thread_local! {
     /// Quantized activations, reused across matmuls (the engine thread is the only caller).
@@ -218,6 +219,303 @@ pub struct DecoderOptions {
     pub half_weights: Option<bool>,
 }
 
+/// Which code runs a decoder's forward, decided once at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardPath {
+    /// Plain buffers and our CPU kernels, every matrix read in place from the GGUF map
+    /// (`cpu_forward.rs`).
+    CpuKernels,
+    /// Candle tensors, for this reason.
+    Candle(CandlePathReason),
+}
+
+/// Why a decoder runs on Candle tensors rather than on our CPU kernels: what
+/// [`Decoder::load_with`] checks, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CandlePathReason {
+    /// The device is not the CPU (CUDA, Metal): Candle's kernels are the accelerators' path.
+    NotCpu { device: String },
+    /// [`AttentionPath::Device`] was asked for on the CPU (how the tests run the accelerators'
+    /// code).
+    DeviceAttention,
+    /// No pool for the CPU kernels was given (`LoadOptions::cpu_kernels` off).
+    KernelsDisabled,
+    /// Safetensors weights: dense tensors, which our kernels do not read in place.
+    Safetensors,
+    /// A GGUF matrix of a type our kernels do not read: Candle multiplies it, and so the whole
+    /// forward runs on Candle tensors.
+    UnsupportedTensorType { tensor: String, dtype: String },
+    /// A matrix was built outside the GGUF map although every matrix's type is one our kernels
+    /// read (the loader and this check disagree; `role` is the weight's role).
+    MatrixNotInMap { role: String },
+    /// A projection carries a bias that the CPU forward does not add.
+    Bias { role: String },
+}
+
+impl CandlePathReason {
+    /// A reason that comes from the weights rather than from the device or the options: on the
+    /// CPU it costs most of the speed without anyone having asked for it.
+    pub fn is_unexpected(&self) -> bool {
+        matches!(
+            self,
+            Self::UnsupportedTensorType { .. } | Self::MatrixNotInMap { .. } | Self::Bias { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for CandlePathReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotCpu { device } => {
+                write!(f, "the device is {device}; the CPU kernels run on the CPU")
+            }
+            Self::DeviceAttention => f.write_str("attention was set to the device path"),
+            Self::KernelsDisabled => f.write_str("the CPU kernels are turned off"),
+            Self::Safetensors => f.write_str(
+                "safetensors weights are dense tensors; the CPU kernels read GGUF matrices",
+            ),
+            Self::UnsupportedTensorType { tensor, dtype } => write!(
+                f,
+                "tensor {tensor} is {dtype}, a type the CPU kernels do not read"
+            ),
+            Self::MatrixNotInMap { role } => {
+                write!(f, "matrix {role} is not read in place from the GGUF map")
+            }
+            Self::Bias { role } => {
+                write!(f, "{role} has a bias, which the CPU forward does not add")
+            }
+        }
+    }
+}
+
+/// The tensors of one stored type and the path they take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorTypeUse {
+    /// The type as ggml names it ("Q4_K", "F32"), or a safetensors dtype ("BF16").
+    pub dtype: String,
+    pub count: usize,
+    /// Of `count`, the tensors our CPU code reads (the rest are Candle tensors). On the Candle
+    /// path, GGUF matrices of the kernels' types are still multiplied by our kernels.
+    pub cpu_kernels: usize,
+}
+
+impl TensorTypeUse {
+    /// "cpu-kernels", "candle", or "mixed" when the type's tensors go both ways.
+    pub fn path(&self) -> &'static str {
+        if self.cpu_kernels == self.count {
+            ComputePath::CPU_KERNELS
+        } else if self.cpu_kernels == 0 {
+            ComputePath::CANDLE
+        } else {
+            "mixed"
+        }
+    }
+}
+
+impl std::fmt::Display for TensorTypeUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}×{} {}", self.dtype, self.count, self.path())?;
+        if self.path() == "mixed" {
+            write!(
+                f,
+                " ({} cpu-kernels, {} candle)",
+                self.cpu_kernels,
+                self.count - self.cpu_kernels
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// How a loaded decoder computes: the forward's path (with the reason when it is Candle's),
+/// every stored tensor type with the path its tensors take, and the CPU kernels' selection.
+/// `Display` gives the load log's line: `cpu-kernels; Q4_1×210 cpu-kernels, F32×61 cpu-kernels`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputePath {
+    pub forward: ForwardPath,
+    /// Every type stored in the weights, most tensors first.
+    pub tensor_types: Vec<TensorTypeUse>,
+    /// The CPU kernels' selection ([`kernels::detect`]) when our CPU code runs (in-place
+    /// matrices or the host attention); `None` when only Candle computes.
+    pub cpu_kernels: Option<KernelPath>,
+}
+
+impl ComputePath {
+    pub const CPU_KERNELS: &'static str = "cpu-kernels";
+    pub const CANDLE: &'static str = "candle";
+
+    /// "cpu-kernels" or "candle".
+    pub fn path_name(&self) -> &'static str {
+        match self.forward {
+            ForwardPath::CpuKernels => Self::CPU_KERNELS,
+            ForwardPath::Candle(_) => Self::CANDLE,
+        }
+    }
+
+    /// Why the forward runs on Candle tensors; `None` on the CPU kernels' path.
+    pub fn reason(&self) -> Option<&CandlePathReason> {
+        match &self.forward {
+            ForwardPath::CpuKernels => None,
+            ForwardPath::Candle(reason) => Some(reason),
+        }
+    }
+
+    /// Counts the stored tensors by type. `forward_on_kernels`: the whole forward runs on our
+    /// kernels; otherwise, with `in_place`, GGUF matrices of the kernels' types still do (as
+    /// [`WeightStore::load_in_place`] keeps them in the map), and everything else is Candle's.
+    fn count_tensors(
+        store: &WeightStore,
+        forward_on_kernels: bool,
+        in_place: bool,
+    ) -> Vec<TensorTypeUse> {
+        let mut types: Vec<TensorTypeUse> = Vec::new();
+        let mut add = |dtype: &str, on_kernels: bool| {
+            let i = match types.iter().position(|t| t.dtype == dtype) {
+                Some(i) => i,
+                None => {
+                    types.push(TensorTypeUse {
+                        dtype: dtype.to_string(),
+                        count: 0,
+                        cpu_kernels: 0,
+                    });
+                    types.len() - 1
+                }
+            };
+            types[i].count += 1;
+            types[i].cpu_kernels += usize::from(on_kernels);
+        };
+        match store {
+            WeightStore::Gguf(file) => {
+                for info in file.tensor_names().filter_map(|n| file.tensor_info(n)) {
+                    let mapped = in_place && info.dims.len() == 2 && kernel_reads(info.ty);
+                    add(ggml_type_name(info.ty), forward_on_kernels || mapped);
+                }
+            }
+            WeightStore::Safetensors { tensors, .. } => {
+                for (_, view) in tensors.tensors() {
+                    add(&format!("{:?}", view.dtype()), false);
+                }
+            }
+        }
+        types.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.dtype.cmp(&b.dtype)));
+        types
+    }
+
+    /// Logs the decision: one info line with every tensor type's path, and a warning naming
+    /// what sends a model to the slow path on the CPU when the weights (not the options) did.
+    fn log(&self, source: &str, device: &Device) {
+        let kernels = self
+            .cpu_kernels
+            .map_or("none".to_string(), |k| k.to_string());
+        tracing::info!(model = %source, cpu_kernels = %kernels, "compute path: {self}");
+        if let Some(reason) = self.reason()
+            && device.is_cpu()
+            && reason.is_unexpected()
+        {
+            tracing::warn!(
+                model = %source,
+                "{reason}: the whole forward runs on Candle tensors, much slower than the CPU \
+                 kernels' path"
+            );
+        }
+    }
+}
+
+impl std::fmt::Display for ComputePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path_name())?;
+        if let Some(reason) = self.reason() {
+            write!(f, " ({reason})")?;
+        }
+        for (i, t) in self.tensor_types.iter().enumerate() {
+            f.write_str(if i == 0 { "; " } else { ", " })?;
+            write!(f, "{t}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether our CPU kernels read a GGUF type in place (the same list [`WeightStore::load_in_place`]
+/// keeps in the map).
+fn kernel_reads(ty: GgmlType) -> bool {
+    WeightType::from_ggml_type_id(ty.id()).is_ok()
+}
+
+/// ggml's name for a type.
+fn ggml_type_name(ty: GgmlType) -> &'static str {
+    match ty {
+        GgmlType::F32 => "F32",
+        GgmlType::F16 => "F16",
+        GgmlType::BF16 => "BF16",
+        GgmlType::Q4_0 => "Q4_0",
+        GgmlType::Q4_1 => "Q4_1",
+        GgmlType::Q5_0 => "Q5_0",
+        GgmlType::Q5_1 => "Q5_1",
+        GgmlType::Q8_0 => "Q8_0",
+        GgmlType::Q2K => "Q2_K",
+        GgmlType::Q3K => "Q3_K",
+        GgmlType::Q4K => "Q4_K",
+        GgmlType::Q5K => "Q5_K",
+        GgmlType::Q6K => "Q6_K",
+    }
+}
+
+/// The first reason, from the device, the options and the weights, for the forward to run on
+/// Candle tensors; `None` when our CPU kernels can run all of it.
+fn candle_path_reason(
+    store: &WeightStore,
+    device: &Device,
+    attention: AttentionPath,
+    has_pool: bool,
+) -> Option<CandlePathReason> {
+    if !device.is_cpu() {
+        let device = match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        return Some(CandlePathReason::NotCpu { device });
+    }
+    if attention == AttentionPath::Device {
+        return Some(CandlePathReason::DeviceAttention);
+    }
+    if !has_pool {
+        return Some(CandlePathReason::KernelsDisabled);
+    }
+    let WeightStore::Gguf(file) = store else {
+        return Some(CandlePathReason::Safetensors);
+    };
+    // Every matrix the decoder multiplies (the two-dimensional tensors) must be of a type our
+    // kernels read; vectors (norms, biases) are converted to f32 whatever their type.
+    file.tensor_names()
+        .filter_map(|n| file.tensor_info(n))
+        .find(|info| info.dims.len() == 2 && !kernel_reads(info.ty))
+        .map(|info| CandlePathReason::UnsupportedTensorType {
+            tensor: info.name.clone(),
+            dtype: ggml_type_name(info.ty).to_string(),
+        })
+}
+
+/// Why [`Decoder::cpu_model`] built no CPU model.
+enum NoCpuModel {
+    /// The decoder as built cannot run on the CPU path: it stays on Candle's.
+    Reason(CandlePathReason),
+    /// Copying a norm or a bias out of its tensor failed: a load error.
+    Failed(candle_core::Error),
+}
+
+impl From<CandlePathReason> for NoCpuModel {
+    fn from(reason: CandlePathReason) -> Self {
+        Self::Reason(reason)
+    }
+}
+
+impl From<candle_core::Error> for NoCpuModel {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
 /// A sequence's KV cache: its length is the absolute position of the next token.
 pub struct SequenceCache {
     layers: CacheLayers,
@@ -269,6 +567,8 @@ pub struct Decoder {
     cpu_pool: Option<Arc<ThreadPool>>,
     /// The tensor-free CPU path, when every matrix is readable by our kernels.
     cpu: Option<CpuModel>,
+    /// Which path the forward takes and why, decided at load.
+    compute: ComputePath,
 }
 
 /// What a row of the batch belongs to.
@@ -310,7 +610,10 @@ impl Decoder {
         } else {
             AttentionPath::Device
         });
-        // The in-place matrices and the tensor-free path belong to the CPU's host path.
+        // The path is decided before anything is built, from the device, the options and the
+        // weights' types. The in-place matrices and the tensor-free path belong to the CPU's
+        // host path.
+        let planned = candle_path_reason(store, device, attention, options.cpu_pool.is_some());
         let cpu_pool = options
             .cpu_pool
             .filter(|_| device.is_cpu() && attention == AttentionPath::Host);
@@ -454,7 +757,7 @@ impl Decoder {
         let output_norm = norm(WeightName::OutputNorm, h)?;
         let rope = Rope::new(&cfg);
         let context_length = context_length.min(cfg.max_position_embeddings).max(1);
-        Self {
+        let mut decoder = Self {
             cfg,
             device: device.clone(),
             embedding,
@@ -466,68 +769,95 @@ impl Decoder {
             attention,
             cpu_pool,
             cpu: None,
-        }
-        .with_cpu_path()
-        .map_err(|e| ModelError::Load {
-            source_name: source.clone(),
-            tensor: "(CPU path)".into(),
-            message: e.to_string(),
-        })
+            // Decided below, once the CPU model is built or known not to be.
+            compute: ComputePath {
+                forward: ForwardPath::CpuKernels,
+                tensor_types: Vec::new(),
+                cpu_kernels: None,
+            },
+        };
+        let forward = match planned {
+            Some(reason) => ForwardPath::Candle(reason),
+            None => match decoder.cpu_model() {
+                Ok(cpu) => {
+                    decoder.cpu = Some(cpu);
+                    ForwardPath::CpuKernels
+                }
+                Err(NoCpuModel::Reason(reason)) => ForwardPath::Candle(reason),
+                Err(NoCpuModel::Failed(e)) => {
+                    return Err(ModelError::Load {
+                        source_name: source.clone(),
+                        tensor: "(CPU path)".into(),
+                        message: e.to_string(),
+                    });
+                }
+            },
+        };
+        let on_kernels = forward == ForwardPath::CpuKernels;
+        decoder.compute = ComputePath {
+            tensor_types: ComputePath::count_tensors(store, on_kernels, in_place),
+            // Our CPU code (in-place matrices, the host attention) runs on the host path.
+            cpu_kernels: (device.is_cpu() && attention == AttentionPath::Host)
+                .then(kernels::detect),
+            forward,
+        };
+        decoder.compute.log(&source, device);
+        Ok(decoder)
     }
 
-    /// Sets up the tensor-free CPU path when every matrix is in the map for our kernels; other
-    /// models (dense safetensors, types the kernels do not read) keep the Candle path.
-    fn with_cpu_path(mut self) -> candle_core::Result<Self> {
-        let Some(pool) = self.cpu_pool.clone() else {
-            return Ok(self);
-        };
-        let mapped = |l: &Linear| match &l.weight {
-            LinearWeight::Native { matrix, .. } => Some(matrix.clone()),
-            _ => None,
+    /// The tensor-free CPU path's model, when the load decided on it: every matrix must be in the
+    /// map for our kernels, or the reason the decoder as built cannot run there after all.
+    fn cpu_model(&self) -> Result<CpuModel, NoCpuModel> {
+        let pool = self
+            .cpu_pool
+            .clone()
+            .ok_or(CandlePathReason::KernelsDisabled)?;
+        let mapped = |l: &Linear, role: WeightName| match &l.weight {
+            LinearWeight::Native { matrix, .. } => Ok(matrix.clone()),
+            _ => Err(CandlePathReason::MatrixNotInMap {
+                role: format!("{role:?}"),
+            }),
         };
         let vector = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-        let projection = |l: &Linear| -> candle_core::Result<Option<Projection>> {
-            let Some(matrix) = mapped(l) else {
-                return Ok(None);
-            };
+        let projection = |l: &Linear, role: WeightName| -> Result<Projection, NoCpuModel> {
+            let matrix = mapped(l, role)?;
             let bias = l.bias.as_ref().map(vector).transpose()?;
-            Ok(Some(Projection { matrix, bias }))
+            Ok(Projection { matrix, bias })
         };
         let Embedding::Mapped(embedding) = &self.embedding else {
-            return Ok(self);
+            return Err(CandlePathReason::MatrixNotInMap {
+                role: format!("{:?}", WeightName::TokenEmbedding),
+            }
+            .into());
         };
-        let Some(lm_head) = mapped(&self.lm_head) else {
-            return Ok(self);
-        };
+        let lm_head = mapped(&self.lm_head, WeightName::Output)?;
         let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let role = |w: LayerWeight| WeightName::Layer(i, w);
             let qkv = match &layer.qkv {
-                QkvProjection::Separate { q, k, v } => {
-                    match (projection(q)?, projection(k)?, projection(v)?) {
-                        (Some(q), Some(k), Some(v)) => CpuQkv::Separate { q, k, v },
-                        _ => return Ok(self),
-                    }
-                }
-                QkvProjection::Fused(l) => match projection(l)? {
-                    Some(p) => CpuQkv::Fused(p),
-                    None => return Ok(self),
+                QkvProjection::Separate { q, k, v } => CpuQkv::Separate {
+                    q: projection(q, role(LayerWeight::Q))?,
+                    k: projection(k, role(LayerWeight::K))?,
+                    v: projection(v, role(LayerWeight::V))?,
                 },
+                QkvProjection::Fused(l) => CpuQkv::Fused(projection(l, role(LayerWeight::Qkv))?),
             };
             let gate_up = match &layer.gate_up {
-                GateUpProjection::Separate { gate, up } => match (mapped(gate), mapped(up)) {
-                    (Some(gate), Some(up)) => CpuGateUp::Separate { gate, up },
-                    _ => return Ok(self),
+                GateUpProjection::Separate { gate, up } => CpuGateUp::Separate {
+                    gate: mapped(gate, role(LayerWeight::Gate))?,
+                    up: mapped(up, role(LayerWeight::Up))?,
                 },
-                GateUpProjection::Fused(l) => match mapped(l) {
-                    Some(m) => CpuGateUp::Fused(m),
-                    None => return Ok(self),
-                },
+                GateUpProjection::Fused(l) => {
+                    CpuGateUp::Fused(mapped(l, role(LayerWeight::GateUp))?)
+                }
             };
-            let (Some(o), Some(down)) = (mapped(&layer.o), mapped(&layer.down)) else {
-                return Ok(self);
-            };
+            let o = mapped(&layer.o, role(LayerWeight::O))?;
+            let down = mapped(&layer.down, role(LayerWeight::Down))?;
             if layer.o.bias.is_some() {
-                return Ok(self);
+                return Err(CandlePathReason::Bias {
+                    role: format!("{:?}", role(LayerWeight::O)),
+                }
+                .into());
             }
             layers.push(CpuLayer {
                 attn_norm: vector(&layer.attn_norm.weight)?,
@@ -548,7 +878,7 @@ impl Decoder {
                 down,
             });
         }
-        self.cpu = Some(CpuModel {
+        Ok(CpuModel {
             pool,
             embedding: embedding.clone(),
             layers,
@@ -559,8 +889,13 @@ impl Decoder {
             intermediate: self.cfg.intermediate_size,
             attention: self.attention_shape(),
             buffers: Default::default(),
-        });
-        Ok(self)
+        })
+    }
+
+    /// Which path the forward takes and why, every stored tensor type's path, and the CPU
+    /// kernels' selection, as decided at load.
+    pub fn compute_path(&self) -> &ComputePath {
+        &self.compute
     }
 
     /// Where attention runs and keys and values are kept.

@@ -4,7 +4,8 @@
 //! - [`gguf`]: the GGUF reader (memory-mapped, bounds-checked).
 //! - [`weights`]: weights by role, from either format, onto a Candle device.
 //! - [`config`]: hyper-parameters and architecture flags.
-//! - [`decoder`]: the one configurable decoder and its per-sequence KV caches.
+//! - [`decoder`]: the one configurable decoder, its per-sequence KV caches, and the compute
+//!   path it decides at load ([`decoder::ComputePath`]).
 //! - [`tokenizer`], [`gguf_tokenizer`], [`detokenizer`]: text ↔ tokens.
 //! - [`chat_template`]: Jinja chat templates.
 //! - [`load`]: puts it together into a [`LoadedModel`].
@@ -17,7 +18,6 @@ pub mod decoder;
 pub mod detokenizer;
 pub mod gguf;
 pub mod gguf_tokenizer;
-pub mod gguf_writer;
 pub mod load;
 pub mod rope;
 pub mod tokenizer;

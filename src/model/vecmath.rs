@@ -1,15 +1,13 @@
 //! Element-wise vector math shared by the CPU forward: SiLU-gated products and exponentials,
 //! with the same `e^x` approximation ggml vectorizes (so activations match llama.cpp's).
 
+use crate::kernels;
+
+/// Whether the AVX2+FMA routines run: the CPU kernels' one selection decides
+/// ([`kernels::detect`]), so `LLM_WORKER_CPU_KERNELS=scalar` runs the portable code (libm's
+/// `e^x`, not ggml's approximation) here too.
 fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    kernels::detect().runs_avx2_routines()
 }
 
 /// `gate = silu(gate) * up`.

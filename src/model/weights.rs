@@ -263,17 +263,6 @@ impl WeightStore {
         }
     }
 
-    /// The weight's shape (row-major), if present.
-    pub fn shape_of(&self, name: WeightName) -> Option<Vec<usize>> {
-        let file_name = self.file_name(name)?;
-        match self {
-            Self::Gguf(f) => f.tensor_info(&file_name).map(|i| i.shape()),
-            Self::Safetensors { tensors, .. } => {
-                tensors.get(&file_name).ok().map(|v| v.shape().to_vec())
-            }
-        }
-    }
-
     /// Loads a weight if present, checking its shape. Dense (unquantized) weights are kept as
     /// `dense_dtype` says.
     pub fn load(

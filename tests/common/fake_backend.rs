@@ -101,6 +101,7 @@ impl ScriptedBackend {
                 tokenizer: tiny_tokenizer(),
                 eog_tokens: vec![EOS, IM_END].into(),
                 chat_template: None,
+                compute: None,
             },
             script,
             step_delay,

@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::gguf_writer::GgufWriter;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
 use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
-use llm_worker_rbee::model::gguf_writer::GgufWriter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -482,31 +482,38 @@ pub fn gguf_writer(
     weights: &[NamedWeight],
     quant: Option<GgmlDType>,
 ) -> GgufWriter {
+    gguf_writer_with(spec, weights, |_| quant)
+}
+
+/// [`gguf_writer`] with each matrix's type chosen by its GGUF name (F32 when `None`), e.g. one
+/// matrix of a type the CPU kernels do not read among the others.
+pub fn gguf_writer_with(
+    spec: &TinySpec,
+    weights: &[NamedWeight],
+    quant: impl Fn(&str) -> Option<GgmlDType>,
+) -> GgufWriter {
     let arch = spec.arch.gguf_arch();
     let mut w = GgufWriter::new();
-    w.metadata("general.architecture", arch.into());
-    w.metadata("general.name", "tiny".into());
+    w.metadata("general.architecture", arch);
+    w.metadata("general.name", "tiny");
     let k = |s: &str| format!("{arch}.{s}");
-    w.metadata(&k("block_count"), (spec.layers as u32).into());
-    w.metadata(&k("context_length"), (spec.context as u32).into());
-    w.metadata(&k("embedding_length"), (spec.hidden as u32).into());
-    w.metadata(&k("feed_forward_length"), (spec.intermediate as u32).into());
-    w.metadata(&k("attention.head_count"), (spec.heads as u32).into());
-    w.metadata(&k("attention.head_count_kv"), (spec.kv_heads as u32).into());
-    w.metadata(&k("attention.key_length"), (spec.head_dim as u32).into());
-    w.metadata(&k("attention.value_length"), (spec.head_dim as u32).into());
-    w.metadata(&k("rope.dimension_count"), (spec.head_dim as u32).into());
-    w.metadata(&k("rope.freq_base"), (spec.rope_theta as f32).into());
-    w.metadata(
-        &k("attention.layer_norm_rms_epsilon"),
-        (spec.eps as f32).into(),
-    );
-    w.metadata(&k("vocab_size"), (spec.vocab as u32).into());
+    w.metadata(&k("block_count"), spec.layers as u32);
+    w.metadata(&k("context_length"), spec.context as u32);
+    w.metadata(&k("embedding_length"), spec.hidden as u32);
+    w.metadata(&k("feed_forward_length"), spec.intermediate as u32);
+    w.metadata(&k("attention.head_count"), spec.heads as u32);
+    w.metadata(&k("attention.head_count_kv"), spec.kv_heads as u32);
+    w.metadata(&k("attention.key_length"), spec.head_dim as u32);
+    w.metadata(&k("attention.value_length"), spec.head_dim as u32);
+    w.metadata(&k("rope.dimension_count"), spec.head_dim as u32);
+    w.metadata(&k("rope.freq_base"), spec.rope_theta as f32);
+    w.metadata(&k("attention.layer_norm_rms_epsilon"), spec.eps as f32);
+    w.metadata(&k("vocab_size"), spec.vocab as u32);
     if let Some(sw) = spec.sliding_window {
-        w.metadata(&k("attention.sliding_window"), (sw as u32).into());
+        w.metadata(&k("attention.sliding_window"), sw as u32);
     }
-    w.metadata("tokenizer.ggml.model", "gpt2".into());
-    w.metadata("tokenizer.ggml.pre", "default".into());
+    w.metadata("tokenizer.ggml.model", "gpt2");
+    w.metadata("tokenizer.ggml.pre", "default");
     w.metadata(
         "tokenizer.ggml.tokens",
         GgufValue::Array(byte_vocab().into_iter().map(GgufValue::String).collect()),
@@ -516,12 +523,12 @@ pub fn gguf_writer(
         GgufValue::Array((0..spec.vocab).map(|_| GgufValue::I32(1)).collect()),
     );
     w.metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()));
-    w.metadata("tokenizer.ggml.bos_token_id", 1u32.into());
-    w.metadata("tokenizer.ggml.eos_token_id", 2u32.into());
-    w.metadata("tokenizer.ggml.add_bos_token", false.into());
+    w.metadata("tokenizer.ggml.bos_token_id", 1u32);
+    w.metadata("tokenizer.ggml.eos_token_id", 2u32);
+    w.metadata("tokenizer.ggml.add_bos_token", false);
     w.metadata(
         "tokenizer.chat_template",
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
     );
 
     let permute = spec.arch.gguf_arch() == "llama";
@@ -534,7 +541,7 @@ pub fn gguf_writer(
         if permute && nw.name.ends_with("k_proj.weight") {
             values = permute_for_interleaved_rope(&values, nw.shape[0], nw.shape[1], spec.kv_heads);
         }
-        match (quant, nw.shape.len()) {
+        match (quant(&name), nw.shape.len()) {
             (Some(q), 2) => {
                 let t =
                     Tensor::from_vec(values, nw.shape.as_slice(), &Device::Cpu).expect("tensor");

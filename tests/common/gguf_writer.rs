@@ -1,11 +1,12 @@
-//! GGUF writer, used by tests to build tiny models in code and by tools that convert weights.
+//! GGUF writer, used by the tests to build tiny models in code.
 //!
-//! Writes GGUF version 3 with 32-byte tensor alignment, the layout [`super::gguf`] reads.
+//! Writes GGUF version 3 with 32-byte tensor alignment, the layout the worker's
+//! `model::gguf` reader reads.
 
 use std::io::Write;
 use std::path::Path;
 
-use super::gguf::{GgmlType, GgufValue};
+use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
 
 const ALIGNMENT: usize = 32;
 
@@ -28,7 +29,8 @@ impl GgufWriter {
         Self::default()
     }
 
-    pub fn metadata(&mut self, key: &str, value: GgufValue) -> &mut Self {
+    pub fn metadata(&mut self, key: &str, value: impl MetaValue) -> &mut Self {
+        let value = value.into_value();
         // A key is unique in a GGUF: setting it again replaces its value.
         match self.metadata.iter_mut().find(|(k, _)| k == key) {
             Some((_, v)) => *v = value,
@@ -148,27 +150,44 @@ fn write_value(out: &mut Vec<u8>, v: &GgufValue) {
     }
 }
 
-/// Shorthands for building metadata in tests.
-impl From<&str> for GgufValue {
-    fn from(s: &str) -> Self {
-        GgufValue::String(s.to_string())
+/// What [`GgufWriter::metadata`] takes: a [`GgufValue`], or a plain `&str`, `String`, `u32`,
+/// `f32` or `bool` as the value of that type.
+pub trait MetaValue {
+    fn into_value(self) -> GgufValue;
+}
+
+impl MetaValue for GgufValue {
+    fn into_value(self) -> GgufValue {
+        self
     }
 }
 
-impl From<u32> for GgufValue {
-    fn from(v: u32) -> Self {
-        GgufValue::U32(v)
+impl MetaValue for &str {
+    fn into_value(self) -> GgufValue {
+        GgufValue::String(self.to_string())
     }
 }
 
-impl From<f32> for GgufValue {
-    fn from(v: f32) -> Self {
-        GgufValue::F32(v)
+impl MetaValue for String {
+    fn into_value(self) -> GgufValue {
+        GgufValue::String(self)
     }
 }
 
-impl From<bool> for GgufValue {
-    fn from(v: bool) -> Self {
-        GgufValue::Bool(v)
+impl MetaValue for u32 {
+    fn into_value(self) -> GgufValue {
+        GgufValue::U32(self)
+    }
+}
+
+impl MetaValue for f32 {
+    fn into_value(self) -> GgufValue {
+        GgufValue::F32(self)
+    }
+}
+
+impl MetaValue for bool {
+    fn into_value(self) -> GgufValue {
+        GgufValue::Bool(self)
     }
 }
