@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use crate::http::auth::fingerprint;
 use crate::jobs::JobRegistry;
 use crate::timestamp::rfc3339;
-use crate::worker_info::{Lifecycle, WorkerIdentity, WorkerInfo, WorkerStatus};
+use crate::worker_info::{WorkerIdentity, WorkerInfo, WorkerStatus};
 
 /// Appended to the hive's URL.
 pub const HEARTBEAT_PATH: &str = "/v1/worker-heartbeat";
@@ -145,39 +145,34 @@ fn redacted(url: &reqwest::Url) -> String {
     shown.to_string()
 }
 
-/// What a heartbeat describes: the worker's identity, registry and lifecycle. The registry is
-/// held weakly, so a heartbeat never keeps a dropped worker's engine alive.
+/// What a heartbeat describes: the worker's identity and its registry (which holds the
+/// worker's state). The registry is held weakly, so a heartbeat never keeps a dropped worker's
+/// engine alive.
 #[derive(Clone)]
 pub struct StatusSource {
     identity: Arc<WorkerIdentity>,
     registry: Weak<JobRegistry>,
-    lifecycle: Arc<Lifecycle>,
 }
 
 impl StatusSource {
-    pub fn new(
-        identity: Arc<WorkerIdentity>,
-        registry: &Arc<JobRegistry>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
+    pub fn new(identity: Arc<WorkerIdentity>, registry: &Arc<JobRegistry>) -> Self {
         Self {
             identity,
             registry: Arc::downgrade(registry),
-            lifecycle,
         }
     }
 
     /// `None` once the worker is gone.
     fn status(&self) -> Option<WorkerStatus> {
         let registry = self.registry.upgrade()?;
-        Some(WorkerStatus::of(&registry, &self.lifecycle))
+        Some(WorkerStatus::of(&registry))
     }
 
     /// The worker as of now; `None` once the worker is gone.
     pub fn snapshot(&self) -> Option<WorkerHeartbeat> {
         let registry = self.registry.upgrade()?;
         Some(WorkerHeartbeat {
-            worker: WorkerInfo::collect(&self.identity, &registry, &self.lifecycle),
+            worker: WorkerInfo::collect(&self.identity, &registry),
             timestamp: rfc3339(SystemTime::now()),
         })
     }

@@ -18,10 +18,11 @@ use axum::Router;
 use crate::engine::{InferenceBackend, RequestQueue, SchedulerConfig};
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, StatusSource};
 use crate::http::{self, ApiAuth, AppState};
+use crate::jobs::WorkerState;
 use crate::jobs::{JobRegistry, RegistryConfig};
 use crate::metrics::WorkerMetrics;
 use crate::model::chat_template::ChatTemplate;
-use crate::worker_info::{Lifecycle, Stage, WorkerIdentity};
+use crate::worker_info::WorkerIdentity;
 
 /// How long the engine may take to notice an abort (it finishes the step in progress).
 const ABORT_WAIT: Duration = Duration::from_secs(30);
@@ -75,7 +76,6 @@ pub struct Worker {
     model_id: Option<String>,
     router: Router,
     metrics: Arc<WorkerMetrics>,
-    lifecycle: Arc<Lifecycle>,
     heartbeat: Option<Heartbeat>,
 }
 
@@ -107,9 +107,8 @@ impl Worker {
         let state = AppState::new(registry.clone(), identity)
             .with_metrics_auth(config.metrics_auth)
             .with_chat_template(config.chat_template.clone());
-        let lifecycle = state.lifecycle.clone();
         let heartbeat = config.heartbeat.and_then(|hb| {
-            let source = StatusSource::new(state.identity.clone(), &registry, lifecycle.clone());
+            let source = StatusSource::new(state.identity.clone(), &registry);
             Heartbeat::start(hb, source)
         });
         let router = http::router(state, ApiAuth::new(config.expected_token.as_deref()));
@@ -119,7 +118,6 @@ impl Worker {
             model_id: config.model_id,
             router,
             metrics,
-            lifecycle,
             heartbeat,
         }
     }
@@ -182,7 +180,7 @@ impl Worker {
         let engine_stopped = wait_until(ABORT_WAIT, || self.registry.engine_finished()).await;
         // Nothing runs any more (or the engine is stuck and the process is about to stop
         // waiting for it): either way the worker is on its way out.
-        self.lifecycle.advance(Stage::Stopping);
+        self.registry.advance(WorkerState::Stopping);
         self.report_transition();
         ShutdownReport {
             drained,
@@ -194,7 +192,7 @@ impl Worker {
     /// (waits at most about twice the heartbeat's request timeout). Call it after the HTTP
     /// server has stopped.
     pub async fn finish(&self) {
-        self.lifecycle.advance(Stage::Stopped);
+        self.registry.advance(WorkerState::Stopped);
         if let Some(heartbeat) = &self.heartbeat {
             heartbeat.finish().await;
         }

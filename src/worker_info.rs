@@ -1,17 +1,17 @@
 //! [`WorkerInfo`]: what the worker says about itself on `GET /info` and in its heartbeat to
 //! the hive, and the [`WorkerStatus`] in it.
 //!
-//! The status is derived, never stored apart from what it describes: the registry says whether
-//! a model is served and whether the worker drains, the engine's atomics say how many slots
-//! are taken, and [`Lifecycle`] adds the two stages after the engine has stopped.
+//! The status is derived, never stored apart from what it describes: the registry's
+//! [`WorkerState`] says where the worker is in its life, and while it serves, the engine's
+//! atomics say whether every slot is taken.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::{JobRegistry, Phase};
+use crate::jobs::{JobRegistry, WorkerState};
 use crate::model::decoder::ComputePath;
 
 /// Facts fixed at startup.
@@ -63,24 +63,23 @@ pub enum WorkerStatus {
 }
 
 impl WorkerStatus {
-    pub fn of(registry: &JobRegistry, lifecycle: &Lifecycle) -> Self {
-        match lifecycle.stage() {
-            Stage::Stopped => return Self::Stopped,
-            Stage::Stopping => return Self::Stopping,
-            Stage::Running => {}
-        }
-        match (registry.phase(), registry.served()) {
-            (Phase::Draining, _) => Self::Draining,
-            (Phase::Loading, _) | (Phase::Ready, None) => Self::Starting,
-            (Phase::Ready, Some(served)) => {
-                let total = served.stats.slots_total.load(Ordering::Relaxed);
-                let busy = served.stats.running.load(Ordering::Relaxed);
-                if busy >= total || !registry.queue().is_empty() {
+    pub fn of(registry: &JobRegistry) -> Self {
+        match registry.state() {
+            WorkerState::Loading => Self::Starting,
+            WorkerState::Serving => {
+                let busy = registry.served().is_some_and(|served| {
+                    let total = served.stats.slots_total.load(Ordering::Relaxed);
+                    served.stats.running.load(Ordering::Relaxed) >= total
+                });
+                if busy || !registry.queue().is_empty() {
                     Self::Busy
                 } else {
                     Self::Ready
                 }
             }
+            WorkerState::Draining => Self::Draining,
+            WorkerState::Stopping => Self::Stopping,
+            WorkerState::Stopped => Self::Stopped,
         }
     }
 
@@ -107,36 +106,6 @@ impl WorkerStatus {
 impl Serialize for WorkerStatus {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_wire_str())
-    }
-}
-
-/// The stages after draining that only the worker itself knows (the registry stops at
-/// "draining").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    Running = 0,
-    Stopping = 1,
-    Stopped = 2,
-}
-
-/// The worker's [`Stage`]; it only moves forward.
-#[derive(Debug, Default)]
-pub struct Lifecycle {
-    stage: AtomicU8,
-}
-
-impl Lifecycle {
-    pub fn stage(&self) -> Stage {
-        match self.stage.load(Ordering::SeqCst) {
-            0 => Stage::Running,
-            1 => Stage::Stopping,
-            _ => Stage::Stopped,
-        }
-    }
-
-    /// Moves to `stage` unless the worker is already past it.
-    pub fn advance(&self, stage: Stage) {
-        self.stage.fetch_max(stage as u8, Ordering::SeqCst);
     }
 }
 
@@ -214,18 +183,14 @@ impl From<&ComputePath> for ComputeInfo {
 }
 
 impl WorkerInfo {
-    pub fn collect(
-        identity: &WorkerIdentity,
-        registry: &JobRegistry,
-        lifecycle: &Lifecycle,
-    ) -> Self {
+    pub fn collect(identity: &WorkerIdentity, registry: &JobRegistry) -> Self {
         let served = registry.served();
         Self {
             id: identity.id.clone(),
             model_id: served.map_or_else(|| identity.model_id.clone(), |s| s.model_id.clone()),
             device: served.map_or_else(|| identity.device.clone(), |s| s.meta.device.clone()),
             port: identity.port,
-            status: WorkerStatus::of(registry, lifecycle),
+            status: WorkerStatus::of(registry),
             implementation: identity.implementation.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             slots_total: served.map_or(0, |s| s.stats.slots_total.load(Ordering::Relaxed)),

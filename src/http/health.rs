@@ -51,7 +51,7 @@ pub struct Health {
 
 /// 503 `{"status":"loading"}` until the model is attached, then 200.
 pub async fn health(State(app): State<AppState>) -> Response {
-    let status = HealthStatus::from(WorkerStatus::of(&app.registry, &app.lifecycle));
+    let status = HealthStatus::from(WorkerStatus::of(&app.registry));
     let Some(served) = app.registry.served() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -71,9 +71,5 @@ pub async fn health(State(app): State<AppState>) -> Response {
 }
 
 pub async fn info(State(app): State<AppState>) -> Json<WorkerInfo> {
-    Json(WorkerInfo::collect(
-        &app.identity,
-        &app.registry,
-        &app.lifecycle,
-    ))
+    Json(WorkerInfo::collect(&app.identity, &app.registry))
 }

@@ -60,7 +60,7 @@ pub use error::{ApiError, FieldError};
 use crate::engine::RequestQueue;
 use crate::jobs::JobRegistry;
 use crate::model::chat_template::ChatTemplate;
-use crate::worker_info::{Lifecycle, WorkerIdentity};
+use crate::worker_info::WorkerIdentity;
 
 /// What every handler sees.
 #[derive(Clone)]
@@ -70,8 +70,6 @@ pub struct AppState {
     /// How often an idle SSE stream sends a comment (keeps proxies open and lets a vanished
     /// client be noticed well within the detach grace).
     pub keep_alive: Duration,
-    /// The stages after draining (`stopping`, `stopped`), for `/info`.
-    pub lifecycle: Arc<Lifecycle>,
     /// `/metrics` requires the API token too.
     pub metrics_auth: bool,
     /// `--chat-template`: renders OpenAI chat requests instead of the model's own template.
@@ -86,7 +84,6 @@ impl AppState {
             registry,
             identity: Arc::new(identity),
             keep_alive,
-            lifecycle: Arc::new(Lifecycle::default()),
             metrics_auth: false,
             chat_template: None,
         }

@@ -21,7 +21,7 @@ use futures_util::Stream;
 use super::AppState;
 use super::error::ApiError;
 use crate::engine::EngineEvent;
-use crate::jobs::{JobFollower, JobRecord, Phase, ServedModel, Submission, Timeline};
+use crate::jobs::{JobFollower, JobRecord, ServedModel, Submission, Timeline, WorkerState};
 use crate::model::tokenizer::TextTokenizer;
 
 /// Inputs larger than this (bytes) are templated and tokenized on the blocking pool, so a big
@@ -30,10 +30,10 @@ pub const INLINE_WORK_BYTES: usize = 2048;
 
 /// The served model, or the 503 that says why there is none.
 pub fn served(app: &AppState) -> Result<&ServedModel, ApiError> {
-    match (app.registry.phase(), app.registry.served()) {
-        (Phase::Draining, _) => Err(ApiError::Draining),
-        (Phase::Ready, Some(served)) => Ok(served),
-        _ => Err(ApiError::Loading),
+    match (app.registry.state(), app.registry.served()) {
+        (WorkerState::Loading, _) | (_, None) => Err(ApiError::Loading),
+        (WorkerState::Serving, Some(served)) => Ok(served),
+        _ => Err(ApiError::Draining),
     }
 }
 

@@ -16,6 +16,6 @@ pub use crate::metrics::JobApi;
 pub use follow::JobFollower;
 pub use record::{Attachment, JobRecord, JobSnapshot, JobState, LoggedEvent, Timeline};
 pub use registry::{
-    JobNotFound, JobRegistry, Phase, RegistryConfig, ServedModel, Submission, SubmitError,
+    JobNotFound, JobRegistry, RegistryConfig, ServedModel, Submission, SubmitError, WorkerState,
     new_job_id,
 };

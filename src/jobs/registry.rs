@@ -16,7 +16,7 @@
 //! job's front door, [`JobApi`]) and counts the submissions it refuses.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -55,25 +55,36 @@ pub struct ServedModel {
     pub model_id: String,
     pub meta: ModelMeta,
     pub stats: Arc<EngineStats>,
-    /// `None` after the engine has been taken for joining.
-    engine: Mutex<Option<GenerationEngine>>,
+    engine: GenerationEngine,
 }
 
-impl ServedModel {
-    fn with_engine<R>(&self, f: impl FnOnce(&GenerationEngine) -> R) -> Option<R> {
-        let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
-        engine.as_ref().map(f)
+/// Where the worker is in its life: the one state that `/health`, `/info`, the heartbeat and
+/// admission all read. It only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum WorkerState {
+    /// Listening; no model is attached yet.
+    Loading = 0,
+    /// A model is served; jobs are admitted.
+    Serving = 1,
+    /// Stop requested: no new jobs, the ones in flight finish (or are cancelled).
+    Draining = 2,
+    /// Every job has ended and the engine has stopped; the HTTP server is closing.
+    Stopping = 3,
+    /// The worker is about to exit.
+    Stopped = 4,
+}
+
+impl WorkerState {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Loading,
+            1 => Self::Serving,
+            2 => Self::Draining,
+            3 => Self::Stopping,
+            _ => Self::Stopped,
+        }
     }
-}
-
-/// Where the worker is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// The model is not attached yet.
-    Loading,
-    Ready,
-    /// No new jobs; the ones in flight finish.
-    Draining,
 }
 
 /// A validated request ready to be queued: what every API parses its JSON into. Its
@@ -112,7 +123,7 @@ pub struct JobRegistry {
     config: RegistryConfig,
     jobs: Mutex<HashMap<String, Arc<JobRecord>>>,
     served: OnceLock<ServedModel>,
-    draining: AtomicBool,
+    state: AtomicU8,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -137,7 +148,7 @@ impl JobRegistry {
             config,
             jobs: Mutex::new(HashMap::new()),
             served: OnceLock::new(),
-            draining: AtomicBool::new(false),
+            state: AtomicU8::new(WorkerState::Loading as u8),
             metrics,
         });
         spawn_reaper(Arc::downgrade(&registry), reaper_tick(config.detach_grace));
@@ -174,32 +185,33 @@ impl JobRegistry {
         }
         let meta = backend.meta().clone();
         let engine = GenerationEngine::start(backend, self.queue.clone(), scheduler)?;
-        if self.draining.load(Ordering::SeqCst) {
+        if self.state() >= WorkerState::Draining {
             engine.drain();
         }
         let served = ServedModel {
             model_id: model_id.unwrap_or_else(|| meta.name.clone()),
             meta,
             stats: engine.stats().clone(),
-            engine: Mutex::new(Some(engine)),
+            engine,
         };
         self.served
             .set(served)
-            .map_err(|_| std::io::Error::other("a model is already being served"))
+            .map_err(|_| std::io::Error::other("a model is already being served"))?;
+        self.advance(WorkerState::Serving);
+        Ok(())
     }
 
     pub fn served(&self) -> Option<&ServedModel> {
         self.served.get()
     }
 
-    pub fn phase(&self) -> Phase {
-        if self.draining.load(Ordering::SeqCst) {
-            Phase::Draining
-        } else if self.served.get().is_some() {
-            Phase::Ready
-        } else {
-            Phase::Loading
-        }
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// Moves to `state` unless the worker is already past it.
+    pub fn advance(&self, state: WorkerState) {
+        self.state.fetch_max(state as u8, Ordering::SeqCst);
     }
 
     /// Registers a job and queues it; returns its record and queue position. Never waits: a
@@ -217,7 +229,7 @@ impl JobRegistry {
         let Some(served) = self.served.get() else {
             return Err(SubmitError::Loading);
         };
-        if self.draining.load(Ordering::SeqCst) {
+        if self.state() >= WorkerState::Draining {
             return Err(SubmitError::Draining);
         }
         let busy = || SubmitError::Busy {
@@ -310,10 +322,10 @@ impl JobRegistry {
 
     /// Stops admitting jobs: the queue closes, queued and running jobs still finish.
     pub fn begin_drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.advance(WorkerState::Draining);
         match self.served.get() {
             Some(served) => {
-                served.with_engine(GenerationEngine::drain);
+                served.engine.drain();
             }
             None => self.queue.close(),
         }
@@ -324,10 +336,10 @@ impl JobRegistry {
     /// (a long prompt chunk can take seconds): a caller that kills the process shortly after
     /// its SIGTERM (the hive waits 2 s) must not cut a stream before its end.
     pub fn abort(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.advance(WorkerState::Draining);
         match self.served.get() {
             Some(served) => {
-                served.with_engine(GenerationEngine::abort);
+                served.engine.abort();
             }
             None => {
                 self.queue.close();
@@ -349,10 +361,7 @@ impl JobRegistry {
 
     /// True once the engine thread has exited (or was never started).
     pub fn engine_finished(&self) -> bool {
-        self.served
-            .get()
-            .and_then(|s| s.with_engine(GenerationEngine::is_finished))
-            .unwrap_or(true)
+        self.served.get().is_none_or(|s| s.engine.is_finished())
     }
 }
 

@@ -1305,11 +1305,3 @@ impl Decoder {
         self.cfg.vocab_size
     }
 }
-
-/// Log-softmax of one row of logits, in f64 for a stable sum.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    let log_sum = sum.ln() as f32;
-    logits.iter().map(|&l| l - max - log_sum).collect()
-}
