@@ -19,51 +19,60 @@ use crate::jobs::ServedModel;
 /// The most alternatives a token's log-probabilities may list.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
-/// A number field's allowed range and the message that states it.
+/// A number field's allowed range: `min..=max`, or `min` excluded when `above_min`.
 #[derive(Debug, Clone, Copy)]
 pub struct NumberRule {
     pub field: &'static str,
-    pub allows: fn(f64) -> bool,
-    pub message: &'static str,
+    pub min: f64,
+    pub max: f64,
+    pub above_min: bool,
 }
 
-pub const TEMPERATURE: NumberRule = NumberRule {
-    field: "temperature",
-    allows: |t| (0.0..=2.0).contains(&t),
-    message: "must be between 0 and 2",
-};
+impl NumberRule {
+    const fn between(field: &'static str, min: f64, max: f64) -> Self {
+        Self {
+            field,
+            min,
+            max,
+            above_min: false,
+        }
+    }
+
+    const fn above(field: &'static str, min: f64, max: f64) -> Self {
+        Self {
+            above_min: true,
+            ..Self::between(field, min, max)
+        }
+    }
+
+    pub fn allows(&self, x: f64) -> bool {
+        let low = if self.above_min {
+            x > self.min
+        } else {
+            x >= self.min
+        };
+        low && x <= self.max
+    }
+
+    /// The rule in words ("must be between 0 and 2").
+    pub fn message(&self) -> String {
+        if self.above_min {
+            format!("must be greater than {} and at most {}", self.min, self.max)
+        } else {
+            format!("must be between {} and {}", self.min, self.max)
+        }
+    }
+}
+
+pub const TEMPERATURE: NumberRule = NumberRule::between("temperature", 0.0, 2.0);
 /// OpenAI's `top_p`.
-pub const TOP_P: NumberRule = NumberRule {
-    field: "top_p",
-    allows: |p| (0.0..=1.0).contains(&p),
-    message: "must be between 0 and 1",
-};
+pub const TOP_P: NumberRule = NumberRule::between("top_p", 0.0, 1.0);
 /// The job API's `top_p`: 0 is refused.
-pub const TOP_P_ABOVE_ZERO: NumberRule = NumberRule {
-    field: "top_p",
-    allows: |p| p > 0.0 && p <= 1.0,
-    message: "must be greater than 0 and at most 1",
-};
-pub const MIN_P: NumberRule = NumberRule {
-    field: "min_p",
-    allows: |p| (0.0..=1.0).contains(&p),
-    message: "must be between 0 and 1",
-};
-pub const REPETITION_PENALTY: NumberRule = NumberRule {
-    field: "repetition_penalty",
-    allows: |p| p > 0.0 && p <= 2.0,
-    message: "must be greater than 0 and at most 2",
-};
-pub const PRESENCE_PENALTY: NumberRule = NumberRule {
-    field: "presence_penalty",
-    allows: |p| (-2.0..=2.0).contains(&p),
-    message: "must be between -2 and 2",
-};
-pub const FREQUENCY_PENALTY: NumberRule = NumberRule {
-    field: "frequency_penalty",
-    allows: |p| (-2.0..=2.0).contains(&p),
-    message: "must be between -2 and 2",
-};
+pub const TOP_P_ABOVE_ZERO: NumberRule = NumberRule::above("top_p", 0.0, 1.0);
+pub const MIN_P: NumberRule = NumberRule::between("min_p", 0.0, 1.0);
+pub const REPETITION_PENALTY: NumberRule = NumberRule::above("repetition_penalty", 0.0, 2.0);
+pub const PRESENCE_PENALTY: NumberRule = NumberRule::between("presence_penalty", -2.0, 2.0);
+pub const FREQUENCY_PENALTY: NumberRule = NumberRule::between("frequency_penalty", -2.0, 2.0);
 
 /// What a request is checked against: the served model's name, vocabulary and context.
 #[derive(Debug, Clone, Copy)]
@@ -206,10 +215,10 @@ impl<'a> Fields<'a> {
     /// The number `rule` names, if present and within its range, as `f32`.
     pub fn ranged(&mut self, rule: &NumberRule) -> Option<f32> {
         let n = self.number(rule.field)?;
-        if (rule.allows)(n) {
+        if rule.allows(n) {
             Some(n as f32)
         } else {
-            self.fail(rule.field, rule.message);
+            self.fail(rule.field, rule.message());
             None
         }
     }
@@ -348,12 +357,18 @@ mod tests {
 
     #[test]
     fn ranges_include_their_ends_unless_open() {
-        let allows = |rule: NumberRule, x: f64| (rule.allows)(x);
+        let allows = |rule: NumberRule, x: f64| rule.allows(x);
         assert!(allows(TEMPERATURE, 0.0) && allows(TEMPERATURE, 2.0));
         assert!(!allows(TEMPERATURE, -0.1) && !allows(TEMPERATURE, 2.1));
         assert!(allows(TOP_P, 0.0) && allows(TOP_P, 1.0));
         assert!(!allows(TOP_P_ABOVE_ZERO, 0.0) && allows(TOP_P_ABOVE_ZERO, 1.0));
         assert!(!allows(REPETITION_PENALTY, 0.0) && allows(REPETITION_PENALTY, 2.0));
         assert!(allows(PRESENCE_PENALTY, -2.0) && !allows(FREQUENCY_PENALTY, 2.5));
+        assert_eq!(TEMPERATURE.message(), "must be between 0 and 2");
+        assert_eq!(PRESENCE_PENALTY.message(), "must be between -2 and 2");
+        assert_eq!(
+            TOP_P_ABOVE_ZERO.message(),
+            "must be greater than 0 and at most 1"
+        );
     }
 }
