@@ -138,6 +138,20 @@ pub struct WorkerArgs {
     )]
     pub hive_token: Option<String>,
 
+    /// Open connections at most; one more is answered 503 (Retry-After) and closed at once.
+    #[arg(long, env = "LLM_WORKER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// A request's headers must arrive within this; a connection waiting for its first or, on
+    /// keep-alive, its next request is closed after it too.
+    #[arg(long, env = "LLM_WORKER_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_interval)]
+    pub header_timeout: Duration,
+
+    /// A request body that sends nothing for this long fails and its connection is closed.
+    /// Responses (SSE streams included) are never timed.
+    #[arg(long, env = "LLM_WORKER_BODY_TIMEOUT", default_value = "30s", value_parser = parse_interval)]
+    pub body_timeout: Duration,
+
     /// Require the API token on GET /metrics too (by default it is public, like /health).
     #[arg(long, env = "LLM_WORKER_METRICS_AUTH")]
     pub metrics_auth: bool,

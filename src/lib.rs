@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod generation;
 pub mod heartbeat;

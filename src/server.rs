@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::backend::CandleInferenceBackend;
 use crate::config::{ServerSettings, WorkerArgs};
+use crate::connections::ConnectionLimits;
 use crate::engine::SchedulerConfig;
 use crate::jobs::RegistryConfig;
 use crate::model::LoadOptions;
@@ -165,17 +166,17 @@ async fn serve(
     }
 
     let (stop_server, server_stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn({
-        let router = worker.router();
-        let mut stopped = server_stopped.clone();
-        async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-        }
-    });
+    let limits = ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
+    };
+    let server = tokio::spawn(crate::connections::serve(
+        listener,
+        worker.router(),
+        limits,
+        server_stopped,
+    ));
     tracing::info!(worker_id = %worker_id(&args), "listening on http://{addr}");
 
     let load_args = args.clone();
