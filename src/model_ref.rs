@@ -82,6 +82,8 @@ pub enum ModelRefError {
         "--model {given}: no such file or directory, and not a model reference (ORG/NAME[:QUANT])"
     )]
     NotFound { given: String },
+    #[error("--model {given}: not a regular file or a directory")]
+    NotAModel { given: String },
     #[error("--model {reference}: model reference not found on this machine; looked in:{}", looked_list(.looked))]
     Unresolved {
         reference: String,
@@ -135,7 +137,13 @@ pub fn resolve(model: Option<&Path>, stores: &ModelStores) -> Result<ModelSource
     if model.as_os_str().is_empty() {
         return Ok(ModelSource::Default);
     }
-    if model.exists() {
+    if let Ok(meta) = std::fs::metadata(model) {
+        // A FIFO, a device or a socket would leave the loader waiting or reading forever.
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(ModelRefError::NotAModel {
+                given: model.display().to_string(),
+            });
+        }
         return Ok(ModelSource::Path(model.to_path_buf()));
     }
     let given = model.to_string_lossy().into_owned();
@@ -408,6 +416,8 @@ mod tests {
         );
         let err = resolve_str("/no/such/model.gguf", &tmp.stores()).unwrap_err();
         assert!(matches!(err, ModelRefError::NotFound { .. }), "{err}");
+        let err = resolve_str("/dev/zero", &tmp.stores()).unwrap_err();
+        assert!(matches!(err, ModelRefError::NotAModel { .. }), "{err}");
     }
 
     #[test]

@@ -45,8 +45,13 @@ impl ApiAuth {
         let Some(expected) = &self.expected else {
             return Ok(());
         };
-        let presented = headers
-            .get(header::AUTHORIZATION)
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            // Which of several would count is a proxy's or a client's guess: refuse them all.
+            return Err(ApiError::InvalidApiKey);
+        }
+        let presented = first
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
             .ok_or(ApiError::MissingApiKey)?;
@@ -111,6 +116,22 @@ mod tests {
             h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn more_than_one_authorization_header_is_refused_whatever_the_order() {
+        let auth = ApiAuth::new(Some("s3cret"));
+        for pair in [
+            ["Bearer s3cret", "Bearer wrong"],
+            ["Bearer wrong", "Bearer s3cret"],
+        ] {
+            let mut h = HeaderMap::new();
+            for v in pair {
+                h.append(header::AUTHORIZATION, HeaderValue::from_static(v));
+            }
+            let got = auth.check(&h).map_err(|e| e.code());
+            assert_eq!(got, Err("INVALID_API_KEY"), "{pair:?}");
+        }
     }
 
     #[test]
