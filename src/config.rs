@@ -181,6 +181,8 @@ pub enum ConfigError {
     TokenFile { path: PathBuf, message: String },
     #[error("the API token (from {source_name}) is empty")]
     EmptyToken { source_name: String },
+    #[error("the token from {source_name} {reason}: a client could never present it as sent")]
+    UnusableToken { source_name: String, reason: String },
     #[error("cannot fetch the default model: {0}")]
     FetchModel(String),
     #[error("--chat-template {path}: {message}")]
@@ -233,6 +235,7 @@ impl WorkerArgs {
                     source_name: "--hive-token".into(),
                 });
             }
+            check_token(token, "--hive-token", 1)?;
             config.token = Some(token.to_string());
         }
         Ok(Some(config))
@@ -253,6 +256,7 @@ impl WorkerArgs {
         if token.is_empty() {
             return Err(ConfigError::EmptyToken { source_name });
         }
+        check_token(&token, &source_name, MIN_API_TOKEN_CHARS)?;
         Ok(Some(token))
     }
 
@@ -307,6 +311,28 @@ impl ModelSource {
             Self::Path(path) | Self::Reference { path, .. } => Ok(path.clone()),
             Self::Default => fetch_default_model(),
         }
+    }
+}
+
+/// Shorter API tokens are refused: they can be guessed.
+pub const MIN_API_TOKEN_CHARS: usize = 8;
+
+/// A bearer token must travel in a header as it is: printable ASCII without spaces (anything
+/// else would be refused or altered on the way, so every request would be turned away).
+fn check_token(token: &str, source_name: &str, min_chars: usize) -> Result<(), ConfigError> {
+    let reason = if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("holds characters other than printable ASCII (or a space)".to_string())
+    } else if token.len() < min_chars {
+        Some(format!("is shorter than {min_chars} characters"))
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ConfigError::UnusableToken {
+            source_name: source_name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -422,7 +448,7 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("LLORCH_API_TOKEN"), "{message}");
         assert!(
-            args(&["--host", "0.0.0.0", "--api-token", "t"])
+            args(&["--host", "0.0.0.0", "--api-token", "t0ken-long"])
                 .settings()
                 .is_ok()
         );
@@ -448,6 +474,22 @@ mod tests {
         std::fs::write(&dir, "\n").unwrap();
         assert!(matches!(a.settings(), Err(ConfigError::EmptyToken { .. })));
         let _ = std::fs::remove_file(dir);
+    }
+
+    #[test]
+    fn tokens_that_cannot_be_presented_are_refused_at_start() {
+        for bad in ["pässwort-long", "two words here", "short"] {
+            let err = args(&["--api-token", bad]).settings().unwrap_err();
+            assert!(
+                matches!(err, ConfigError::UnusableToken { .. }),
+                "{bad}: {err}"
+            );
+        }
+        assert!(args(&["--api-token", " padded-token\n"]).settings().is_ok());
+        let err = args(&["--hive-url", "http://h", "--hive-token", "hïve"])
+            .settings()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::UnusableToken { .. }), "{err}");
     }
 
     #[test]
