@@ -205,6 +205,90 @@ async fn unknown_jobs_and_routes_are_404() {
 }
 
 #[tokio::test]
+async fn path_and_last_event_id_edges_are_json_400s() {
+    let w = TestWorker::start(setup()).await;
+    // A job id that is not UTF-8 once decoded: the JSON error shape, not axum's text.
+    let r = w
+        .http
+        .get(format!("{}/v1/jobs/%ff%fe", w.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{v}");
+
+    let id = w.create(infer("a", 3)).await;
+    let events = w.stream(&id, None).await.collect(WAIT).await;
+    let last = events.iter().filter_map(|e| e.id).max().unwrap();
+    let stream_with = |value: &'static [u8]| {
+        w.http
+            .get(format!("{}/v1/jobs/{id}/stream", w.base))
+            .header(
+                "Last-Event-ID",
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            )
+            .send()
+    };
+    // Not ASCII, not a number, past the end: each a 400 naming the header.
+    for value in [&b"\xc3\xa9"[..], b"garbage", b"999999"] {
+        let r = stream_with(value).await.unwrap();
+        assert_eq!(r.status(), 400, "{value:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["details"][0]["field"], "Last-Event-ID", "{v}");
+    }
+    // The last event's own id is valid: only the sentinel is left.
+    let r = w
+        .http
+        .get(format!("{}/v1/jobs/{id}/stream", w.base))
+        .header("Last-Event-ID", last.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn context_errors_name_where_max_tokens_came_from() {
+    let w = TestWorker::start(setup()).await;
+    let prompt = "a".repeat(CONTEXT - 100);
+    let r = w
+        .post("/v1/jobs", &json!({"operation": "infer", "prompt": prompt}))
+        .await;
+    let v = expect_error(r, 400, "INVALID_REQUEST").await;
+    let message = v["error"]["details"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("max_tokens was not sent"), "{message}");
+    let r = w
+        .post(
+            "/v1/jobs",
+            &json!({"operation": "infer", "prompt": prompt, "max_tokens": 200}),
+        )
+        .await;
+    let v = expect_error(r, 400, "INVALID_REQUEST").await;
+    let message = v["error"]["details"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!message.contains("not sent"), "{message}");
+    assert!(message.contains("max_tokens (200)"), "{message}");
+    // OpenAI: a count past i64 is too many, not "not an integer".
+    let r = w
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "hi", "max_tokens": 18446744073709551615u64}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("integer"), "{message}");
+}
+
+#[tokio::test]
 async fn auth_header_table() {
     let token = "s3cret-token";
     let w = TestWorker::start(Setup {

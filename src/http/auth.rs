@@ -4,7 +4,9 @@
 //! digests are compared in constant time, so neither the token's contents nor its length leak
 //! through timing. Logs only ever see [`fingerprint`]s.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
@@ -19,6 +21,31 @@ use super::error::ApiError;
 #[derive(Clone)]
 pub struct ApiAuth {
     expected: Option<[u8; 32]>,
+    /// Wrong-key warnings are logged at most once per [`WARN_EVERY`], so a client hammering
+    /// with a bad key cannot flood the log.
+    warnings: Arc<RateLimit>,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// When a warning was last written, and how many were held back since.
+#[derive(Default)]
+struct RateLimit {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    /// `Some(held back since the last one)` when a warning may be written now.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < WARN_EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
 }
 
 impl std::fmt::Debug for ApiAuth {
@@ -33,6 +60,7 @@ impl ApiAuth {
     pub fn new(expected_token: Option<&str>) -> Self {
         Self {
             expected: expected_token.map(digest),
+            warnings: Arc::default(),
         }
     }
 
@@ -58,10 +86,13 @@ impl ApiAuth {
         if constant_time_eq(&digest(presented), expected) {
             Ok(())
         } else {
-            tracing::warn!(
-                presented = %fingerprint(presented),
-                "rejected a request with an invalid API key"
-            );
+            if let Some(held_back) = self.warnings.admit(Instant::now()) {
+                tracing::warn!(
+                    presented = %fingerprint(presented),
+                    held_back,
+                    "rejected a request with an invalid API key"
+                );
+            }
             Err(ApiError::InvalidApiKey)
         }
     }
@@ -132,6 +163,16 @@ mod tests {
             let got = auth.check(&h).map_err(|e| e.code());
             assert_eq!(got, Err("INVALID_API_KEY"), "{pair:?}");
         }
+    }
+
+    #[test]
+    fn wrong_key_warnings_are_rate_limited() {
+        let limit = RateLimit::default();
+        let t0 = Instant::now();
+        assert_eq!(limit.admit(t0), Some(0));
+        assert_eq!(limit.admit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.admit(t0 + Duration::from_secs(2)), None);
+        assert_eq!(limit.admit(t0 + WARN_EVERY), Some(2));
     }
 
     #[test]

@@ -158,21 +158,24 @@ impl<'a> Fields<'a> {
         self.errors.push(FieldError::unsupported(name, message));
     }
 
-    /// An integer, or `None` (a broken rule recorded unless absent). The job API reads
-    /// integers beyond `i64` as `i64::MAX` (a huge count, which the range rules treat as "too
-    /// many"); OpenAI also takes a float with no fraction, such as `5.0`.
+    /// An integer, or `None` (a broken rule recorded unless absent). Integers beyond `i64` read
+    /// as `i64::MAX` (a huge count, which the range rules treat as "too many"); OpenAI also
+    /// takes a float with no fraction, such as `5.0`.
     pub fn int(&mut self, name: &str) -> Option<i64> {
         let value = self.get(name)?;
         let n = match self.dialect {
             Dialect::Job => value
                 .as_i64()
                 .or_else(|| value.is_u64().then_some(i64::MAX)),
-            Dialect::OpenAi => value.as_i64().or_else(|| {
-                value
-                    .as_f64()
-                    .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
-                    .map(|x| x as i64)
-            }),
+            Dialect::OpenAi => value
+                .as_i64()
+                .or_else(|| value.is_u64().then_some(i64::MAX))
+                .or_else(|| {
+                    value
+                        .as_f64()
+                        .filter(|x| x.fract() == 0.0 && x.abs() < 9.0e15)
+                        .map(|x| x as i64)
+                }),
         };
         if n.is_none() {
             self.fail(name, "must be an integer");

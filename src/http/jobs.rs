@@ -1,7 +1,8 @@
 //! The rbee job routes: create, stream, status and cancel.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Serialize;
@@ -12,7 +13,7 @@ use super::error::{ApiError, FieldError};
 use super::fields::Rules;
 use super::pipeline;
 use super::sse::{StreamContext, job_event_stream};
-use super::validation::{JobRules, parse_job_request};
+use super::validation::{DEFAULT_MAX_TOKENS, JobRules, parse_job_request};
 use crate::engine::CancelReason;
 use crate::generation::fit_max_tokens;
 use crate::jobs::{JobApi, JobState, Submission};
@@ -91,7 +92,14 @@ async fn create(
                 let fit =
                     fit_max_tokens(tokens.len(), Some(draft.params.max_tokens), context_length);
                 if let Err(e) = fit {
-                    errors.push(FieldError::new("prompt", e.to_string()));
+                    let mut message = e.to_string();
+                    if !body.contains_key("max_tokens") {
+                        // Say where the number came from: the client never sent it.
+                        message.push_str(&format!(
+                            " (max_tokens was not sent; it defaults to {DEFAULT_MAX_TOKENS})"
+                        ));
+                    }
+                    errors.push(FieldError::new("prompt", message));
                 }
                 prompt_tokens = tokens;
             }
@@ -119,7 +127,7 @@ async fn create(
 
 pub async fn job_status(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobStatus>, ApiError> {
     let record = app
         .registry
@@ -144,7 +152,7 @@ pub async fn job_status(
 
 pub async fn cancel_job(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
 ) -> Result<StatusCode, ApiError> {
     app.registry.cancel(&id, CancelReason::Client)?;
     Ok(StatusCode::NO_CONTENT)
@@ -152,7 +160,7 @@ pub async fn cancel_job(
 
 pub async fn stream_job(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     stream(&app, id, &headers, Door::Jobs)
@@ -160,7 +168,7 @@ pub async fn stream_job(
 
 pub async fn stream_inference(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     stream(&app, id, &headers, Door::Inference)
@@ -177,6 +185,12 @@ fn stream(
         .registry
         .get(&id)
         .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
+    let newest = record.newest_event_id();
+    if after > newest {
+        return Err(bad_last_event_id(&format!(
+            "{after} is past the last event of this stream ({newest})"
+        )));
+    }
     let served = app
         .registry
         .served()
@@ -193,19 +207,43 @@ fn stream(
     ))
 }
 
-/// `Last-Event-ID` as a log id; absent means "from the start".
+/// `Last-Event-ID` as a log id; absent (or empty) means "from the start". Anything else that
+/// is not an event id of the stream is a 400 saying so, whatever it is.
 fn last_event_id(headers: &HeaderMap) -> Result<u64, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(0);
     };
-    let text = value.to_str().unwrap_or("").trim();
+    let Ok(text) = value.to_str() else {
+        return Err(bad_last_event_id(
+            "is not an event id of this stream (not ASCII)",
+        ));
+    };
+    let text = text.trim();
     if text.is_empty() {
         return Ok(0);
     }
-    text.parse().map_err(|_| {
-        ApiError::invalid(vec![FieldError::new(
-            "Last-Event-ID",
-            format!("`{text}` is not an event id of this stream"),
-        )])
-    })
+    text.parse()
+        .map_err(|_| bad_last_event_id(&format!("`{text}` is not an event id of this stream")))
+}
+
+fn bad_last_event_id(message: &str) -> ApiError {
+    ApiError::invalid(vec![FieldError::new("Last-Event-ID", message)])
+}
+
+/// The `{id}` of a job route; one that is not valid UTF-8 once percent-decoded is a 400 in
+/// the API's JSON shape rather than axum's plain-text rejection.
+pub struct JobIdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(rejection) => Err(ApiError::invalid(vec![FieldError::new(
+                "job_id",
+                format!("is not a job id: {}", rejection.body_text()),
+            )])),
+        }
+    }
 }

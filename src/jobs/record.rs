@@ -255,6 +255,11 @@ impl JobRecord {
         log.events.last().filter(|(_, e)| e.is_terminal()).cloned()
     }
 
+    /// The id of the newest event logged (0: none yet).
+    pub fn newest_event_id(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
     /// A receiver that sees a change whenever an event is appended.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
