@@ -84,6 +84,8 @@ pub enum ModelRefError {
     NotFound { given: String },
     #[error("--model {given}: not a regular file or a directory")]
     NotAModel { given: String },
+    #[error("--model {given}: {message}")]
+    Unreadable { given: String, message: String },
     #[error("--model {reference}: model reference not found on this machine; looked in:{}", looked_list(.looked))]
     Unresolved {
         reference: String,
@@ -137,14 +139,22 @@ pub fn resolve(model: Option<&Path>, stores: &ModelStores) -> Result<ModelSource
     if model.as_os_str().is_empty() {
         return Ok(ModelSource::Default);
     }
-    if let Ok(meta) = std::fs::metadata(model) {
+    match std::fs::metadata(model) {
         // A FIFO, a device or a socket would leave the loader waiting or reading forever.
-        if !meta.is_file() && !meta.is_dir() {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
             return Err(ModelRefError::NotAModel {
                 given: model.display().to_string(),
             });
         }
-        return Ok(ModelSource::Path(model.to_path_buf()));
+        Ok(_) => return Ok(ModelSource::Path(model.to_path_buf())),
+        // There, but unreadable (permissions, a symlink loop): say so, not "not found".
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ModelRefError::Unreadable {
+                given: model.display().to_string(),
+                message: e.to_string(),
+            });
+        }
+        Err(_) => {}
     }
     let given = model.to_string_lossy().into_owned();
     let Some(reference) = parse_reference(&given) else {
@@ -418,6 +428,10 @@ mod tests {
         assert!(matches!(err, ModelRefError::NotFound { .. }), "{err}");
         let err = resolve_str("/dev/zero", &tmp.stores()).unwrap_err();
         assert!(matches!(err, ModelRefError::NotAModel { .. }), "{err}");
+        let looped = tmp.0.join("loop.gguf");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let err = resolve(Some(&looped), &tmp.stores()).unwrap_err();
+        assert!(matches!(err, ModelRefError::Unreadable { .. }), "{err}");
     }
 
     #[test]
