@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::heartbeat::{HeartbeatConfig, HiveUrlError};
+use crate::http::auth::ApiKey;
 use crate::logging::LogFormat;
 use crate::model::chat_template::ChatTemplate;
 use crate::model_ref::{self, ModelRefError, ModelSource, ModelStores};
@@ -94,8 +95,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: Option<u64>,
 
-    /// File holding the API token (its whitespace trimmed). Takes precedence over
-    /// LLORCH_API_TOKEN.
+    /// File holding the API keys, one per line: `TOKEN` or `NAME TOKEN` (blank lines and `#`
+    /// comments skipped). A job belongs to the key that created it; other keys are told it does
+    /// not exist. Takes precedence over LLORCH_API_TOKEN.
     #[arg(long, env = "LLM_WORKER_API_TOKEN_FILE", value_name = "PATH")]
     pub api_token_file: Option<PathBuf>,
 
@@ -179,6 +181,8 @@ pub enum ConfigError {
     BadHost { host: String },
     #[error("cannot read the API token file {path}: {message}")]
     TokenFile { path: PathBuf, message: String },
+    #[error("{at}: the key {name} or its token is already listed")]
+    DuplicateKey { at: String, name: String },
     #[error("the API token (from {source_name}) is empty")]
     EmptyToken { source_name: String },
     #[error("the token from {source_name} {reason}: a client could never present it as sent")]
@@ -197,7 +201,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub bind: SocketAddr,
-    pub api_token: Option<String>,
+    /// The API keys clients must present one of (none: authentication off).
+    pub api_keys: Vec<ApiKey>,
     /// Set when `--hive-url` is given.
     pub heartbeat: Option<HeartbeatConfig>,
     /// `--model`, resolved (a reference to the file it names).
@@ -207,16 +212,16 @@ pub struct ServerSettings {
 impl WorkerArgs {
     /// Checks the listening address against the token and reads the token.
     pub fn settings(&self) -> Result<ServerSettings, ConfigError> {
-        let api_token = self.api_token()?;
+        let api_keys = self.api_keys()?;
         let ip = parse_host(&self.host)?;
-        if !ip.is_loopback() && api_token.is_none() {
+        if !ip.is_loopback() && api_keys.is_empty() {
             return Err(ConfigError::NoTokenForPublicHost {
                 host: self.host.clone(),
             });
         }
         Ok(ServerSettings {
             bind: SocketAddr::new(ip, self.port),
-            api_token,
+            api_keys,
             heartbeat: self.heartbeat()?,
             model: model_ref::resolve(self.model.as_deref(), &ModelStores::from_env())?,
         })
@@ -241,23 +246,52 @@ impl WorkerArgs {
         Ok(Some(config))
     }
 
-    fn api_token(&self) -> Result<Option<String>, ConfigError> {
-        let (token, source_name) = match (&self.api_token_file, &self.api_token) {
-            (Some(path), _) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::TokenFile {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                (text.trim().to_string(), path.display().to_string())
+    /// The API keys: `--api-token-file` (one key per line, `TOKEN` or `NAME TOKEN`; blank
+    /// lines and `#` comments skipped; unnamed keys are `default`, then `key2`, `key3`, …), else
+    /// `LLORCH_API_TOKEN` (one key, `default`), else none.
+    fn api_keys(&self) -> Result<Vec<ApiKey>, ConfigError> {
+        let path = match (&self.api_token_file, &self.api_token) {
+            (Some(path), _) => path,
+            (None, Some(token)) => {
+                let token = token.trim();
+                let source_name = "LLORCH_API_TOKEN";
+                if token.is_empty() {
+                    return Err(ConfigError::EmptyToken {
+                        source_name: source_name.into(),
+                    });
+                }
+                check_token(token, source_name, MIN_API_TOKEN_CHARS)?;
+                return Ok(vec![ApiKey::new("default", token)]);
             }
-            (None, Some(token)) => (token.trim().to_string(), "LLORCH_API_TOKEN".to_string()),
-            (None, None) => return Ok(None),
+            (None, None) => return Ok(Vec::new()),
         };
-        if token.is_empty() {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::TokenFile {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let source_name = path.display().to_string();
+        let mut keys: Vec<ApiKey> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = format!("{source_name} line {}", n + 1);
+            let (name, token) = match line.split_once(char::is_whitespace) {
+                Some((name, token)) => (name.to_string(), token.trim()),
+                None if keys.is_empty() => ("default".to_string(), line),
+                None => (format!("key{}", keys.len() + 1), line),
+            };
+            check_token(token, &at, MIN_API_TOKEN_CHARS)?;
+            if keys.iter().any(|k| k.name == name || k.token == token) {
+                return Err(ConfigError::DuplicateKey { at, name });
+            }
+            keys.push(ApiKey::new(name, token));
+        }
+        if keys.is_empty() {
             return Err(ConfigError::EmptyToken { source_name });
         }
-        check_token(&token, &source_name, MIN_API_TOKEN_CHARS)?;
-        Ok(Some(token))
+        Ok(keys)
     }
 
     /// `--chat-template`, read and compiled (before the model loads, so a broken template
@@ -468,8 +502,8 @@ mod tests {
             "env",
         ]);
         assert_eq!(
-            a.settings().unwrap().api_token.as_deref(),
-            Some("file-token")
+            a.settings().unwrap().api_keys,
+            vec![ApiKey::new("default", "file-token")]
         );
         std::fs::write(&dir, "\n").unwrap();
         assert!(matches!(a.settings(), Err(ConfigError::EmptyToken { .. })));

@@ -45,14 +45,17 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// The answer to a connection over the cap: written whole, then the connection is closed.
-const OVER_CAP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Content-Type: application/json\r\n\
-Retry-After: 1\r\n\
-Connection: close\r\n\
-Content-Length: 112\r\n\
-\r\n\
-{\"error\":{\"code\":\"TOO_MANY_CONNECTIONS\",\"message\":\"too many open connections; retry in 1 s\",\"retry_after_s\":1}}";
+/// The body of the answer to a connection over the cap.
+const OVER_CAP_BODY: &str = r#"{"error":{"code":"TOO_MANY_CONNECTIONS","message":"too many open connections; retry in 1 s","retry_after_s":1}}"#;
+
+/// The whole answer to a connection over the cap: written, then the connection is closed.
+fn over_cap_response() -> String {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{OVER_CAP_BODY}",
+        OVER_CAP_BODY.len()
+    )
+}
 
 /// Serves `router` on `listener` within `limits` until `stop` turns true, then waits for the
 /// open connections to finish their responses.
@@ -111,7 +114,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(OVER_CAP).await;
+        let _ = stream.write_all(over_cap_response().as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
@@ -123,7 +126,7 @@ mod tests {
 
     #[test]
     fn the_over_cap_answer_is_well_formed() {
-        let text = std::str::from_utf8(OVER_CAP).unwrap();
+        let text = over_cap_response();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let length: usize = head
             .lines()

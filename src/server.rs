@@ -155,13 +155,13 @@ async fn serve(
             ..RegistryConfig::default()
         },
         model_id: args.served_name(&settings.model),
-        expected_token: settings.api_token.clone(),
+        api_keys: settings.api_keys.clone(),
         identity,
         chat_template: args.chat_template()?.map(Arc::new),
         heartbeat: settings.heartbeat.clone(),
         metrics_auth: args.metrics_auth,
     }));
-    if settings.api_token.is_none() {
+    if settings.api_keys.is_empty() {
         tracing::warn!("no API token set: every client that can reach {addr} may use this worker");
     }
 

@@ -17,6 +17,7 @@ use axum::Router;
 
 use crate::engine::{InferenceBackend, RequestQueue, SchedulerConfig};
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, StatusSource};
+use crate::http::auth::ApiKey;
 use crate::http::{self, ApiAuth, AppState};
 use crate::jobs::WorkerState;
 use crate::jobs::{JobRegistry, RegistryConfig};
@@ -35,7 +36,8 @@ pub struct WorkerConfig {
     pub registry: RegistryConfig,
     /// The served model name (`--model-ref`); `None` uses the model's own.
     pub model_id: Option<String>,
-    pub expected_token: Option<String>,
+    /// The keys clients must present one of (none: authentication off).
+    pub api_keys: Vec<ApiKey>,
     pub identity: WorkerIdentity,
     /// `--chat-template`: renders OpenAI chat requests instead of the model's own template.
     pub chat_template: Option<Arc<ChatTemplate>>,
@@ -52,7 +54,7 @@ impl Default for WorkerConfig {
             queue_capacity: 64,
             registry: RegistryConfig::default(),
             model_id: None,
-            expected_token: None,
+            api_keys: Vec::new(),
             identity: WorkerIdentity::new("llm-worker-rbee-cpu", "cpu:0"),
             chat_template: None,
             heartbeat: None,
@@ -92,12 +94,14 @@ impl Worker {
         };
         let metrics = Arc::new(WorkerMetrics::new());
         let registry = JobRegistry::with_metrics(queue, registry_config, metrics.clone());
-        if let Some(token) = &config.expected_token {
+        for key in &config.api_keys {
             tracing::info!(
-                token_fingerprint = %http::auth::fingerprint(token),
-                "API token required"
+                key = %key.name,
+                token_fingerprint = %http::auth::fingerprint(&key.token),
+                "API key accepted"
             );
-        } else if config.metrics_auth {
+        }
+        if config.api_keys.is_empty() && config.metrics_auth {
             tracing::warn!("metrics auth is on but no API token is set: /metrics stays public");
         }
         let mut identity = config.identity;
@@ -111,7 +115,7 @@ impl Worker {
             let source = StatusSource::new(state.identity.clone(), &registry);
             Heartbeat::start(hb, source)
         });
-        let router = http::router(state, ApiAuth::new(config.expected_token.as_deref()));
+        let router = http::router(state, ApiAuth::with_keys(&config.api_keys));
         Self {
             registry,
             scheduler: config.scheduler,

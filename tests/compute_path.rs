@@ -11,7 +11,7 @@ use llm_worker_rbee::model::LoadOptions;
 use llm_worker_rbee::setup_worker_with_backend;
 use serde_json::{Value, json};
 
-/// The tiny Llama's one matrix stored as Q5_0 (a type our CPU kernels do not read) in the
+/// The tiny Llama's one matrix stored as Q3_K (a type our CPU kernels do not read) in the
 /// mixed file; the others are Q8_0.
 const SLOW_TENSOR: &str = "blk.0.attn_q.weight";
 
@@ -75,18 +75,18 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
         "{info}"
     );
 
-    let info = info_of(&write("q5_0.gguf", GgmlDType::Q5_0)).await;
+    let info = info_of(&write("q3_k.gguf", GgmlDType::Q3K)).await;
     let compute = &info["compute"];
     assert_eq!(compute["path"], "candle", "{info}");
     let reason = compute["reason"].as_str().expect("a reason");
     assert!(
-        reason.contains(SLOW_TENSOR) && reason.contains("Q5_0"),
+        reason.contains(SLOW_TENSOR) && reason.contains("Q3_K"),
         "{reason}"
     );
     assert_eq!(
         compute["tensor_types"],
         json!({
-            "Q5_0": {"count": 1, "path": "candle"},
+            "Q3_K": {"count": 1, "path": "candle"},
             "Q8_0": {"count": matrices - 1, "path": "cpu-kernels"},
             "F32": {"count": vectors, "path": "candle"},
         }),

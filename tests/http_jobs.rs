@@ -15,6 +15,7 @@ use common::job_api::{self, TooLong, expect_error, text_of, token_indices};
 use common::sse::{SseEvent, SseReader, assert_well_formed_ending};
 use common::worker::{Setup, TestWorker, serve};
 use common::{WAIT, wait_until};
+use llm_worker_rbee::http::auth::ApiKey;
 use serde_json::{Value, json};
 
 const CONTEXT: usize = 512;
@@ -286,6 +287,51 @@ async fn context_errors_name_where_max_tokens_came_from() {
     let v: Value = r.json().await.unwrap();
     let message = v["error"]["message"].as_str().unwrap();
     assert!(!message.contains("integer"), "{message}");
+}
+
+#[tokio::test]
+async fn a_job_belongs_to_the_key_that_created_it() {
+    let w = TestWorker::start(Setup {
+        token: Some("token-aaaa"),
+        more_keys: vec![ApiKey::new("bee", "token-bbbb")],
+        ..setup()
+    })
+    .await;
+    let a = Client::new(w.base.clone(), Some("token-aaaa"));
+    let b = Client::new(w.base.clone(), Some("token-bbbb"));
+    let job = a.create(infer("x", 3)).await;
+    let r = a
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let completion = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for id in [&job, &completion] {
+        // The owner sees it, through the job API whichever API made it.
+        let (status, _) = a.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, 200, "{id}");
+        // Another key is told it does not exist: status, stream and cancel alike.
+        let (status, v) = b.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (404, Some("JOB_NOT_FOUND"))
+        );
+        let (status, _) = b.get_json(&format!("/v1/jobs/{id}/stream")).await;
+        assert_eq!(status, 404, "{id}");
+        assert_eq!(b.delete(id).await, 404, "{id}");
+        assert_eq!(a.delete(id).await, 204, "{id}");
+    }
+    // Client-chosen ids are per key: both may use the same one.
+    let body = json!({"operation": "infer", "prompt": "x", "max_tokens": 2, "job_id": "mine"});
+    assert_eq!(a.create(body.clone()).await, "mine");
+    assert_eq!(b.create(body).await, "mine");
+    let (_, v) = b.get_json("/v1/jobs/mine").await;
+    assert_eq!(v["job_id"], "mine");
 }
 
 #[tokio::test]

@@ -1040,7 +1040,7 @@ fn generation_config_eos_token_ids_join_the_end_of_generation_set() {
     }
 }
 
-/// The one matrix of [`mixed_gguf`] stored as Q5_0, a type our CPU kernels do not read.
+/// The one matrix of [`mixed_gguf`] stored as Q3_K, a type our CPU kernels do not read.
 const SLOW_TENSOR: &str = "blk.1.attn_v.weight";
 
 /// `t`'s weights as a Q8_0 GGUF, with [`SLOW_TENSOR`] as `slow` when given.
@@ -1137,8 +1137,8 @@ fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which()
         info[0]
     );
 
-    // One Q5_0 matrix: the model still loads and runs, on Candle's path, and says which tensor.
-    let path = mixed_gguf(&t, Some(GgmlDType::Q5_0));
+    // One Q3_K matrix: the model still loads and runs, on Candle's path, and says which tensor.
+    let path = mixed_gguf(&t, Some(GgmlDType::Q3K));
     let (model, logs) = with_logs(|| load_model(&path, &LoadOptions::default()));
     let model = model.expect("load");
     assert!(!model.decoder.uses_cpu_path());
@@ -1147,40 +1147,40 @@ fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which()
         compute.forward,
         ForwardPath::Candle(CandlePathReason::UnsupportedTensorType {
             tensor: SLOW_TENSOR.into(),
-            dtype: "Q5_0".into(),
+            dtype: "Q3_K".into(),
         })
     );
     assert_eq!(compute.path_name(), "candle");
     let reason = compute.reason().expect("reason").to_string();
     assert!(
-        reason.contains(SLOW_TENSOR) && reason.contains("Q5_0"),
+        reason.contains(SLOW_TENSOR) && reason.contains("Q3_K"),
         "{reason}"
     );
     // The other matrices are still multiplied by our kernels inside Candle's forward; the
     // norms are Candle tensors.
-    let q5 = tensor_type(&compute.tensor_types, "Q5_0");
-    assert_eq!((q5.count, q5.path()), (1, "candle"));
+    let q3 = tensor_type(&compute.tensor_types, "Q3_K");
+    assert_eq!((q3.count, q3.path()), (1, "candle"));
     let q8 = tensor_type(&compute.tensor_types, "Q8_0");
     assert_eq!((q8.count, q8.path()), (matrices - 1, "cpu-kernels"));
     assert_eq!(tensor_type(&compute.tensor_types, "F32").path(), "candle");
     let warnings: Vec<_> = logs.iter().filter(|l| l.contains(" WARN ")).collect();
     assert_eq!(warnings.len(), 1, "{logs:#?}");
     assert!(
-        warnings[0].contains(SLOW_TENSOR) && warnings[0].contains("Q5_0"),
+        warnings[0].contains(SLOW_TENSOR) && warnings[0].contains("Q3_K"),
         "{}",
         warnings[0]
     );
     assert!(
         logs.iter().any(|l| l.contains(" INFO ")
             && l.contains("compute path: candle (")
-            && l.contains("Q5_0×1 candle")),
+            && l.contains("Q3_K×1 candle")),
         "{logs:#?}"
     );
     let logits = run(&model.decoder);
     assert!(logits.iter().flatten().all(|l| l.is_finite()));
     // Against the same file wholly on Candle's kernels (see the quantized test's tolerance).
     assert_close(
-        "Q5_0 among Q8_0 vs Candle's kernels",
+        "Q3_K among Q8_0 vs Candle's kernels",
         &logits,
         &run(&gguf_decoder_with(&path, None)),
         1e-2,
@@ -1217,4 +1217,48 @@ fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which()
         tensor_type(&decoders[2].compute_path().tensor_types, "F32").path(),
         "candle"
     );
+}
+
+/// llama-quantize's Q4_K_M stores many matrices of models whose hidden size is not a multiple of
+/// 256 as Q5_0 (some files Q5_1): a GGUF of those runs on our CPU kernels, every matrix read in
+/// place, close to Candle's own quantized kernels and to the f32 model.
+#[test]
+fn q5_0_and_q5_1_matrices_run_on_the_cpu_kernels() {
+    let t = tiny(Arch::Qwen2);
+    let path = t.hf_dir.with_file_name("model-q5.gguf");
+    // Attention and embedding matrices Q5_0, the feed-forward ones Q5_1.
+    let q5 = |name: &str| {
+        Some(if name.contains("ffn_") {
+            GgmlDType::Q5_1
+        } else {
+            GgmlDType::Q5_0
+        })
+    };
+    gguf_writer_with(&t.spec, &t.weights, q5)
+        .write(&path)
+        .expect("write gguf");
+    let decoder = gguf_decoder(&path);
+    assert!(decoder.uses_cpu_path());
+    let compute = decoder.compute_path();
+    assert_eq!(compute.forward, ForwardPath::CpuKernels);
+    assert_eq!(compute.path_name(), "cpu-kernels");
+    for dtype in ["Q5_0", "Q5_1"] {
+        let ty = tensor_type(&compute.tensor_types, dtype);
+        assert!(ty.count > 0, "{dtype}");
+        assert_eq!(
+            (ty.cpu_kernels, ty.path()),
+            (ty.count, "cpu-kernels"),
+            "{dtype}"
+        );
+    }
+    let ours = run(&decoder);
+    assert!(ours.iter().flatten().all(|l| l.is_finite()));
+    // Same activation-rounding difference as in `quantized_gguf_agrees_with_candle_quantized_llama`.
+    assert_close(
+        "Q5_0/Q5_1 kernels vs Candle's",
+        &ours,
+        &run(&gguf_decoder_with(&path, None)),
+        1e-2,
+    );
+    assert_close("Q5_0/Q5_1 vs f32", &ours, &run(&t.hf_decoder()), 0.12);
 }

@@ -65,7 +65,8 @@ impl TestWorker {
     }
 
     fn job_state(&self, id: &str) -> Option<JobState> {
-        self.worker.registry().get(id).map(|r| r.state())
+        // The jobs belong to the one key, which the test set-up names `default`.
+        self.worker.registry().get("default", id).map(|r| r.state())
     }
 
     fn running(&self) -> usize {
@@ -696,7 +697,7 @@ async fn a_dropped_stream_cancels_its_job_at_once() {
         w.job_state(&running_id) == Some(JobState::Cancelled)
     })
     .await;
-    let record = w.worker.registry().get(&running_id).unwrap();
+    let record = w.worker.registry().get("default", &running_id).unwrap();
     assert_eq!(record.cancel_requested(), Some(CancelReason::Disconnect));
     assert_eq!(w.running(), 0);
 }

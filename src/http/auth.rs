@@ -16,11 +16,57 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 
-/// What requests must present. `None` digest: authentication is off (loopback only, enforced
-/// at startup).
+/// One API key: the name jobs are owned under, and the token that presents it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub token: String,
+}
+
+impl ApiKey {
+    pub fn new(name: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            token: token.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("token", &fingerprint(&self.token))
+            .finish()
+    }
+}
+
+/// Who made a request: the name of the key it presented (empty without authentication). Jobs
+/// belong to it: another caller is told they do not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Caller(pub Arc<str>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    /// The caller the token check recorded; anonymous on a route without it.
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// What requests must present: one of the keys, each kept only as its digest. No keys:
+/// authentication is off (loopback only, enforced at startup).
 #[derive(Clone)]
 pub struct ApiAuth {
-    expected: Option<[u8; 32]>,
+    keys: Vec<(Arc<str>, [u8; 32])>,
     /// Wrong-key warnings are logged at most once per [`WARN_EVERY`], so a client hammering
     /// with a bad key cannot flood the log.
     warnings: Arc<RateLimit>,
@@ -51,28 +97,40 @@ impl RateLimit {
 impl std::fmt::Debug for ApiAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiAuth")
-            .field("enabled", &self.expected.is_some())
+            .field("keys", &self.keys.len())
             .finish()
     }
 }
 
 impl ApiAuth {
+    /// One key (named `default`), or none.
     pub fn new(expected_token: Option<&str>) -> Self {
+        Self::with_keys(
+            &expected_token
+                .map(|t| vec![ApiKey::new("default", t)])
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn with_keys(keys: &[ApiKey]) -> Self {
         Self {
-            expected: expected_token.map(digest),
+            keys: keys
+                .iter()
+                .map(|k| (Arc::from(k.name.as_str()), digest(&k.token)))
+                .collect(),
             warnings: Arc::default(),
         }
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.expected.is_some()
+        !self.keys.is_empty()
     }
 
-    /// Checks the `Authorization` header of a request.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = &self.expected else {
-            return Ok(());
-        };
+    /// Checks the `Authorization` header of a request; returns who made it.
+    pub fn check(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        if self.keys.is_empty() {
+            return Ok(Caller::default());
+        }
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let first = values.next();
         if values.next().is_some() {
@@ -83,8 +141,17 @@ impl ApiAuth {
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
             .ok_or(ApiError::MissingApiKey)?;
-        if constant_time_eq(&digest(presented), expected) {
-            Ok(())
+        let presented_digest = digest(presented);
+        // Every key is compared, so the time taken does not tell which one (if any) matched.
+        let matched = self.keys.iter().fold(None, |found, (name, key)| {
+            if constant_time_eq(&presented_digest, key) {
+                Some(name.clone())
+            } else {
+                found
+            }
+        });
+        if let Some(name) = matched {
+            Ok(Caller(name))
         } else {
             if let Some(held_back) = self.warnings.admit(Instant::now()) {
                 tracing::warn!(
@@ -129,8 +196,12 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
+    let mut request = request;
     match auth.check(request.headers()) {
-        Ok(()) => next.run(request).await,
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -194,7 +265,7 @@ mod tests {
         ];
         for (value, want) in cases {
             let got = match auth.check(&headers(*value)) {
-                Ok(()) => "ok",
+                Ok(_) => "ok",
                 Err(e) => e.code(),
             };
             assert_eq!(got, *want, "Authorization: {value:?}");

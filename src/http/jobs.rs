@@ -8,6 +8,7 @@ use axum::response::Response;
 use serde::Serialize;
 
 use super::AppState;
+use super::auth::Caller;
 use super::body::JsonObject;
 use super::error::{ApiError, FieldError};
 use super::fields::Rules;
@@ -59,20 +60,23 @@ pub struct JobStatus {
 
 pub async fn create_job(
     State(app): State<AppState>,
+    caller: Caller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<JobCreated>, ApiError> {
-    create(&app, &body, Door::Jobs).await
+    create(&app, caller, &body, Door::Jobs).await
 }
 
 pub async fn create_inference(
     State(app): State<AppState>,
+    caller: Caller,
     JsonObject(body): JsonObject,
 ) -> Result<Json<JobCreated>, ApiError> {
-    create(&app, &body, Door::Inference).await
+    create(&app, caller, &body, Door::Inference).await
 }
 
 async fn create(
     app: &AppState,
+    caller: Caller,
     body: &serde_json::Map<String, serde_json::Value>,
     door: Door,
 ) -> Result<Json<JobCreated>, ApiError> {
@@ -113,6 +117,7 @@ async fn create(
         app,
         Submission {
             api: JobApi::Rbee,
+            owner: caller.0,
             id: draft.job_id,
             prompt_tokens,
             params: draft.params,
@@ -127,15 +132,16 @@ async fn create(
 
 pub async fn job_status(
     State(app): State<AppState>,
+    caller: Caller,
     JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobStatus>, ApiError> {
     let record = app
         .registry
-        .get(&id)
+        .get(&caller.0, &id)
         .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
     let s = record.snapshot();
     let queue_position = if s.state == JobState::Queued {
-        app.registry.queue().position(&id)
+        app.registry.queue().position(&record.key())
     } else {
         None
     };
@@ -152,30 +158,34 @@ pub async fn job_status(
 
 pub async fn cancel_job(
     State(app): State<AppState>,
+    caller: Caller,
     JobIdPath(id): JobIdPath,
 ) -> Result<StatusCode, ApiError> {
-    app.registry.cancel(&id, CancelReason::Client)?;
+    app.registry.cancel(&caller.0, &id, CancelReason::Client)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn stream_job(
     State(app): State<AppState>,
+    caller: Caller,
     JobIdPath(id): JobIdPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream(&app, id, &headers, Door::Jobs)
+    stream(&app, &caller, id, &headers, Door::Jobs)
 }
 
 pub async fn stream_inference(
     State(app): State<AppState>,
+    caller: Caller,
     JobIdPath(id): JobIdPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream(&app, id, &headers, Door::Inference)
+    stream(&app, &caller, id, &headers, Door::Inference)
 }
 
 fn stream(
     app: &AppState,
+    caller: &Caller,
     id: String,
     headers: &HeaderMap,
     door: Door,
@@ -183,7 +193,7 @@ fn stream(
     let after = last_event_id(headers)?;
     let record = app
         .registry
-        .get(&id)
+        .get(&caller.0, &id)
         .ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
     let newest = record.newest_event_id();
     if after > newest {

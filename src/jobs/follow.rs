@@ -97,7 +97,11 @@ impl Drop for JobFollower {
             && !self.ended
         {
             // Not found: already collected, nothing left to cancel.
-            let _ = registry.cancel(self.record.id(), CancelReason::Disconnect);
+            let _ = registry.cancel(
+                self.record.owner(),
+                self.record.id(),
+                CancelReason::Disconnect,
+            );
         }
     }
 }

@@ -61,6 +61,17 @@ pub struct JobSnapshot {
     pub tokens_out: usize,
 }
 
+/// A job id within its owner's: client-chosen ids are scoped per API key, so two keys may both
+/// use `job-1`, and neither can reach the other's.
+pub fn scoped_key(owner: &str, id: &str) -> String {
+    if owner.is_empty() {
+        id.to_string()
+    } else {
+        // '\n' cannot occur in a key name or a job id.
+        format!("{owner}\n{id}")
+    }
+}
+
 /// An event with its stream id (ids start at 1 and only grow).
 pub type LoggedEvent = (u64, EngineEvent);
 
@@ -133,6 +144,8 @@ const LOG_SLACK: usize = 4;
 
 pub struct JobRecord {
     id: String,
+    /// The API key the job belongs to (empty without authentication).
+    owner: Arc<str>,
     created_at: SystemTime,
     /// Moves the worker's metrics as the job's events pass (absent for records built alone).
     observer: Option<JobObserver>,
@@ -164,15 +177,25 @@ struct JobLog {
 
 impl JobRecord {
     pub fn new(id: String, max_tokens: usize) -> Arc<Self> {
-        Self::build(id, max_tokens, None)
+        Self::build(id, Arc::from(""), max_tokens, None)
     }
 
-    /// A record that reports to the worker's metrics through `observer`.
-    pub fn observed(id: String, max_tokens: usize, observer: JobObserver) -> Arc<Self> {
-        Self::build(id, max_tokens, Some(observer))
+    /// A record owned by `owner` that reports to the worker's metrics through `observer`.
+    pub fn observed(
+        id: String,
+        owner: Arc<str>,
+        max_tokens: usize,
+        observer: JobObserver,
+    ) -> Arc<Self> {
+        Self::build(id, owner, max_tokens, Some(observer))
     }
 
-    fn build(id: String, max_tokens: usize, observer: Option<JobObserver>) -> Arc<Self> {
+    fn build(
+        id: String,
+        owner: Arc<str>,
+        max_tokens: usize,
+        observer: Option<JobObserver>,
+    ) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
         let span = tracing::info_span!(
             "job",
@@ -184,6 +207,7 @@ impl JobRecord {
             .map_or_else(Instant::now, JobObserver::arrived);
         Arc::new(Self {
             id,
+            owner,
             created_at: SystemTime::now(),
             observer,
             span,
@@ -207,6 +231,16 @@ impl JobRecord {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The API key the job belongs to.
+    pub fn owner(&self) -> &Arc<str> {
+        &self.owner
+    }
+
+    /// The job's key in the registry and the queue: its id within its owner's.
+    pub fn key(&self) -> String {
+        scoped_key(&self.owner, &self.id)
     }
 
     /// The job's span: handlers may enter it so their lines carry the job's id.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::record::JobRecord;
+use super::record::{JobRecord, scoped_key};
 use crate::engine::{
     CancelReason, EngineEvent, EngineStats, GenerationEngine, GenerationJob, InferenceBackend,
     JobSink, ModelMeta, PushError, RequestQueue, SchedulerConfig,
@@ -92,6 +92,8 @@ impl WorkerState {
 pub struct Submission {
     /// The front door it came through (labels its metrics).
     pub api: JobApi,
+    /// The API key it belongs to (empty without authentication).
+    pub owner: Arc<str>,
     /// A client-chosen id (the queen sends one), the OpenAI response id, or `None` for a
     /// generated one.
     pub id: Option<String>,
@@ -244,19 +246,20 @@ impl JobRegistry {
             job.prompt_tokens.len(),
             arrived_at,
         );
-        let record = JobRecord::observed(id.clone(), job.params.max_tokens, observer);
+        let record = JobRecord::observed(id.clone(), job.owner, job.params.max_tokens, observer);
+        let key = record.key();
         {
             let mut jobs = self.jobs();
-            if jobs.contains_key(&id) {
+            if jobs.contains_key(&key) {
                 return Err(SubmitError::DuplicateId(id));
             }
             if jobs.len() >= self.config.capacity && !evict_oldest_finished(&mut jobs) {
                 return Err(busy());
             }
-            jobs.insert(id.clone(), record.clone());
+            jobs.insert(key.clone(), record.clone());
         }
         let queued = GenerationJob {
-            id: id.clone(),
+            id: key.clone(),
             prompt_tokens: job.prompt_tokens,
             params: job.params,
             sink: record.clone(),
@@ -264,7 +267,7 @@ impl JobRegistry {
         match self.queue.try_push(queued) {
             Ok(position) => Ok((record, position)),
             Err(refused) => {
-                self.jobs().remove(&id);
+                self.jobs().remove(&key);
                 Err(match refused {
                     PushError::Full(_) => busy(),
                     PushError::Closed(_) => SubmitError::Draining,
@@ -273,13 +276,17 @@ impl JobRegistry {
         }
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<JobRecord>> {
-        self.jobs().get(id).cloned()
+    /// `owner`'s job `id`; another owner's job with that id is not found.
+    pub fn get(&self, owner: &str, id: &str) -> Option<Arc<JobRecord>> {
+        self.jobs().get(&scoped_key(owner, id)).cloned()
     }
 
-    /// Cancels a job. Idempotent: cancelling a finished or already cancelled job is a no-op.
-    pub fn cancel(&self, id: &str, reason: CancelReason) -> Result<(), JobNotFound> {
-        let record = self.get(id).ok_or_else(|| JobNotFound(id.to_string()))?;
+    /// Cancels `owner`'s job `id`. Idempotent: cancelling a finished or already cancelled job
+    /// is a no-op.
+    pub fn cancel(&self, owner: &str, id: &str, reason: CancelReason) -> Result<(), JobNotFound> {
+        let record = self
+            .get(owner, id)
+            .ok_or_else(|| JobNotFound(id.to_string()))?;
         cancel_record(&self.queue, &record, reason);
         Ok(())
     }
@@ -375,7 +382,7 @@ fn cancel_record(queue: &RequestQueue, record: &JobRecord, reason: CancelReason)
     record
         .span()
         .in_scope(|| tracing::info!(reason = reason.as_str(), "cancelling the job"));
-    if !queue.cancel(record.id(), reason) {
+    if !queue.cancel(&record.key(), reason) {
         // Running (or between queue and slot): the scheduler sees the flag at its next step;
         // wake it in case it is idle-waiting.
         queue.notify();
@@ -499,6 +506,7 @@ mod tests {
     fn job(id: &str) -> Submission {
         Submission {
             api: JobApi::Rbee,
+            owner: Arc::from(""),
             id: Some(id.into()),
             prompt_tokens: vec![1],
             params: GenerationParams::greedy(100_000 - 1),
@@ -529,8 +537,8 @@ mod tests {
             r.submit(job("a")),
             Err(SubmitError::DuplicateId(id)) if id == "a"
         ));
-        r.cancel("b", CancelReason::Client).unwrap();
-        r.cancel("b", CancelReason::Shutdown).unwrap();
+        r.cancel("", "b", CancelReason::Client).unwrap();
+        r.cancel("", "b", CancelReason::Shutdown).unwrap();
         assert_eq!(
             wait_terminal(&b),
             EngineEvent::Cancelled {
@@ -538,9 +546,9 @@ mod tests {
             }
         );
         r.submit(job("c")).unwrap();
-        assert!(r.get("b").is_none(), "the finished job made room");
-        assert!(r.get("a").is_some_and(|a| !a.state().is_terminal()));
-        assert!(r.cancel("zzz", CancelReason::Client).is_err());
+        assert!(r.get("", "b").is_none(), "the finished job made room");
+        assert!(r.get("", "a").is_some_and(|a| !a.state().is_terminal()));
+        assert!(r.cancel("", "zzz", CancelReason::Client).is_err());
         assert!(!a.state().is_terminal());
     }
 
@@ -560,7 +568,7 @@ mod tests {
         );
         assert!(!b.state().is_terminal(), "a watched job lives on");
         drop(watching);
-        r.cancel("b", CancelReason::Client).unwrap();
+        r.cancel("", "b", CancelReason::Client).unwrap();
         wait_terminal(&b);
         assert_eq!(r.len(), 2);
         r.collect(Instant::now() + Duration::from_secs(3601));

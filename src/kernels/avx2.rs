@@ -6,7 +6,10 @@
 //!
 //! - Q4_0 / Q4_1: nibbles are used unsigned (0..15); Q4_1's min and Q4_0's `-8` are both an
 //!   offset `m` per block, added as `m · d_y · Σq_y` (Q8_1's `s`, or Q8_0's exact `d·Σq`).
-//! - Q8_0: `maddubs(|w|, sign(y, w))`.
+//! - Q5_1: as Q4_1 with the fifth bits OR-ed in (quants 0..31), as ggml's x86
+//!   `ggml_vec_dot_q5_1_q8_1`.
+//! - Q8_0: `maddubs(|w|, sign(y, w))`. Q5_0 the same on its signed quants `q − 16` (the nibbles
+//!   OR `0xF0` where the fifth bit is clear), exactly ggml's x86 `ggml_vec_dot_q5_0_q8_0`.
 //! - Q4_K / Q5_K / Q6_K: the 6/8-bit sub-block scales multiply the i16 pair sums inside
 //!   `vpmaddwd`, so one float FMA per 256 weights; mins (and Q6_K's `-32`) come from the Q8_K
 //!   block sums.
@@ -18,9 +21,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::formats::{
-    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES,
-    Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, round_f16,
-    unpack_scales_mins_k4,
+    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
+    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, round_f16, unpack_scales_mins_k4,
 };
 use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
@@ -76,9 +79,11 @@ pub(crate) unsafe fn compute(
     let t = TileArgs::new(w, acts);
     let gemv = acts.m == 1;
     let (nr_max, pick): (usize, fn(usize, usize) -> TileFn) = match w.ty {
-        WeightType::Q4_0 => (if gemv { 4 } else { 1 }, pick_q4::<false>),
-        WeightType::Q4_1 => (if gemv { 4 } else { 1 }, pick_q4::<true>),
-        WeightType::Q8_0 => (if gemv { 2 } else { 1 }, pick_q8_0),
+        WeightType::Q4_0 => (if gemv { 4 } else { 1 }, pick_q4::<false, false>),
+        WeightType::Q4_1 => (if gemv { 4 } else { 1 }, pick_q4::<true, false>),
+        WeightType::Q5_1 => (if gemv { 4 } else { 1 }, pick_q4::<true, true>),
+        WeightType::Q8_0 => (if gemv { 2 } else { 1 }, pick_q8_0::<false>),
+        WeightType::Q5_0 => (if gemv { 4 } else { 1 }, pick_q8_0::<true>),
         WeightType::Q4K => (1, pick_k::<false>),
         WeightType::Q5K => (1, pick_k::<true>),
         WeightType::Q6K => (1, pick_q6k),
@@ -128,12 +133,12 @@ macro_rules! pick_mr {
     };
 }
 
-fn pick_q4<const Q41: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q4, Q41)
+fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
 }
 
-fn pick_q8_0(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0)
+fn pick_q8_0<const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0, FIVE)
 }
 
 fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
@@ -202,22 +207,49 @@ fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Q4_0 (`Q41 = false`, offset −8·d) and Q4_1 (`Q41 = true`, offset m) × Q8_0/Q8_1.
+/// ggml's `bytes_from_bits_32`: byte `k` of the result is `0xFF` where bit `k` of the
+/// little-endian u32 at `p` is set, else 0.
+///
+/// # Safety
+/// AVX2 available; `p` is valid for 4 bytes (no alignment needed).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+    // SAFETY: 4 readable bytes (caller contract).
+    let bits = unsafe { std::ptr::read_unaligned(p as *const i32) };
+    // Byte k takes byte k/8 of the word, then every bit but bit k%8 is set: all ones iff set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1))
+}
+
+/// Q4_0 (`Q41 = false`, offset −8·d), Q4_1 (`Q41 = true`, offset m) and Q5_1 (`Q41` and
+/// `FIVE`, offset m) × Q8_0/Q8_1.
 ///
 /// # Safety
 /// AVX2/FMA/F16C; the tile lies inside the operands described by `t` (see [`compute`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
+unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE: bool>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    let (bb, qoff) = if Q41 {
-        (Q4_1_BYTES, 4)
-    } else {
-        (Q4_0_BYTES, 2)
+    debug_assert!(Q41 || !FIVE);
+    let (bb, qoff) = match (Q41, FIVE) {
+        (true, true) => (Q5_1_BYTES, Q5_1_QS),
+        (true, false) => (Q4_1_BYTES, 4),
+        _ => (Q4_0_BYTES, 2),
     };
+    let bit5 = _mm256_set1_epi8(0x10);
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
@@ -255,6 +287,10 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
                 _mm_storeu_ps(sc[j].as_mut_ptr(), _mm_mul_ps(dw, dx));
                 let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
                 q[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), mask);
+                if FIVE {
+                    let hi = _mm256_and_si256(bytes_from_bits(blk.add(Q5_1_QH)), bit5);
+                    q[j] = _mm256_or_si256(q[j], hi);
+                }
             }
             for i in 0..MR {
                 let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
@@ -275,20 +311,24 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
     }
 }
 
-/// Q8_0 × Q8_0.
+/// Q8_0 (`FIVE = false`) and Q5_0 (`FIVE = true`, signed quants `q − 16`) × Q8_0.
 ///
 /// # Safety
 /// As [`tile_q4`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
+unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
+    let bb = if FIVE { Q5_0_BYTES } else { Q8_0_BYTES };
     let ones = _mm256_set1_epi16(1);
+    let mask = _mm256_set1_epi8(0x0F);
+    let high = _mm256_set1_epi8(0xF0u8 as i8);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    // SAFETY: as in `tile_q4` (blocks of 34 bytes, 32 quants at offset 2).
+    // SAFETY: as in `tile_q4` (Q8_0: blocks of 34 bytes, 32 quants at offset 2; Q5_0: blocks of
+    // 22 bytes, 4 bytes of fifth bits at 2 and 16 bytes of nibbles at 6).
     unsafe {
         let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
@@ -300,14 +340,23 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
             let mut aw = [_mm256_setzero_si256(); NR];
             let mut sc = [[0f32; GROUP]; NR];
             if MR == 1 {
-                pf.upto(wrow[0].wrapping_add((b + 1) * NR * Q8_0_BYTES));
+                pf.upto(wrow[0].wrapping_add((b + 1) * NR * bb));
             }
             for j in 0..NR {
-                let blk = wrow[j].add(b * Q8_0_BYTES);
+                let blk = wrow[j].add(b * bb);
                 let raw = std::ptr::read_unaligned(blk as *const u16);
                 let dw = _mm_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
                 _mm_storeu_ps(sc[j].as_mut_ptr(), _mm_mul_ps(dw, dx));
-                wq[j] = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                wq[j] = if FIVE {
+                    let raw = _mm_loadu_si128(blk.add(Q5_0_QS) as *const __m128i);
+                    let nib =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), mask);
+                    // Fifth bit clear: q − 16 = nibble − 16, the nibble with its high bits set.
+                    let neg = _mm256_andnot_si256(bytes_from_bits(blk.add(Q5_0_QH)), high);
+                    _mm256_or_si256(nib, neg)
+                } else {
+                    _mm256_loadu_si256(blk.add(2) as *const __m256i)
+                };
                 aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
             }
             for i in 0..MR {

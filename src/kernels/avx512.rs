@@ -4,7 +4,7 @@
 //! # Dispatch
 //! | weight type | `m = 1` (GEMV) | `2 ≤ m < 16` | `16 ≤ m < 24` | `m ≥ 24` |
 //! |---|---|---|---|---|
-//! | Q4_0, Q4_1, Q8_0 | AVX2 | 8×2 tiles | 8×2 tiles | wide |
+//! | Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 | AVX2 | 8×2 tiles | 8×2 tiles | wide |
 //! | Q4_K, Q5_K, Q6_K | AVX2 | AVX2 | wide | wide |
 //! | F32, F16 | AVX2 | AVX2 | AVX2 | AVX2 |
 //!
@@ -15,7 +15,7 @@
 //! For each (activation row, weight row) pair the AVX2 tiles compute, per 32-weight block, eight
 //! i32 lanes `p_l = Σ_{k<4} u[4l+k]·v[4l+k]` (`vpmaddubsw` then `vpmaddwd` with ones), then
 //! `acc_l = fma(d_w·d_x, f32(p_l), acc_l)` block after block, the fixed [`hsum`] of the 8 lanes
-//! at the end, plus (Q4_0/Q4_1) the offset term `fma(offset_w, s_x, ·)` accumulated in its own
+//! at the end, plus (Q4_0/Q4_1/Q5_1) the offset term `fma(offset_w, s_x, ·)` accumulated in its own
 //! lane and added last. The K-quant tiles do the same per 256-weight super-block, with `p_l`
 //! an exact integer sum over its sub-blocks weighted by their scales, and their min (Q4_K,
 //! Q5_K) or `−32` (Q6_K) terms. Every kernel here keeps exactly that float sequence per pair
@@ -25,7 +25,7 @@
 //!
 //! The integers are equal because nothing saturates or wraps:
 //! - AVX2's `vpmaddubsw` saturates its i16 pair sums; there `0 ≤ u ≤ 128` (4-, 5- and 6-bit
-//!   quants, or `|w|` of a Q8_0 weight, −128 included) and `|v| ≤ 127` (the Q8_0/Q8_1/Q8_K
+//!   quants, or `|w|` of a Q8_0 or Q5_0 weight, −128 included) and `|v| ≤ 127` (the Q8_0/Q8_1/Q8_K
 //!   activation quants are rounded from `x·127/amax`, never −128), so a pair sum is at most
 //!   2·128·127 = 32512 < 32767 and `p_l` is the exact dot product of its 4 bytes.
 //! - `vpdpbusd` (not the saturating `vpdpbusds`) adds four u8×i8 products to an i32 with no
@@ -45,7 +45,8 @@
 //! in the AVX2 4×1 tile; on Zen 4 the integer multiplies and the FMAs share two pipes, so that
 //! is 2 of their slots instead of 3. Q8_0 avoids `vpsignb` (also on those pipes): the
 //! activations are offset (`y + 128`, one XOR per activation block) and `vpdpbusd(c, y + 128,
-//! w)` starts from `c = −128·Σw`, computed once per weight block.
+//! w)` starts from `c = −128·Σw`, computed once per weight block. Q5_0 runs the Q8_0 tiles on
+//! its signed quants `q − 16`, Q5_1 the Q4_1 tiles with the fifth bits OR-ed in.
 //!
 //! # Wide kernel (`m ≥ 24`)
 //! Lane `k` of a zmm belongs to weight row `j0 + k` of a 16-row group, with one accumulator per
@@ -61,10 +62,12 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::avx2::bytes_from_bits;
 use super::avx2::{self, TileArgs, hsum};
 use super::formats::{
-    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES,
-    Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, unpack_scales_mins_k4,
+    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
+    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, unpack_scales_mins_k4,
 };
 use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
@@ -110,6 +113,12 @@ pub(crate) unsafe fn compute(
         WeightType::Q8_0 if wide => {
             return unsafe { compute_wide(WideKind::Q8_0, w, acts, a, r, out) };
         }
+        WeightType::Q5_0 if wide => {
+            return unsafe { compute_wide(WideKind::Q5_0, w, acts, a, r, out) };
+        }
+        WeightType::Q5_1 if wide => {
+            return unsafe { compute_wide(WideKind::Q5_1, w, acts, a, r, out) };
+        }
         WeightType::Q4K if acts.m >= WIDE_MIN_M_K => {
             return unsafe { compute_wide(WideKind::Q4K, w, acts, a, r, out) };
         }
@@ -119,9 +128,11 @@ pub(crate) unsafe fn compute(
         WeightType::Q6K if acts.m >= WIDE_MIN_M_K => {
             return unsafe { compute_wide(WideKind::Q6K, w, acts, a, r, out) };
         }
-        WeightType::Q4_0 if acts.m > 1 => pick_q4::<false>,
-        WeightType::Q4_1 if acts.m > 1 => pick_q4::<true>,
-        WeightType::Q8_0 if acts.m > 1 => pick_q8_0,
+        WeightType::Q4_0 if acts.m > 1 => pick_q4::<false, false>,
+        WeightType::Q4_1 if acts.m > 1 => pick_q4::<true, false>,
+        WeightType::Q5_1 if acts.m > 1 => pick_q4::<true, true>,
+        WeightType::Q8_0 if acts.m > 1 => pick_q8_0::<false>,
+        WeightType::Q5_0 if acts.m > 1 => pick_q8_0::<true>,
         // SAFETY: forwarded contract (AVX2/FMA/F16C are part of it).
         _ => return unsafe { avx2::compute(w, acts, a, r, out) },
     };
@@ -166,12 +177,12 @@ macro_rules! pick_mr_nr {
     };
 }
 
-fn pick_q4<const Q41: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q4, Q41)
+fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
 }
 
-fn pick_q8_0(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0)
+fn pick_q8_0<const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0, FIVE)
 }
 
 /// The activation scales of rows `i0..i0+MR` (`MR ≤ 8`) for the blocks of a tile: `d` or `s`
@@ -211,25 +222,28 @@ impl<const MR: usize> RowScales<MR> {
     }
 }
 
-/// Q4_0 (`Q41 = false`, offset −8·d) and Q4_1 (`Q41 = true`, offset m) × Q8_0/Q8_1, `MR ≤ 8`
-/// rows × `NR ≤ 2` weight rows. Per pair the float operations are those of `avx2::tile_q4`.
+/// Q4_0 (`Q41 = false`, offset −8·d), Q4_1 (`Q41 = true`, offset m) and Q5_1 (`Q41` and
+/// `FIVE`) × Q8_0/Q8_1, `MR ≤ 8` rows × `NR ≤ 2` weight rows. Per pair the float operations are
+/// those of `avx2::tile_q4`.
 ///
 /// # Safety
 /// AVX2/FMA/F16C and AVX-512 F/BW/VL/VNNI; the tile lies inside the operands described by `t`
 /// (see [`compute`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
+unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE: bool>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    let (bb, qoff) = if Q41 {
-        (Q4_1_BYTES, 4)
-    } else {
-        (Q4_0_BYTES, 2)
+    debug_assert!(Q41 || !FIVE);
+    let (bb, qoff) = match (Q41, FIVE) {
+        (true, true) => (Q5_1_BYTES, Q5_1_QS),
+        (true, false) => (Q4_1_BYTES, 4),
+        _ => (Q4_0_BYTES, 2),
     };
     let mask = _mm256_set1_epi8(0x0F);
+    let bit5 = _mm256_set1_epi8(0x10);
     // Shift the upper 128 bits by 4: low nibbles (weights 0..16) below, high nibbles above.
     let nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
@@ -282,6 +296,11 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
                     let raw = _mm_loadu_si128(wrow[j].add(b * bb + qoff) as *const __m128i);
                     let raw = _mm256_broadcastsi128_si256(raw);
                     q[j] = _mm256_and_si256(_mm256_srlv_epi32(raw, nibble_shift), mask);
+                    if FIVE {
+                        let hi =
+                            _mm256_and_si256(bytes_from_bits(wrow[j].add(b * bb + Q5_1_QH)), bit5);
+                        q[j] = _mm256_or_si256(q[j], hi);
+                    }
                 }
                 for i in 0..MR {
                     let y = _mm256_loadu_si256(yrow[i].add(b * QK) as *const __m256i);
@@ -307,21 +326,24 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool>(
     }
 }
 
-/// Q8_0 × Q8_0, `MR ≤ 8` rows × `NR ≤ 2` weight rows: `vpdpbusd(−128·Σw, y + 128, w)`.
+/// Q8_0 (`FIVE = false`) and Q5_0 (`FIVE`, signed quants `q − 16`) × Q8_0, `MR ≤ 8` rows ×
+/// `NR ≤ 2` weight rows: `vpdpbusd(−128·Σw, y + 128, w)`.
 ///
 /// # Safety
 /// As [`tile_q4`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
+unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
+    let bb = if FIVE { Q5_0_BYTES } else { Q8_0_BYTES };
     let bias = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let mut sc = [[[0f32; MR_MAX]; NR]; CHUNK];
-    // SAFETY: as in `tile_q4` (blocks of 34 bytes, 32 quants at offset 2).
+    // SAFETY: as in `tile_q4` (Q8_0: blocks of 34 bytes, 32 quants at offset 2; Q5_0: blocks of
+    // 22 bytes, fifth bits at 2, nibbles at 6).
     unsafe {
         let mut wrow = [t.w; NR];
         for j in 0..NR {
@@ -339,7 +361,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
                 let b = b0 + c;
                 let dxb = dx.block(b);
                 for j in 0..NR {
-                    let raw = std::ptr::read_unaligned(wrow[j].add(b * Q8_0_BYTES) as *const u16);
+                    let raw = std::ptr::read_unaligned(wrow[j].add(b * bb) as *const u16);
                     let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
                     _mm256_storeu_ps(sc[c][j].as_mut_ptr(), _mm256_mul_ps(dw, dxb));
                 }
@@ -349,7 +371,11 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
                 let mut wq = [_mm256_setzero_si256(); NR];
                 let mut corr = [_mm256_setzero_si256(); NR];
                 for j in 0..NR {
-                    wq[j] = _mm256_loadu_si256(wrow[j].add(b * Q8_0_BYTES + 2) as *const __m256i);
+                    wq[j] = if FIVE {
+                        q5_0_signed(wrow[j].add(b * bb))
+                    } else {
+                        _mm256_loadu_si256(wrow[j].add(b * bb + 2) as *const __m256i)
+                    };
                     // −128·(sum of each 4 weights): cancels the +128 on the activations.
                     let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, wq[j]);
                     corr[j] = _mm256_sub_epi32(_mm256_setzero_si256(), s);
@@ -377,7 +403,32 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize>(
     }
 }
 
-/// Activation rows from which Q4_0, Q4_1 and Q8_0 use the wide kernel ([`compute_wide`]).
+/// The 32 quants of the Q5_0 block at `blk` as signed bytes `q − 16`, in weight order (as
+/// `avx2::tile_q8_0` decodes them).
+///
+/// # Safety
+/// AVX2; `blk` points to a whole Q5_0 block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q5_0_signed(blk: *const u8) -> __m256i {
+    // SAFETY: the block's 22 bytes are readable (caller contract).
+    unsafe {
+        let raw = _mm_loadu_si128(blk.add(Q5_0_QS) as *const __m128i);
+        let nib = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw),
+            _mm256_set1_epi8(0x0F),
+        );
+        // Fifth bit clear: q − 16 = nibble − 16, the nibble with its high bits set.
+        let neg = _mm256_andnot_si256(
+            bytes_from_bits(blk.add(Q5_0_QH)),
+            _mm256_set1_epi8(0xF0u8 as i8),
+        );
+        _mm256_or_si256(nib, neg)
+    }
+}
+
+/// Activation rows from which Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use the wide kernel
+/// ([`compute_wide`]).
 const WIDE_MIN_M: usize = 24;
 
 /// The same for the K-quants.
@@ -417,6 +468,10 @@ enum WideKind {
     Q4_1,
     /// Q8_0 (weights stored +128, see [`tile_wide`]).
     Q8_0,
+    /// Q5_0 (signed quants `q − 16` stored +128, as Q8_0's).
+    Q5_0,
+    /// Q5_1 (5-bit quants, offset m).
+    Q5_1,
     /// Q4_K ([`tile_wide_k`]).
     Q4K,
     /// Q5_K ([`tile_wide_k`]).
@@ -471,6 +526,18 @@ unsafe fn compute_wide(
             tile_wide::<2, 2>,
             tile_wide::<1, 2>,
         ),
+        WideKind::Q5_0 => (
+            WIDE_LINES,
+            repack::<3>,
+            tile_wide::<2, 2>,
+            tile_wide::<1, 2>,
+        ),
+        WideKind::Q5_1 => (
+            WIDE_LINES,
+            repack::<4>,
+            tile_wide::<2, 1>,
+            tile_wide::<1, 1>,
+        ),
         WideKind::Q4K => (
             WIDE_LINES_K,
             repack_k::<false>,
@@ -517,22 +584,31 @@ unsafe fn compute_wide(
 }
 
 /// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_0 (`K = 0`),
-/// Q4_1 (1) or Q8_0 (2) matrix into `dst`: for block
+/// Q4_1 (1), Q8_0 (2), Q5_0 (3) or Q5_1 (4) matrix into `dst`: for block
 /// `b`, lines `10b + l` (l < 8) hold, in their 16 dword lanes, dword `l` of each row's block as
-/// the AVX2 tiles feed it to the integer dot product (Q4: the unpacked nibbles of
-/// `avx2::tile_q4`'s `q`; Q8_0: the quants + 128, as u8); line `10b + 8` holds the rows' `d`
-/// and line `10b + 9` their offset (Q4_1 `m`, Q4_0 `-8·d`) as f32.
+/// the AVX2 tiles feed it to the integer dot product (Q4, Q5_1: the unpacked quants of
+/// `avx2::tile_q4`'s `q`; Q8_0, Q5_0: the signed quants + 128, as u8); line `10b + 8` holds the
+/// rows' `d` and line `10b + 9` their offset (Q4_1/Q5_1 `m`, Q4_0 `-8·d`) as f32.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·10` lines.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let kind = [WideKind::Q4_0, WideKind::Q4_1, WideKind::Q8_0][K as usize];
+    let kind = [
+        WideKind::Q4_0,
+        WideKind::Q4_1,
+        WideKind::Q8_0,
+        WideKind::Q5_0,
+        WideKind::Q5_1,
+    ][K as usize];
     let (bb, qoff) = match kind {
         WideKind::Q4_0 => (Q4_0_BYTES, 2),
         WideKind::Q4_1 => (Q4_1_BYTES, 4),
+        WideKind::Q5_0 => (Q5_0_BYTES, Q5_0_QS),
+        WideKind::Q5_1 => (Q5_1_BYTES, Q5_1_QS),
         _ => (Q8_0_BYTES, 2),
     };
+    let bit5 = _mm256_set1_epi8(0x10);
     let mask = _mm256_set1_epi8(0x0F);
     let nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let bias = _mm256_set1_epi8(-128);
@@ -548,15 +624,23 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
                 d16[k] = std::ptr::read_unaligned(blk as *const u16);
                 let q = if kind == WideKind::Q8_0 {
                     _mm256_xor_si256(_mm256_loadu_si256(blk.add(qoff) as *const __m256i), bias)
+                } else if kind == WideKind::Q5_0 {
+                    _mm256_xor_si256(q5_0_signed(blk), bias)
                 } else {
-                    if kind == WideKind::Q4_1 {
+                    if matches!(kind, WideKind::Q4_1 | WideKind::Q5_1) {
                         m16[k] = std::ptr::read_unaligned(blk.add(2) as *const u16);
                     }
                     let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
-                    _mm256_and_si256(
+                    let q = _mm256_and_si256(
                         _mm256_srlv_epi32(_mm256_broadcastsi128_si256(raw), nibble_shift),
                         mask,
-                    )
+                    );
+                    if kind == WideKind::Q5_1 {
+                        let hi = _mm256_and_si256(bytes_from_bits(blk.add(Q5_1_QH)), bit5);
+                        _mm256_or_si256(q, hi)
+                    } else {
+                        q
+                    }
                 };
                 z[k / 2] = if k % 2 == 0 {
                     _mm512_castsi256_si512(q)
@@ -571,7 +655,7 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
                     line.add(9) as *mut f32,
                     _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
                 ),
-                WideKind::Q4_1 => _mm512_store_ps(
+                WideKind::Q4_1 | WideKind::Q5_1 => _mm512_store_ps(
                     line.add(9) as *mut f32,
                     _mm512_cvtph_ps(_mm256_loadu_si256(m16.as_ptr() as *const __m256i)),
                 ),
@@ -618,9 +702,10 @@ unsafe fn transpose_store(z: &[__m512i; WIDE / 2], line: *mut Line) {
 }
 
 /// `MR` (1 or 2) activation rows from `i0` × the repacked 16-row group at `pack` (weight rows
-/// `j0..j0+n`); `K` is the kind: 0 Q4_0, 1 Q4_1, 2 Q8_0.
+/// `j0..j0+n`); `K` is the layout: 0 Q4_0, 1 Q4_1 and Q5_1 (offset line), 2 Q8_0 and Q5_0
+/// (weights stored +128).
 ///
-/// Q8_0 weights are stored +128 (unsigned, as `vpdpbusd` needs), so each lane's dot product
+/// Q8_0 (and Q5_0) weights are stored +128 (unsigned, as `vpdpbusd` needs), so each lane's dot product
 /// starts from `−128·Σy` over its 4 activations instead of 0: `Σ(w+128)·y − 128·Σy = Σw·y`,
 /// exactly (all in i32, no overflow).
 ///
@@ -1156,6 +1241,8 @@ mod tests {
         for ty in [
             WeightType::Q4_0,
             WeightType::Q4_1,
+            WeightType::Q5_0,
+            WeightType::Q5_1,
             WeightType::Q8_0,
             WeightType::Q4K,
             WeightType::Q5K,
@@ -1169,7 +1256,10 @@ mod tests {
                         WeightType::Q6K => blk[Q6K_D..Q6K_D + 2].copy_from_slice(&d),
                         _ => blk[0..2].copy_from_slice(&d),
                     }
-                    if matches!(ty, WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K) {
+                    if matches!(
+                        ty,
+                        WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K
+                    ) {
                         blk[2..4].copy_from_slice(&f16(0.0007));
                     }
                 }

@@ -4,17 +4,26 @@
 
 use super::WeightType;
 
-/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q8_0 and the Q8_0/Q8_1 activations).
+/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q8_0/Q8_1
+/// activations).
 pub(crate) const QK: usize = 32;
 /// Weights per super-block of the K-quants (and the Q8_K activations).
 pub(crate) const QK_K: usize = 256;
 
 pub(crate) const Q4_0_BYTES: usize = 18;
 pub(crate) const Q4_1_BYTES: usize = 20;
+pub(crate) const Q5_0_BYTES: usize = 22;
+pub(crate) const Q5_1_BYTES: usize = 24;
 pub(crate) const Q8_0_BYTES: usize = 34;
 pub(crate) const Q4K_BYTES: usize = 144;
 pub(crate) const Q5K_BYTES: usize = 176;
 pub(crate) const Q6K_BYTES: usize = 210;
+
+// Field offsets of Q5_0/Q5_1: the 4 bytes of 5th bits, then the 16 bytes of nibbles.
+pub(crate) const Q5_0_QH: usize = 2;
+pub(crate) const Q5_0_QS: usize = 6;
+pub(crate) const Q5_1_QH: usize = 4;
+pub(crate) const Q5_1_QS: usize = 8;
 
 // Field offsets inside the K-quant super-blocks.
 pub(crate) const Q4K_SCALES: usize = 4;
@@ -74,6 +83,20 @@ pub(crate) fn unpack_scales_mins_k4(q: &[u8]) -> [u8; 16] {
     out
 }
 
+/// The 5-bit quants (0..32) of one Q5_0/Q5_1 block, in weight order: weight `j < 16` is the low
+/// nibble of byte `j` of `qs`, weight `j + 16` its high nibble, and bit `j` of the little-endian
+/// `qh` is weight `j`'s fifth bit (ggml `dequantize_row_q5_0`).
+#[inline]
+pub(crate) fn q5_quants(qh: &[u8], qs: &[u8]) -> [u8; QK] {
+    let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; QK];
+    for j in 0..QK / 2 {
+        q[j] = (qs[j] & 0xF) | ((((h >> j) & 1) as u8) << 4);
+        q[j + QK / 2] = (qs[j] >> 4) | ((((h >> (j + 16)) & 1) as u8) << 4);
+    }
+    q
+}
+
 /// Dequantizes one weight row (`row.len() == ty.row_bytes(out.len())`, checked by the caller).
 pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
     match ty {
@@ -105,6 +128,25 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                     let q = b[4 + j];
                     y[j] = (q & 0xF) as f32 * d + m;
                     y[j + QK / 2] = (q >> 4) as f32 * d + m;
+                }
+            }
+        }
+        WeightType::Q5_0 => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q5_0_BYTES)) {
+                let d = f16_at(b, 0);
+                let q = q5_quants(&b[Q5_0_QH..], &b[Q5_0_QS..]);
+                for (y, &q) in y.iter_mut().zip(&q) {
+                    *y = (q as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        WeightType::Q5_1 => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q5_1_BYTES)) {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                let q = q5_quants(&b[Q5_1_QH..], &b[Q5_1_QS..]);
+                for (y, &q) in y.iter_mut().zip(&q) {
+                    *y = q as f32 * d + m;
                 }
             }
         }
@@ -206,6 +248,8 @@ mod tests {
         // sizeof(block_*) in ggml-common.h.
         assert_eq!(WeightType::Q4_0.row_bytes(64), 36);
         assert_eq!(WeightType::Q4_1.block_bytes(), 2 + 2 + 16);
+        assert_eq!(WeightType::Q5_0.block_bytes(), 2 + 4 + 16);
+        assert_eq!(WeightType::Q5_1.block_bytes(), 2 + 2 + 4 + 16);
         assert_eq!(WeightType::Q8_0.block_bytes(), 2 + 32);
         assert_eq!(WeightType::Q4K.block_bytes(), 2 + 2 + 12 + 128);
         assert_eq!(WeightType::Q5K.block_bytes(), 2 + 2 + 12 + 32 + 128);
@@ -233,6 +277,31 @@ mod tests {
         dequantize_row(WeightType::Q4_1, &b, &mut y);
         assert_eq!(y[3], 2.0 * 2.0 - 1.0);
         assert_eq!(y[19], 5.0 * 2.0 - 1.0);
+        assert_eq!(y[0], -1.0);
+
+        // Q5_0: d = 0.5; byte 3 = 0xA7 (low 7, high 10); qh bit 3 set (weight 3 gets +16),
+        // bit 19 clear (weight 19 does not), bit 31 set (weight 31 = 0 | 16).
+        let mut b = vec![0u8; Q5_0_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[Q5_0_QH..Q5_0_QH + 4].copy_from_slice(&((1u32 << 3) | (1u32 << 31)).to_le_bytes());
+        b[Q5_0_QS + 3] = 0xA7;
+        let mut y = [0f32; QK];
+        dequantize_row(WeightType::Q5_0, &b, &mut y);
+        assert_eq!(y[3], (7 + 16 - 16) as f32 * 0.5);
+        assert_eq!(y[19], (10 - 16) as f32 * 0.5);
+        assert_eq!(y[31], 0.0);
+        assert_eq!(y[0], -8.0);
+
+        // Q5_1: d = 2, m = -1; same bits.
+        let mut b = vec![0u8; Q5_1_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(2.0).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_bits().to_le_bytes());
+        b[Q5_1_QH..Q5_1_QH + 4].copy_from_slice(&((1u32 << 3) | (1u32 << 31)).to_le_bytes());
+        b[Q5_1_QS + 3] = 0xA7;
+        dequantize_row(WeightType::Q5_1, &b, &mut y);
+        assert_eq!(y[3], 23.0 * 2.0 - 1.0);
+        assert_eq!(y[19], 10.0 * 2.0 - 1.0);
+        assert_eq!(y[31], 16.0 * 2.0 - 1.0);
         assert_eq!(y[0], -1.0);
 
         // Q6_K: all-zero quants give -32 * d * scale.

@@ -1,8 +1,8 @@
 //! CPU matrix multiplication against quantized weights stored in ggml/GGUF layout.
 //!
 //! References (layouts and arithmetic follow these exactly so that results match llama.cpp):
-//! - ggml `ggml-common.h`: `block_q4_0`, `block_q4_1`, `block_q8_0`, `block_q8_1`, `block_q4_K`,
-//!   `block_q5_K`, `block_q6_K`, `block_q8_K`.
+//! - ggml `ggml-common.h`: `block_q4_0`, `block_q4_1`, `block_q5_0`, `block_q5_1`, `block_q8_0`,
+//!   `block_q8_1`, `block_q4_K`, `block_q5_K`, `block_q6_K`, `block_q8_K`.
 //! - ggml `ggml-quants.c`: `dequantize_row_*`, `quantize_row_q8_K_ref`, `get_scale_min_k4`.
 //! - ggml `ggml-cpu/arch/x86/quants.c`: `quantize_row_q8_0` / `quantize_row_q8_1` (the
 //!   rounding actually used on x86) and the `ggml_vec_dot_*` kernels.
@@ -16,6 +16,8 @@
 //! |------|---------------|-------|------------------|
 //! | Q4_0 | 32  | 18  | f16 d; 16 B nibbles (w = d·(q−8); low nibbles are weights 0..16) |
 //! | Q4_1 | 32  | 20  | f16 d; f16 m; 16 B nibbles (w = d·q + m) |
+//! | Q5_0 | 32  | 22  | f16 d; 4 B qh (u32, bit j: weight j's 5th bit); nibbles as Q4_0 (w = d·(q−16)) |
+//! | Q5_1 | 32  | 24  | f16 d; f16 m; 4 B qh; 16 B nibbles (w = d·q + m) |
 //! | Q8_0 | 32  | 34  | f16 d; 32 × i8 (w = d·q) |
 //! | Q4_K | 256 | 144 | f16 d; f16 dmin; 12 B packed 6-bit scales/mins; 128 B nibbles |
 //! | Q5_K | 256 | 176 | f16 d; f16 dmin; 12 B scales/mins; 32 B high bits; 128 B nibbles |
@@ -23,9 +25,9 @@
 //! | F32 / F16 | 1 | 4 / 2 | dense |
 //!
 //! # Activations
-//! Like ggml, the f32 activations are quantized once per matmul (Q8_0 for Q4_0 and Q8_0 weights,
-//! Q8_1 for Q4_1, Q8_K for the K-quants) and the dot products run on integers, with one float
-//! multiply-add per block. F32/F16 weights use the f32 activations directly.
+//! Like ggml, the f32 activations are quantized once per matmul (Q8_0 for Q4_0, Q5_0 and Q8_0
+//! weights, Q8_1 for Q4_1 and Q5_1, Q8_K for the K-quants) and the dot products run on integers,
+//! with one float multiply-add per block. F32/F16 weights use the f32 activations directly.
 //!
 //! # Kernel paths
 //! [`KernelPath::Scalar`] is the reference (the spec); [`KernelPath::Avx2`] is picked at run
@@ -88,6 +90,8 @@ pub enum WeightType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -96,11 +100,13 @@ pub enum WeightType {
 
 impl WeightType {
     /// All supported types.
-    pub const ALL: [WeightType; 8] = [
+    pub const ALL: [WeightType; 10] = [
         WeightType::F32,
         WeightType::F16,
         WeightType::Q4_0,
         WeightType::Q4_1,
+        WeightType::Q5_0,
+        WeightType::Q5_1,
         WeightType::Q8_0,
         WeightType::Q4K,
         WeightType::Q5K,
@@ -111,7 +117,11 @@ impl WeightType {
     pub fn block_size(self) -> usize {
         match self {
             WeightType::F32 | WeightType::F16 => 1,
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => formats::QK,
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => formats::QK,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => formats::QK_K,
         }
     }
@@ -123,6 +133,8 @@ impl WeightType {
             WeightType::F16 => 2,
             WeightType::Q4_0 => formats::Q4_0_BYTES,
             WeightType::Q4_1 => formats::Q4_1_BYTES,
+            WeightType::Q5_0 => formats::Q5_0_BYTES,
+            WeightType::Q5_1 => formats::Q5_1_BYTES,
             WeightType::Q8_0 => formats::Q8_0_BYTES,
             WeightType::Q4K => formats::Q4K_BYTES,
             WeightType::Q5K => formats::Q5K_BYTES,
@@ -142,6 +154,8 @@ impl WeightType {
             1 => WeightType::F16,
             2 => WeightType::Q4_0,
             3 => WeightType::Q4_1,
+            6 => WeightType::Q5_0,
+            7 => WeightType::Q5_1,
             8 => WeightType::Q8_0,
             12 => WeightType::Q4K,
             13 => WeightType::Q5K,
@@ -157,6 +171,8 @@ impl WeightType {
             WeightType::F16 => 1,
             WeightType::Q4_0 => 2,
             WeightType::Q4_1 => 3,
+            WeightType::Q5_0 => 6,
+            WeightType::Q5_1 => 7,
             WeightType::Q8_0 => 8,
             WeightType::Q4K => 12,
             WeightType::Q5K => 13,
@@ -172,6 +188,8 @@ impl fmt::Display for WeightType {
             WeightType::F16 => "F16",
             WeightType::Q4_0 => "Q4_0",
             WeightType::Q4_1 => "Q4_1",
+            WeightType::Q5_0 => "Q5_0",
+            WeightType::Q5_1 => "Q5_1",
             WeightType::Q8_0 => "Q8_0",
             WeightType::Q4K => "Q4_K",
             WeightType::Q5K => "Q5_K",

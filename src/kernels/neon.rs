@@ -16,8 +16,9 @@ use std::arch::aarch64::*;
 use super::neon_emu::*;
 
 use super::formats::{
-    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS,
-    Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
+    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
+    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -155,6 +156,44 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                         hi = vsubq_s8(hi, vdupq_n_s8(8));
                         let isum = dot32(lo, hi, &qs[b * QK..]);
                         sumf += isum as f32 * f16_at(blk, 0) * acts.d[k];
+                    }
+                }
+                sumf
+            }
+            WeightType::Q5_0 | WeightType::Q5_1 => {
+                let q51 = ty == WeightType::Q5_1;
+                let (bb, qh_off, qoff) = if q51 {
+                    (Q5_1_BYTES, Q5_1_QH, Q5_1_QS)
+                } else {
+                    (Q5_0_BYTES, Q5_0_QH, Q5_0_QS)
+                };
+                let mut sumf = 0f32;
+                for (b, blk) in wr.chunks_exact(bb).enumerate() {
+                    // The fifth bits as 0/16 per weight, expanded in scalar code.
+                    let h = u32::from_le_bytes([
+                        blk[qh_off],
+                        blk[qh_off + 1],
+                        blk[qh_off + 2],
+                        blk[qh_off + 3],
+                    ]);
+                    let mut hb = [0u8; QK];
+                    for (k, v) in hb.iter_mut().enumerate() {
+                        *v = (((h >> k) & 1) as u8) << 4;
+                    }
+                    let v = load_u8(blk, qoff);
+                    let mut lo = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(v, m4), load_u8(&hb, 0)));
+                    let mut hi =
+                        vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8::<4>(v), load_u8(&hb, 16)));
+                    let k = acts.scale_index(i, b);
+                    if q51 {
+                        let isum = dot32(lo, hi, &qs[b * QK..]);
+                        sumf +=
+                            (f16_at(blk, 0) * acts.d[k]) * isum as f32 + f16_at(blk, 2) * acts.s[k];
+                    } else {
+                        lo = vsubq_s8(lo, vdupq_n_s8(16));
+                        hi = vsubq_s8(hi, vdupq_n_s8(16));
+                        let isum = dot32(lo, hi, &qs[b * QK..]);
+                        sumf += isum as f32 * (f16_at(blk, 0) * acts.d[k]);
                     }
                 }
                 sumf

@@ -33,8 +33,8 @@ impl ActKind {
     pub(crate) fn for_weights(ty: WeightType) -> ActKind {
         match ty {
             WeightType::F32 | WeightType::F16 => ActKind::F32,
-            WeightType::Q4_0 | WeightType::Q8_0 => ActKind::Q8_0,
-            WeightType::Q4_1 => ActKind::Q8_1,
+            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActKind::Q8_0,
+            WeightType::Q4_1 | WeightType::Q5_1 => ActKind::Q8_1,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActKind::Q8K,
         }
     }

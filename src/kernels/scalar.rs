@@ -1,13 +1,15 @@
 //! Portable reference kernels: the specification the SIMD paths are tested against.
 //!
 //! Each dot product follows ggml's generic `ggml_vec_dot_*` (integer sums within a block,
-//! one float multiply per block): Q4_0·Q8_0, Q4_1·Q8_1, Q8_0·Q8_0, Q4_K/Q5_K/Q6_K·Q8_K.
+//! one float multiply per block): Q4_0·Q8_0, Q4_1·Q8_1, Q5_0·Q8_0, Q5_1·Q8_1, Q8_0·Q8_0,
+//! Q4_K/Q5_K/Q6_K·Q8_K.
 
 use std::ops::Range;
 
 use super::formats::{
-    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5K_BYTES, Q5K_QH, Q5K_QS,
-    Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
+    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
+    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -81,6 +83,29 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                     sumi += (blk[4 + j] & 0xF) as i32 * y[j] as i32
                         + (blk[4 + j] >> 4) as i32 * y[j + QK / 2] as i32;
                 }
+                let k = acts.scale_index(i, b);
+                sumf += (f16_at(blk, 0) * acts.d[k]) * sumi as f32 + f16_at(blk, 2) * acts.s[k];
+            }
+            sumf
+        }
+        WeightType::Q5_0 => {
+            // ggml `ggml_vec_dot_q5_0_q8_0`: signed quants q − 16, one (d_w·d_y)·Σ per block.
+            let mut sumf = 0f32;
+            for (b, blk) in wr.chunks_exact(Q5_0_BYTES).enumerate() {
+                let y = &qs[b * QK..(b + 1) * QK];
+                let q = formats::q5_quants(&blk[Q5_0_QH..], &blk[Q5_0_QS..]);
+                let sumi: i32 = (0..QK).map(|j| (q[j] as i32 - 16) * y[j] as i32).sum();
+                sumf += sumi as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
+            }
+            sumf
+        }
+        WeightType::Q5_1 => {
+            // ggml `ggml_vec_dot_q5_1_q8_1`: unsigned quants, min term m·s with Q8_1's f16 s.
+            let mut sumf = 0f32;
+            for (b, blk) in wr.chunks_exact(Q5_1_BYTES).enumerate() {
+                let y = &qs[b * QK..(b + 1) * QK];
+                let q = formats::q5_quants(&blk[Q5_1_QH..], &blk[Q5_1_QS..]);
+                let sumi: i32 = (0..QK).map(|j| q[j] as i32 * y[j] as i32).sum();
                 let k = acts.scale_index(i, b);
                 sumf += (f16_at(blk, 0) * acts.d[k]) * sumi as f32 + f16_at(blk, 2) * acts.s[k];
             }
@@ -193,8 +218,12 @@ mod tests {
                         want += xq[i * cols + c] as f64 * wf[j * cols + c] as f64;
                     }
                     let mag = testutil::magnitude(&w, &wf, &xq, i, j);
-                    // Q4_1's min term uses ggml's f16 `s` instead of d·Σq.
-                    let slack = if ty == WeightType::Q4_1 { 2e-3 } else { 1e-5 };
+                    // Q4_1's and Q5_1's min term uses ggml's f16 `s` instead of d·Σq.
+                    let slack = if matches!(ty, WeightType::Q4_1 | WeightType::Q5_1) {
+                        2e-3
+                    } else {
+                        1e-5
+                    };
                     assert!(
                         (got as f64 - want).abs() <= (slack * mag) as f64 + 1e-6,
                         "{ty}: got {got}, want {want}"

@@ -66,12 +66,12 @@ pub(crate) fn random_weights(rng: &mut Rng, ty: WeightType, rows: usize, cols: u
                 put_f16(c, 0, rng.uniform(-0.1, 0.1));
             }
         }
-        WeightType::Q4_0 | WeightType::Q8_0 => {
+        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => {
             for b in data.chunks_exact_mut(ty.block_bytes()) {
                 put_f16(b, 0, rng.uniform(-0.02, 0.02));
             }
         }
-        WeightType::Q4_1 => {
+        WeightType::Q4_1 | WeightType::Q5_1 => {
             for b in data.chunks_exact_mut(ty.block_bytes()) {
                 put_f16(b, 0, rng.uniform(0.0, 0.02));
                 put_f16(b, 2, rng.uniform(-0.15, 0.05));
@@ -131,7 +131,11 @@ pub(crate) fn naive_matmul(wf: &[f32], rows: usize, cols: usize, x: &[f32], m: u
 pub(crate) fn act_block(ty: WeightType) -> usize {
     match ty {
         WeightType::F32 | WeightType::F16 => 0,
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => QK,
+        WeightType::Q4_0
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1
+        | WeightType::Q8_0 => QK,
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
     }
 }
@@ -177,19 +181,20 @@ pub(crate) fn quantization_bound(
 }
 
 /// Per activation block, the magnitude of the weight offset folded into the dot product
-/// (Q4_1 `m`, Q4_0 `8d`, K-quant `dmin·min`, Q6_K `32·d·scale`), used for error bounds.
+/// (Q4_1/Q5_1 `m`, Q4_0 `8d`, K-quant `dmin·min`, Q6_K `32·d·scale`), used for error bounds.
 pub(crate) fn block_offsets(w: &QMatrix, row: usize) -> Vec<f32> {
     let rb = w.row_bytes();
     let r = &w.data[row * rb..(row + 1) * rb];
     let bb = w.ty.block_bytes();
     match w.ty {
         WeightType::F32 | WeightType::F16 => vec![],
-        WeightType::Q8_0 => vec![0.0; w.cols / QK],
+        // Q5_0's quants are signed (q − 16), nothing is folded.
+        WeightType::Q8_0 | WeightType::Q5_0 => vec![0.0; w.cols / QK],
         WeightType::Q4_0 => r
             .chunks_exact(bb)
             .map(|b| 8.0 * formats::f16_at(b, 0).abs())
             .collect(),
-        WeightType::Q4_1 => r
+        WeightType::Q4_1 | WeightType::Q5_1 => r
             .chunks_exact(bb)
             .map(|b| formats::f16_at(b, 2).abs())
             .collect(),

@@ -157,6 +157,8 @@ fn kernel_type(ty: GgmlType) -> Option<WeightType> {
     Some(match ty {
         GgmlType::Q4_0 => WeightType::Q4_0,
         GgmlType::Q4_1 => WeightType::Q4_1,
+        GgmlType::Q5_0 => WeightType::Q5_0,
+        GgmlType::Q5_1 => WeightType::Q5_1,
         GgmlType::Q8_0 => WeightType::Q8_0,
         GgmlType::Q4K => WeightType::Q4K,
         GgmlType::Q5K => WeightType::Q5K,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use llm_worker_rbee::engine::SchedulerConfig;
 use llm_worker_rbee::heartbeat::HeartbeatConfig;
+use llm_worker_rbee::http::auth::ApiKey;
 use llm_worker_rbee::jobs::RegistryConfig;
 use llm_worker_rbee::model::chat_template::ChatTemplate;
 use llm_worker_rbee::worker::{Worker, WorkerConfig};
@@ -61,6 +62,8 @@ pub struct Setup {
     /// The registry's capacity.
     pub capacity: usize,
     pub token: Option<&'static str>,
+    /// More API keys beside `token` (which is the key named `default`).
+    pub more_keys: Vec<ApiKey>,
     /// The fake model's tokens.
     pub script: Vec<u32>,
     /// The fake model's context.
@@ -86,6 +89,7 @@ impl Default for Setup {
             ttl: worker.registry.job_ttl,
             capacity: worker.registry.capacity,
             token: None,
+            more_keys: Vec::new(),
             script: script_tokens(SCRIPT),
             context: 512,
             fault: None,
@@ -129,7 +133,12 @@ impl TestWorker {
                 job_ttl: setup.ttl,
                 capacity: setup.capacity,
             },
-            expected_token: setup.token.map(str::to_string),
+            api_keys: setup
+                .token
+                .map(|t| ApiKey::new("default", t))
+                .into_iter()
+                .chain(setup.more_keys.iter().cloned())
+                .collect(),
             chat_template: setup.chat_template.map(Arc::new),
             heartbeat: setup.heartbeat,
             metrics_auth: setup.metrics_auth,

@@ -19,8 +19,9 @@ use super::run::{ended_error, json_event, response_meta, submit};
 use crate::engine::EngineEvent;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::auth::Caller;
 use crate::http::pipeline::{event_stream, sse_response};
-use crate::jobs::{JobApi, JobFollower, ServedModel, Timeline};
+use crate::jobs::{JobApi, JobFollower, ServedModel, Submission, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
 /// One generation endpoint's answer format.
@@ -75,6 +76,7 @@ pub trait AnswerShape: Send + 'static {
 /// one JSON response once the job has finished.
 pub async fn answer<S: AnswerShape>(
     app: &AppState,
+    caller: &Caller,
     served: &ServedModel,
     shape: S,
     common: Common,
@@ -89,7 +91,14 @@ pub async fn answer<S: AnswerShape>(
     )?;
     let wants_logprobs = params.logprobs.is_some();
     let response = response_meta(S::ID_PREFIX, served);
-    let job = submit(app, S::API, response.id.clone(), prompt_tokens, params)?;
+    let submission = Submission {
+        api: S::API,
+        owner: caller.0.clone(),
+        id: Some(response.id.clone()),
+        prompt_tokens,
+        params,
+    };
+    let job = submit(app, submission)?;
     let namer = OwnedNamer {
         tokenizer: served.meta.tokenizer.clone(),
         as_ids: common.tokens_as_ids,

@@ -18,6 +18,7 @@ use super::run::{off_the_runtime, ready};
 use crate::engine::ModelMeta;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::auth::Caller;
 use crate::http::fields::Rules;
 use crate::jobs::JobApi;
 use crate::model::chat_template::{ChatTemplate, ChatTemplateError};
@@ -64,6 +65,7 @@ fn template_error(e: ChatTemplateError) -> OpenAiError {
 
 pub async fn chat_completions(
     State(app): State<AppState>,
+    caller: Caller,
     OpenAiJson(body): OpenAiJson,
 ) -> Result<Response, OpenAiError> {
     let served = ready(&app)?;
@@ -88,7 +90,7 @@ pub async fn chat_completions(
     })
     .await??;
 
-    answer(&app, served, Chat, request.common, prompt_tokens).await
+    answer(&app, &caller, served, Chat, request.common, prompt_tokens).await
 }
 
 /// The chat answer: `chat.completion`, or `chat.completion.chunk`s that open with the

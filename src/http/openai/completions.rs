@@ -12,12 +12,14 @@ use super::response::{CompletionLogprobs, TextChoice, TokenNamer};
 use super::run::ready;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
+use crate::http::auth::Caller;
 use crate::http::fields::Rules;
 use crate::http::pipeline::tokenize_prompt;
 use crate::jobs::JobApi;
 
 pub async fn completions(
     State(app): State<AppState>,
+    caller: Caller,
     OpenAiJson(body): OpenAiJson,
 ) -> Result<Response, OpenAiError> {
     let served = ready(&app)?;
@@ -32,7 +34,8 @@ pub async fn completions(
             .map_err(|message| OpenAiError::invalid("prompt", message))?,
     };
 
-    answer(&app, served, Text::default(), request.common, prompt_tokens).await
+    let shape = Text::default();
+    answer(&app, &caller, served, shape, request.common, prompt_tokens).await
 }
 
 /// The `text_completion` answer, whole or in chunks of the same shape.

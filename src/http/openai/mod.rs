@@ -72,9 +72,16 @@ pub fn owns_path(path: &str) -> bool {
 }
 
 /// The job API's token check, with OpenAI's 401 body.
-async fn require_token(State(auth): State<Arc<ApiAuth>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(auth): State<Arc<ApiAuth>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     match auth.check(request.headers()) {
-        Ok(()) => next.run(request).await,
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
         Err(e) => OpenAiError::from(e).into_response(),
     }
 }

@@ -17,9 +17,8 @@ use sha2::{Digest, Sha256};
 use super::error::OpenAiError;
 use super::response::ResponseMeta;
 use crate::engine::{CancelReason, EngineEvent, ErrorCode};
-use crate::generation::GenerationParams;
 use crate::http::{AppState, pipeline};
-use crate::jobs::{JobApi, JobFollower, ServedModel, Submission};
+use crate::jobs::{JobFollower, ServedModel, Submission};
 
 /// The served model, or the 503 that says why there is none.
 pub fn ready(app: &AppState) -> Result<&ServedModel, OpenAiError> {
@@ -65,21 +64,9 @@ fn system_fingerprint(served: &ServedModel) -> String {
     format!("fp_{hex}")
 }
 
-/// Queues the job under `id` (the response id); `api` labels its metrics. A full queue is a
-/// 503 at once. The follower cancels the job when the request ends before the job does.
-pub fn submit(
-    app: &AppState,
-    api: JobApi,
-    id: String,
-    prompt_tokens: Vec<u32>,
-    params: GenerationParams,
-) -> Result<JobFollower, OpenAiError> {
-    let submission = Submission {
-        api,
-        id: Some(id),
-        prompt_tokens,
-        params,
-    };
+/// Queues the job (its id is the response id). A full queue is a 503 at once. The follower
+/// cancels the job when the request ends before the job does.
+pub fn submit(app: &AppState, submission: Submission) -> Result<JobFollower, OpenAiError> {
     let (record, _) = pipeline::submit(app, submission)?;
     Ok(JobFollower::new(record, 0).cancel_on_drop(app.registry.clone()))
 }
