@@ -121,6 +121,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_DRAIN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How long the model may take to load; past it the worker exits (code 1) saying so.
+    #[arg(long, env = "LLM_WORKER_LOAD_TIMEOUT", default_value = "10m", value_parser = parse_interval)]
+    pub load_timeout: Duration,
+
     /// How long a finished job's status and events stay available.
     #[arg(long, env = "LLM_WORKER_JOB_TTL", default_value = "5m", value_parser = parse_duration)]
     pub job_ttl: Duration,

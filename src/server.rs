@@ -185,6 +185,14 @@ async fn serve(
     let loaded = tokio::select! {
         loaded = loading => Some(loaded),
         () = signals.recv() => None,
+        () = tokio::time::sleep(args.load_timeout) => {
+            // Never `loading` forever: the hive and load balancers then see the worker gone.
+            worker.finish().await;
+            return Err(ServerError::Load(format!(
+                "the model did not load within --load-timeout {:?}",
+                args.load_timeout
+            )));
+        }
     };
     match loaded {
         None => tracing::info!("stop requested while the model was loading"),

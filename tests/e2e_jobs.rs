@@ -301,3 +301,19 @@ async fn sigterm_mid_stream_ends_every_stream_and_exits_zero() {
     let status = worker.wait_for_exit();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn a_model_that_does_not_load_in_time_stops_the_worker_saying_why() {
+    let mut worker = WorkerProcess::start(|command| {
+        command
+            .args(["--port", "0", "--load-timeout", "1ms"])
+            .arg("--model")
+            .arg(default_model_path());
+    });
+    worker.wait_for_line(WAIT, "no word of the load timeout", |line| {
+        line.contains("did not load within --load-timeout")
+            .then_some(())
+    });
+    let status = worker.wait_for_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
