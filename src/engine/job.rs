@@ -11,8 +11,10 @@ use crate::generation::{FinishReason, GenerationParams, TokenStep};
 pub enum CancelReason {
     /// The client asked (`DELETE /v1/jobs/{id}`).
     Client,
-    /// No client was attached to the job's stream.
+    /// The client that watched the job's stream went away.
     Disconnect,
+    /// No client ever opened the job's stream.
+    Unattached,
     /// The worker is shutting down.
     Shutdown,
 }
@@ -22,6 +24,7 @@ impl CancelReason {
         match self {
             Self::Client => "client",
             Self::Disconnect => "disconnect",
+            Self::Unattached => "unattached",
             Self::Shutdown => "shutdown",
         }
     }

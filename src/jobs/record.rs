@@ -171,6 +171,8 @@ struct JobLog {
     attached: usize,
     /// Since when no stream has been attached (creation, then the last detach).
     unattached_since: Instant,
+    /// Whether a stream was ever attached.
+    ever_attached: bool,
     /// Non-terminal events refused because the log was full (an engine bug if ever non-zero).
     refused: usize,
 }
@@ -223,6 +225,7 @@ impl JobRecord {
                 timeline: Timeline::new(arrived),
                 attached: 0,
                 unattached_since: Instant::now(),
+                ever_attached: false,
                 refused: 0,
             }),
             changed,
@@ -301,10 +304,18 @@ impl JobRecord {
 
     /// Counts a stream as attached until the returned guard is dropped.
     pub fn attach(self: &Arc<Self>) -> Attachment {
-        self.lock().attached += 1;
+        let mut log = self.lock();
+        log.attached += 1;
+        log.ever_attached = true;
+        drop(log);
         Attachment {
             record: self.clone(),
         }
+    }
+
+    /// Whether a stream was ever attached to the job.
+    pub fn ever_attached(&self) -> bool {
+        self.lock().ever_attached
     }
 
     /// How long a live job has had no stream attached (`None`: finished, or a stream is
@@ -523,6 +534,7 @@ fn encode_reason(reason: CancelReason) -> u8 {
         CancelReason::Client => 1,
         CancelReason::Disconnect => 2,
         CancelReason::Shutdown => 3,
+        CancelReason::Unattached => 4,
     }
 }
 
@@ -531,6 +543,7 @@ fn decode_reason(value: u8) -> Option<CancelReason> {
         1 => Some(CancelReason::Client),
         2 => Some(CancelReason::Disconnect),
         3 => Some(CancelReason::Shutdown),
+        4 => Some(CancelReason::Unattached),
         _ => None,
     }
 }

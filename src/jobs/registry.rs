@@ -323,7 +323,12 @@ impl JobRegistry {
             });
         }
         for record in abandoned {
-            cancel_record(&self.queue, &record, CancelReason::Disconnect);
+            let reason = if record.ever_attached() {
+                CancelReason::Disconnect
+            } else {
+                CancelReason::Unattached
+            };
+            cancel_record(&self.queue, &record, reason);
         }
     }
 
@@ -557,6 +562,8 @@ mod tests {
         let r = registry(8);
         let (a, _) = r.submit(job("a")).unwrap();
         let (b, _) = r.submit(job("b")).unwrap();
+        // `a` was watched once and let go; `b` is watched.
+        drop(a.attach());
         let watching = b.attach();
         let later = Instant::now() + Duration::from_secs(3601);
         r.collect(later);

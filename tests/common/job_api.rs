@@ -371,12 +371,16 @@ pub async fn a_client_that_goes_away_frees_its_slot(c: &Client, long: Value, nex
     let rest = next_stream.collect(WAIT).await;
     assert_eq!(assert_well_formed_ending(&rest).1.data, "[DONE]");
 
-    // A job nobody ever attaches to is cancelled too (grace counted from creation).
+    // A job nobody ever attaches to is cancelled too (grace counted from creation), and says
+    // so: nobody disconnected.
     let never = c.create(long).await;
     wait_until("the unwatched job is cancelled", || async {
         c.job_state(&never).await == "cancelled"
     })
     .await;
+    let events = c.stream(&never, None).await.collect(WAIT).await;
+    let (terminal, _) = assert_well_formed_ending(&events);
+    assert_eq!(terminal.json()["reason"], "unattached");
     wait_until("the slot is free", || async { c.slots_busy().await == 0 }).await;
 }
 
