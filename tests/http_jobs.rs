@@ -209,14 +209,8 @@ async fn unknown_jobs_and_routes_are_404() {
 async fn path_and_last_event_id_edges_are_json_400s() {
     let w = TestWorker::start(setup()).await;
     // A job id that is not UTF-8 once decoded: the JSON error shape, not axum's text.
-    let r = w
-        .http
-        .get(format!("{}/v1/jobs/%ff%fe", w.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = w.get_json("/v1/jobs/%ff%fe").await;
+    assert_eq!(status, 400);
     assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{v}");
 
     let id = w.create(infer("a", 3)).await;
