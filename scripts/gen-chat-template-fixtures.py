@@ -43,6 +43,8 @@ TEMPLATES = {
     "mistral-7b-instruct-v0.2": ("mistral-7b-instruct-v0.2.jinja", "<s>", "</s>", set()),
     "phi-3-mini-4k-instruct": ("phi-3-mini-4k-instruct.jinja", "<s>", "<|endoftext|>", set()),
     "phi-3.5-mini-instruct": ("phi-3.5-mini-instruct.jinja", "<s>", "<|endoftext|>", set()),
+    "qwen3-0.6b": ("qwen3-0.6b.jinja", "", "<|im_end|>", {"tools", "qwen", "qwen3"}),
+    "mistral-nemo-instruct-2407": ("mistral-nemo-instruct-2407.jinja", "<s>", "</s>", {"tools", "mistral_tools"}),
 }
 
 
@@ -86,6 +88,51 @@ TOOL_CALL_2 = {
     "type": "function",
     "function": {"name": "get_weather", "arguments": {"location": "Berlin", "unit": "celsius"}},
 }
+
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the current local time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "description": "IANA name, e.g. Europe/Paris"}},
+            "required": ["timezone"],
+        },
+    },
+}
+TIME_CALL = {
+    "id": "call_3",
+    "type": "function",
+    "function": {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}},
+}
+
+# Nested schema with booleans, numbers and null defaults, for tojson.
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Search the catalogue (« ünïcode »).",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "limit": {"type": "integer", "minimum": 1, "default": 10},
+                "threshold": {"type": "number", "default": 0.25},
+                "exact": {"type": "boolean", "default": False},
+                "filters": {"type": ["object", "null"], "default": None},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+def with_id(call, call_id):
+    # Mistral's tool-aware templates insist on 9-character alphanumeric ids.
+    return {**call, "id": call_id}
+
 
 # (name, messages, extra template kwargs, which templates: None = all, else a feature)
 CONVERSATIONS = [
@@ -156,6 +203,120 @@ CONVERSATIONS = [
         [SYSTEM],
         {"tools": [WEATHER_TOOL]},
         "llama",
+    ),
+    # What /v1/chat/completions hands over when a request carries `tools`:
+    # tool objects as sent, `arguments` decoded to objects, tool results as
+    # `tool` messages with `tool_call_id` (and sometimes `name`). On every
+    # template, so that those without tool support record what they do
+    # (ignore the tools, or raise).
+    (
+        "two_tools_user_question",
+        [msg("user", "What's the weather and the time in Paris?")],
+        {"tools": [WEATHER_TOOL, TIME_TOOL]},
+        None,
+    ),
+    (
+        "two_tools_full_round_trip",
+        [
+            SYSTEM,
+            msg("user", "What's the weather in Paris?"),
+            msg("assistant", "", tool_calls=[TOOL_CALL]),
+            msg("tool", "22 degrees and sunny", name="get_weather", tool_call_id="call_1"),
+        ],
+        {"tools": [WEATHER_TOOL, TIME_TOOL]},
+        None,
+    ),
+    (
+        "two_tools_parallel_calls",
+        [
+            SYSTEM,
+            msg("user", "What's the weather and the time in Paris?"),
+            msg("assistant", "", tool_calls=[TOOL_CALL, TIME_CALL]),
+            msg("tool", "22 degrees and sunny", name="get_weather", tool_call_id="call_1"),
+            msg("tool", "10:20", name="get_time", tool_call_id="call_3"),
+        ],
+        {"tools": [WEATHER_TOOL, TIME_TOOL]},
+        None,
+    ),
+    (
+        "tool_call_rich_arguments",
+        [
+            msg("user", "Search for it."),
+            msg(
+                "assistant",
+                "",
+                tool_calls=[
+                    {
+                        "id": "r1C2h3A4r",
+                        "type": "function",
+                        "function": {
+                            "name": "search",
+                            "arguments": {
+                                "query": 'café "naïve" 日本 \\ / \t',
+                                "limit": 3,
+                                "threshold": 0.5,
+                                "exact": True,
+                                "filters": None,
+                                "tags": ["a", "b"],
+                                "nested": {"small": 1e-7, "big": 1e20, "neg": -2},
+                            },
+                        },
+                    }
+                ],
+            ),
+            msg("tool", '{"results": [], "total": 0}', name="search", tool_call_id="r1C2h3A4r"),
+        ],
+        {"tools": [SEARCH_TOOL]},
+        None,
+    ),
+    (
+        "two_tools_full_round_trip_mistral_ids",
+        [
+            SYSTEM,
+            msg("user", "What's the weather in Paris?"),
+            msg("assistant", "", tool_calls=[with_id(TOOL_CALL, "a1B2c3D4e")]),
+            msg("tool", "22 degrees and sunny", name="get_weather", tool_call_id="a1B2c3D4e"),
+        ],
+        {"tools": [WEATHER_TOOL, TIME_TOOL]},
+        "mistral_tools",
+    ),
+    (
+        "two_tools_parallel_calls_mistral_ids",
+        [
+            SYSTEM,
+            msg("user", "What's the weather and the time in Paris?"),
+            msg("assistant", "", tool_calls=[with_id(TOOL_CALL, "a1B2c3D4e"), with_id(TIME_CALL, "Z9y8X7w6V")]),
+            msg("tool", "22 degrees and sunny", name="get_weather", tool_call_id="a1B2c3D4e"),
+            msg("tool", "10:20", name="get_time", tool_call_id="Z9y8X7w6V"),
+            msg("assistant", "It is 22 degrees and sunny, and 10:20 in Paris."),
+            msg("user", "Thanks!"),
+        ],
+        {"tools": [WEATHER_TOOL, TIME_TOOL]},
+        "mistral_tools",
+    ),
+    # Qwen3: thinking switch and <think> blocks in earlier assistant turns.
+    ("thinking_disabled", [SYSTEM, USER_1], {"enable_thinking": False}, "qwen3"),
+    ("thinking_enabled", [SYSTEM, USER_1], {"enable_thinking": True}, "qwen3"),
+    (
+        "assistant_with_think_block",
+        [
+            USER_1,
+            msg("assistant", "<think>\nThe user asks about France.\n</think>\n\nThe capital of France is Paris."),
+            USER_2,
+        ],
+        {},
+        "qwen3",
+    ),
+    (
+        "think_block_after_tool_result",
+        [
+            msg("user", "What's the weather in Paris?"),
+            msg("assistant", "<think>\nI should call the tool.\n</think>\n\n", tool_calls=[TOOL_CALL]),
+            msg("tool", "22 degrees and sunny", tool_call_id="call_1"),
+            msg("assistant", "<think>\nGot it.\n</think>\n\nIt is 22 degrees and sunny in Paris."),
+        ],
+        {"tools": [WEATHER_TOOL]},
+        "qwen3",
     ),
 ]
 

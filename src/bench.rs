@@ -127,3 +127,224 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// What `--structured` measures: grammar compile times, the per-token mask time, and the
+/// aggregate decode rate of several streams with and without a JSON-schema constraint.
+#[derive(Debug, Clone)]
+pub struct StructuredReport {
+    /// The first compile: the token trie from the vocabulary plus a small schema.
+    pub first_compile_ms: f64,
+    /// (schema, milliseconds) for schemas compiled after the trie exists.
+    pub compile_ms: Vec<(&'static str, f64)>,
+    /// Per-token mask computation, microseconds: (p50, p95, samples).
+    pub mask_us: (f64, f64, usize),
+    /// Aggregate tokens/s of the streams, per repetition.
+    pub plain_tps: Vec<f64>,
+    pub constrained_tps: Vec<f64>,
+}
+
+/// A schema whose language cannot end within a few hundred tokens, so every constrained
+/// stream runs its whole budget as the plain ones do.
+fn long_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 16},
+                        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                        "kind": {"enum": ["a", "b", "c"]}
+                    },
+                    "required": ["name", "n", "kind"],
+                    "additionalProperties": false
+                },
+                "minItems": 500
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": false
+    })
+}
+
+/// A typical structured-output schema: nested objects, arrays, enums, bounded numbers, an
+/// optional field.
+fn person_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "favourite": {"enum": ["red", "green", "blue"]},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"}
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": false
+            },
+            "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}]}
+        },
+        "required": ["name", "age", "favourite", "address", "tags", "score", "nickname"],
+        "additionalProperties": false
+    })
+}
+
+/// A schema with many properties, as function-calling schemas grow.
+fn wide_schema() -> serde_json::Value {
+    let mut properties = serde_json::Map::new();
+    for i in 0..40 {
+        let p = match i % 4 {
+            0 => serde_json::json!({"type": "string"}),
+            1 => serde_json::json!({"type": "integer"}),
+            2 => serde_json::json!({"type": "boolean"}),
+            _ => serde_json::json!({"type": "array", "items": {"type": "number"}}),
+        };
+        properties.insert(format!("field_{i}"), p);
+    }
+    serde_json::json!({"type": "object", "properties": properties, "additionalProperties": false})
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+/// Runs the structured-output measurement on `backend` (moved into a scheduler).
+pub fn structured<B: InferenceBackend>(
+    backend: B,
+    streams: usize,
+    tokens: usize,
+    repetitions: usize,
+) -> Result<StructuredReport, String> {
+    use crate::engine::{CollectingSink, EngineEvent, GenerationJob, Scheduler, SchedulerConfig};
+    use crate::generation::{ConstraintSpec, GenerationParams, Grammars};
+
+    let meta = backend.meta().clone();
+    let grammars = Grammars::new(meta.tokenizer.clone(), meta.eog_tokens.clone());
+    let timed = |spec: &ConstraintSpec| -> Result<f64, String> {
+        let start = Instant::now();
+        grammars.compile(spec).map_err(|e| e.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    let first_compile_ms = timed(&ConstraintSpec::JsonObject)?;
+    let mut compile_ms = Vec::new();
+    for (name, schema) in [
+        ("person (nested, enum, bounds, anyOf)", person_schema()),
+        ("40 properties", wide_schema()),
+        ("array of 500+ objects", long_schema()),
+    ] {
+        compile_ms.push((name, timed(&ConstraintSpec::JsonSchema(schema))?));
+    }
+
+    // Mask time: sequences sampled at temperature 1 from random logits under the schemas.
+    let mut rng = Rng::new(7);
+    let mut mask_us = Vec::new();
+    for schema in [person_schema(), long_schema()] {
+        for _ in 0..8 {
+            let mut c = grammars
+                .compile(&ConstraintSpec::JsonSchema(schema.clone()))
+                .map_err(|e| e.to_string())?;
+            for _ in 0..96 {
+                let start = Instant::now();
+                c.prepare();
+                mask_us.push(start.elapsed().as_secs_f64() * 1e6);
+                let mut logits: Vec<f32> = (0..meta.vocab_size)
+                    .map(|_| (rng.next_f64() * 8.0) as f32)
+                    .collect();
+                c.apply(&mut logits)?;
+                let best = logits
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i as u32);
+                if c.accept(best)? {
+                    break;
+                }
+            }
+        }
+    }
+    mask_us.sort_by(f64::total_cmp);
+    let mask = (
+        percentile(&mask_us, 0.5),
+        percentile(&mask_us, 0.95),
+        mask_us.len(),
+    );
+
+    // Aggregate decode rate: `streams` sequences at once, plain and constrained in turns.
+    let mut scheduler = Scheduler::new(
+        backend,
+        SchedulerConfig {
+            max_sequences: streams,
+            batch_tokens: 512,
+        },
+    );
+    let long = ConstraintSpec::JsonSchema(long_schema());
+    let mut plain_tps = Vec::new();
+    let mut constrained_tps = Vec::new();
+    for rep in 0..=repetitions {
+        for constrained in [false, true] {
+            let mut sinks = Vec::new();
+            for s in 0..streams {
+                let mut params = GenerationParams::greedy(tokens);
+                params.ignore_eos = true;
+                if constrained {
+                    params.constraint = Some(grammars.compile(&long).map_err(|e| e.to_string())?);
+                }
+                let sink = CollectingSink::new();
+                scheduler.admit(GenerationJob {
+                    id: format!("bench-{rep}-{s}"),
+                    prompt_tokens: random_tokens(&mut rng, 16, meta.vocab_size),
+                    params,
+                    sink: sink.clone(),
+                });
+                sinks.push(sink);
+            }
+            let start = Instant::now();
+            while !scheduler.is_idle() {
+                scheduler.step();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let generated: usize = sinks
+                .iter()
+                .map(|s| {
+                    s.events()
+                        .iter()
+                        .filter(|e| matches!(e, EngineEvent::Token(_)))
+                        .count()
+                })
+                .sum();
+            if generated != streams * tokens {
+                return Err(format!(
+                    "{generated} tokens generated, {} expected",
+                    streams * tokens
+                ));
+            }
+            if rep > 0 {
+                let tps = generated as f64 / secs;
+                if constrained {
+                    constrained_tps.push(tps);
+                } else {
+                    plain_tps.push(tps);
+                }
+            }
+        }
+    }
+    Ok(StructuredReport {
+        first_compile_ms,
+        compile_ms,
+        mask_us: mask,
+        plain_tps,
+        constrained_tps,
+    })
+}

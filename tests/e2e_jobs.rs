@@ -317,3 +317,57 @@ fn a_model_that_does_not_load_in_time_stops_the_worker_saying_why() {
     let status = worker.wait_for_exit();
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gbnf_grammar_through_the_job_api_gives_only_its_language() {
+    let w = model_worker(Setup {
+        parallel: 2,
+        ..Setup::default()
+    })
+    .await;
+    let client = model_client(w.base.clone());
+    // A date in ISO form, then a weekday from a list: the model would rather chat.
+    let grammar = r#"
+root    ::= date " " weekday
+date    ::= [12] [0-9]{3} "-" ("0" [1-9] | "1" [0-2]) "-" ([0-2] [0-9] | "3" [01])
+weekday ::= "Monday" | "Tuesday" | "Wednesday" | "Thursday" | "Friday" | "Saturday" | "Sunday"
+"#;
+    let shape = |text: &str| {
+        let Some((date, day)) = text.split_once(' ') else {
+            return false;
+        };
+        let b = date.as_bytes();
+        b.len() == 10
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && date.chars().filter(char::is_ascii_digit).count() == 8
+            && [
+                "Monday",
+                "Tuesday",
+                "Wednesday",
+                "Thursday",
+                "Friday",
+                "Saturday",
+                "Sunday",
+            ]
+            .contains(&day)
+    };
+    for seed in 0..3 {
+        let mut body = infer(&chat("Tell me a story about a cat."), 40);
+        body["grammar"] = grammar.into();
+        body["temperature"] = 1.0.into();
+        body["seed"] = seed.into();
+        let (_, text, events) = run(&client, body).await;
+        let end = events[events.len() - 2].json();
+        assert_eq!(end["stop_reason"], "EOS", "the grammar ended it: {end}");
+        assert!(shape(&text), "seed {seed}: {text:?}");
+    }
+    // A grammar that cannot be compiled is refused before it is queued, naming the field.
+    let mut body = infer(&chat("Hi"), 4);
+    body["grammar"] = "root ::= missing".into();
+    let r = client.post("/v1/jobs", &body).await;
+    assert_eq!(r.status(), 400);
+    let error: Value = r.json().await.unwrap();
+    assert!(error.to_string().contains("grammar"), "{error}");
+    assert!(error.to_string().contains("missing"), "{error}");
+}

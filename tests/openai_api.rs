@@ -449,13 +449,13 @@ async fn validation_and_unsupported_features_are_400s_naming_the_field() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
+            json!({"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f g"}}]}),
+            "tools[0].function.name",
         ),
         (
             "/v1/chat/completions",
             json!({"messages": user("x"), "response_format": {"type": "json_schema"}}),
-            "response_format",
+            "response_format.json_schema",
         ),
         (
             "/v1/chat/completions",

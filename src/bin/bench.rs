@@ -8,6 +8,7 @@ use std::process::Command;
 use clap::Parser;
 use llm_worker_rbee::backend::CandleInferenceBackend;
 use llm_worker_rbee::bench::{BenchConfig, BenchResult, peak_rss_bytes, run};
+use llm_worker_rbee::engine::InferenceBackend;
 use llm_worker_rbee::model::LoadOptions;
 
 #[derive(Parser, Debug)]
@@ -37,6 +38,13 @@ struct Args {
     /// Path of llama.cpp's `llama-bench`: runs the same tests with it and prints ratios.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
+    /// Measure structured output instead: grammar compile times, per-token mask time, and
+    /// `--streams` sequences of `-n` tokens decoding with and without a JSON schema.
+    #[arg(long)]
+    structured: bool,
+    /// Sequences decoding at once for `--structured`.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
 }
 
 fn main() {
@@ -70,6 +78,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if args.structured {
+        structured(backend, &args, &model);
+        return;
+    }
     let config = BenchConfig {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
@@ -161,4 +173,41 @@ fn llama_bench(bin: &PathBuf, model: &PathBuf, args: &Args) -> Result<Vec<BenchR
             })
         })
         .collect())
+}
+
+/// `--structured`: prints compile times, mask time and the constrained/plain decode ratio.
+fn structured(backend: impl InferenceBackend, args: &Args, model: &std::path::Path) {
+    let report = match llm_worker_rbee::bench::structured(
+        backend,
+        args.streams.max(1),
+        args.gen_tokens.max(1),
+        args.repetitions.max(1),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!("model: {}  threads: {}", model.display(), args.threads);
+    println!(
+        "| measure | value |\n|---|---|\n| first compile (token trie + small schema) | {:.1} ms |",
+        report.first_compile_ms
+    );
+    for (name, ms) in &report.compile_ms {
+        println!("| compile: {name} | {ms:.2} ms |");
+    }
+    let (p50, p95, n) = report.mask_us;
+    println!("| mask per token, p50 / p95 ({n} tokens) | {p50:.0} / {p95:.0} µs |");
+    let (plain, constrained) = (mean(&report.plain_tps), mean(&report.constrained_tps));
+    println!(
+        "| {} streams × {} tokens, plain | {plain:.1} tok/s |",
+        args.streams, args.gen_tokens
+    );
+    println!(
+        "| {} streams × {} tokens, JSON schema | {constrained:.1} tok/s |",
+        args.streams, args.gen_tokens
+    );
+    println!("| constrained / plain | {:.3} |", constrained / plain);
 }

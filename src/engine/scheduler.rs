@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use super::backend::{BatchItem, InferenceBackend, SeqId};
 use super::job::{EngineEvent, ErrorCode, FinishSummary, GenerationJob};
-use crate::generation::{ContextFitError, SequenceGenerator, fit_max_tokens};
+use crate::generation::{Constraint, ContextFitError, SequenceGenerator, fit_max_tokens};
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -123,8 +123,13 @@ impl<B: InferenceBackend> Scheduler<B> {
             });
             return;
         }
+        // The constraint moves to the generator rather than being cloned (its parser state
+        // is the sequence's own).
+        let mut job = job;
+        let mut params = job.params.clone_without_constraint();
+        params.constraint = job.params.constraint.take();
         let generator = SequenceGenerator::new(
-            job.params.clone(),
+            params,
             &job.prompt_tokens,
             meta.tokenizer.clone(),
             meta.eog_tokens.clone(),
@@ -186,25 +191,53 @@ impl<B: InferenceBackend> Scheduler<B> {
             budget = budget.saturating_sub(chunk);
         }
 
-        let decode_tokens: Vec<[u32; 1]> = plan
+        // The step's tokens are copied out (a prompt chunk at most), so the sequences' grammar
+        // constraints can be borrowed mutably beside the forward.
+        let tokens: Vec<(SeqId, Vec<u32>)> = plan
             .iter()
-            .map(|&(i, _)| [self.running[i].generator.last_token().unwrap_or(0)])
-            .collect();
-        let batch: Vec<BatchItem<'_>> = plan
-            .iter()
-            .zip(&decode_tokens)
-            .map(|(&(i, range), one)| {
+            .map(|&(i, range)| {
                 let r = &self.running[i];
-                let tokens: &[u32] = match range {
-                    Some((a, b)) => &r.job.prompt_tokens[a..b],
-                    None => one,
+                let tokens = match range {
+                    Some((a, b)) => r.job.prompt_tokens[a..b].to_vec(),
+                    None => vec![r.generator.last_token().unwrap_or(0)],
                 };
-                BatchItem { seq: r.seq, tokens }
+                (r.seq, tokens)
             })
+            .collect();
+        let batch: Vec<BatchItem<'_>> = tokens
+            .iter()
+            .map(|(seq, tokens)| BatchItem { seq: *seq, tokens })
             .collect();
         let n_tokens: usize = batch.iter().map(|b| b.tokens.len()).sum();
 
-        let logits = match self.backend.forward(&batch) {
+        // Every sequence sampled after this forward has its grammar's mask computed while the
+        // forward runs, on a thread of its own.
+        let sampled: Vec<bool> = {
+            let mut v = vec![false; self.running.len()];
+            for &(i, range) in &plan {
+                let r = &self.running[i];
+                v[i] = range.is_none_or(|(_, end)| end >= r.job.prompt_tokens.len());
+            }
+            v
+        };
+        let masks: Vec<&mut Constraint> = self
+            .running
+            .iter_mut()
+            .zip(&sampled)
+            .filter(|(_, sampled)| **sampled)
+            .filter_map(|(r, _)| r.generator.constraint_mut())
+            .collect();
+        let backend = &mut self.backend;
+        let forward = if masks.is_empty() {
+            backend.forward(&batch)
+        } else {
+            std::thread::scope(|s| {
+                s.spawn(move || masks.into_iter().for_each(Constraint::prepare));
+                backend.forward(&batch)
+            })
+        };
+
+        let logits = match forward {
             Ok(l) if l.len() == batch.len() => l,
             Ok(l) => {
                 let message = format!(
@@ -231,7 +264,17 @@ impl<B: InferenceBackend> Scheduler<B> {
                     continue;
                 }
             }
-            let step = r.generator.step(&mut row);
+            let step = match r.generator.step(&mut row) {
+                Ok(step) => step,
+                Err(message) => {
+                    r.job.sink.emit(EngineEvent::Failed {
+                        code: ErrorCode::InferenceFailed,
+                        message,
+                    });
+                    finished.push(i);
+                    continue;
+                }
+            };
             let finish = step.finish.clone();
             r.job.sink.emit(EngineEvent::Token(step));
             if let Some(reason) = finish {

@@ -6,7 +6,11 @@
 //!   log-probabilities from the raw logits.
 //! - [`stop`]: stop strings with partial matches withheld until resolved.
 //! - [`rng`]: the seeded PRNG.
+//! - [`constraint`]: structured output — a JSON schema, regex, choice or grammar as a per-token
+//!   mask applied before sampling ([`gbnf`] reads llama.cpp's grammars).
 
+pub mod constraint;
+pub mod gbnf;
 pub mod rng;
 pub mod sampler;
 pub mod stop;
@@ -15,6 +19,7 @@ use std::sync::Arc;
 
 use crate::model::detokenizer::StreamingDetokenizer;
 use crate::model::tokenizer::TextTokenizer;
+pub use constraint::{Constraint, ConstraintError, ConstraintSpec, Grammars};
 use sampler::{Sampler, token_logprobs};
 pub use sampler::{SamplingParams, TokenLogprobs};
 use stop::{StopOutcome, StopStrings};
@@ -30,6 +35,8 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// Report log-probabilities: `Some(n)` with the `n` most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Output must match this grammar (compiled, not yet started).
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerationParams {
@@ -40,6 +47,19 @@ impl GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
+        }
+    }
+
+    /// A copy without the constraint (a constraint's clone copies its parser state).
+    pub fn clone_without_constraint(&self) -> Self {
+        Self {
+            sampling: self.sampling.clone(),
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            constraint: None,
         }
     }
 }
@@ -104,7 +124,8 @@ pub fn fit_max_tokens(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishReason {
     MaxTokens,
-    /// An end-of-generation token was generated (it is the last token, its text is not emitted).
+    /// An end-of-generation token was generated (it is the last token, its text is not
+    /// emitted), or the output's grammar is complete (nothing but the end could follow).
     Eos,
     StopSequence(String),
     /// The context window is full.
@@ -140,6 +161,7 @@ pub struct TokenStep {
 pub struct SequenceGenerator {
     params: GenerationParams,
     sampler: Sampler,
+    constraint: Option<Constraint>,
     detokenizer: StreamingDetokenizer,
     stops: StopStrings,
     eog: Arc<[u32]>,
@@ -152,14 +174,16 @@ pub struct SequenceGenerator {
 }
 
 impl SequenceGenerator {
+    /// The constraint, if any, is taken out of `params` (each sequence owns its parser state).
     pub fn new(
-        params: GenerationParams,
+        mut params: GenerationParams,
         prompt: &[u32],
         tokenizer: Arc<TextTokenizer>,
         eog: Arc<[u32]>,
         context_length: usize,
     ) -> Self {
         Self {
+            constraint: params.constraint.take(),
             sampler: Sampler::new(params.sampling.clone()),
             stops: StopStrings::new(params.stop.clone()),
             detokenizer: StreamingDetokenizer::new(tokenizer),
@@ -190,12 +214,29 @@ impl SequenceGenerator {
         (self.generated > 0).then(|| self.tokens[self.tokens.len() - 1])
     }
 
+    /// The constraint, for computing its next mask while the forward pass runs.
+    pub fn constraint_mut(&mut self) -> Option<&mut Constraint> {
+        self.constraint.as_mut()
+    }
+
     /// Samples the next token from `logits` (modified in place) and applies every stop rule.
-    pub fn step(&mut self, logits: &mut [f32]) -> TokenStep {
+    /// Fails only when the output's grammar cannot go on.
+    pub fn step(&mut self, logits: &mut [f32]) -> Result<TokenStep, String> {
         // Log-probabilities describe the model's raw distribution, so keep the logits as they
-        // were before bias and penalties touch them (only when asked: it is a vocabulary copy).
+        // were before the mask, bias and penalties touch them (only when asked: it is a
+        // vocabulary copy).
         let raw = self.params.logprobs.map(|_| logits.to_vec());
+        if let Some(c) = &mut self.constraint {
+            c.apply(logits)
+                .map_err(|e| format!("the output's {} constraint failed: {e}", c.kind()))?;
+        }
         let token = self.sampler.sample(logits, &self.tokens);
+        let grammar_done = match &mut self.constraint {
+            Some(c) => c
+                .accept(token)
+                .map_err(|e| format!("the output's {} constraint failed: {e}", c.kind()))?,
+            None => false,
+        };
         let logprobs = self
             .params
             .logprobs
@@ -212,6 +253,9 @@ impl SequenceGenerator {
         } else {
             let delta = self.detokenizer.push(token);
             self.feed_stops(&delta, &mut text, &mut finish);
+        }
+        if finish.is_none() && grammar_done {
+            finish = Some(FinishReason::Eos);
         }
         if finish.is_none() {
             // The context first: a budget that runs out exactly where the context does (the
@@ -237,13 +281,13 @@ impl SequenceGenerator {
             }
         }
         self.finished = finish.is_some();
-        TokenStep {
+        Ok(TokenStep {
             token,
             index,
             text,
             logprobs,
             finish,
-        }
+        })
     }
 
     fn feed_stops(&mut self, delta: &str, text: &mut String, finish: &mut Option<FinishReason>) {
@@ -321,7 +365,7 @@ mod tests {
         fn run(&self, g: &mut SequenceGenerator, tokens: &[u32]) -> Vec<TokenStep> {
             let mut steps = Vec::new();
             for &t in tokens {
-                let step = g.step(&mut self.logits(t));
+                let step = g.step(&mut self.logits(t)).unwrap();
                 assert_eq!(step.token, t);
                 let done = step.finish.is_some();
                 steps.push(step);
@@ -343,6 +387,44 @@ mod tests {
 
     fn text(steps: &[TokenStep]) -> String {
         steps.iter().map(|s| s.text.as_str()).collect()
+    }
+
+    #[test]
+    fn a_token_that_breaks_the_grammar_is_never_sampled() {
+        let f = Fixture::new();
+        let grammars = Grammars::new(f.tokenizer.clone(), Arc::from(vec![f.eog]));
+        let spec = ConstraintSpec::Regex("hello( world)*".into());
+        let world = f.id("Ġworld");
+        for seed in 0..50 {
+            let mut params = GenerationParams::greedy(12);
+            params.sampling.temperature = 1.0;
+            params.sampling.seed = seed;
+            params.constraint = Some(grammars.compile(&spec).unwrap());
+            let mut g = f.generator(params, 1, 100);
+            let mut rng = rng::Rng::new(seed);
+            let mut text = String::new();
+            loop {
+                // Noise everywhere, and the most likely token is one the grammar never allows.
+                let mut logits: Vec<f32> = (0..f.tokenizer.vocab_size())
+                    .map(|_| (rng.next_f64() * 4.0) as f32)
+                    .collect();
+                logits[f.id("Ċ") as usize] = 20.0;
+                logits[world as usize] += 2.0;
+                let step = g.step(&mut logits).unwrap();
+                text.push_str(&step.text);
+                if step.finish.is_some() {
+                    break;
+                }
+            }
+            // The language, or a prefix of it where max_tokens cut it short.
+            let mut rest = text
+                .strip_prefix("hello")
+                .unwrap_or_else(|| panic!("{text:?}"));
+            while let Some(r) = rest.strip_prefix(" world") {
+                rest = r;
+            }
+            assert!(" world".starts_with(rest), "seed {seed}: {text:?}");
+        }
     }
 
     #[test]

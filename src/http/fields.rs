@@ -139,6 +139,11 @@ impl<'a> Fields<'a> {
         !self.errors.is_empty()
     }
 
+    /// How many broken rules were found so far.
+    pub fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
     /// The field's value, `None` when absent or `null`.
     pub fn get(&self, name: &str) -> Option<&'a Value> {
         self.body.get(name).filter(|v| !v.is_null())

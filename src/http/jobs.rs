@@ -12,9 +12,9 @@ use super::auth::Caller;
 use super::body::JsonObject;
 use super::error::{ApiError, FieldError};
 use super::fields::Rules;
-use super::pipeline;
 use super::sse::{StreamContext, job_event_stream};
 use super::validation::{DEFAULT_MAX_TOKENS, JobRules, parse_job_request};
+use super::{pipeline, structured};
 use crate::engine::CancelReason;
 use crate::generation::fit_max_tokens;
 use crate::jobs::{JobApi, JobState, Submission};
@@ -110,6 +110,15 @@ async fn create(
             Err(message) => errors.push(FieldError::new("prompt", message)),
         }
     }
+    let mut params = draft.params;
+    if errors.is_empty()
+        && let Some(requested) = draft.constraint
+    {
+        match structured::compile(served, requested).await? {
+            Ok(constraint) => params.constraint = Some(constraint),
+            Err(e) => errors.push(e),
+        }
+    }
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
@@ -120,7 +129,7 @@ async fn create(
             owner: caller.0,
             id: draft.job_id,
             prompt_tokens,
-            params: draft.params,
+            params,
         },
     )?;
     let job_id = record.id().to_string();

@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod sse;
+pub mod structured;
 pub mod tokenize;
 pub mod validation;
 

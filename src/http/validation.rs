@@ -25,6 +25,7 @@
 //! | `top_logprobs` | integer | 0–20 (implies `logprobs`) | 0 |
 //! | `ignore_eos` | bool | | false |
 //! | `model` | string | the served model's name | the served one |
+//! | `response_format`, `json_schema`, `grammar`, `structured_outputs`, `guided_*` | | one output constraint ([`structured`](super::structured)) | none |
 //!
 //! The sampling defaults are llama-server's.
 
@@ -32,6 +33,7 @@ use serde_json::{Map, Value};
 
 use super::error::FieldError;
 use super::fields::{Dialect, Fields, Rules};
+use super::structured::Requested;
 use crate::generation::{GenerationParams, SamplingParams};
 
 pub const DEFAULT_MAX_TOKENS: usize = 256;
@@ -52,6 +54,8 @@ pub struct JobDraft {
     pub job_id: Option<String>,
     pub prompt: String,
     pub params: GenerationParams,
+    /// The output constraint asked for, still to be compiled.
+    pub constraint: Option<Requested>,
 }
 
 /// Reads every known field, pushing one [`FieldError`] per broken rule. The draft holds
@@ -115,6 +119,7 @@ pub fn parse_job_request(
     let stop = f.stop_strings();
     let logprobs = logprobs(&mut f);
     let ignore_eos = f.boolean("ignore_eos").unwrap_or(false);
+    let constraint = f.constraint();
 
     if let Some(model) = f.string("model")
         && model != rules.model.model_id
@@ -136,7 +141,9 @@ pub fn parse_job_request(
             stop,
             ignore_eos,
             logprobs,
+            constraint: None,
         },
+        constraint,
     }
 }
 

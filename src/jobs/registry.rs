@@ -25,7 +25,7 @@ use crate::engine::{
     CancelReason, EngineEvent, EngineStats, GenerationEngine, GenerationJob, InferenceBackend,
     JobSink, ModelMeta, PushError, RequestQueue, SchedulerConfig,
 };
-use crate::generation::GenerationParams;
+use crate::generation::{GenerationParams, Grammars};
 use crate::metrics::{JobApi, JobObserver, WorkerMetrics};
 
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,8 @@ pub struct ServedModel {
     pub model_id: String,
     pub meta: ModelMeta,
     pub stats: Arc<EngineStats>,
+    /// Compiles and caches requests' output constraints for this model's vocabulary.
+    pub grammars: Arc<Grammars>,
     engine: GenerationEngine,
 }
 
@@ -192,6 +194,10 @@ impl JobRegistry {
         }
         let served = ServedModel {
             model_id: model_id.unwrap_or_else(|| meta.name.clone()),
+            grammars: Arc::new(Grammars::new(
+                meta.tokenizer.clone(),
+                meta.eog_tokens.clone(),
+            )),
             meta,
             stats: engine.stats().clone(),
             engine,

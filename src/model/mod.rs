@@ -19,8 +19,10 @@ pub mod detokenizer;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod load;
+pub mod reasoning;
 pub mod rope;
 pub mod tokenizer;
+pub mod tool_calls;
 mod vecmath;
 pub mod weights;
 

@@ -156,8 +156,8 @@ def test_unknown_model_is_404(client):
     "extra, param",
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
     ],
 )
 def test_unsupported_features_are_400s_naming_them(client, model, extra, param):

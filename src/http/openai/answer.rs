@@ -21,6 +21,7 @@ use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::http::auth::Caller;
 use crate::http::pipeline::{event_stream, sse_response};
+use crate::http::structured;
 use crate::jobs::{JobApi, JobFollower, ServedModel, Submission, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
@@ -58,14 +59,20 @@ pub trait AnswerShape: Send + 'static {
         None
     }
 
-    /// The chunk for one token's text and log-probabilities.
-    fn token_chunk(text: String, logprobs: Option<Self::Logprobs>) -> Self::ChunkChoice;
+    /// The chunk for one token's text and log-probabilities, or `None` when there is nothing
+    /// to send yet (text withheld until it is known what it is).
+    fn token_chunk(
+        &mut self,
+        text: String,
+        logprobs: Option<Self::Logprobs>,
+    ) -> Option<Self::ChunkChoice>;
 
-    /// The chunk that says why generation ended.
-    fn finish_chunk(finish_reason: &'static str) -> Self::ChunkChoice;
+    /// The last chunks: whatever was withheld, then the one that says why generation ended.
+    fn finish_chunks(&mut self, finish_reason: &'static str) -> Vec<Self::ChunkChoice>;
 
     /// The whole response's choice.
     fn choice(
+        &mut self,
         text: String,
         logprobs: Option<Self::Logprobs>,
         finish_reason: &'static str,
@@ -89,6 +96,13 @@ pub async fn answer<S: AnswerShape>(
         served.meta.context_length,
         S::PROMPT_PARAM,
     )?;
+    if let Some(requested) = common.constraint {
+        params.constraint = Some(
+            structured::compile(served, requested)
+                .await?
+                .map_err(|e| OpenAiError::from_problems(&[e]))?,
+        );
+    }
     let wants_logprobs = params.logprobs.is_some();
     let response = response_meta(S::ID_PREFIX, served);
     let submission = Submission {
@@ -153,11 +167,18 @@ fn chunks<S: AnswerShape>(
             if step.text.is_empty() && logprobs.is_none() {
                 return Vec::new();
             }
-            vec![chunk(vec![S::token_chunk(step.text, logprobs)], usage_null)]
+            shape
+                .token_chunk(step.text, logprobs)
+                .map(|choice| chunk(vec![choice], usage_null))
+                .into_iter()
+                .collect()
         }
         EngineEvent::Finished(summary) => {
-            let finish = S::finish_chunk(finish_reason(&summary.reason));
-            let mut out = vec![chunk(vec![finish], usage_null)];
+            let mut out: Vec<Event> = shape
+                .finish_chunks(finish_reason(&summary.reason))
+                .into_iter()
+                .map(|choice| chunk(vec![choice], usage_null))
+                .collect();
             if include_usage {
                 let usage = Usage::new(summary.tokens_in, summary.tokens_out);
                 out.push(chunk(Vec::new(), Some(Some(usage))));
@@ -204,7 +225,7 @@ async fn whole<S: AnswerShape>(
                     }
                 }
                 EngineEvent::Finished(summary) => {
-                    let choice = S::choice(
+                    let choice = shape.choice(
                         text,
                         wants_logprobs.then_some(logprobs),
                         finish_reason(&summary.reason),

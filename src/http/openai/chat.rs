@@ -1,5 +1,6 @@
-//! `POST /v1/chat/completions`: messages rendered with the chat template, tokenized, and run
-//! as one job; the answer as a `chat.completion` or a stream of `chat.completion.chunk`s.
+//! `POST /v1/chat/completions`: messages (and tools) rendered with the chat template,
+//! tokenized, and run as one job; the answer as a `chat.completion` or a stream of
+//! `chat.completion.chunk`s, with the model's thinking and tool calls taken out of its text.
 
 use std::sync::{Arc, OnceLock};
 
@@ -12,16 +13,26 @@ use super::answer::{AnswerShape, answer};
 use super::error::OpenAiError;
 use super::request::parse_chat;
 use super::response::{
-    AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Delta, TokenNamer, chat_token_logprob,
+    AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Delta, FunctionCall, FunctionDelta,
+    TokenNamer, ToolCallDelta, ToolCallOut, chat_token_logprob,
 };
 use super::run::{off_the_runtime, ready};
+use super::tools::{self, template_tools};
 use crate::engine::ModelMeta;
-use crate::generation::TokenLogprobs;
+use crate::generation::{ConstraintSpec, TokenLogprobs};
 use crate::http::AppState;
 use crate::http::auth::Caller;
 use crate::http::fields::Rules;
+use crate::http::structured::Requested;
 use crate::jobs::JobApi;
 use crate::model::chat_template::{ChatTemplate, ChatTemplateError};
+use crate::model::reasoning::{
+    ReasoningDelta, ReasoningStream, prompt_opens_thinking, split_reasoning, template_thinks,
+};
+use crate::model::tool_calls::{
+    ReplyDelta, ToolCallStream, ToolFormat, call_id, generic_auto_grammar, parse_reply,
+    tool_call_grammar,
+};
 
 /// The template chat requests are rendered with: `--chat-template` when given, else the
 /// model's own, else plain ChatML. With the override, also the variables it needs from the
@@ -75,27 +86,169 @@ pub async fn chat_completions(
 
     let (template, mut vars) = chat_template(&app, meta);
     vars.extend(request.template_kwargs);
-    let input_bytes = request.messages.iter().map(|m| m.content.len()).sum();
+    let mut messages = request.messages;
+    let mut common = request.common;
+    let tool_format = request
+        .tools
+        .as_ref()
+        .map(|_| ToolFormat::detect(template.source()));
+    if let (Some(tools), Some(format)) = (&request.tools, tool_format) {
+        if format.renders_tools() {
+            vars.insert("tools".into(), template_tools(&tools.tools));
+        } else {
+            tools::generic_conversation(&mut messages, &tools.tools, template.source());
+        }
+        // A forced call is constrained to the tools' schemas; in the generic format the
+        // model's free choice is constrained too (a call list or a response, as llama.cpp
+        // does), unless the request constrains its output itself.
+        let grammar = match &tools.forced {
+            Some(forced) => Some(tool_call_grammar(
+                format,
+                &tools.tools,
+                forced,
+                tools.parallel,
+            )),
+            None if format == ToolFormat::Generic && common.constraint.is_none() => {
+                Some(generic_auto_grammar(&tools.tools, tools.parallel))
+            }
+            None => None,
+        };
+        if let Some(grammar) = grammar {
+            common.constraint = Some(Requested {
+                field: "tool_choice".into(),
+                spec: ConstraintSpec::Lark(grammar),
+            });
+        }
+    }
+    let thinks = !request.reasoning_inline && template_thinks(template.source());
+    // A grammar starts at the first generated token: the reply cannot be inside thinking.
+    let constrained = common.constraint.is_some();
+
+    let input_bytes = messages.iter().map(|m| m.content.len()).sum();
     let tokenizer = meta.tokenizer.clone();
-    let messages = request.messages;
     let add_generation_prompt = request.add_generation_prompt;
-    let prompt_tokens = off_the_runtime(input_bytes, move || {
+    let (prompt_tokens, opens_thinking) = off_the_runtime(input_bytes, move || {
         let text = template
             .render_with_context(&messages, add_generation_prompt, &vars)
             .map_err(template_error)?;
         // The template writes any BOS itself, as transformers' apply_chat_template expects.
-        tokenizer
+        let tokens = tokenizer
             .encode_with_special(&text, true, false)
-            .map_err(|e| OpenAiError::invalid("messages", format!("cannot be tokenized: {e}")))
+            .map_err(|e| OpenAiError::invalid("messages", format!("cannot be tokenized: {e}")))?;
+        Ok::<_, OpenAiError>((tokens, prompt_opens_thinking(&text)))
     })
     .await??;
 
-    answer(&app, &caller, served, Chat, request.common, prompt_tokens).await
+    let shape = Chat::new(
+        thinks.then_some(opens_thinking && !constrained),
+        tool_format,
+    );
+    answer(&app, &caller, served, shape, common, prompt_tokens).await
 }
 
 /// The chat answer: `chat.completion`, or `chat.completion.chunk`s that open with the
-/// assistant's role.
-struct Chat;
+/// assistant's role. The generated text is split, as it streams, into thinking
+/// (`reasoning_content`), tool calls and content.
+struct Chat {
+    /// Whether thinking is separated, and whether the prompt left the reply inside it.
+    thinking: Option<bool>,
+    tools: Option<ToolFormat>,
+    reasoning: Option<ReasoningStream>,
+    calls: Option<ToolCallStream>,
+    /// Ids of the streamed calls so far.
+    call_ids: Vec<String>,
+}
+
+impl Chat {
+    fn new(thinking: Option<bool>, tools: Option<ToolFormat>) -> Self {
+        Self {
+            thinking,
+            tools,
+            reasoning: thinking.map(ReasoningStream::new),
+            calls: tools.map(ToolCallStream::new),
+            call_ids: Vec::new(),
+        }
+    }
+
+    /// Streamed text as a delta: thinking, content and tool-call pieces.
+    fn delta(&mut self, text: &str, finishing: bool) -> Delta {
+        let mut delta = Delta::default();
+        let mut content = String::new();
+        let mut reasoning = String::new();
+        let pieces = match &mut self.reasoning {
+            Some(r) => {
+                let mut d = r.push(text);
+                if finishing {
+                    d.extend(r.finish());
+                }
+                d
+            }
+            None => vec![ReasoningDelta::Content(text.to_string())],
+        };
+        let mut replies = Vec::new();
+        for piece in pieces {
+            match piece {
+                ReasoningDelta::Reasoning(t) => reasoning.push_str(&t),
+                ReasoningDelta::Content(t) => match &mut self.calls {
+                    Some(calls) => replies.extend(calls.push(&t)),
+                    None => content.push_str(&t),
+                },
+            }
+        }
+        if finishing && let Some(calls) = &mut self.calls {
+            replies.extend(calls.finish());
+        }
+        for reply in replies {
+            match reply {
+                ReplyDelta::Content(t) => content.push_str(&t),
+                ReplyDelta::CallStart { index, id, name } => {
+                    let id = id.unwrap_or_else(|| self.new_call_id());
+                    self.call_ids.push(id.clone());
+                    delta.tool_calls.push(ToolCallDelta {
+                        index,
+                        id: Some(id),
+                        kind: Some("function"),
+                        function: FunctionDelta {
+                            name: Some(name),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                ReplyDelta::CallArguments { index, fragment } => {
+                    delta.tool_calls.push(ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta {
+                            name: None,
+                            arguments: fragment,
+                        },
+                    });
+                }
+            }
+        }
+        if !content.is_empty() {
+            delta.content = Some(content);
+        }
+        if !reasoning.is_empty() {
+            delta.reasoning_content = Some(reasoning);
+        }
+        delta
+    }
+
+    /// A fresh id in the shape the model's format wants.
+    fn new_call_id(&self) -> String {
+        call_id(
+            self.tools.unwrap_or(ToolFormat::Generic),
+            crate::generation::rng::random_seed(),
+        )
+    }
+
+    /// `tool_calls` once the reply called a tool, else the engine's reason.
+    fn finish_reason(&self, called: bool, reason: &'static str) -> &'static str {
+        if called { "tool_calls" } else { reason }
+    }
+}
 
 impl AnswerShape for Chat {
     const API: JobApi = JobApi::OpenAiChat;
@@ -124,47 +277,97 @@ impl AnswerShape for Chat {
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                ..Delta::default()
             },
             logprobs: None,
             finish_reason: None,
         })
     }
 
-    fn token_chunk(text: String, logprobs: Option<ChatLogprobs>) -> ChunkChoice {
-        ChunkChoice {
+    fn token_chunk(&mut self, text: String, logprobs: Option<ChatLogprobs>) -> Option<ChunkChoice> {
+        let delta = self.delta(&text, false);
+        if delta.is_empty() && logprobs.is_none() {
+            return None;
+        }
+        Some(ChunkChoice {
             index: 0,
-            delta: Delta {
-                role: None,
-                content: Some(text),
-            },
+            delta,
             logprobs,
             finish_reason: None,
-        }
+        })
     }
 
-    fn finish_chunk(finish_reason: &'static str) -> ChunkChoice {
-        ChunkChoice {
+    fn finish_chunks(&mut self, finish_reason: &'static str) -> Vec<ChunkChoice> {
+        let rest = self.delta("", true);
+        let mut out = Vec::new();
+        if !rest.is_empty() {
+            out.push(ChunkChoice {
+                index: 0,
+                delta: rest,
+                logprobs: None,
+                finish_reason: None,
+            });
+        }
+        out.push(ChunkChoice {
             index: 0,
             delta: Delta::default(),
             logprobs: None,
-            finish_reason: Some(finish_reason),
-        }
+            finish_reason: Some(self.finish_reason(!self.call_ids.is_empty(), finish_reason)),
+        });
+        out
     }
 
     fn choice(
-        content: String,
+        &mut self,
+        text: String,
         logprobs: Option<ChatLogprobs>,
         finish_reason: &'static str,
     ) -> ChatChoice {
+        let (reasoning, text) = match self.thinking {
+            Some(starts_inside) => {
+                let split = split_reasoning(&text, starts_inside);
+                (
+                    Some(split.reasoning).filter(|r| !r.is_empty()),
+                    split.content,
+                )
+            }
+            None => (None, text),
+        };
+        let (content, tool_calls) = match self.tools {
+            Some(format) => {
+                let reply = parse_reply(format, &text);
+                let calls: Vec<ToolCallOut> = reply
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| ToolCallOut {
+                        id: c.id.unwrap_or_else(|| self.new_call_id()),
+                        kind: "function",
+                        function: FunctionCall {
+                            name: c.name,
+                            arguments: c.arguments,
+                        },
+                    })
+                    .collect();
+                let content = if calls.is_empty() || !reply.content.trim().is_empty() {
+                    Some(reply.content)
+                } else {
+                    None
+                };
+                (content, calls)
+            }
+            None => (Some(text), Vec::new()),
+        };
         ChatChoice {
             index: 0,
+            finish_reason: self.finish_reason(!tool_calls.is_empty(), finish_reason),
             message: AssistantMessage {
                 role: "assistant",
                 content,
+                reasoning_content: reasoning,
+                tool_calls,
                 refusal: None,
             },
             logprobs,
-            finish_reason,
         }
     }
 }

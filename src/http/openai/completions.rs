@@ -66,20 +66,25 @@ impl AnswerShape for Text {
         logprobs.push(namer, token, lp, &mut self.offset);
     }
 
-    fn token_chunk(text: String, logprobs: Option<CompletionLogprobs>) -> TextChoice {
-        TextChoice {
+    fn token_chunk(
+        &mut self,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+    ) -> Option<TextChoice> {
+        Some(TextChoice {
             text,
             index: 0,
             logprobs,
             finish_reason: None,
-        }
+        })
     }
 
-    fn finish_chunk(finish_reason: &'static str) -> TextChoice {
-        Self::choice(String::new(), None, finish_reason)
+    fn finish_chunks(&mut self, finish_reason: &'static str) -> Vec<TextChoice> {
+        vec![self.choice(String::new(), None, finish_reason)]
     }
 
     fn choice(
+        &mut self,
         text: String,
         logprobs: Option<CompletionLogprobs>,
         finish_reason: &'static str,

@@ -29,6 +29,7 @@ pub mod models;
 pub mod request;
 pub mod response;
 pub mod run;
+pub mod tools;
 
 use std::sync::Arc;
 

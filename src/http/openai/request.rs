@@ -29,10 +29,13 @@
 //! | `ignore_eos` (ext.) | bool | false |
 //! | `return_tokens_as_token_ids` (vLLM) | bool: logprob tokens as `token_id:N` | false |
 //! | `add_generation_prompt`, `chat_template_kwargs` (vLLM, chat) | bool; object of template variables | true; none |
-//! | `user`, `store`, `metadata`, `parallel_tool_calls`, ... | accepted, ignored | |
+//! | `response_format`, `structured_outputs`, `guided_*`, `json_schema`, `grammar` | one output constraint ([`structured`](crate::http::structured)) | none |
+//! | `user`, `store`, `metadata`, ... | accepted, ignored | |
 //!
-//! Refused with a 400 naming them: `tools` (non-empty), `tool_choice` other than `none`/`auto`,
-//! `functions`, `function_call`, `response_format` other than `text`, `modalities` other than
+//! | `tools`, `tool_choice`, `parallel_tool_calls` (chat) | see [`tools`](super::tools) | none |
+//! | `reasoning_format` (llama-server, chat) | `auto`/`deepseek`: thinking in `reasoning_content`; `none`: inline | `auto` |
+//!
+//! Refused with a 400 naming them: `functions`, `function_call`, `modalities` other than
 //! text, `audio`, `prediction`, `web_search_options`, `n` > 1, `best_of` > 1, `echo`, `suffix`,
 //! non-text content parts.
 //!
@@ -42,8 +45,10 @@
 use serde_json::{Map, Value};
 
 use super::error::OpenAiError;
+use super::tools::ToolRequest;
 use crate::generation::{ContextFitError, GenerationParams, SamplingParams, fit_max_tokens};
 use crate::http::fields::{Dialect, Fields, Rules};
+use crate::http::structured::Requested;
 use crate::model::chat_template::ChatMessage;
 
 const MAX_LOGIT_BIAS: f64 = 100.0;
@@ -58,6 +63,8 @@ pub struct Common {
     pub include_usage: bool,
     /// vLLM's `return_tokens_as_token_ids`: logprob tokens read `token_id:N`.
     pub tokens_as_ids: bool,
+    /// The output constraint asked for, still to be compiled.
+    pub constraint: Option<Requested>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +74,10 @@ pub struct ChatRequest {
     pub add_generation_prompt: bool,
     /// Extra template variables (`chat_template_kwargs`).
     pub template_kwargs: Map<String, Value>,
+    /// The tools the model may call, and whether it must.
+    pub tools: Option<ToolRequest>,
+    /// `reasoning_format: "none"`: thinking stays in `content` instead of `reasoning_content`.
+    pub reasoning_inline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +113,26 @@ pub fn parse_chat(
         (_, None) => None,
     };
     let common = f.common(rules, logprobs);
+    let tools = f.tools();
+    if let (Some(t), Some(c)) = (&tools, &common.constraint)
+        && t.forced.is_some()
+    {
+        f.fail(
+            "tool_choice",
+            format!("a forced tool call cannot be combined with {}", c.field),
+        );
+    }
+    let reasoning_inline = match f.string("reasoning_format") {
+        None | Some("auto" | "deepseek" | "deepseek-legacy") => false,
+        Some("none") => true,
+        Some(other) => {
+            f.fail(
+                "reasoning_format",
+                format!("unknown format `{other}` (auto, deepseek, none)"),
+            );
+            false
+        }
+    };
     let add_generation_prompt = f.boolean("add_generation_prompt").unwrap_or(true);
     let template_kwargs = match f.get("chat_template_kwargs") {
         None => Map::new(),
@@ -117,6 +148,8 @@ pub fn parse_chat(
         messages,
         add_generation_prompt,
         template_kwargs,
+        tools,
+        reasoning_inline,
     })
 }
 
@@ -190,35 +223,13 @@ pub fn resolve_max_tokens(
 }
 
 fn refuse_chat_features(f: &mut Fields<'_>) {
-    match f.get("tools") {
-        None => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(_) => f.unsupported("tools", "tool calling is not supported"),
-    }
-    match f.get("tool_choice") {
-        None => {}
-        Some(Value::String(s)) if s == "none" || s == "auto" => {}
-        Some(_) => f.unsupported(
-            "tool_choice",
-            "tool calling is not supported (only `none` or `auto`)",
-        ),
-    }
     for name in ["functions", "function_call"] {
         if f.get(name).is_some() {
-            f.unsupported(name, "function calling is not supported");
+            f.unsupported(
+                name,
+                "the deprecated function-calling fields are not supported (use tools)",
+            );
         }
-    }
-    match f.get("response_format") {
-        None => {}
-        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(other) => f.unsupported(
-                "response_format",
-                format!("`{other}` is not supported (only `text`)"),
-            ),
-            None => f.fail("response_format", "must have a string `type`"),
-        },
-        Some(_) => f.fail("response_format", "must be an object"),
     }
     match f.get("modalities") {
         None => {}
@@ -285,6 +296,7 @@ impl Fields<'_> {
             }
         };
         let tokens_as_ids = self.boolean("return_tokens_as_token_ids").unwrap_or(false);
+        let constraint = self.constraint();
         if let Some(user) = self.get("user")
             && !user.is_string()
         {
@@ -297,11 +309,13 @@ impl Fields<'_> {
                 stop,
                 ignore_eos,
                 logprobs,
+                constraint: None,
             },
             max_tokens,
             stream,
             include_usage: stream && include_usage,
             tokens_as_ids,
+            constraint,
         }
     }
 
@@ -650,17 +664,7 @@ mod tests {
     fn unsupported_features_are_named() {
         let cases = [
             (json!({"n": 2}), "n"),
-            (json!({"tools": [{"type": "function"}]}), "tools"),
-            (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"functions": []}), "functions"),
-            (
-                json!({"response_format": {"type": "json_schema"}}),
-                "response_format",
-            ),
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"audio": {"voice": "x"}}), "audio"),
         ];
