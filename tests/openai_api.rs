@@ -872,3 +872,105 @@ async fn chat_template_override_is_used_with_the_models_special_tokens() {
     .await;
     assert_eq!(w.prompts(2).await[1], tokens_of("[user] hi\n"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Thinking and tool calls taken out of the text
+
+/// A Hermes-style template that also knows thinking tags, and a model that writes both.
+async fn thinking_tool_worker() -> TestWorker {
+    let template = ChatTemplate::new(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if tools %}{% for t in tools %}{{ t.function.name }} {% endfor %}<tool_call></tool_call>{% endif %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{# <think></think> #}",
+        "",
+        "",
+    )
+    .unwrap();
+    let mut script = script_tokens(
+        "<think>plan it</think>\n\nSure.<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>",
+    );
+    script.push(IM_END);
+    TestWorker::start(Setup {
+        script,
+        chat_template: Some(template),
+        context: 512,
+        ..setup()
+    })
+    .await
+}
+
+fn tool_body(stream: bool) -> Value {
+    json!({
+        "messages": user("go"), "max_tokens": 200, "temperature": 0, "stream": stream,
+        "tools": [{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]
+    })
+}
+
+#[tokio::test]
+async fn thinking_and_tool_calls_come_out_of_the_text_whole_and_streamed() {
+    let w = thinking_tool_worker().await;
+    let v = w.ok("/v1/chat/completions", tool_body(false)).await;
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let m = &choice["message"];
+    assert_eq!(m["reasoning_content"], "plan it");
+    assert_eq!(m["content"], "Sure.");
+    let call = &m["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "f");
+    assert_eq!(call["function"]["arguments"], "{\"x\":1}");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+
+    // The stream: the same pieces, the call's id and name before its arguments.
+    let events = w
+        .stream_answer("/v1/chat/completions", tool_body(true))
+        .await;
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| e.data != "[DONE]")
+        .map(SseEvent::json)
+        .collect();
+    let mut reasoning = String::new();
+    let mut content = String::new();
+    let mut name = String::new();
+    let mut arguments = String::new();
+    for c in &chunks {
+        let d = &c["choices"][0]["delta"];
+        reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(d["content"].as_str().unwrap_or(""));
+        for tc in d["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(tc["index"], 0);
+            if let Some(n) = tc["function"]["name"].as_str() {
+                assert!(arguments.is_empty(), "the name comes first");
+                assert!(tc["id"].is_string());
+                name.push_str(n);
+            }
+            arguments.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(
+        (reasoning.as_str(), content.as_str(), name.as_str()),
+        ("plan it", "Sure.", "f")
+    );
+    assert_eq!(arguments, "{\"x\":1}");
+    let last = &chunks[chunks.len() - 1]["choices"][0];
+    assert_eq!(last["finish_reason"], "tool_calls");
+
+    // reasoning_format none: the thinking stays in the content; tool_choice none: no parsing.
+    let mut body = tool_body(false);
+    body["reasoning_format"] = "none".into();
+    body["tool_choice"] = "none".into();
+    let v = w.ok("/v1/chat/completions", body).await;
+    let m = &v["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{v}");
+    assert!(m.get("tool_calls").is_none(), "{v}");
+    assert!(
+        m["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("<think>plan it</think>"),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}

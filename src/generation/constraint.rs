@@ -156,6 +156,14 @@ impl Grammars {
         }
     }
 
+    /// Builds the token trie now (on a thread of its own at model load), so the first
+    /// constrained request does not wait for it.
+    pub fn warm(&self) {
+        if let Err(e) = self.factory() {
+            tracing::warn!(error = %e, "structured output is unavailable for this model");
+        }
+    }
+
     fn factory(&self) -> Result<&ParserFactory, ConstraintError> {
         self.factory
             .get_or_init(|| build_factory(&self.tokenizer, &self.eog))

@@ -202,6 +202,10 @@ impl JobRegistry {
             stats: engine.stats().clone(),
             engine,
         };
+        let grammars = served.grammars.clone();
+        let _ = std::thread::Builder::new()
+            .name("grammar-trie".into())
+            .spawn(move || grammars.warm());
         self.served
             .set(served)
             .map_err(|_| std::io::Error::other("a model is already being served"))?;
