@@ -103,6 +103,28 @@ impl InferenceBackend for CandleInferenceBackend {
         self.caches.remove(&seq);
     }
 
+    fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<bool, BackendError> {
+        let Some(source) = self.caches.get(&from).filter(|c| c.len() >= len) else {
+            return Ok(false);
+        };
+        let copy = self
+            .decoder
+            .copy_cache_prefix(source, len)
+            .map_err(|e| BackendError(format!("copying a cached prefix: {e}")))?;
+        self.caches.insert(to, copy);
+        Ok(true)
+    }
+
+    fn keep_prefix(&mut self, seq: SeqId, len: usize) -> Option<usize> {
+        let mut cache = self.caches.remove(&seq)?;
+        if cache.len() < len || self.decoder.shrink_cache(&mut cache, len).is_err() {
+            return None;
+        }
+        let bytes = cache.allocated_bytes();
+        self.caches.insert(seq, cache);
+        Some(bytes)
+    }
+
     fn kv_cache_bytes(&self) -> usize {
         self.caches
             .values()

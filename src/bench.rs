@@ -287,6 +287,7 @@ pub fn structured<B: InferenceBackend>(
         SchedulerConfig {
             max_sequences: streams,
             batch_tokens: 512,
+            prefix_cache_bytes: 0,
         },
     );
     let long = ConstraintSpec::JsonSchema(long_schema());

@@ -86,6 +86,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_CTX_SIZE", value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
     pub ctx_size: Option<u64>,
 
+    /// MiB of KV that finished requests keep so later prompts sharing their start skip its
+    /// prefill (the prefix cache; 0 turns it off). Default: a quarter of the machine's memory,
+    /// at most 8192 (llama-server's `--cache-ram`).
+    #[arg(long, env = "LLM_WORKER_CACHE_RAM", value_name = "MIB")]
+    pub cache_ram: Option<u64>,
+
     /// Prompt tokens read per engine step, shared by all sequences being prefilled.
     #[arg(long, env = "LLM_WORKER_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,
@@ -320,6 +326,18 @@ impl WorkerArgs {
         self.ctx_size.map_or(DEFAULT_CTX_CAP, |n| n as usize)
     }
 
+    /// The prefix cache's budget in bytes: `--cache-ram`, else a quarter of the machine's
+    /// memory (at most 8 GiB).
+    pub fn prefix_cache_bytes(&self) -> usize {
+        const MIB: usize = 1 << 20;
+        match self.cache_ram {
+            Some(mib) => usize::try_from(mib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(MIB),
+            None => total_memory_bytes().map_or(1024 * MIB, |total| (total / 4).min(8192 * MIB)),
+        }
+    }
+
     /// Exports the thread count for Candle's and rayon's pools. Must run before any thread
     /// that reads them starts.
     pub fn apply_threads(&self) {
@@ -445,6 +463,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit `{other}` (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// The machine's memory (Linux `MemTotal`), if known.
+fn total_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

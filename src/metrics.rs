@@ -11,14 +11,28 @@
 //!   thread never waits for metrics.
 //! - Gauges (running, waiting, KV-cache usage) are read from the engine's atomics when
 //!   `/metrics` is scraped ([`GaugeReadings`]), so nothing updates them between scrapes.
+//! - Series that mirror an engine counter (the prefix cache's) and the `vllm:*` series are
+//!   built from the same readings at render time, each scrape, rather than registered: a
+//!   registered counter can only be incremented, and the `model_name` label is known only once
+//!   a model is served.
+//!
+//! The `vllm:*` series carry vLLM's own names (`vllm:num_requests_running`,
+//! `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, `vllm:cache_config_info`,
+//! `vllm:prefix_cache_{queries,hits}_total`) so that the Gateway API Inference Extension's
+//! endpoint picker and llm-d, which scrape those names, route to this worker unchanged.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+
+use crate::engine::EngineStats;
 
 /// The `Content-Type` of the Prometheus text exposition format.
 pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -110,9 +124,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 ];
 
-/// What the engine's atomics say at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+/// What the engine's atomics (and the queue) say at scrape time.
+#[derive(Debug, Clone, Default)]
 pub struct GaugeReadings {
+    /// The served model's name: the `model_name` label of the `vllm:*` series (no label while
+    /// it is empty).
+    pub model_name: String,
     pub running: usize,
     pub waiting: usize,
     /// Positions held in KV caches, over every running sequence.
@@ -121,6 +138,51 @@ pub struct GaugeReadings {
     pub kv_capacity_positions: usize,
     /// Bytes the KV caches have allocated.
     pub kv_cache_bytes: usize,
+    /// How the KV caches store keys and values ("f16"): `cache_dtype` of
+    /// `vllm:cache_config_info`, left out while empty (not known for this backend).
+    pub kv_cache_dtype: &'static str,
+    /// Prompt tokens looked up in the prefix cache, ever.
+    pub prefix_cache_queries: u64,
+    /// Of those, the tokens served from the cache.
+    pub prefix_cache_hits: u64,
+    /// Bytes of KV kept for reuse.
+    pub prefix_cache_bytes: usize,
+    /// The most bytes the prefix cache may keep (0: prefix caching is off).
+    pub prefix_cache_budget: usize,
+}
+
+impl GaugeReadings {
+    /// The engine's numbers for a model of `context_length` positions per slot; the queue
+    /// length, the model's name and the cache's dtype are the caller's to fill in.
+    pub fn from_engine(stats: &EngineStats, context_length: usize) -> Self {
+        let slots = stats.slots_total.load(Ordering::Relaxed);
+        Self {
+            running: stats.running.load(Ordering::Relaxed),
+            kv_positions: stats.kv_positions.load(Ordering::Relaxed),
+            kv_capacity_positions: slots.saturating_mul(context_length),
+            kv_cache_bytes: stats.kv_cache_bytes.load(Ordering::Relaxed),
+            prefix_cache_queries: stats.prefix_cache_queries.load(Ordering::Relaxed),
+            prefix_cache_hits: stats.prefix_cache_hits.load(Ordering::Relaxed),
+            prefix_cache_bytes: stats.prefix_cache_bytes.load(Ordering::Relaxed),
+            prefix_cache_budget: stats.prefix_cache_budget.load(Ordering::Relaxed),
+            ..Self::default()
+        }
+    }
+
+    /// Positions in use over what all slots can hold, 0 to 1 (0 while loading).
+    pub fn kv_cache_usage(&self) -> f64 {
+        if self.kv_capacity_positions == 0 {
+            return 0.0;
+        }
+        (self.kv_positions as f64 / self.kv_capacity_positions as f64).clamp(0.0, 1.0)
+    }
+
+    /// Prefix-cache hits over lookups, in prompt tokens; `None` before the first lookup.
+    pub fn prefix_cache_hit_rate(&self) -> Option<f64> {
+        (self.prefix_cache_queries > 0).then(|| {
+            (self.prefix_cache_hits as f64 / self.prefix_cache_queries as f64).clamp(0.0, 1.0)
+        })
+    }
 }
 
 /// Every metric of one worker, registered in the worker's own registry.
@@ -138,6 +200,8 @@ pub struct WorkerMetrics {
     num_requests_waiting: IntGauge,
     kv_cache_usage_ratio: Gauge,
     kv_cache_bytes: IntGauge,
+    prefix_cache_bytes: IntGauge,
+    prefix_cache_budget_bytes: IntGauge,
     model_load_seconds: Gauge,
     info: IntGaugeVec,
 }
@@ -258,6 +322,14 @@ impl WorkerMetrics {
                 "rbee_worker_kv_cache_bytes",
                 "Bytes allocated by the KV caches.",
             )?,
+            prefix_cache_bytes: gauge_i(
+                "rbee_worker_prefix_cache_bytes",
+                "Bytes of KV kept by finished sequences for reuse (the prefix cache).",
+            )?,
+            prefix_cache_budget_bytes: gauge_i(
+                "rbee_worker_prefix_cache_budget_bytes",
+                "The most bytes the prefix cache may keep; 0 when prefix caching is off.",
+            )?,
             model_load_seconds: gauge_f(
                 "rbee_worker_model_load_seconds",
                 "How long loading the served model took.",
@@ -284,22 +356,145 @@ impl WorkerMetrics {
             .set(1);
     }
 
-    /// The exposition text, with the gauges set from `readings`.
+    /// The exposition text, with the gauges set from `readings` and the series built from
+    /// them (the mirrored counters and the `vllm:*` series) added.
     pub fn render(&self, readings: &GaugeReadings) -> Result<String, MetricsError> {
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.num_requests_running.set(as_i64(readings.running));
         self.num_requests_waiting.set(as_i64(readings.waiting));
         self.kv_cache_bytes.set(as_i64(readings.kv_cache_bytes));
-        let ratio = if readings.kv_capacity_positions == 0 {
-            0.0
-        } else {
-            readings.kv_positions as f64 / readings.kv_capacity_positions as f64
-        };
-        self.kv_cache_usage_ratio.set(ratio.clamp(0.0, 1.0));
+        self.kv_cache_usage_ratio.set(readings.kv_cache_usage());
+        self.prefix_cache_bytes
+            .set(as_i64(readings.prefix_cache_bytes));
+        self.prefix_cache_budget_bytes
+            .set(as_i64(readings.prefix_cache_budget));
+        let mut families = self.registry.gather();
+        families.extend(snapshot_families(readings));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut text = Vec::with_capacity(8 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
+        TextEncoder::new().encode(&families, &mut text)?;
         Ok(String::from_utf8(text)?)
     }
+}
+
+/// One series of its own family, with `labels` (those with an empty value left out).
+fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    labels: &[(&str, &str)],
+    value: f64,
+) -> MetricFamily {
+    let labels = labels
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(n, v)| {
+            let mut pair = LabelPair::default();
+            pair.set_name(n.to_string());
+            pair.set_value(v.to_string());
+            pair
+        })
+        .collect();
+    let mut metric = Metric::from_label(labels);
+    if kind == MetricType::COUNTER {
+        let mut counter = prometheus::proto::Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    } else {
+        let mut gauge = prometheus::proto::Gauge::default();
+        gauge.set_value(value);
+        metric.set_gauge(gauge);
+    }
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_string());
+    family.set_help(help.to_string());
+    family.set_field_type(kind);
+    family.set_metric(vec![metric]);
+    family
+}
+
+/// The series built from `readings` at each scrape: the counters that mirror the engine's
+/// prefix-cache atomics, and vLLM's names for what a cluster router reads.
+fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let model: &[(&str, &str)] = &[("model_name", r.model_name.as_str())];
+    let queries = r.prefix_cache_queries as f64;
+    let hits = r.prefix_cache_hits as f64;
+    let mut families = vec![
+        family(
+            "rbee_worker_prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            COUNTER,
+            &[],
+            queries,
+        ),
+        family(
+            "rbee_worker_prefix_cache_hits_total",
+            "Prompt tokens whose keys and values came from the prefix cache instead of a prefill.",
+            COUNTER,
+            &[],
+            hits,
+        ),
+        family(
+            "vllm:num_requests_running",
+            "Requests holding a slot (rbee_worker_num_requests_running).",
+            GAUGE,
+            model,
+            r.running as f64,
+        ),
+        family(
+            "vllm:num_requests_waiting",
+            "Requests waiting in the queue for a slot (rbee_worker_num_requests_waiting).",
+            GAUGE,
+            model,
+            r.waiting as f64,
+        ),
+        family(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage, 0 to 1: positions in use over slots x context (rbee_worker_kv_cache_usage_ratio).",
+            GAUGE,
+            model,
+            r.kv_cache_usage(),
+        ),
+        family(
+            "vllm:prefix_cache_queries_total",
+            "Prefix-cache queries, in prompt tokens (rbee_worker_prefix_cache_queries_total).",
+            COUNTER,
+            model,
+            queries,
+        ),
+        family(
+            "vllm:prefix_cache_hits_total",
+            "Prefix-cache hits, in prompt tokens (rbee_worker_prefix_cache_hits_total).",
+            COUNTER,
+            model,
+            hits,
+        ),
+    ];
+    // vLLM's labels are its cache config's fields; the KV cache here is allocated per position,
+    // so a block is one position and the "GPU blocks" are every slot's positions. Absent until
+    // a model is served.
+    if r.kv_capacity_positions > 0 {
+        let blocks = r.kv_capacity_positions.to_string();
+        let prefix_caching = if r.prefix_cache_budget > 0 {
+            "True"
+        } else {
+            "False"
+        };
+        families.push(family(
+            "vllm:cache_config_info",
+            "Always 1; the labels describe the KV cache (block_size in positions).",
+            GAUGE,
+            &[
+                ("block_size", "1"),
+                ("cache_dtype", r.kv_cache_dtype),
+                ("enable_prefix_caching", prefix_caching),
+                ("num_gpu_blocks", &blocks),
+            ],
+            1.0,
+        ));
+    }
+    families
 }
 
 /// One job's view of the metrics: it knows the job's door, prompt length and arrival, and its
@@ -370,7 +565,252 @@ impl JobObserver {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::atomic::Ordering;
+
     use super::*;
+
+    /// The exposition, parsed strictly: every family's `# TYPE` (once, before its samples),
+    /// and every sample as `name{labels}` (labels in the order written) → value.
+    struct Exposition {
+        types: HashMap<String, String>,
+        samples: HashMap<String, f64>,
+        /// Each sample's labels by `name{labels}`.
+        labels: HashMap<String, BTreeMap<String, String>>,
+    }
+
+    fn is_metric_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    fn is_label_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    fn parse(text: &str) -> Exposition {
+        let mut e = Exposition {
+            types: HashMap::new(),
+            samples: HashMap::new(),
+            labels: HashMap::new(),
+        };
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                let name = help.split(' ').next().unwrap();
+                assert!(is_metric_name(name), "{line}");
+                continue;
+            }
+            if let Some(decl) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = decl.split_once(' ').expect("`# TYPE name type`");
+                assert!(is_metric_name(name), "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                let earlier = e.types.insert(name.to_string(), kind.to_string());
+                assert!(earlier.is_none(), "two TYPE lines for {name}");
+                continue;
+            }
+            assert!(!line.starts_with('#'), "{line}");
+            let (series, value) = line.rsplit_once(' ').expect("`series value`");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().expect("a number"),
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}').expect("closing brace")),
+                None => (series, ""),
+            };
+            assert!(is_metric_name(name), "{line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| e.types[*f] == "histogram"))
+                .unwrap_or(name);
+            assert!(e.types.contains_key(family), "{name} before its TYPE");
+            let mut pairs = BTreeMap::new();
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').expect("label=value");
+                assert!(is_label_name(k), "{line}");
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                pairs.insert(k.to_string(), v.expect("quoted").to_string());
+            }
+            e.samples.insert(series.to_string(), value);
+            e.labels.insert(series.to_string(), pairs);
+        }
+        e
+    }
+
+    #[test]
+    fn every_family_parses_once_with_a_valid_name() {
+        // `parse` checks every name, label and TYPE line, and that no family comes twice (a
+        // series built at render time never shadows a registered one).
+        let m = WorkerMetrics::new();
+        parse(&m.render(&GaugeReadings::default()).unwrap());
+        m.set_info("tiny", "cpu:0", "0.1.0");
+        let e = parse(&m.render(&loaded(GaugeReadings::default())).unwrap());
+        assert!(e.types.contains_key("rbee_worker_info"));
+        assert!(e.types.contains_key("vllm:cache_config_info"));
+    }
+
+    /// `readings` on a served model.
+    fn loaded(readings: GaugeReadings) -> GaugeReadings {
+        GaugeReadings {
+            model_name: "org/tiny".into(),
+            kv_capacity_positions: 4 * 512,
+            ..readings
+        }
+    }
+
+    #[test]
+    fn the_vllm_series_mirror_ours_with_their_types_and_model_name() {
+        let m = WorkerMetrics::new();
+        let e = parse(
+            &m.render(&GaugeReadings {
+                running: 3,
+                waiting: 5,
+                kv_positions: 512,
+                kv_cache_dtype: "f16",
+                prefix_cache_queries: 40,
+                prefix_cache_hits: 30,
+                prefix_cache_bytes: 1000,
+                prefix_cache_budget: 4096,
+                ..loaded(GaugeReadings::default())
+            })
+            .unwrap(),
+        );
+        let model = r#"{model_name="org/tiny"}"#;
+        for (vllm, ours, kind, want) in [
+            ("num_requests_running", "num_requests_running", "gauge", 3.0),
+            ("num_requests_waiting", "num_requests_waiting", "gauge", 5.0),
+            ("kv_cache_usage_perc", "kv_cache_usage_ratio", "gauge", 0.25),
+            (
+                "prefix_cache_queries_total",
+                "prefix_cache_queries_total",
+                "counter",
+                40.0,
+            ),
+            (
+                "prefix_cache_hits_total",
+                "prefix_cache_hits_total",
+                "counter",
+                30.0,
+            ),
+        ] {
+            let (vllm, ours) = (format!("vllm:{vllm}"), format!("rbee_worker_{ours}"));
+            assert_eq!(e.types[&vllm], kind, "{vllm}");
+            assert_eq!(e.types[&ours], kind, "{ours}");
+            assert_eq!(e.samples[&format!("{vllm}{model}")], want, "{vllm}");
+            assert_eq!(e.samples[&ours], want, "{ours}");
+        }
+        assert_eq!(e.samples["rbee_worker_prefix_cache_bytes"], 1000.0);
+        assert_eq!(e.samples["rbee_worker_prefix_cache_budget_bytes"], 4096.0);
+
+        assert_eq!(e.types["vllm:cache_config_info"], "gauge");
+        let (series, labels) = e
+            .labels
+            .iter()
+            .find(|(k, _)| k.starts_with("vllm:cache_config_info"))
+            .expect("cache_config_info");
+        assert_eq!(e.samples[series], 1.0);
+        let want: BTreeMap<String, String> = [
+            ("block_size", "1"),
+            ("cache_dtype", "f16"),
+            ("enable_prefix_caching", "True"),
+            ("num_gpu_blocks", "2048"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(labels, &want);
+    }
+
+    #[test]
+    fn before_a_model_the_vllm_series_have_no_label_and_no_cache_config() {
+        let m = WorkerMetrics::new();
+        let e = parse(
+            &m.render(&GaugeReadings {
+                waiting: 2,
+                ..GaugeReadings::default()
+            })
+            .unwrap(),
+        );
+        assert_eq!(e.samples["vllm:num_requests_waiting"], 2.0);
+        assert_eq!(e.samples["vllm:kv_cache_usage_perc"], 0.0);
+        assert!(!e.types.contains_key("vllm:cache_config_info"));
+        assert!(!e.samples.keys().any(|k| k.contains("model_name")));
+    }
+
+    #[test]
+    fn the_series_follow_the_engine_atomics_between_scrapes() {
+        let m = WorkerMetrics::new();
+        let stats = EngineStats::default();
+        stats.slots_total.store(2, Ordering::Relaxed);
+        let scrape = |stats: &EngineStats| {
+            let readings = GaugeReadings {
+                model_name: "tiny".into(),
+                ..GaugeReadings::from_engine(stats, 100)
+            };
+            let e = parse(&m.render(&readings).unwrap());
+            (readings, e)
+        };
+        let (r, e) = scrape(&stats);
+        assert_eq!(r.prefix_cache_hit_rate(), None, "no lookup yet");
+        assert_eq!(
+            e.samples[r#"vllm:prefix_cache_queries_total{model_name="tiny"}"#],
+            0.0
+        );
+        assert!(
+            e.labels
+                .iter()
+                .any(|(k, l)| k.starts_with("vllm:cache_config_info")
+                    && l["num_gpu_blocks"] == "200"
+                    && l["enable_prefix_caching"] == "False"
+                    && !l.contains_key("cache_dtype"))
+        );
+
+        stats.running.store(2, Ordering::Relaxed);
+        stats.kv_positions.store(50, Ordering::Relaxed);
+        stats.prefix_cache_queries.store(64, Ordering::Relaxed);
+        stats.prefix_cache_hits.store(16, Ordering::Relaxed);
+        stats.prefix_cache_budget.store(1 << 20, Ordering::Relaxed);
+        let (r, e) = scrape(&stats);
+        assert_eq!(r.prefix_cache_hit_rate(), Some(0.25));
+        assert_eq!(r.kv_cache_usage(), 0.25);
+        for (series, want) in [
+            (r#"vllm:num_requests_running{model_name="tiny"}"#, 2.0),
+            (r#"vllm:kv_cache_usage_perc{model_name="tiny"}"#, 0.25),
+            (
+                r#"vllm:prefix_cache_queries_total{model_name="tiny"}"#,
+                64.0,
+            ),
+            (r#"vllm:prefix_cache_hits_total{model_name="tiny"}"#, 16.0),
+            ("rbee_worker_prefix_cache_queries_total", 64.0),
+            ("rbee_worker_prefix_cache_hits_total", 16.0),
+            ("rbee_worker_prefix_cache_budget_bytes", 1048576.0),
+        ] {
+            assert_eq!(e.samples[series], want, "{series}");
+        }
+
+        // The counters keep up with the engine's, scrape after scrape.
+        stats.prefix_cache_queries.fetch_add(36, Ordering::Relaxed);
+        stats.prefix_cache_hits.fetch_add(34, Ordering::Relaxed);
+        stats.running.store(0, Ordering::Relaxed);
+        let (r, e) = scrape(&stats);
+        assert_eq!(r.prefix_cache_hit_rate(), Some(0.5));
+        assert_eq!(e.samples["rbee_worker_prefix_cache_queries_total"], 100.0);
+        assert_eq!(
+            e.samples[r#"vllm:prefix_cache_hits_total{model_name="tiny"}"#],
+            50.0
+        );
+        assert_eq!(
+            e.samples[r#"vllm:num_requests_running{model_name="tiny"}"#],
+            0.0
+        );
+    }
 
     #[test]
     fn every_series_is_exposed_from_the_start() {
@@ -387,6 +827,16 @@ mod tests {
             "rbee_worker_num_requests_waiting 0",
             "rbee_worker_kv_cache_usage_ratio 0",
             "rbee_worker_model_load_seconds 0",
+            "rbee_worker_prefix_cache_queries_total 0",
+            "rbee_worker_prefix_cache_hits_total 0",
+            "rbee_worker_prefix_cache_bytes 0",
+            "rbee_worker_prefix_cache_budget_bytes 0",
+            // No model yet: no `model_name` label.
+            "vllm:num_requests_running 0",
+            "vllm:num_requests_waiting 0",
+            "vllm:kv_cache_usage_perc 0",
+            "vllm:prefix_cache_queries_total 0",
+            "vllm:prefix_cache_hits_total 0",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
@@ -419,6 +869,7 @@ mod tests {
                 kv_positions: 25,
                 kv_capacity_positions: 100,
                 kv_cache_bytes: 4096,
+                ..GaugeReadings::default()
             })
             .unwrap();
         for line in [

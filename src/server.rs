@@ -147,6 +147,7 @@ async fn serve(
         scheduler: SchedulerConfig {
             max_sequences: args.parallel as usize,
             batch_tokens: args.batch_size as usize,
+            prefix_cache_bytes: args.prefix_cache_bytes(),
         },
         queue_capacity: args.queue_capacity as usize,
         registry: RegistryConfig {

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::{JobRegistry, WorkerState};
+use crate::metrics::GaugeReadings;
 use crate::model::decoder::ComputePath;
 
 /// Facts fixed at startup.
@@ -132,6 +133,14 @@ pub struct WorkerInfo {
     /// decoder).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute: Option<ComputeInfo>,
+    /// KV-cache positions in use over what all slots can hold, 0 to 1 (`/metrics`'
+    /// `vllm:kv_cache_usage_perc`); absent while loading. Optional: a hive may ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_usage: Option<f64>,
+    /// Prompt tokens served from the prefix cache over those looked up in it, 0 to 1; absent
+    /// before the first lookup. Optional: a hive may ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_hit_rate: Option<f64>,
 }
 
 /// `compute` in [`WorkerInfo`]: the served model's compute path as its decoder decided at load.
@@ -185,6 +194,7 @@ impl From<&ComputePath> for ComputeInfo {
 impl WorkerInfo {
     pub fn collect(identity: &WorkerIdentity, registry: &JobRegistry) -> Self {
         let served = registry.served();
+        let cache = served.map(|s| GaugeReadings::from_engine(&s.stats, s.meta.context_length));
         Self {
             id: identity.id.clone(),
             model_id: served.map_or_else(|| identity.model_id.clone(), |s| s.model_id.clone()),
@@ -201,6 +211,10 @@ impl WorkerInfo {
             compute: served
                 .and_then(|s| s.meta.compute.as_deref())
                 .map(ComputeInfo::from),
+            kv_cache_usage: cache.as_ref().map(GaugeReadings::kv_cache_usage),
+            prefix_cache_hit_rate: cache
+                .as_ref()
+                .and_then(GaugeReadings::prefix_cache_hit_rate),
         }
     }
 }

@@ -100,6 +100,7 @@ fn greedy_generation_matches_llama_cpp() {
         SchedulerConfig {
             max_sequences: cases.len(),
             batch_tokens: 512,
+            prefix_cache_bytes: 0,
         },
     );
     let mut sinks = Vec::new();
@@ -149,6 +150,214 @@ fn greedy_generation_matches_llama_cpp() {
         elapsed.as_secs_f64()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Runs `jobs` (prompt, max tokens, cache allowed) through `scheduler`, all admitted at once or
+/// one at a time; returns each job's tokens and how many prompt tokens came from the cache.
+fn run_jobs(
+    scheduler: &mut Scheduler<CandleInferenceBackend>,
+    jobs: &[(Vec<u32>, usize, bool)],
+    together: bool,
+) -> Vec<(Vec<u32>, usize)> {
+    let mut out = Vec::new();
+    let mut pending = Vec::new();
+    for (i, (prompt, max_tokens, cache)) in jobs.iter().enumerate() {
+        let mut params = GenerationParams::greedy(*max_tokens);
+        params.cache_prompt = *cache;
+        let sink = CollectingSink::new();
+        scheduler.admit(GenerationJob {
+            id: format!("job-{i}"),
+            prompt_tokens: prompt.clone(),
+            params,
+            sink: sink.clone(),
+        });
+        pending.push(sink);
+        if !together {
+            while !scheduler.is_idle() {
+                scheduler.step();
+            }
+        }
+    }
+    while !scheduler.is_idle() {
+        scheduler.step();
+    }
+    for sink in pending {
+        let events = sink.events();
+        let tokens = events
+            .iter()
+            .filter_map(|e| match e {
+                EngineEvent::Token(step) => Some(step.token),
+                _ => None,
+            })
+            .collect();
+        let cached = events
+            .iter()
+            .find_map(|e| match e {
+                EngineEvent::Finished(s) => Some(s.tokens_cached),
+                _ => None,
+            })
+            .expect("every job finishes");
+        out.push((tokens, cached));
+    }
+    out
+}
+
+#[test]
+fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() {
+    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+        .expect("load model");
+    let tokenizer = backend.meta().tokenizer.clone();
+    let cases = read_json(&conformance_file("generate.json"));
+    let prompts: Vec<Vec<u32>> = cases
+        .as_array()
+        .expect("list of cases")
+        .iter()
+        .map(|c| {
+            tokenizer
+                .encode(c["prompt"].as_str().expect("prompt"), true)
+                .unwrap()
+        })
+        .filter(|p| p.len() > 16)
+        .collect();
+    assert!(prompts.len() >= 3, "enough conformance prompts to reuse");
+    let mut scheduler = Scheduler::new(
+        backend,
+        SchedulerConfig {
+            max_sequences: prompts.len() + 1,
+            batch_tokens: 512,
+            prefix_cache_bytes: 512 << 20,
+        },
+    );
+    let n = 12;
+    let uncached: Vec<_> = prompts.iter().map(|p| (p.clone(), n, false)).collect();
+    let cached: Vec<_> = prompts.iter().map(|p| (p.clone(), n, true)).collect();
+    let reference = run_jobs(&mut scheduler, &uncached, false);
+    assert!(reference.iter().all(|(_, c)| *c == 0));
+
+    // Cold (nothing cached yet: each prompt is prefilled, then kept), batched.
+    let cold = run_jobs(&mut scheduler, &cached, true);
+    // Warm: every prompt but its last token comes from the cache, one at a time and batched.
+    let warm_single = run_jobs(&mut scheduler, &cached, false);
+    let warm_batched = run_jobs(&mut scheduler, &cached, true);
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(cold[i].0, reference[i].0, "prompt {i} cold");
+        assert_eq!(cold[i].1, 0, "prompt {i}: nothing was cached before it");
+        for (run, name) in [
+            (&warm_single, "warm single"),
+            (&warm_batched, "warm batched"),
+        ] {
+            assert_eq!(run[i].0, reference[i].0, "prompt {i} {name}");
+            assert_eq!(
+                run[i].1,
+                p.len() - reread(p.len()),
+                "prompt {i} {name}: cached tokens"
+            );
+        }
+    }
+
+    // The next turn of a conversation: the earlier prompt, what the model wrote, then more.
+    // Everything the cache holds (the prompt and all but the last generated token) is reused.
+    let more = tokenizer.encode(" And then?", true).unwrap();
+    let turns: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&reference)
+        .map(|(p, (out, _))| [p.as_slice(), out.as_slice(), more.as_slice()].concat())
+        .collect();
+    let plain: Vec<_> = turns.iter().map(|t| (t.clone(), n, false)).collect();
+    let reused: Vec<_> = turns.iter().map(|t| (t.clone(), n, true)).collect();
+    let want = run_jobs(&mut scheduler, &plain, true);
+    let got = run_jobs(&mut scheduler, &reused, true);
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(got[i].0, want[i].0, "turn {i}");
+        let held = p.len() + reference[i].0.len() - 1;
+        let turn = turns[i].len();
+        assert_eq!(
+            got[i].1,
+            held.min(turn - reread(turn)),
+            "turn {i}: cached tokens"
+        );
+    }
+}
+
+#[test]
+fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
+    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+        .expect("load model");
+    let tokenizer = backend.meta().tokenizer.clone();
+    let mut scheduler = Scheduler::new(
+        backend,
+        SchedulerConfig {
+            max_sequences: 2,
+            batch_tokens: 512,
+            prefix_cache_bytes: 64 << 20,
+        },
+    );
+    // Short prompts read their last token again, long ones their last 64 (the tiled attention
+    // path an uncached prefill takes): either way the logits, and so the sampled tokens at
+    // temperature 1, are the ones an uncached run gets.
+    let short = tokenizer
+        .encode(
+            "Once upon a time, in a small village by the sea, there lived an old fisherman and his",
+            true,
+        )
+        .unwrap();
+    let long = tokenizer
+        .encode(
+            &"The river bends past the old mill and the stone bridge. ".repeat(12),
+            true,
+        )
+        .unwrap();
+    assert!(short.len() > 16 && short.len() < 80 && long.len() >= 80);
+    for prompt in [short, long] {
+        let run = |scheduler: &mut Scheduler<CandleInferenceBackend>, cache: bool| {
+            let mut params = GenerationParams::greedy(24);
+            params.sampling.temperature = 1.0;
+            params.sampling.seed = 5;
+            params.cache_prompt = cache;
+            let sink = CollectingSink::new();
+            scheduler.admit(GenerationJob {
+                id: "sampled".into(),
+                prompt_tokens: prompt.clone(),
+                params,
+                sink: sink.clone(),
+            });
+            while !scheduler.is_idle() {
+                scheduler.step();
+            }
+            sink.events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    EngineEvent::Token(step) => Some(step.token),
+                    EngineEvent::Finished(s) => Some(u32::MAX - s.tokens_cached as u32),
+                    _ => None,
+                })
+                .collect::<Vec<u32>>()
+        };
+        let uncached = run(&mut scheduler, false);
+        let cold = run(&mut scheduler, true);
+        let warm = run(&mut scheduler, true);
+        let tokens = |v: &[u32]| v[..v.len() - 1].to_vec();
+        let cached = |v: &[u32]| (u32::MAX - v[v.len() - 1]) as usize;
+        assert_eq!(
+            tokens(&cold),
+            tokens(&uncached),
+            "{} tokens cold",
+            prompt.len()
+        );
+        assert_eq!(
+            tokens(&warm),
+            tokens(&uncached),
+            "{} tokens warm",
+            prompt.len()
+        );
+        assert_eq!(cached(&warm), prompt.len() - reread(prompt.len()));
+    }
+}
+
+/// The prompt tokens read again after a cache hit: the tiled attention path's minimum for long
+/// prompts (so they are computed as an uncached prefill computes them), else the last one.
+fn reread(prompt: usize) -> usize {
+    if prompt >= 64 + 16 { 64 } else { 1 }
 }
 
 fn outcome(events: &[EngineEvent]) -> Result<Outcome, String> {

@@ -229,6 +229,8 @@ async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
     assert_eq!(info["device"], "cpu:0");
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(info["slots_total"], 0);
+    // The optional cache fields come with a served model.
+    assert!(info.get("kv_cache_usage").is_none(), "{info}");
     assert!(info["id"].as_str().unwrap().starts_with("worker-"));
     assert!(info["started_at"].as_str().unwrap().ends_with('Z'));
     assert!(first.body["timestamp"].as_str().unwrap().ends_with('Z'));
@@ -247,6 +249,8 @@ async fn heartbeats_start_at_once_and_follow_load_and_shutdown() {
     });
     let busy = hive.wait_for_status("busy").await;
     assert_eq!(busy.body["worker"]["slots_busy"], 1);
+    let usage = busy.body["worker"]["kv_cache_usage"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
     let events = job.await.unwrap();
     assert_eq!(assert_well_formed_ending(&events).1.data, "[DONE]");
     let ready_again = hive.wait_for_status("ready").await;

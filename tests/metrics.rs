@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::WAIT;
@@ -32,6 +33,22 @@ fn parse(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// Family name → its `# TYPE`, from the Prometheus text format (each declared once).
+fn types(text: &str) -> HashMap<String, String> {
+    let mut types = HashMap::new();
+    for decl in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = decl.split_once(' ').expect("`# TYPE name type`");
+        let earlier = types.insert(name.to_string(), kind.to_string());
+        assert!(earlier.is_none(), "{name} declared twice");
+    }
+    types
+}
+
+/// A `vllm:*` series of the served model.
+fn vllm(name: &str) -> String {
+    format!(r#"vllm:{name}{{model_name="{MODEL}"}}"#)
+}
+
 /// A worker whose fake model takes 10 ms a step.
 async fn start(parallel: usize, token: Option<&'static str>, metrics_auth: bool) -> TestWorker {
     TestWorker::start(Setup {
@@ -48,6 +65,10 @@ async fn start(parallel: usize, token: Option<&'static str>, metrics_auth: bool)
 
 impl TestWorker {
     async fn scrape(&self) -> HashMap<String, f64> {
+        parse(&self.scrape_text().await)
+    }
+
+    async fn scrape_text(&self) -> String {
         let r = self
             .request(reqwest::Method::GET, "/metrics")
             .send()
@@ -58,7 +79,7 @@ impl TestWorker {
             r.headers()["content-type"],
             "text/plain; version=0.0.4; charset=utf-8"
         );
-        parse(&r.text().await.unwrap())
+        r.text().await.unwrap()
     }
 
     /// Runs a job to its end; returns how many tokens it generated.
@@ -128,6 +149,19 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
     assert!(ratio > 0.0 && ratio <= 1.0, "kv usage {ratio}");
     // "long" (4 positions) plus at least one generated token, of 1 slot x CONTEXT positions.
     assert!(ratio >= 5.0 / CONTEXT as f64, "kv usage {ratio}");
+    // vLLM's names for the same numbers, read by cluster routers, in the same scrape.
+    assert_eq!(mid[&vllm("num_requests_running")], 1.0);
+    assert_eq!(mid[&vllm("num_requests_waiting")], 1.0);
+    assert_eq!(mid[&vllm("kv_cache_usage_perc")], ratio);
+    // /health and /info say the same, as optional fields.
+    let (_, health) = w.get_json("/health").await;
+    let (_, info) = w.get_json("/info").await;
+    for (what, v) in [("/health", &health), ("/info", &info)] {
+        let usage = v["kv_cache_usage"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}: {v}"));
+        assert!(usage > 0.0 && usage <= 1.0, "{what}: {v}");
+    }
 
     // A duplicate job id is refused at submission.
     let mut dup = infer("x", 1);
@@ -234,12 +268,88 @@ async fn known_requests_move_every_metric_by_exactly_their_amounts() {
 
     assert_eq!(after["rbee_worker_num_requests_waiting"], 0.0);
     assert_eq!(after["rbee_worker_kv_cache_usage_ratio"], 0.0);
+    assert_eq!(after[&vllm("num_requests_running")], 0.0);
+    assert_eq!(after[&vllm("num_requests_waiting")], 0.0);
+    assert_eq!(after[&vllm("kv_cache_usage_perc")], 0.0);
     assert_eq!(after["rbee_worker_model_load_seconds"], 1.25);
     let info = format!(
         r#"rbee_worker_info{{device="cpu:0",model="{MODEL}",version="{}"}}"#,
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(after[&info], 1.0);
+}
+
+#[tokio::test]
+async fn the_vllm_series_a_cluster_router_reads_are_typed_and_mirror_the_engine() {
+    let w = start(2, None, false).await;
+    let text = w.scrape_text().await;
+    let types = types(&text);
+    for (name, kind) in [
+        ("vllm:num_requests_running", "gauge"),
+        ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:kv_cache_usage_perc", "gauge"),
+        ("vllm:cache_config_info", "gauge"),
+        ("vllm:prefix_cache_queries_total", "counter"),
+        ("vllm:prefix_cache_hits_total", "counter"),
+        ("rbee_worker_prefix_cache_queries_total", "counter"),
+        ("rbee_worker_prefix_cache_hits_total", "counter"),
+        ("rbee_worker_prefix_cache_bytes", "gauge"),
+        ("rbee_worker_prefix_cache_budget_bytes", "gauge"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    // The endpoint picker reads block_size and num_gpu_blocks off cache_config_info: the KV
+    // cache is allocated per position, so 2 slots x CONTEXT one-position blocks.
+    let m = parse(&text);
+    let config = m
+        .keys()
+        .find(|k| k.starts_with("vllm:cache_config_info{"))
+        .expect("cache_config_info");
+    assert!(config.contains(r#"block_size="1""#), "{config}");
+    assert!(
+        config.contains(&format!(r#"num_gpu_blocks="{}""#, 2 * CONTEXT)),
+        "{config}"
+    );
+    assert_eq!(m[config], 1.0);
+
+    // Two jobs hold both slots and a third waits; then all end.
+    let ids = [
+        w.create(infer("one", 400)).await,
+        w.create(infer("two", 400)).await,
+        w.create(infer("three", 5)).await,
+    ];
+    let mid = w
+        .scrape_until("two run (their caches filling) and one waits", |m| {
+            m[&vllm("num_requests_running")] == 2.0
+                && m[&vllm("num_requests_waiting")] == 1.0
+                && m[&vllm("kv_cache_usage_perc")] > 0.0
+        })
+        .await;
+    assert_eq!(mid["rbee_worker_num_requests_running"], 2.0);
+    assert_eq!(mid["rbee_worker_num_requests_waiting"], 1.0);
+    let usage = mid[&vllm("kv_cache_usage_perc")];
+    assert!(usage > 0.0 && usage <= 1.0, "{usage}");
+    for id in &ids {
+        w.delete(id).await;
+    }
+    let after = w
+        .scrape_until("every slot is free", |m| {
+            m[&vllm("num_requests_running")] == 0.0 && m[&vllm("num_requests_waiting")] == 0.0
+        })
+        .await;
+    assert_eq!(after[&vllm("kv_cache_usage_perc")], 0.0);
+
+    // The prefix-cache series are the engine's counters, under both names.
+    let stats = &w.worker.registry().served().unwrap().stats;
+    let queries = stats.prefix_cache_queries.load(Ordering::Relaxed) as f64;
+    let hits = stats.prefix_cache_hits.load(Ordering::Relaxed) as f64;
+    assert_eq!(after[&vllm("prefix_cache_queries_total")], queries);
+    assert_eq!(after["rbee_worker_prefix_cache_queries_total"], queries);
+    assert_eq!(after[&vllm("prefix_cache_hits_total")], hits);
+    assert_eq!(after["rbee_worker_prefix_cache_hits_total"], hits);
+    assert!(hits <= queries);
+    let budget = stats.prefix_cache_budget.load(Ordering::Relaxed) as f64;
+    assert_eq!(after["rbee_worker_prefix_cache_budget_bytes"], budget);
 }
 
 #[tokio::test]

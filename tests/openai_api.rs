@@ -195,7 +195,8 @@ async fn chat_renders_chatml_and_answers_in_openai_shape() {
     let n = tokens_of(prompt).len();
     assert_eq!(
         v["usage"],
-        json!({"prompt_tokens": n, "completion_tokens": 5, "total_tokens": n + 5})
+        json!({"prompt_tokens": n, "completion_tokens": 5, "total_tokens": n + 5,
+               "prompt_tokens_details": {"cached_tokens": 0}})
     );
 }
 
@@ -444,7 +445,7 @@ async fn validation_and_unsupported_features_are_400s_naming_the_field() {
     let cases = [
         (
             "/v1/chat/completions",
-            json!({"messages": user("x"), "n": 2}),
+            json!({"messages": user("x"), "n": 17}),
             "n",
         ),
         (
@@ -488,7 +489,7 @@ async fn validation_and_unsupported_features_are_400s_naming_the_field() {
             json!({"prompt": "x", "best_of": 3}),
             "best_of",
         ),
-        ("/v1/completions", json!({"prompt": "x", "n": 2}), "n"),
+        ("/v1/completions", json!({"prompt": "x", "n": 0}), "n"),
         ("/v1/completions", json!({"prompt": [1, 9999]}), "prompt[1]"),
         (
             "/v1/completions",
@@ -973,4 +974,62 @@ async fn thinking_and_tool_calls_come_out_of_the_text_whole_and_streamed() {
         "{v}"
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+// ---------------------------------------------------------------------------------------------
+// n > 1
+
+#[tokio::test]
+async fn several_choices_whole_and_streamed() {
+    let w = TestWorker::start(setup()).await;
+    let body = |stream: bool| {
+        json!({"messages": user("hi"), "max_tokens": 6, "n": 4, "seed": 11,
+               "temperature": 2, "stream": stream,
+               "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
+    };
+    let v = w.ok("/v1/chat/completions", body(false)).await;
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    let texts: Vec<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    // Each choice is its own seeded stream: at temperature 2 they differ.
+    let distinct: std::collections::HashSet<&&str> = texts.iter().collect();
+    assert!(distinct.len() > 1, "{texts:?}");
+    let usage = &v["usage"];
+    assert_eq!(usage["completion_tokens"], 4 * 6, "{v}");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + 24)
+    );
+    // The same request again: the same four.
+    let again = w.ok("/v1/chat/completions", body(false)).await;
+    assert_eq!(again["choices"], v["choices"]);
+
+    // Streamed: every choice's chunks by index, one usage chunk and one [DONE] at the end.
+    let events = w.stream_answer("/v1/chat/completions", body(true)).await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    assert_eq!(events.iter().filter(|e| e.data == "[DONE]").count(), 1);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(SseEvent::json)
+        .collect();
+    let mut streamed = vec![String::new(); 4];
+    let mut finished = 0;
+    for c in &chunks[..chunks.len() - 1] {
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        streamed[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        finished += usize::from(choice["finish_reason"].is_string());
+    }
+    assert_eq!(finished, 4);
+    assert_eq!(streamed, texts);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 24);
 }

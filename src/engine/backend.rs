@@ -59,4 +59,18 @@ pub trait InferenceBackend: Send + 'static {
     fn kv_cache_bytes(&self) -> usize {
         0
     }
+
+    /// Starts sequence `to` with a copy of the first `len` positions of `from`'s KV cache (a
+    /// prefix-cache hit; `from` is untouched). `Ok(false)` when the backend keeps no reusable
+    /// caches or `from` holds fewer positions.
+    fn copy_prefix(&mut self, _from: SeqId, _to: SeqId, _len: usize) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// Keeps the first `len` positions of a finished sequence's cache for reuse and frees the
+    /// rest; returns the bytes it still holds. `None`: it cannot be kept (it is released).
+    fn keep_prefix(&mut self, seq: SeqId, _len: usize) -> Option<usize> {
+        self.release(seq);
+        None
+    }
 }

@@ -26,6 +26,14 @@ pub struct EngineStats {
     pub kv_positions: AtomicUsize,
     pub steps: AtomicU64,
     pub jobs_finished: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache (jobs that allow caching), ever.
+    pub prefix_cache_queries: AtomicU64,
+    /// Of those, the tokens whose keys and values came from the cache instead of a prefill.
+    pub prefix_cache_hits: AtomicU64,
+    /// Bytes of KV kept for reuse by finished sequences (the prefix cache).
+    pub prefix_cache_bytes: AtomicUsize,
+    /// The most bytes the prefix cache may keep (`--cache-ram`).
+    pub prefix_cache_budget: AtomicUsize,
     /// Smoothed seconds a job holds a slot, in microseconds (0 until a job finished).
     pub job_slot_micros: AtomicU64,
     /// False once the engine thread has exited.
@@ -64,6 +72,9 @@ impl GenerationEngine {
         stats
             .slots_total
             .store(scheduler.config().max_sequences, Ordering::Relaxed);
+        stats
+            .prefix_cache_budget
+            .store(scheduler.config().prefix_cache_bytes, Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name("generation-engine".into())
@@ -173,6 +184,16 @@ fn publish<B: InferenceBackend>(scheduler: &Scheduler<B>, stats: &EngineStats) {
     stats
         .kv_cache_bytes
         .store(scheduler.backend().kv_cache_bytes(), Ordering::Relaxed);
+    let prefix = scheduler.prefix_cache_stats();
+    stats
+        .prefix_cache_queries
+        .store(prefix.queries, Ordering::Relaxed);
+    stats
+        .prefix_cache_hits
+        .store(prefix.hits, Ordering::Relaxed);
+    stats
+        .prefix_cache_bytes
+        .store(prefix.bytes, Ordering::Relaxed);
 }
 
 fn record_job_time(stats: &EngineStats, held: Duration) {

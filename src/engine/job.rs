@@ -36,6 +36,8 @@ impl CancelReason {
 pub struct FinishSummary {
     pub reason: FinishReason,
     pub tokens_in: usize,
+    /// Of `tokens_in`, those whose keys and values came from the prefix cache.
+    pub tokens_cached: usize,
     pub tokens_out: usize,
     pub seed: u64,
 }

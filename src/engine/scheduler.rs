@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use super::backend::{BatchItem, InferenceBackend, SeqId};
 use super::job::{EngineEvent, ErrorCode, FinishSummary, GenerationJob};
 use crate::generation::{Constraint, ContextFitError, SequenceGenerator, fit_max_tokens};
+use crate::model::attention::TILED_MIN_ROWS;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -22,6 +23,8 @@ pub struct SchedulerConfig {
     pub max_sequences: usize,
     /// Tokens per forward: every decoding sequence's one token plus prompt chunks.
     pub batch_tokens: usize,
+    /// Bytes of KV that finished sequences may keep for reuse (0: no prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -29,8 +32,32 @@ impl Default for SchedulerConfig {
         Self {
             max_sequences: 4,
             batch_tokens: 512,
+            prefix_cache_bytes: 0,
         }
     }
+}
+
+/// The shortest shared prefix worth a copy instead of a prefill.
+const MIN_REUSE_TOKENS: usize = 16;
+
+/// A finished sequence's KV cache kept for reuse: the tokens whose keys and values it holds.
+struct Parked {
+    seq: SeqId,
+    tokens: Vec<u32>,
+    salt: String,
+    bytes: usize,
+    used: u64,
+}
+
+/// What the prefix cache did, for the engine's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Prompt tokens looked up.
+    pub queries: u64,
+    /// Tokens served from the cache.
+    pub hits: u64,
+    /// Bytes kept now.
+    pub bytes: usize,
 }
 
 struct Running {
@@ -39,12 +66,32 @@ struct Running {
     generator: SequenceGenerator,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Of those, the ones copied from the prefix cache.
+    cached: usize,
+    /// Holds its slot without computing until another sequence with the same prompt has read
+    /// it, then starts from a copy (the choices of one request: the prompt is read once).
+    waiting: bool,
 }
 
 impl Running {
     fn prompt_done(&self) -> bool {
         self.prefilled >= self.job.prompt_tokens.len()
     }
+
+    /// The tokens whose keys and values the cache holds: the prompt read so far, then every
+    /// generated token but the last (sampled, never fed).
+    fn held(&self) -> &[u32] {
+        if self.prompt_done() {
+            let t = self.generator.tokens();
+            &t[..t.len().saturating_sub(1)]
+        } else {
+            &self.job.prompt_tokens[..self.prefilled]
+        }
+    }
+}
+
+fn shared_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 pub struct Scheduler<B: InferenceBackend> {
@@ -52,6 +99,10 @@ pub struct Scheduler<B: InferenceBackend> {
     config: SchedulerConfig,
     running: Vec<Running>,
     next_seq: u64,
+    /// The prefix cache: finished sequences' caches, least recently used first to go.
+    parked: Vec<Parked>,
+    clock: u64,
+    prefix_stats: PrefixCacheStats,
 }
 
 impl<B: InferenceBackend> Scheduler<B> {
@@ -59,12 +110,161 @@ impl<B: InferenceBackend> Scheduler<B> {
         let config = SchedulerConfig {
             max_sequences: config.max_sequences.max(1),
             batch_tokens: config.batch_tokens.max(1),
+            ..config
         };
         Self {
             backend,
             config,
             running: Vec::new(),
             next_seq: 0,
+            parked: Vec::new(),
+            clock: 0,
+            prefix_stats: PrefixCacheStats::default(),
+        }
+    }
+
+    /// What the prefix cache has done so far, and holds now.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix_stats
+    }
+
+    fn fresh_seq(&mut self) -> SeqId {
+        let seq = SeqId(self.next_seq);
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Starts `seq` from the longest cached prefix of `prompt` under the same salt — a finished
+    /// sequence's kept cache or a running sequence's — leaving at least one prompt token to read
+    /// (its logits are the first sample's). Returns the tokens reused.
+    fn reuse_prefix(&mut self, seq: SeqId, prompt: &[u32], salt: &str) -> usize {
+        // The prompt's last rows are read again rather than copied when the prompt is long
+        // enough for the tiled attention path: it then computes them exactly as a prefill of
+        // the whole prompt would, so a cached prompt samples as an uncached one.
+        let tail = if prompt.len() >= TILED_MIN_ROWS + MIN_REUSE_TOKENS {
+            TILED_MIN_ROWS
+        } else {
+            1
+        };
+        let limit = prompt.len().saturating_sub(tail);
+        let parked = self
+            .parked
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.salt == salt)
+            .map(|(i, p)| (shared_prefix(&p.tokens, prompt).min(limit), Some(i), p.seq));
+        let running = self
+            .running
+            .iter()
+            .filter(|r| !r.waiting && r.job.params.cache_salt == salt)
+            .map(|r| (shared_prefix(r.held(), prompt).min(limit), None, r.seq));
+        let best = parked
+            .chain(running)
+            .max_by_key(|&(len, parked, _)| (len, parked.is_some()));
+        let Some((len, parked, from)) = best.filter(|&(len, ..)| len >= MIN_REUSE_TOKENS) else {
+            return 0;
+        };
+        match self.backend.copy_prefix(from, seq, len) {
+            Ok(true) => {
+                if let Some(i) = parked {
+                    self.clock += 1;
+                    self.parked[i].used = self.clock;
+                }
+                self.prefix_stats.hits += len as u64;
+                len
+            }
+            // A kept cache that cannot be copied is not worth keeping.
+            Ok(false) | Err(_) => {
+                if let Some(i) = parked {
+                    let p = self.parked.remove(i);
+                    self.prefix_stats.bytes -= p.bytes;
+                    self.backend.release(p.seq);
+                }
+                0
+            }
+        }
+    }
+
+    /// Whether a running sequence is still reading the same prompt under the same salt: one
+    /// worth waiting for rather than reading the prompt a second time.
+    fn prompt_being_read(&self, prompt: &[u32], salt: &str) -> bool {
+        self.running.iter().any(|r| {
+            !r.waiting
+                && !r.prompt_done()
+                && r.job.params.cache_salt == salt
+                && r.job.prompt_tokens == prompt
+        })
+    }
+
+    /// Starts the waiting sequences whose prompt has been read by another (or whose reader is
+    /// gone), from a copy of it.
+    fn start_waiting(&mut self) {
+        for i in 0..self.running.len() {
+            if !self.running[i].waiting {
+                continue;
+            }
+            let r = &self.running[i];
+            let salt = r.job.params.cache_salt.clone();
+            let prompt = r.job.prompt_tokens.clone();
+            if self.prompt_being_read(&prompt, &salt) {
+                continue;
+            }
+            let seq = self.running[i].seq;
+            let cached = self.reuse_prefix(seq, &prompt, &salt);
+            let r = &mut self.running[i];
+            r.waiting = false;
+            r.prefilled = cached;
+            r.cached = cached;
+        }
+    }
+
+    /// Keeps a finished sequence's cache for later prompts, or frees it. An older entry whose
+    /// tokens this one extends is dropped (this one serves every prompt it would); the least
+    /// recently used go while the cache is over its budget.
+    fn park(&mut self, r: Running) {
+        let budget = self.config.prefix_cache_bytes;
+        let held = r.held();
+        if budget == 0 || !r.job.params.cache_prompt || held.len() < MIN_REUSE_TOKENS {
+            self.backend.release(r.seq);
+            return;
+        }
+        let tokens = held.to_vec();
+        let Some(bytes) = self.backend.keep_prefix(r.seq, tokens.len()) else {
+            return;
+        };
+        let salt = r.job.params.cache_salt.clone();
+        let subsumed: Vec<usize> = self
+            .parked
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.salt == salt && tokens.starts_with(&p.tokens))
+            .map(|(i, _)| i)
+            .collect();
+        for i in subsumed.into_iter().rev() {
+            let p = self.parked.remove(i);
+            self.prefix_stats.bytes -= p.bytes;
+            self.backend.release(p.seq);
+        }
+        self.clock += 1;
+        self.prefix_stats.bytes += bytes;
+        self.parked.push(Parked {
+            seq: r.seq,
+            tokens,
+            salt,
+            bytes,
+            used: self.clock,
+        });
+        while self.prefix_stats.bytes > budget
+            && let Some(oldest) = self
+                .parked
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, p)| p.used)
+                .map(|(i, _)| i)
+        {
+            let p = self.parked.remove(oldest);
+            self.prefix_stats.bytes -= p.bytes;
+            self.backend.release(p.seq);
         }
     }
 
@@ -138,33 +338,48 @@ impl<B: InferenceBackend> Scheduler<B> {
         job.sink.emit(EngineEvent::Started {
             at: SystemTime::now(),
         });
-        let seq = SeqId(self.next_seq);
-        self.next_seq += 1;
+        let seq = self.fresh_seq();
+        let caching = job.params.cache_prompt && self.config.prefix_cache_bytes > 0;
+        let salt = job.params.cache_salt.clone();
+        if caching {
+            self.prefix_stats.queries += job.prompt_tokens.len() as u64;
+        }
+        let waiting = caching && self.prompt_being_read(&job.prompt_tokens, &salt);
+        let cached = if caching && !waiting {
+            self.reuse_prefix(seq, &job.prompt_tokens, &salt)
+        } else {
+            0
+        };
         self.running.push(Running {
             seq,
             job,
             generator,
-            prefilled: 0,
+            prefilled: cached,
+            cached,
+            waiting,
         });
     }
 
     /// Drops sequences whose job was cancelled, with their terminal event.
     pub fn drop_cancelled(&mut self) {
-        let backend = &mut self.backend;
-        self.running
-            .retain(|r| match r.job.sink.cancel_requested() {
+        let mut i = 0;
+        while i < self.running.len() {
+            match self.running[i].job.sink.cancel_requested() {
                 Some(reason) => {
-                    backend.release(r.seq);
+                    let r = self.running.remove(i);
                     r.job.sink.emit(EngineEvent::Cancelled { reason });
-                    false
+                    // What it read is as good as any other prefix.
+                    self.park(r);
                 }
-                None => true,
-            });
+                None => i += 1,
+            }
+        }
     }
 
     /// One forward over every running sequence. Returns the number of tokens processed.
     pub fn step(&mut self) -> usize {
         self.drop_cancelled();
+        self.start_waiting();
         if self.running.is_empty() {
             return 0;
         }
@@ -179,7 +394,7 @@ impl<B: InferenceBackend> Scheduler<B> {
             }
         }
         for (i, r) in self.running.iter().enumerate() {
-            if r.prompt_done() {
+            if r.prompt_done() || r.waiting {
                 continue;
             }
             if budget == 0 && !plan.is_empty() {
@@ -281,13 +496,18 @@ impl<B: InferenceBackend> Scheduler<B> {
                 r.job.sink.emit(EngineEvent::Finished(FinishSummary {
                     reason,
                     tokens_in: r.job.prompt_tokens.len(),
+                    tokens_cached: r.cached,
                     tokens_out: r.generator.generated(),
                     seed: r.job.params.sampling.seed,
                 }));
                 finished.push(i);
             }
         }
-        self.remove(finished);
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let r = self.running.remove(i);
+            self.park(r);
+        }
         n_tokens
     }
 

@@ -37,6 +37,12 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Output must match this grammar (compiled, not yet started).
     pub constraint: Option<Constraint>,
+    /// Reuse a cached prefix of the prompt and keep this sequence's cache for later requests
+    /// (llama-server's `cache_prompt`).
+    pub cache_prompt: bool,
+    /// Only caches made under the same salt are reused (vLLM's `cache_salt`, with the caller's
+    /// API key in it, so tenants never share).
+    pub cache_salt: String,
 }
 
 impl GenerationParams {
@@ -48,6 +54,8 @@ impl GenerationParams {
             ignore_eos: false,
             logprobs: None,
             constraint: None,
+            cache_prompt: true,
+            cache_salt: String::new(),
         }
     }
 
@@ -60,6 +68,8 @@ impl GenerationParams {
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
             constraint: None,
+            cache_prompt: self.cache_prompt,
+            cache_salt: self.cache_salt.clone(),
         }
     }
 }
@@ -207,6 +217,11 @@ impl SequenceGenerator {
 
     pub fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// The prompt, then every token generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// The token to feed next (the last one sampled).

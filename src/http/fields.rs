@@ -139,6 +139,20 @@ impl<'a> Fields<'a> {
         !self.errors.is_empty()
     }
 
+    /// llama-server's `cache_prompt` (default true) and vLLM's `cache_salt` (default none).
+    pub fn cache_policy(&mut self) -> (bool, String) {
+        let cache_prompt = self.boolean("cache_prompt").unwrap_or(true);
+        let salt = match self.get("cache_salt") {
+            None => String::new(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => {
+                self.fail("cache_salt", "must be a non-empty string");
+                String::new()
+            }
+        };
+        (cache_prompt, salt)
+    }
+
     /// How many broken rules were found so far.
     pub fn error_count(&self) -> usize {
         self.errors.len()

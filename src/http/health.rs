@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::AppState;
+use crate::metrics::GaugeReadings;
 use crate::worker_info::{WorkerInfo, WorkerStatus};
 
 /// `/health`'s own words for the worker's status, kept from before [`WorkerStatus`] had six
@@ -47,6 +48,12 @@ pub struct Health {
     pub slots_total: usize,
     pub slots_busy: usize,
     pub queue_depth: usize,
+    /// KV-cache positions in use over what all slots can hold, 0 to 1.
+    pub kv_cache_usage: f64,
+    /// Prompt tokens served from the prefix cache over those looked up in it, 0 to 1; absent
+    /// before the first lookup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_hit_rate: Option<f64>,
 }
 
 /// 503 `{"status":"loading"}` until the model is attached, then 200.
@@ -59,6 +66,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
         )
             .into_response();
     };
+    let cache = GaugeReadings::from_engine(&served.stats, served.meta.context_length);
     Json(Health {
         status,
         model: Some(served.model_id.clone()),
@@ -66,6 +74,8 @@ pub async fn health(State(app): State<AppState>) -> Response {
         slots_total: served.stats.slots_total.load(Ordering::Relaxed),
         slots_busy: served.stats.running.load(Ordering::Relaxed),
         queue_depth: app.registry.queue().len(),
+        kv_cache_usage: cache.kv_cache_usage(),
+        prefix_cache_hit_rate: cache.prefix_cache_hit_rate(),
     })
     .into_response()
 }

@@ -4,8 +4,6 @@
 //! The gauges are read from the engine's atomics and the queue length here, at scrape time, so
 //! the handler answers at once even during a long prefill.
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +14,7 @@ use crate::jobs::JobRegistry;
 use crate::metrics::{GaugeReadings, TEXT_FORMAT};
 
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    let readings = readings(&app.registry);
+    let readings = readings(&app.registry, &app.identity.model_id);
     match app.registry.metrics().render(&readings) {
         Ok(text) => (
             [(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT))],
@@ -27,21 +25,28 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     }
 }
 
-fn readings(registry: &JobRegistry) -> GaugeReadings {
+/// `configured_model`: the name from the flags, which labels the `vllm:*` series while the
+/// model loads (empty when only the model knows its name).
+fn readings(registry: &JobRegistry, configured_model: &str) -> GaugeReadings {
     let waiting = registry.queue().len();
     let Some(served) = registry.served() else {
         return GaugeReadings {
+            model_name: configured_model.to_string(),
             waiting,
             ..GaugeReadings::default()
         };
     };
-    let stats = &served.stats;
-    let slots = stats.slots_total.load(Ordering::Relaxed);
+    // Our CPU code (the host attention) keeps keys and values in f16; Candle's caches are not
+    // described here, so the label is left out for them.
+    let host_attention = served
+        .meta
+        .compute
+        .as_deref()
+        .is_some_and(|c| c.cpu_kernels.is_some());
     GaugeReadings {
-        running: stats.running.load(Ordering::Relaxed),
+        model_name: served.model_id.clone(),
         waiting,
-        kv_positions: stats.kv_positions.load(Ordering::Relaxed),
-        kv_capacity_positions: slots.saturating_mul(served.meta.context_length),
-        kv_cache_bytes: stats.kv_cache_bytes.load(Ordering::Relaxed),
+        kv_cache_dtype: if host_attention { "f16" } else { "" },
+        ..GaugeReadings::from_engine(&served.stats, served.meta.context_length)
     }
 }

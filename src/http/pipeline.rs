@@ -66,7 +66,10 @@ pub async fn tokenize_prompt(
 }
 
 /// Queues a validated request; returns its record and queue position.
-pub fn submit(app: &AppState, job: Submission) -> Result<(Arc<JobRecord>, usize), ApiError> {
+pub fn submit(app: &AppState, mut job: Submission) -> Result<(Arc<JobRecord>, usize), ApiError> {
+    // Prefix caches are never shared across API keys: timing would tell one tenant what
+    // another's prompts begin with.
+    job.params.cache_salt = format!("{}\u{0}{}", job.owner, job.params.cache_salt);
     let (record, position) = app.registry.submit(job)?;
     record
         .span()

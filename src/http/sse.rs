@@ -61,6 +61,8 @@ pub enum StreamEvent<'a> {
     },
     End {
         tokens_in: usize,
+        /// Of `tokens_in`, those read from the prefix cache instead of prefilled.
+        tokens_cached: usize,
         tokens_out: usize,
         ttft_ms: u64,
         decode_time_ms: u64,
@@ -151,6 +153,7 @@ pub fn stream_event<'a>(
         },
         EngineEvent::Finished(summary) => StreamEvent::End {
             tokens_in: summary.tokens_in,
+            tokens_cached: summary.tokens_cached,
             tokens_out: summary.tokens_out,
             ttft_ms: timeline.time_to_first_token().map_or(0, millis),
             decode_time_ms: millis(timeline.decode_time()),

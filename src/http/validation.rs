@@ -26,6 +26,8 @@
 //! | `ignore_eos` | bool | | false |
 //! | `model` | string | the served model's name | the served one |
 //! | `response_format`, `json_schema`, `grammar`, `structured_outputs`, `guided_*` | | one output constraint ([`structured`](super::structured)) | none |
+//! | `cache_prompt` | bool | reuse a cached prefix of the prompt, keep this one's | true |
+//! | `cache_salt` | string | caches are shared only under the same salt (and API key) | none |
 //!
 //! The sampling defaults are llama-server's.
 
@@ -120,6 +122,7 @@ pub fn parse_job_request(
     let logprobs = logprobs(&mut f);
     let ignore_eos = f.boolean("ignore_eos").unwrap_or(false);
     let constraint = f.constraint();
+    let (cache_prompt, cache_salt) = f.cache_policy();
 
     if let Some(model) = f.string("model")
         && model != rules.model.model_id
@@ -142,6 +145,8 @@ pub fn parse_job_request(
             ignore_eos,
             logprobs,
             constraint: None,
+            cache_prompt,
+            cache_salt,
         },
         constraint,
     }

@@ -513,6 +513,7 @@ mod tests {
         let scheduler = SchedulerConfig {
             max_sequences: 1,
             batch_tokens: 64,
+            prefix_cache_bytes: 0,
         };
         r.serve(SlowBackend(meta), None, scheduler).unwrap();
         r

@@ -921,6 +921,60 @@ impl Decoder {
     }
 
     /// An empty cache for a new sequence (allocates nothing until the first forward).
+    /// A new cache holding a copy of the first `len` positions of `cache` (a prefix-cache hit:
+    /// the copy continues from there, the original is untouched).
+    pub fn copy_cache_prefix(
+        &self,
+        cache: &SequenceCache,
+        len: usize,
+    ) -> candle_core::Result<SequenceCache> {
+        let len = len.min(cache.len);
+        let mut out = self.new_cache();
+        if len == 0 {
+            return Ok(out);
+        }
+        self.ensure_capacity(&mut out, len)?;
+        match (&cache.layers, &mut out.layers) {
+            (CacheLayers::Host(src), CacheLayers::Host(dst)) => {
+                let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;
+                for (s, d) in src.iter().zip(dst.iter_mut()) {
+                    d.k[..n].copy_from_slice(&s.k[..n]);
+                    d.v[..n].copy_from_slice(&s.v[..n]);
+                }
+            }
+            (CacheLayers::Device(src), CacheLayers::Device(dst)) => {
+                for (s, d) in src.iter().zip(dst.iter()) {
+                    d.k.slice_set(&s.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    d.v.slice_set(&s.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            _ => candle_core::bail!("a cache of another attention path"),
+        }
+        out.len = len;
+        Ok(out)
+    }
+
+    /// Keeps only the first `len` positions of a cache kept for reuse, and gives back the memory
+    /// past them.
+    pub fn shrink_cache(&self, cache: &mut SequenceCache, len: usize) -> candle_core::Result<()> {
+        let len = len.min(cache.len);
+        match &mut cache.layers {
+            CacheLayers::Host(layers) => {
+                let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;
+                for l in layers.iter_mut() {
+                    l.k.truncate(n);
+                    l.k.shrink_to_fit();
+                    l.v.truncate(n);
+                    l.v.shrink_to_fit();
+                }
+                cache.len = len;
+                cache.capacity = len;
+            }
+            CacheLayers::Device(_) => *cache = self.copy_cache_prefix(cache, len)?,
+        }
+        Ok(())
+    }
+
     pub fn new_cache(&self) -> SequenceCache {
         let layers = match self.attention {
             AttentionPath::Host => CacheLayers::Host(Vec::new()),

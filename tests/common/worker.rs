@@ -45,6 +45,8 @@ pub fn worker_config(parallel: usize) -> WorkerConfig {
         scheduler: SchedulerConfig {
             max_sequences: parallel,
             batch_tokens: 512,
+            // The default model's tests run with the prefix cache on, as the binary does.
+            prefix_cache_bytes: 256 << 20,
         },
         ..WorkerConfig::default()
     }

@@ -155,7 +155,7 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"n": 2}, "n"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"modalities": ["text", "audio"]}, "modalities"),
     ],
@@ -174,3 +174,40 @@ def test_no_or_wrong_token_is_401(worker, model):
             c = c.with_options(default_headers={"Authorization": ""})
         with pytest.raises(openai.AuthenticationError):
             c.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
+
+
+def _metric(worker, name):
+    import urllib.request
+
+    req = urllib.request.Request(
+        worker.base_url + "/metrics", headers={"Authorization": f"Bearer {worker.token}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_n_choices_differ_repeat_and_read_the_prompt_once(client, model, worker):
+    # A prompt no earlier test sent, so nothing of it is cached yet.
+    messages = [{"role": "user", "content": "Invent a name for a purple dragon who sings opera."}]
+    hits_before = _metric(worker, "vllm:prefix_cache_hits_total")
+    args = dict(model=model, messages=messages, n=4, max_tokens=12, temperature=1.0, seed=1234)
+    first = client.chat.completions.create(**args)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert len(set(texts)) == 4, texts
+    # Every choice's tokens are counted, the prompt once.
+    assert 4 <= first.usage.completion_tokens <= 4 * 12
+    # Choices 1-3 started from a copy of choice 0's prompt (all but the tokens read again: the
+    # last one, or the last 64 of a prompt of 80 or more); choice 0 itself reused what earlier
+    # requests share with it (the template's system prompt).
+    cached = first.usage.prompt_tokens_details.cached_tokens
+    prompt = first.usage.prompt_tokens
+    reread = 64 if prompt >= 80 else 1
+    hits = _metric(worker, "vllm:prefix_cache_hits_total") - hits_before
+    assert hits == cached + 3 * (prompt - reread), (hits, cached, prompt)
+    again = client.chat.completions.create(**args)
+    assert [c.message.content for c in again.choices] == texts

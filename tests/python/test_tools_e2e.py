@@ -56,6 +56,7 @@ def test_required_tool_choice_returns_valid_calls(client, model, seed):
         messages=ASK,
         tools=[WEATHER, TIME],
         tool_choice="required",
+        parallel_tool_calls=False,
         max_tokens=120,
         temperature=0.8,
         seed=seed,

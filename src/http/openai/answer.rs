@@ -1,15 +1,22 @@
 //! What both generation endpoints do once their prompt is tokenized: fit `max_tokens` to the
-//! context, submit the job, and answer with one response or a stream of chunks.
-//! [`AnswerShape`] is all that `chat` and `completions` differ in here: their `object` names,
-//! their choices and their log-probability format.
+//! context, submit one job per choice (`n`), and answer with one response or a stream of
+//! chunks. [`AnswerShape`] is all that `chat` and `completions` differ in here: their `object`
+//! names, their choices and their log-probability format; each choice has its own shape (it
+//! knows its `index`).
+//!
+//! With `n` > 1, choice `i` is the job seeded with [`choice_seed`]`(seed, i)` (choice 0 with the
+//! request's seed itself), and the choices' jobs read the prompt once: the engine starts the
+//! others from a copy of the first one's cache. `usage` counts the prompt once and every
+//! choice's tokens.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
 use super::error::OpenAiError;
@@ -20,9 +27,9 @@ use crate::engine::EngineEvent;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::http::auth::Caller;
-use crate::http::pipeline::{event_stream, sse_response};
+use crate::http::pipeline::sse_response;
 use crate::http::structured;
-use crate::jobs::{JobApi, JobFollower, ServedModel, Submission, Timeline};
+use crate::jobs::{JobApi, JobFollower, ServedModel, Submission};
 use crate::model::tokenizer::TextTokenizer;
 
 /// One generation endpoint's answer format.
@@ -55,7 +62,7 @@ pub trait AnswerShape: Send + 'static {
     );
 
     /// The chunk a stream opens with, before any token.
-    fn first_chunk() -> Option<Self::ChunkChoice> {
+    fn first_chunk(&self) -> Option<Self::ChunkChoice> {
         None
     }
 
@@ -79,13 +86,25 @@ pub trait AnswerShape: Send + 'static {
     ) -> Self::Choice;
 }
 
-/// Submits the job and answers it: as SSE chunks when the client asked for a stream, else as
-/// one JSON response once the job has finished.
+/// The seed of choice `i`: the request's seed for choice 0, a SplitMix64 mix of it and `i` for
+/// the others, so a repeated request repeats every choice.
+pub fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Submits one job per choice and answers them: as SSE chunks when the client asked for a
+/// stream, else as one JSON response once every job has finished. `shape(i)` is choice `i`'s.
 pub async fn answer<S: AnswerShape>(
     app: &AppState,
     caller: &Caller,
     served: &ServedModel,
-    shape: S,
+    shape: impl Fn(usize) -> S,
     common: Common,
     prompt_tokens: Vec<u32>,
 ) -> Result<Response, OpenAiError> {
@@ -105,23 +124,33 @@ pub async fn answer<S: AnswerShape>(
     }
     let wants_logprobs = params.logprobs.is_some();
     let response = response_meta(S::ID_PREFIX, served);
-    let submission = Submission {
-        api: S::API,
-        owner: caller.0.clone(),
-        id: Some(response.id.clone()),
-        prompt_tokens,
-        params,
-    };
-    let job = submit(app, submission)?;
-    let namer = OwnedNamer {
+    let mut choices = Vec::with_capacity(common.n);
+    for i in 0..common.n {
+        let mut params = params.clone();
+        params.sampling.seed = choice_seed(params.sampling.seed, i);
+        let submission = Submission {
+            api: S::API,
+            owner: caller.0.clone(),
+            id: Some(if i == 0 {
+                response.id.clone()
+            } else {
+                format!("{}-{i}", response.id)
+            }),
+            prompt_tokens: prompt_tokens.clone(),
+            params,
+        };
+        // A choice that cannot be queued drops the ones before it (their followers cancel).
+        choices.push((submit(app, submission)?, shape(i)));
+    }
+    let namer = Arc::new(OwnedNamer {
         tokenizer: served.meta.tokenizer.clone(),
         as_ids: common.tokens_as_ids,
-    };
+    });
     if common.stream {
-        let stream = chunks(job, response, shape, namer, common.include_usage);
+        let stream = chunks(choices, response, namer, common.include_usage);
         return Ok(sse_response(app, stream));
     }
-    whole(job, response, shape, namer, wants_logprobs).await
+    whole(choices, response, namer, wants_logprobs).await
 }
 
 /// A [`TokenNamer`] that can move into a stream.
@@ -139,76 +168,206 @@ impl OwnedNamer {
     }
 }
 
-/// The job's events as chunks, ending with the finish chunk (and the usage chunk when asked).
-fn chunks<S: AnswerShape>(
+/// What one choice's events become in a stream.
+enum ChoiceItem<C> {
+    /// Chunk choices to send.
+    Chunks(Vec<C>),
+    /// The choice finished: (prompt tokens, completion tokens, cached prompt tokens).
+    Finished(Vec<C>, (usize, usize, usize)),
+    /// The job ended without finishing: the error to send, and the stream ends.
+    Ended(OpenAiError),
+}
+
+/// One choice's events as [`ChoiceItem`]s, in order, ending with its terminal event.
+fn choice_items<S: AnswerShape>(
     job: JobFollower,
-    response: ResponseMeta,
     mut shape: S,
-    namer: OwnedNamer,
+    namer: Arc<OwnedNamer>,
+) -> impl Stream<Item = ChoiceItem<S::ChunkChoice>> + Send + 'static {
+    let items_of = move |event: EngineEvent| -> Option<ChoiceItem<S::ChunkChoice>> {
+        match event {
+            EngineEvent::Token(step) => {
+                let logprobs = step.logprobs.as_ref().map(|lp| {
+                    let mut one = S::Logprobs::default();
+                    shape.push_logprobs(&mut one, namer.namer(), step.token, lp);
+                    one
+                });
+                // Text withheld (an incomplete character, a possible stop string) comes with a
+                // later token; a chunk is only worth sending with text or log-probabilities.
+                if step.text.is_empty() && logprobs.is_none() {
+                    return None;
+                }
+                let chunk = shape.token_chunk(step.text, logprobs)?;
+                Some(ChoiceItem::Chunks(vec![chunk]))
+            }
+            EngineEvent::Finished(summary) => Some(ChoiceItem::Finished(
+                shape.finish_chunks(finish_reason(&summary.reason)),
+                (summary.tokens_in, summary.tokens_out, summary.tokens_cached),
+            )),
+            e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
+                Some(ChoiceItem::Ended(ended_error(&e)))
+            }
+            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => None,
+        }
+    };
+    futures_util::stream::unfold(
+        (job, VecDeque::new(), false, items_of),
+        |(mut job, mut pending, mut done, mut items_of)| async move {
+            loop {
+                if let Some(item) = pending.pop_front() {
+                    return Some((item, (job, pending, done, items_of)));
+                }
+                if done {
+                    return None;
+                }
+                let batch = job.next_batch().await;
+                if batch.is_empty() {
+                    let early = OpenAiError::internal("the job's events ended early");
+                    return Some((ChoiceItem::Ended(early), (job, pending, true, items_of)));
+                }
+                for (_, event) in batch {
+                    let terminal = event.is_terminal();
+                    pending.extend(items_of(event));
+                    if terminal {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Every choice's chunks as they come, then the usage chunk (when asked) and `[DONE]` once all
+/// have finished. A choice that fails ends the stream with its error (the others are
+/// cancelled as their followers drop).
+fn chunks<S: AnswerShape>(
+    choices: Vec<(JobFollower, S)>,
+    response: ResponseMeta,
+    namer: Arc<OwnedNamer>,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let usage_null = include_usage.then_some(None);
-    let chunk = move |choices: Vec<S::ChunkChoice>, usage: Option<Option<Usage>>| {
-        json_event(&Completion::new(&response, S::CHUNK_OBJECT, choices, usage))
+    let chunk = move |response: &ResponseMeta,
+                      choices: Vec<S::ChunkChoice>,
+                      usage: Option<Option<Usage>>| {
+        json_event(&Completion::new(response, S::CHUNK_OBJECT, choices, usage))
     };
-    let first = S::first_chunk()
-        .map(|choice| chunk(vec![choice], usage_null))
-        .into_iter()
+    let n = choices.len();
+    let first: Vec<Event> = choices
+        .iter()
+        .filter_map(|(_, shape)| shape.first_chunk())
+        .map(|c| chunk(&response, vec![c], usage_null))
         .collect();
-    let mut chunks_of = move |event: EngineEvent| match event {
-        EngineEvent::Token(step) => {
-            let logprobs = step.logprobs.as_ref().map(|lp| {
-                let mut one = S::Logprobs::default();
-                shape.push_logprobs(&mut one, namer.namer(), step.token, lp);
-                one
-            });
-            // Text withheld (an incomplete character, a possible stop string) comes with a
-            // later token; a chunk is only worth sending with text or log-probabilities.
-            if step.text.is_empty() && logprobs.is_none() {
-                return Vec::new();
-            }
-            shape
-                .token_chunk(step.text, logprobs)
-                .map(|choice| chunk(vec![choice], usage_null))
-                .into_iter()
-                .collect()
-        }
-        EngineEvent::Finished(summary) => {
-            let mut out: Vec<Event> = shape
-                .finish_chunks(finish_reason(&summary.reason))
-                .into_iter()
-                .map(|choice| chunk(vec![choice], usage_null))
-                .collect();
-            if include_usage {
-                let usage = Usage::new(summary.tokens_in, summary.tokens_out);
-                out.push(chunk(Vec::new(), Some(Some(usage))));
-            }
-            out
-        }
-        e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-            vec![json_event(&ended_error(&e).body())]
-        }
-        EngineEvent::Queued { .. } | EngineEvent::Started { .. } => Vec::new(),
+    let merged = futures_util::stream::select_all(
+        choices
+            .into_iter()
+            .map(|(job, shape)| Box::pin(choice_items(job, shape, namer.clone()))),
+    );
+    struct Tally {
+        finished: usize,
+        usage: Usage,
+        ended: bool,
+    }
+    let tally = Tally {
+        finished: 0,
+        usage: Usage::new(0, 0, 0),
+        ended: false,
     };
-    let translate = move |_id, event: EngineEvent, _timeline: &Timeline| {
-        let terminal = event.is_terminal();
-        let mut out = chunks_of(event);
-        if terminal {
-            out.push(Event::default().data("[DONE]"));
-        }
-        out
-    };
-    event_stream(job, first, translate, |_| None)
+    let events = futures_util::stream::unfold(
+        (merged, tally, response),
+        move |(mut merged, mut t, response)| async move {
+            if t.ended {
+                return None;
+            }
+            let item = merged.next().await?;
+            let mut out = Vec::new();
+            match item {
+                ChoiceItem::Chunks(c) => {
+                    out.extend(c.into_iter().map(|c| chunk(&response, vec![c], usage_null)));
+                }
+                ChoiceItem::Finished(c, (tokens_in, tokens_out, cached)) => {
+                    out.extend(c.into_iter().map(|c| chunk(&response, vec![c], usage_null)));
+                    t.usage = add_choice(t.usage, t.finished == 0, tokens_in, tokens_out, cached);
+                    t.finished += 1;
+                    if t.finished == n {
+                        if include_usage {
+                            out.push(chunk(&response, Vec::new(), Some(Some(t.usage))));
+                        }
+                        out.push(Event::default().data("[DONE]"));
+                        t.ended = true;
+                    }
+                }
+                ChoiceItem::Ended(e) => {
+                    out.push(json_event(&e.body()));
+                    out.push(Event::default().data("[DONE]"));
+                    t.ended = true;
+                }
+            }
+            let out = futures_util::stream::iter(out.into_iter().map(Ok));
+            Some((out, (merged, t, response)))
+        },
+    )
+    .flatten();
+    futures_util::stream::iter(first.into_iter().map(Ok)).chain(events)
 }
 
-/// Follows the job to its end and answers with the whole text in one response.
+/// `usage` with one more choice: the prompt counted once, every choice's completion tokens
+/// added. The cached prompt tokens are the fewest any choice had: the other choices start from
+/// a copy of the first one's prompt, which is not the cache of an earlier request.
+fn add_choice(
+    usage: Usage,
+    first: bool,
+    tokens_in: usize,
+    tokens_out: usize,
+    cached: usize,
+) -> Usage {
+    if first {
+        Usage::new(tokens_in, tokens_out, cached)
+    } else {
+        Usage::new(
+            usage.prompt_tokens,
+            usage.completion_tokens + tokens_out,
+            usage.prompt_tokens_details.cached_tokens.min(cached),
+        )
+    }
+}
+
+/// Follows every choice's job to its end and answers with the whole texts in one response.
 async fn whole<S: AnswerShape>(
-    mut job: JobFollower,
+    choices: Vec<(JobFollower, S)>,
     response: ResponseMeta,
-    mut shape: S,
-    namer: OwnedNamer,
+    namer: Arc<OwnedNamer>,
     wants_logprobs: bool,
 ) -> Result<Response, OpenAiError> {
+    let answers = futures_util::future::try_join_all(
+        choices
+            .into_iter()
+            .map(|(job, shape)| one_choice(job, shape, namer.clone(), wants_logprobs)),
+    )
+    .await?;
+    let mut usage = Usage::new(0, 0, 0);
+    let mut out = Vec::with_capacity(answers.len());
+    for (i, (choice, (tokens_in, tokens_out, cached))) in answers.into_iter().enumerate() {
+        usage = add_choice(usage, i == 0, tokens_in, tokens_out, cached);
+        out.push(choice);
+    }
+    Ok(Json(Completion::new(
+        &response,
+        S::OBJECT,
+        out,
+        Some(Some(usage)),
+    ))
+    .into_response())
+}
+
+/// One choice's whole answer, and its (prompt, completion, cached) token counts.
+async fn one_choice<S: AnswerShape>(
+    mut job: JobFollower,
+    mut shape: S,
+    namer: Arc<OwnedNamer>,
+    wants_logprobs: bool,
+) -> Result<(S::Choice, (usize, usize, usize)), OpenAiError> {
     let mut text = String::new();
     let mut logprobs = S::Logprobs::default();
     loop {
@@ -230,14 +389,10 @@ async fn whole<S: AnswerShape>(
                         wants_logprobs.then_some(logprobs),
                         finish_reason(&summary.reason),
                     );
-                    let usage = Usage::new(summary.tokens_in, summary.tokens_out);
-                    return Ok(Json(Completion::new(
-                        &response,
-                        S::OBJECT,
-                        vec![choice],
-                        Some(Some(usage)),
-                    ))
-                    .into_response());
+                    return Ok((
+                        choice,
+                        (summary.tokens_in, summary.tokens_out, summary.tokens_cached),
+                    ));
                 }
                 e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
                     return Err(ended_error(&e));

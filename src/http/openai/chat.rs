@@ -139,10 +139,8 @@ pub async fn chat_completions(
     })
     .await??;
 
-    let shape = Chat::new(
-        thinks.then_some(opens_thinking && !constrained),
-        tool_format,
-    );
+    let thinking = thinks.then_some(opens_thinking && !constrained);
+    let shape = |index| Chat::new(index, thinking, tool_format);
     answer(&app, &caller, served, shape, common, prompt_tokens).await
 }
 
@@ -150,6 +148,8 @@ pub async fn chat_completions(
 /// assistant's role. The generated text is split, as it streams, into thinking
 /// (`reasoning_content`), tool calls and content.
 struct Chat {
+    /// The choice's index.
+    index: usize,
     /// Whether thinking is separated, and whether the prompt left the reply inside it.
     thinking: Option<bool>,
     tools: Option<ToolFormat>,
@@ -160,8 +160,9 @@ struct Chat {
 }
 
 impl Chat {
-    fn new(thinking: Option<bool>, tools: Option<ToolFormat>) -> Self {
+    fn new(index: usize, thinking: Option<bool>, tools: Option<ToolFormat>) -> Self {
         Self {
+            index,
             thinking,
             tools,
             reasoning: thinking.map(ReasoningStream::new),
@@ -271,9 +272,9 @@ impl AnswerShape for Chat {
         logprobs.content.push(chat_token_logprob(namer, token, lp));
     }
 
-    fn first_chunk() -> Option<ChunkChoice> {
+    fn first_chunk(&self) -> Option<ChunkChoice> {
         Some(ChunkChoice {
-            index: 0,
+            index: self.index,
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
@@ -290,7 +291,7 @@ impl AnswerShape for Chat {
             return None;
         }
         Some(ChunkChoice {
-            index: 0,
+            index: self.index,
             delta,
             logprobs,
             finish_reason: None,
@@ -302,14 +303,14 @@ impl AnswerShape for Chat {
         let mut out = Vec::new();
         if !rest.is_empty() {
             out.push(ChunkChoice {
-                index: 0,
+                index: self.index,
                 delta: rest,
                 logprobs: None,
                 finish_reason: None,
             });
         }
         out.push(ChunkChoice {
-            index: 0,
+            index: self.index,
             delta: Delta::default(),
             logprobs: None,
             finish_reason: Some(self.finish_reason(!self.call_ids.is_empty(), finish_reason)),
@@ -358,7 +359,7 @@ impl AnswerShape for Chat {
             None => (Some(text), Vec::new()),
         };
         ChatChoice {
-            index: 0,
+            index: self.index,
             finish_reason: self.finish_reason(!tool_calls.is_empty(), finish_reason),
             message: AssistantMessage {
                 role: "assistant",

@@ -1,5 +1,5 @@
-//! `POST /v1/completions`: a raw prompt (text or token ids) run as one job; the answer as a
-//! `text_completion` or a stream of them.
+//! `POST /v1/completions`: a raw prompt (text or token ids) run as one job per choice; the
+//! answer as a `text_completion` or a stream of them.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -34,15 +34,16 @@ pub async fn completions(
             .map_err(|message| OpenAiError::invalid("prompt", message))?,
     };
 
-    let shape = Text::default();
+    let shape = |index| Text { offset: 0, index };
     answer(&app, &caller, served, shape, request.common, prompt_tokens).await
 }
 
 /// The `text_completion` answer, whole or in chunks of the same shape.
-#[derive(Default)]
 struct Text {
     /// Characters answered so far, for `text_offset`.
     offset: usize,
+    /// The choice's index.
+    index: usize,
 }
 
 impl AnswerShape for Text {
@@ -73,7 +74,7 @@ impl AnswerShape for Text {
     ) -> Option<TextChoice> {
         Some(TextChoice {
             text,
-            index: 0,
+            index: self.index,
             logprobs,
             finish_reason: None,
         })
@@ -91,7 +92,7 @@ impl AnswerShape for Text {
     ) -> TextChoice {
         TextChoice {
             text,
-            index: 0,
+            index: self.index,
             logprobs,
             finish_reason: Some(finish_reason),
         }

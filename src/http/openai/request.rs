@@ -24,7 +24,8 @@
 //! | `logit_bias` | `{"token id": -100..100}` | none |
 //! | `logprobs` + `top_logprobs` (chat) | bool; 0–20, needs `logprobs: true` | off |
 //! | `logprobs` (completions) | 0–20 | off |
-//! | `n`, `best_of` | 1 | 1 |
+//! | `n` | 1–16: choices, each its own seeded stream ([`choice_seed`](super::answer::choice_seed)); the prompt is read once | 1 |
+//! | `best_of` | 1 | 1 |
 //! | `stream`, `stream_options.include_usage` | bool (`stream_options` only with `stream: true`, else 400) | false |
 //! | `ignore_eos` (ext.) | bool | false |
 //! | `return_tokens_as_token_ids` (vLLM) | bool: logprob tokens as `token_id:N` | false |
@@ -33,10 +34,11 @@
 //! | `user`, `store`, `metadata`, ... | accepted, ignored | |
 //!
 //! | `tools`, `tool_choice`, `parallel_tool_calls` (chat) | see [`tools`](super::tools) | none |
+//! | `cache_prompt` (llama-server), `cache_salt` (vLLM) | bool; non-empty string: prefix-cache reuse, shared only under one salt and API key | true; none |
 //! | `reasoning_format` (llama-server, chat) | `auto`/`deepseek`: thinking in `reasoning_content`; `none`: inline | `auto` |
 //!
 //! Refused with a 400 naming them: `functions`, `function_call`, `modalities` other than
-//! text, `audio`, `prediction`, `web_search_options`, `n` > 1, `best_of` > 1, `echo`, `suffix`,
+//! text, `audio`, `prediction`, `web_search_options`, `best_of` > 1, `echo`, `suffix`,
 //! non-text content parts.
 //!
 //! Sampling defaults are OpenAI's (temperature 1, top-p 1, no top-k or min-p), not the job
@@ -52,6 +54,8 @@ use crate::http::structured::Requested;
 use crate::model::chat_template::ChatMessage;
 
 const MAX_LOGIT_BIAS: f64 = 100.0;
+/// The most choices one request may ask for (`n`).
+const MAX_CHOICES: i64 = 16;
 
 /// What chat and completions requests share once validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +69,8 @@ pub struct Common {
     pub tokens_as_ids: bool,
     /// The output constraint asked for, still to be compiled.
     pub constraint: Option<Requested>,
+    /// Choices to generate (`n`).
+    pub n: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -256,10 +262,14 @@ fn finish(f: Fields<'_>) -> Result<(), OpenAiError> {
 impl Fields<'_> {
     /// The fields both endpoints share: sampling, limits, stop strings, streaming.
     fn common(&mut self, rules: &Rules<'_>, logprobs: Option<usize>) -> Common {
-        match self.int("n") {
-            None | Some(1) => {}
-            Some(_) => self.unsupported("n", "only one choice per request (n = 1) is supported"),
-        }
+        let n = match self.int("n") {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => n as usize,
+            Some(_) => {
+                self.fail("n", format!("must be between 1 and {MAX_CHOICES}"));
+                1
+            }
+        };
         let max_tokens = match self.get("max_completion_tokens") {
             Some(_) => {
                 let n = self.count("max_completion_tokens");
@@ -297,6 +307,7 @@ impl Fields<'_> {
         };
         let tokens_as_ids = self.boolean("return_tokens_as_token_ids").unwrap_or(false);
         let constraint = self.constraint();
+        let (cache_prompt, cache_salt) = self.cache_policy();
         if let Some(user) = self.get("user")
             && !user.is_string()
         {
@@ -310,12 +321,15 @@ impl Fields<'_> {
                 ignore_eos,
                 logprobs,
                 constraint: None,
+                cache_prompt,
+                cache_salt,
             },
             max_tokens,
             stream,
             include_usage: stream && include_usage,
             tokens_as_ids,
             constraint,
+            n,
         }
     }
 
@@ -663,7 +677,6 @@ mod tests {
     #[test]
     fn unsupported_features_are_named() {
         let cases = [
-            (json!({"n": 2}), "n"),
             (json!({"functions": []}), "functions"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"audio": {"voice": "x"}}), "audio"),
@@ -681,7 +694,6 @@ mod tests {
             (json!({"echo": true}), "echo"),
             (json!({"suffix": "x"}), "suffix"),
             (json!({"best_of": 2}), "best_of"),
-            (json!({"n": 3}), "n"),
             (json!({"prompt": ["a", "b"]}), "prompt"),
         ] {
             let mut body = obj(json!({"prompt": "hi"}));
@@ -692,6 +704,23 @@ mod tests {
         }
         let ok = completion(json!({"prompt": "hi", "echo": false, "suffix": "", "best_of": 1}));
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn n_is_one_to_sixteen() {
+        assert_eq!(chat(json!({"messages": user("x")})).unwrap().common.n, 1);
+        assert_eq!(
+            chat(json!({"messages": user("x"), "n": 16}))
+                .unwrap()
+                .common
+                .n,
+            16
+        );
+        for bad in [json!(0), json!(17), json!("2")] {
+            let e = completion(json!({"prompt": "x", "n": bad})).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("n"), "{bad}");
+            assert_eq!(e.code, Some("invalid_value"));
+        }
     }
 
     #[test]
