@@ -91,7 +91,8 @@ impl InferenceBackend for CandleInferenceBackend {
                     tokens: b.tokens,
                 })
                 .collect();
-            self.decoder.forward(&mut items)
+            let logit_rows: Vec<usize> = batch.iter().map(|b| b.logit_rows).collect();
+            self.decoder.forward_with_logits(&mut items, &logit_rows)
         };
         for (cache, b) in caches.into_iter().zip(batch) {
             self.caches.insert(b.seq, cache);
@@ -101,6 +102,16 @@ impl InferenceBackend for CandleInferenceBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.caches.remove(&seq);
+    }
+
+    fn verifies_drafts(&self) -> bool {
+        true
+    }
+
+    fn truncate(&mut self, seq: SeqId, len: usize) {
+        if let Some(cache) = self.caches.get_mut(&seq) {
+            cache.truncate(len);
+        }
     }
 
     fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<bool, BackendError> {

@@ -77,6 +77,7 @@ pub fn run<B: InferenceBackend>(
                     .forward(&[BatchItem {
                         seq: id,
                         tokens: chunk,
+                        logit_rows: 1,
                     }])
                     .map_err(|e| e.to_string())?;
             }
@@ -102,6 +103,7 @@ pub fn run<B: InferenceBackend>(
                     .forward(&[BatchItem {
                         seq: id,
                         tokens: &[token],
+                        logit_rows: 1,
                     }])
                     .map_err(|e| e.to_string())?;
                 token = (token + 1) % vocab as u32;
@@ -288,6 +290,7 @@ pub fn structured<B: InferenceBackend>(
             max_sequences: streams,
             batch_tokens: 512,
             prefix_cache_bytes: 0,
+            draft_tokens: 0,
         },
     );
     let long = ConstraintSpec::JsonSchema(long_schema());
@@ -348,4 +351,105 @@ pub fn structured<B: InferenceBackend>(
         plain_tps,
         constrained_tps,
     })
+}
+
+/// What `--speculative` measures: single-stream decode with prompt-lookup drafts against plain
+/// decoding, on a prompt that asks for a copy and on one with nothing to copy.
+#[derive(Debug, Clone)]
+pub struct SpeculativeReport {
+    /// (prompt kind, plain tok/s, speculative tok/s, drafted, accepted)
+    pub rows: Vec<(&'static str, f64, f64, u64, u64)>,
+}
+
+/// Runs the speculative-decoding measurement (greedy, `tokens` generated per run, the best of
+/// `repetitions` runs each way, alternating).
+pub fn speculative<B: InferenceBackend>(
+    backend: B,
+    tokens: usize,
+    repetitions: usize,
+    draft_tokens: usize,
+) -> Result<SpeculativeReport, String> {
+    use crate::engine::{CollectingSink, EngineEvent, GenerationJob, Scheduler, SchedulerConfig};
+    use crate::generation::GenerationParams;
+
+    let tokenizer = backend.meta().tokenizer.clone();
+    let code = "fn area(width: u32, height: u32) -> u32 {\n    let w = width as u64;\n    \
+                let h = height as u64;\n    (w * h) as u32\n}\n\nfn perimeter(width: u32, \
+                height: u32) -> u32 {\n    2 * (width + height)\n}\n";
+    let prompts = [
+        (
+            "copy: code seen before, repeated",
+            format!(
+                "{code}\n// The same functions, unchanged:\n\n{}",
+                &code[..40]
+            ),
+        ),
+        (
+            "nothing to copy: a story",
+            "<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a \
+             message in a bottle.<|im_end|>\n<|im_start|>assistant\n"
+                .to_string(),
+        ),
+    ];
+    let mut scheduler = Scheduler::new(
+        backend,
+        SchedulerConfig {
+            max_sequences: 1,
+            batch_tokens: 512,
+            prefix_cache_bytes: 0,
+            draft_tokens: 0,
+        },
+    );
+    let mut rows = Vec::new();
+    for (kind, text) in prompts {
+        let prompt = tokenizer.encode(&text, true).map_err(|e| e.to_string())?;
+        let mut best = [0f64; 2];
+        let mut outputs: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        let before = scheduler.speculation_stats();
+        for rep in 0..=repetitions {
+            for (k, draft) in [0, draft_tokens].into_iter().enumerate() {
+                scheduler.set_draft_tokens(draft);
+                let mut params = GenerationParams::greedy(tokens);
+                params.ignore_eos = true;
+                let sink = CollectingSink::new();
+                scheduler.admit(GenerationJob {
+                    id: format!("spec-{rep}-{k}"),
+                    prompt_tokens: prompt.clone(),
+                    params,
+                    sink: sink.clone(),
+                });
+                // The prompt first, untimed: decode is what speculation changes.
+                scheduler.step();
+                let start = Instant::now();
+                while !scheduler.is_idle() {
+                    scheduler.step();
+                }
+                let secs = start.elapsed().as_secs_f64();
+                let out: Vec<u32> = sink
+                    .events()
+                    .iter()
+                    .filter_map(|e| match e {
+                        EngineEvent::Token(s) => Some(s.token),
+                        _ => None,
+                    })
+                    .collect();
+                if rep > 0 {
+                    best[k] = best[k].max((out.len() - 1) as f64 / secs);
+                }
+                outputs[k] = out;
+            }
+        }
+        if outputs[0] != outputs[1] {
+            return Err(format!("{kind}: speculative output differs from plain"));
+        }
+        let after = scheduler.speculation_stats();
+        rows.push((
+            kind,
+            best[0],
+            best[1],
+            after.drafted - before.drafted,
+            after.accepted - before.accepted,
+        ));
+    }
+    Ok(SpeculativeReport { rows })
 }

@@ -92,6 +92,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u64>,
 
+    /// Speculative decoding by prompt lookup: up to N tokens copied from a sequence's own
+    /// context where its last words occurred before, verified in one forward (the output is
+    /// exactly plain decoding's); 0 turns it off. Used while at most 4 sequences decode.
+    #[arg(long, env = "LLM_WORKER_DRAFT_TOKENS", default_value_t = 8, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=32))]
+    pub draft_tokens: u64,
+
     /// Prompt tokens read per engine step, shared by all sequences being prefilled.
     #[arg(long, env = "LLM_WORKER_BATCH_SIZE", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,

@@ -148,6 +148,7 @@ async fn serve(
             max_sequences: args.parallel as usize,
             batch_tokens: args.batch_size as usize,
             prefix_cache_bytes: args.prefix_cache_bytes(),
+            draft_tokens: args.draft_tokens as usize,
         },
         queue_capacity: args.queue_capacity as usize,
         registry: RegistryConfig {

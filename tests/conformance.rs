@@ -101,6 +101,7 @@ fn greedy_generation_matches_llama_cpp() {
             max_sequences: cases.len(),
             batch_tokens: 512,
             prefix_cache_bytes: 0,
+            draft_tokens: 0,
         },
     );
     let mut sinks = Vec::new();
@@ -226,6 +227,7 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
             max_sequences: prompts.len() + 1,
             batch_tokens: 512,
             prefix_cache_bytes: 512 << 20,
+            draft_tokens: 0,
         },
     );
     let n = 12;
@@ -290,6 +292,7 @@ fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
             max_sequences: 2,
             batch_tokens: 512,
             prefix_cache_bytes: 64 << 20,
+            draft_tokens: 0,
         },
     );
     // Short prompts read their last token again, long ones their last 64 (the tiled attention
@@ -351,6 +354,92 @@ fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
             prompt.len()
         );
         assert_eq!(cached(&warm), prompt.len() - reread(prompt.len()));
+    }
+}
+
+#[test]
+fn speculative_decoding_gives_exactly_the_plain_tokens() {
+    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+        .expect("load model");
+    let tokenizer = backend.meta().tokenizer.clone();
+    let mut scheduler = Scheduler::new(
+        backend,
+        SchedulerConfig {
+            max_sequences: 4,
+            batch_tokens: 512,
+            prefix_cache_bytes: 0,
+            draft_tokens: 0,
+        },
+    );
+    // Text seen before and begun again: the model copies it, and the drafts hold.
+    let code = "fn area(width: u32, height: u32) -> u32 {\n    width * height\n}\n\n\
+                fn perimeter(width: u32, height: u32) -> u32 {\n    2 * (width + height)\n}\n";
+    let copy = format!("{code}\n// Again:\n\n{}", &code[..30]);
+    let mut prompts: Vec<Vec<u32>> = vec![tokenizer.encode(&copy, true).unwrap()];
+    let cases = read_json(&conformance_file("generate.json"));
+    prompts.extend(
+        cases
+            .as_array()
+            .expect("list of cases")
+            .iter()
+            .take(4)
+            .map(|c| {
+                tokenizer
+                    .encode(c["prompt"].as_str().unwrap(), true)
+                    .unwrap()
+            }),
+    );
+    let run = |scheduler: &mut Scheduler<CandleInferenceBackend>, temperature: f32| {
+        let mut sinks = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut params = GenerationParams::greedy(40);
+            params.sampling.temperature = temperature;
+            params.sampling.seed = i as u64;
+            let sink = CollectingSink::new();
+            scheduler.admit(GenerationJob {
+                id: format!("spec-{i}"),
+                prompt_tokens: prompt.clone(),
+                params,
+                sink: sink.clone(),
+            });
+            // One at a time: speculation is for few streams.
+            while !scheduler.is_idle() {
+                scheduler.step();
+            }
+            sinks.push(sink);
+        }
+        sinks
+            .iter()
+            .map(|s| {
+                s.events()
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        EngineEvent::Token(step) => Some(step.token),
+                        _ => None,
+                    })
+                    .collect::<Vec<u32>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    for temperature in [0.0, 1.0] {
+        let plain = run(&mut scheduler, temperature);
+        let mut speculative = Scheduler::new(
+            CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+                .expect("load model"),
+            SchedulerConfig {
+                max_sequences: 4,
+                batch_tokens: 512,
+                prefix_cache_bytes: 0,
+                draft_tokens: 8,
+            },
+        );
+        let fast = run(&mut speculative, temperature);
+        assert_eq!(fast, plain, "temperature {temperature}");
+        let stats = speculative.speculation_stats();
+        assert!(
+            stats.accepted > 0,
+            "the copy prompt's drafts were accepted: {stats:?}"
+        );
     }
 }
 

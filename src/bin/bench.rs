@@ -45,6 +45,10 @@ struct Args {
     /// Sequences decoding at once for `--structured`.
     #[arg(long, default_value_t = 8)]
     streams: usize,
+    /// Measure speculative decoding (prompt lookup, up to N draft tokens) against plain
+    /// decoding, single stream, `-n` tokens.
+    #[arg(long, value_name = "N")]
+    speculative: Option<usize>,
 }
 
 fn main() {
@@ -80,6 +84,10 @@ fn main() {
     };
     if args.structured {
         structured(backend, &args, &model);
+        return;
+    }
+    if let Some(draft) = args.speculative {
+        speculative(backend, &args, &model, draft);
         return;
     }
     let config = BenchConfig {
@@ -210,4 +218,33 @@ fn structured(backend: impl InferenceBackend, args: &Args, model: &std::path::Pa
         args.streams, args.gen_tokens
     );
     println!("| constrained / plain | {:.3} |", constrained / plain);
+}
+
+/// `--speculative N`: prints plain and speculative decode rates and their ratio.
+fn speculative(backend: impl InferenceBackend, args: &Args, model: &std::path::Path, draft: usize) {
+    let report = match llm_worker_rbee::bench::speculative(
+        backend,
+        args.gen_tokens.max(2),
+        args.repetitions.max(1),
+        draft,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "model: {}  threads: {}  draft tokens: {draft}",
+        model.display(),
+        args.threads
+    );
+    println!("| prompt | plain tok/s | speculative tok/s | ratio | drafted | accepted |");
+    println!("|---|---|---|---|---|---|");
+    for (kind, plain, fast, drafted, accepted) in report.rows {
+        println!(
+            "| {kind} | {plain:.1} | {fast:.1} | {:.2}× | {drafted} | {accepted} |",
+            fast / plain
+        );
+    }
 }

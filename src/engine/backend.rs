@@ -38,6 +38,9 @@ pub struct BatchItem<'a> {
     pub seq: SeqId,
     /// Appended at the sequence's next positions; a sequence is created on first use.
     pub tokens: &'a [u32],
+    /// How many of the last tokens get logits (1, or more to verify a speculative draft; only
+    /// with [`InferenceBackend::verifies_drafts`]).
+    pub logit_rows: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +51,8 @@ pub struct BackendError(pub String);
 pub trait InferenceBackend: Send + 'static {
     fn meta(&self) -> &ModelMeta;
 
-    /// Runs all items in one forward and returns, for each item, the logits after its last
-    /// token (vocabulary-sized).
+    /// Runs all items in one forward and returns, for each item, the logits after each of its
+    /// last `logit_rows` tokens (vocabulary-sized), in order.
     fn forward(&mut self, batch: &[BatchItem<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
 
     /// Frees a sequence's cache. Unknown ids are ignored.
@@ -59,6 +62,15 @@ pub trait InferenceBackend: Send + 'static {
     fn kv_cache_bytes(&self) -> usize {
         0
     }
+
+    /// Whether `forward` gives logits for several rows of an item and `truncate` forgets
+    /// positions: what speculative decoding needs.
+    fn verifies_drafts(&self) -> bool {
+        false
+    }
+
+    /// Forgets a sequence's positions from `len` on (a rejected draft's).
+    fn truncate(&mut self, _seq: SeqId, _len: usize) {}
 
     /// Starts sequence `to` with a copy of the first `len` positions of `from`'s KV cache (a
     /// prefix-cache hit; `from` is untouched). `Ok(false)` when the backend keeps no reusable

@@ -25,6 +25,9 @@ pub struct SchedulerConfig {
     pub batch_tokens: usize,
     /// Bytes of KV that finished sequences may keep for reuse (0: no prefix cache).
     pub prefix_cache_bytes: usize,
+    /// Tokens a decoding sequence may propose from its own context (prompt lookup) and verify
+    /// in one forward; 0: no speculation.
+    pub draft_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -33,8 +36,39 @@ impl Default for SchedulerConfig {
             max_sequences: 4,
             batch_tokens: 512,
             prefix_cache_bytes: 0,
+            draft_tokens: 0,
         }
     }
+}
+
+/// Speculation pays off only while the batch is small: beyond this many decoding sequences the
+/// forward is already a matrix product over many rows.
+const MAX_SPECULATING: usize = 4;
+/// The n-grams prompt lookup matches, longest first.
+const LOOKUP_NGRAM: std::ops::RangeInclusive<usize> = 3..=5;
+/// Plain steps after a draft whose first token failed.
+const DRAFT_PAUSE_STEPS: usize = 8;
+
+/// Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
+/// n-gram (the longest that occurs), at most `max`. Copy-heavy text (edits, summaries, code)
+/// repeats its own context; elsewhere nothing is proposed.
+pub fn lookup_draft(tokens: &[u32], max: usize) -> Vec<u32> {
+    if max == 0 {
+        return Vec::new();
+    }
+    for n in LOOKUP_NGRAM.rev() {
+        if tokens.len() <= n {
+            continue;
+        }
+        let suffix = &tokens[tokens.len() - n..];
+        for start in (0..tokens.len() - n).rev() {
+            if &tokens[start..start + n] == suffix {
+                let from = start + n;
+                return tokens[from..(from + max).min(tokens.len())].to_vec();
+            }
+        }
+    }
+    Vec::new()
 }
 
 /// The shortest shared prefix worth a copy instead of a prefill.
@@ -71,6 +105,13 @@ struct Running {
     /// Holds its slot without computing until another sequence with the same prompt has read
     /// it, then starts from a copy (the choices of one request: the prompt is read once).
     waiting: bool,
+    /// This step's speculative tokens, fed after the last sampled one.
+    draft: Vec<u32>,
+    /// How many tokens the next draft may have: doubled while drafts hold, cut to what held
+    /// when one fails.
+    draft_cap: usize,
+    /// Steps to decode plainly after drafts kept failing (a context with nothing to copy).
+    draft_pause: usize,
 }
 
 impl Running {
@@ -103,6 +144,14 @@ pub struct Scheduler<B: InferenceBackend> {
     parked: Vec<Parked>,
     clock: u64,
     prefix_stats: PrefixCacheStats,
+    spec_stats: SpeculationStats,
+}
+
+/// What speculation did: tokens drafted and, of those, accepted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculationStats {
+    pub drafted: u64,
+    pub accepted: u64,
 }
 
 impl<B: InferenceBackend> Scheduler<B> {
@@ -120,7 +169,18 @@ impl<B: InferenceBackend> Scheduler<B> {
             parked: Vec::new(),
             clock: 0,
             prefix_stats: PrefixCacheStats::default(),
+            spec_stats: SpeculationStats::default(),
         }
+    }
+
+    /// Changes how many tokens prompt lookup may draft (0: off).
+    pub fn set_draft_tokens(&mut self, n: usize) {
+        self.config.draft_tokens = n;
+    }
+
+    /// Tokens drafted by prompt lookup and accepted, so far.
+    pub fn speculation_stats(&self) -> SpeculationStats {
+        self.spec_stats
     }
 
     /// What the prefix cache has done so far, and holds now.
@@ -357,6 +417,9 @@ impl<B: InferenceBackend> Scheduler<B> {
             prefilled: cached,
             cached,
             waiting,
+            draft: Vec::new(),
+            draft_cap: 2,
+            draft_pause: 0,
         });
     }
 
@@ -387,10 +450,26 @@ impl<B: InferenceBackend> Scheduler<B> {
         // (running index, token range within the prompt or None for a decode token)
         let mut plan: Vec<(usize, Option<(usize, usize)>)> = Vec::with_capacity(self.running.len());
         let mut budget = self.config.batch_tokens;
-        for (i, r) in self.running.iter().enumerate() {
+        let decoding = self.running.iter().filter(|r| r.prompt_done()).count();
+        let speculate = self.config.draft_tokens > 0
+            && self.backend.verifies_drafts()
+            && decoding <= MAX_SPECULATING;
+        let context = self.backend.meta().context_length;
+        for (i, r) in self.running.iter_mut().enumerate() {
             if r.prompt_done() {
+                r.draft.clear();
+                // Not under a grammar: each drafted position would need its own mask first.
+                if r.draft_pause > 0 {
+                    r.draft_pause -= 1;
+                } else if speculate && r.generator.constraint_mut().is_none() {
+                    let tokens = r.generator.tokens();
+                    // The cache holds all but the last token; the draft follows it.
+                    let room = context.saturating_sub(tokens.len() + 1);
+                    let cap = r.draft_cap.min(self.config.draft_tokens).min(room);
+                    r.draft = lookup_draft(tokens, cap);
+                }
                 plan.push((i, None));
-                budget = budget.saturating_sub(1);
+                budget = budget.saturating_sub(1 + r.draft.len());
             }
         }
         for (i, r) in self.running.iter().enumerate() {
@@ -408,21 +487,27 @@ impl<B: InferenceBackend> Scheduler<B> {
 
         // The step's tokens are copied out (a prompt chunk at most), so the sequences' grammar
         // constraints can be borrowed mutably beside the forward.
-        let tokens: Vec<(SeqId, Vec<u32>)> = plan
+        let tokens: Vec<(SeqId, Vec<u32>, usize)> = plan
             .iter()
             .map(|&(i, range)| {
                 let r = &self.running[i];
                 let tokens = match range {
                     Some((a, b)) => r.job.prompt_tokens[a..b].to_vec(),
-                    None => vec![r.generator.last_token().unwrap_or(0)],
+                    None => [&[r.generator.last_token().unwrap_or(0)], r.draft.as_slice()].concat(),
                 };
-                (r.seq, tokens)
+                let logit_rows = if range.is_none() { tokens.len() } else { 1 };
+                (r.seq, tokens, logit_rows)
             })
             .collect();
         let batch: Vec<BatchItem<'_>> = tokens
             .iter()
-            .map(|(seq, tokens)| BatchItem { seq: *seq, tokens })
+            .map(|(seq, tokens, logit_rows)| BatchItem {
+                seq: *seq,
+                tokens,
+                logit_rows: *logit_rows,
+            })
             .collect();
+        let rows_expected: usize = batch.iter().map(|b| b.logit_rows).sum();
         let n_tokens: usize = batch.iter().map(|b| b.tokens.len()).sum();
 
         // Every sequence sampled after this forward has its grammar's mask computed while the
@@ -453,12 +538,11 @@ impl<B: InferenceBackend> Scheduler<B> {
         };
 
         let logits = match forward {
-            Ok(l) if l.len() == batch.len() => l,
+            Ok(l) if l.len() == rows_expected => l,
             Ok(l) => {
                 let message = format!(
-                    "backend returned {} rows for {} sequences",
-                    l.len(),
-                    batch.len()
+                    "backend returned {} rows of logits for {rows_expected}",
+                    l.len()
                 );
                 self.fail_planned(&plan, &message);
                 return n_tokens;
@@ -468,10 +552,15 @@ impl<B: InferenceBackend> Scheduler<B> {
                 return n_tokens;
             }
         };
+        let mut rows_of: Vec<Vec<Vec<f32>>> = Vec::with_capacity(batch.len());
+        let mut logits = logits.into_iter();
+        for b in &batch {
+            rows_of.push(logits.by_ref().take(b.logit_rows).collect());
+        }
         drop(batch);
 
         let mut finished = Vec::new();
-        for ((i, range), mut row) in plan.into_iter().zip(logits) {
+        for ((i, range), rows) in plan.into_iter().zip(rows_of) {
             let r = &mut self.running[i];
             if let Some((_, end)) = range {
                 r.prefilled = end;
@@ -479,20 +568,57 @@ impl<B: InferenceBackend> Scheduler<B> {
                     continue;
                 }
             }
-            let step = match r.generator.step(&mut row) {
-                Ok(step) => step,
-                Err(message) => {
-                    r.job.sink.emit(EngineEvent::Failed {
-                        code: ErrorCode::InferenceFailed,
-                        message,
-                    });
-                    finished.push(i);
-                    continue;
+            // The cache now ends with the last sampled token and the draft; row j's logits
+            // follow draft token j (row 0: the last sampled token). Each row is sampled as plain
+            // decoding would sample it, and the next row counts only while the sample equals
+            // the drafted token: the output is exactly plain decoding's, faster when drafts hold.
+            let held_before = r.generator.tokens().len().saturating_sub(1);
+            let draft = std::mem::take(&mut r.draft);
+            let mut used = 0;
+            let mut failed = None;
+            let mut ended = None;
+            for (j, mut row) in rows.into_iter().enumerate() {
+                used = j;
+                let step = match r.generator.step(&mut row) {
+                    Ok(step) => step,
+                    Err(message) => {
+                        failed = Some(message);
+                        break;
+                    }
+                };
+                let token = step.token;
+                let finish = step.finish.clone();
+                r.job.sink.emit(EngineEvent::Token(step));
+                if finish.is_some() {
+                    ended = finish;
+                    break;
                 }
-            };
-            let finish = step.finish.clone();
-            r.job.sink.emit(EngineEvent::Token(step));
-            if let Some(reason) = finish {
+                if draft.get(j) != Some(&token) {
+                    break;
+                }
+            }
+            if !draft.is_empty() {
+                self.backend.truncate(r.seq, held_before + 1 + used);
+                self.spec_stats.drafted += draft.len() as u64;
+                self.spec_stats.accepted += used as u64;
+                // A verified row costs about what a decoded one does on a small model: draft
+                // only as far as drafts have been holding, and stop for a while when they fail.
+                r.draft_cap = if used == draft.len() {
+                    (r.draft_cap * 2).min(self.config.draft_tokens)
+                } else {
+                    used.max(1)
+                };
+                if used == 0 {
+                    r.draft_pause = DRAFT_PAUSE_STEPS;
+                }
+            }
+            if let Some(message) = failed {
+                r.job.sink.emit(EngineEvent::Failed {
+                    code: ErrorCode::InferenceFailed,
+                    message,
+                });
+                finished.push(i);
+            } else if let Some(reason) = ended {
                 r.job.sink.emit(EngineEvent::Finished(FinishSummary {
                     reason,
                     tokens_in: r.job.prompt_tokens.len(),
@@ -603,5 +729,27 @@ impl super::job::JobSink for CollectingSink {
 
     fn cancel_requested(&self) -> Option<super::job::CancelReason> {
         self.cancel.lock().ok().and_then(|c| *c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lookup_draft;
+
+    #[test]
+    fn prompt_lookup_copies_what_followed_the_latest_match() {
+        // "1 2 3" occurred before, followed by 4 5 6; the latest occurrence wins.
+        let t = [1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 7, 8, 1, 2, 3];
+        assert_eq!(lookup_draft(&t, 2), vec![7, 8]);
+        assert_eq!(lookup_draft(&t, 8), vec![7, 8, 1, 2, 3]);
+        // Longest n-gram first: "4 9 1" matches as a trigram only.
+        let t = [5, 4, 9, 1, 6, 7, 4, 9, 1];
+        assert_eq!(lookup_draft(&t, 3), vec![6, 7, 4]);
+        // Bigrams are too weak a signal to draft from.
+        assert!(lookup_draft(&[5, 9, 1, 6, 9, 1], 3).is_empty());
+        // Nothing repeats: no draft; no room: no draft.
+        assert!(lookup_draft(&[1, 2, 3, 4], 4).is_empty());
+        assert!(lookup_draft(&[1, 2, 1, 2], 0).is_empty());
+        assert!(lookup_draft(&[1], 4).is_empty());
     }
 }

@@ -514,6 +514,7 @@ mod tests {
             max_sequences: 1,
             batch_tokens: 64,
             prefix_cache_bytes: 0,
+            draft_tokens: 0,
         };
         r.serve(SlowBackend(meta), None, scheduler).unwrap();
         r

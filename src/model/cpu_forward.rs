@@ -96,6 +96,8 @@ pub(super) struct CpuSpan<'a> {
     pub first_position: usize,
     pub start_row: usize,
     pub rows: usize,
+    /// How many of the span's last rows become logits.
+    pub logit_rows: usize,
 }
 
 impl CpuModel {
@@ -273,16 +275,19 @@ impl CpuModel {
             add_in_place(&mut b.x[..n * hsz], proj);
         }
 
-        // Only each span's last row becomes logits.
-        let last = resize(&mut b.h, spans.len() * hsz);
-        for (i, s) in spans.iter().enumerate() {
-            let r = s.start_row + s.rows - 1;
+        // Only each span's last rows (usually one) become logits.
+        let n: usize = spans.iter().map(|s| s.logit_rows).sum();
+        let last = resize(&mut b.h, n * hsz);
+        let rows = spans
+            .iter()
+            .flat_map(|s| s.start_row + s.rows - s.logit_rows..s.start_row + s.rows);
+        for (i, r) in rows.enumerate() {
             last[i * hsz..(i + 1) * hsz].copy_from_slice(&b.x[r * hsz..(r + 1) * hsz]);
         }
         rms_norm_rows_in_place(last, &self.norm, self.eps);
         let head = self.lm_head.matrix();
-        let mut logits = vec![0f32; spans.len() * head.rows];
-        kernels::matmul(pool, &head, last, spans.len(), &mut logits, &mut b.scratch)?;
+        let mut logits = vec![0f32; n * head.rows];
+        kernels::matmul(pool, &head, last, n, &mut logits, &mut b.scratch)?;
         Ok(logits.chunks(head.rows).map(<[f32]>::to_vec).collect())
     }
 }

@@ -533,6 +533,12 @@ impl SequenceCache {
         self.len == 0
     }
 
+    /// Forgets the positions from `len` on (a rejected draft's); the next forward writes them
+    /// again.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes held by this cache.
     pub fn allocated_bytes(&self) -> usize {
         match &self.layers {
@@ -576,6 +582,8 @@ struct Span {
     start_row: usize,
     rows: usize,
     first_position: usize,
+    /// How many of the span's last rows become logits.
+    logit_rows: usize,
 }
 
 impl Decoder {
@@ -1038,10 +1046,21 @@ impl Decoder {
     /// Runs one step for several sequences and returns the logits after each item's last token,
     /// shaped `(items, vocab)`. Each cache advances by its item's token count.
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let ones = vec![1; items.len()];
+        self.forward_with_logits(items, &ones)
+    }
+
+    /// Like [`forward`](Self::forward), with the logits after each of item `i`'s last
+    /// `logit_rows[i]` tokens (in order; a speculative draft's verification).
+    pub fn forward_with_logits(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        logit_rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut spans = Vec::with_capacity(items.len());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        for item in items.iter() {
+        for (i, item) in items.iter().enumerate() {
             let first_position = item.cache.len();
             if item.tokens.is_empty() {
                 return Err(ModelError::Forward("a forward item has no tokens".into()));
@@ -1066,6 +1085,11 @@ impl Decoder {
                 start_row: ids.len(),
                 rows: item.tokens.len(),
                 first_position,
+                logit_rows: logit_rows
+                    .get(i)
+                    .copied()
+                    .unwrap_or(1)
+                    .clamp(1, item.tokens.len()),
             });
             ids.extend_from_slice(item.tokens);
             positions.extend(first_position..first_position + item.tokens.len());
@@ -1100,6 +1124,7 @@ impl Decoder {
                 first_position: span.first_position,
                 start_row: span.start_row,
                 rows: span.rows,
+                logit_rows: span.logit_rows,
             });
         }
         let logits = cpu
@@ -1140,9 +1165,11 @@ impl Decoder {
         }
         let last_rows: Vec<u32> = spans
             .iter()
-            .map(|s| (s.start_row + s.rows - 1) as u32)
+            .flat_map(|s| s.start_row + s.rows - s.logit_rows..s.start_row + s.rows)
+            .map(|r| r as u32)
             .collect();
-        let last_rows = Tensor::from_vec(last_rows, spans.len(), &self.device)?;
+        let n = last_rows.len();
+        let last_rows = Tensor::from_vec(last_rows, n, &self.device)?;
         let h = self.norm.forward(&x.index_select(&last_rows, 0)?)?;
         self.lm_head.forward(&h)?.to_dtype(DType::F32)
     }

@@ -47,6 +47,7 @@ pub fn worker_config(parallel: usize) -> WorkerConfig {
             batch_tokens: 512,
             // The default model's tests run with the prefix cache on, as the binary does.
             prefix_cache_bytes: 256 << 20,
+            draft_tokens: 8,
         },
         ..WorkerConfig::default()
     }
