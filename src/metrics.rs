@@ -149,6 +149,9 @@ pub struct GaugeReadings {
     pub prefix_cache_bytes: usize,
     /// The most bytes the prefix cache may keep (0: prefix caching is off).
     pub prefix_cache_budget: usize,
+    /// Tokens drafted by prompt lookup, and of those accepted.
+    pub spec_drafted: u64,
+    pub spec_accepted: u64,
 }
 
 impl GaugeReadings {
@@ -165,6 +168,8 @@ impl GaugeReadings {
             prefix_cache_hits: stats.prefix_cache_hits.load(Ordering::Relaxed),
             prefix_cache_bytes: stats.prefix_cache_bytes.load(Ordering::Relaxed),
             prefix_cache_budget: stats.prefix_cache_budget.load(Ordering::Relaxed),
+            spec_drafted: stats.spec_drafted.load(Ordering::Relaxed),
+            spec_accepted: stats.spec_accepted.load(Ordering::Relaxed),
             ..Self::default()
         }
     }
@@ -434,6 +439,34 @@ fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
             COUNTER,
             &[],
             hits,
+        ),
+        family(
+            "rbee_worker_spec_draft_tokens_total",
+            "Tokens drafted by prompt lookup (speculative decoding).",
+            COUNTER,
+            &[],
+            r.spec_drafted as f64,
+        ),
+        family(
+            "rbee_worker_spec_accepted_tokens_total",
+            "Drafted tokens the model's own samples confirmed.",
+            COUNTER,
+            &[],
+            r.spec_accepted as f64,
+        ),
+        family(
+            "vllm:spec_decode_num_draft_tokens_total",
+            "Draft tokens (rbee_worker_spec_draft_tokens_total).",
+            COUNTER,
+            model,
+            r.spec_drafted as f64,
+        ),
+        family(
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "Accepted draft tokens (rbee_worker_spec_accepted_tokens_total).",
+            COUNTER,
+            model,
+            r.spec_accepted as f64,
         ),
         family(
             "vllm:num_requests_running",

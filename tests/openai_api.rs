@@ -1033,3 +1033,39 @@ async fn several_choices_whole_and_streamed() {
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 24);
 }
+
+#[tokio::test]
+async fn a_mistral_template_takes_openai_style_call_ids_in_the_history() {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/chat_templates/mistral-nemo-instruct-2407.jinja"
+    ))
+    .unwrap();
+    let w = TestWorker::start(Setup {
+        chat_template: Some(ChatTemplate::new(&source, "<s>", "</s>").unwrap()),
+        context: 1024,
+        ..setup()
+    })
+    .await;
+    // The template raises on ids that are not nine alphanumerics; clients send `call_…`.
+    let body = json!({
+        "max_tokens": 2,
+        "tools": [{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {}}}}],
+        "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_Zx81kq0LmP2vT7",
+                "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_Zx81kq0LmP2vT7", "content": "done"}
+        ]
+    });
+    w.ok("/v1/chat/completions", body).await;
+    let prompt = tiny_tokenizer()
+        .decode(&w.prompts(1).await[0], true)
+        .unwrap();
+    assert!(
+        prompt.contains("[TOOL_CALLS]") && prompt.contains("[TOOL_RESULTS]"),
+        "{prompt}"
+    );
+    assert!(!prompt.contains("call_Zx81kq0LmP2vT7"), "{prompt}");
+}

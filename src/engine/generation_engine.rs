@@ -34,6 +34,10 @@ pub struct EngineStats {
     pub prefix_cache_bytes: AtomicUsize,
     /// The most bytes the prefix cache may keep (`--cache-ram`).
     pub prefix_cache_budget: AtomicUsize,
+    /// Tokens drafted by prompt lookup, ever.
+    pub spec_drafted: AtomicU64,
+    /// Of those, the ones the model's own samples confirmed.
+    pub spec_accepted: AtomicU64,
     /// Smoothed seconds a job holds a slot, in microseconds (0 until a job finished).
     pub job_slot_micros: AtomicU64,
     /// False once the engine thread has exited.
@@ -194,6 +198,9 @@ fn publish<B: InferenceBackend>(scheduler: &Scheduler<B>, stats: &EngineStats) {
     stats
         .prefix_cache_bytes
         .store(prefix.bytes, Ordering::Relaxed);
+    let spec = scheduler.speculation_stats();
+    stats.spec_drafted.store(spec.drafted, Ordering::Relaxed);
+    stats.spec_accepted.store(spec.accepted, Ordering::Relaxed);
 }
 
 fn record_job_time(stats: &EngineStats, held: Duration) {

@@ -211,3 +211,16 @@ def test_n_choices_differ_repeat_and_read_the_prompt_once(client, model, worker)
     assert hits == cached + 3 * (prompt - reread), (hits, cached, prompt)
     again = client.chat.completions.create(**args)
     assert [c.message.content for c in again.choices] == texts
+
+
+def test_copied_text_is_drafted_and_accepted(client, model, worker):
+    code = (
+        "fn area(width: u32, height: u32) -> u32 {\n    width * height\n}\n\n"
+        "fn perimeter(width: u32, height: u32) -> u32 {\n    2 * (width + height)\n}\n"
+    )
+    before = _metric(worker, "vllm:spec_decode_num_accepted_tokens_total")
+    r = client.completions.create(
+        model=model, prompt=f"{code}\n// Again:\n\n{code[:30]}", max_tokens=48, temperature=0
+    )
+    assert r.choices[0].text
+    assert _metric(worker, "vllm:spec_decode_num_accepted_tokens_total") > before

@@ -87,6 +87,9 @@ pub async fn chat_completions(
     let (template, mut vars) = chat_template(&app, meta);
     vars.extend(request.template_kwargs);
     let mut messages = request.messages;
+    if ToolFormat::detect(template.source()) == ToolFormat::Mistral {
+        tools::mistral_call_ids(&mut messages);
+    }
     let mut common = request.common;
     let tool_format = request
         .tools

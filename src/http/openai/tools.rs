@@ -14,6 +14,7 @@
 //! `none` leaves the tools out of the prompt.
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::http::fields::Fields;
 use crate::model::chat_template::ChatMessage;
@@ -255,6 +256,35 @@ pub fn generic_conversation(
     }
 }
 
+/// Mistral's templates refuse call ids that are not nine alphanumerics, which is not what
+/// OpenAI clients send back (`call_…`). Each such id in the history becomes nine alphanumerics
+/// derived from it, the same in the assistant's call and in the tool result that answers it.
+pub fn mistral_call_ids(messages: &mut [ChatMessage]) {
+    fn nine(id: &str) -> String {
+        if id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return id.to_string();
+        }
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        let digest = Sha256::digest(id.as_bytes());
+        digest[..9]
+            .iter()
+            .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+            .collect()
+    }
+    for m in messages.iter_mut() {
+        if let Some(id) = &m.tool_call_id {
+            m.tool_call_id = Some(nine(id));
+        }
+        if let Some(Value::Array(calls)) = &mut m.tool_calls {
+            for call in calls {
+                if let Some(Value::String(id)) = call.get_mut("id") {
+                    *id = nine(id);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::Map;
@@ -347,5 +377,34 @@ mod tests {
         }
         let (_, e) = read(json!({"tools": [{"type": "code_interpreter"}]}));
         assert_eq!(e[0].code, "unsupported_parameter");
+    }
+
+    #[test]
+    fn mistral_ids_become_nine_alphanumerics_consistently() {
+        let call = json!([{"id": "call_abc123XYZ789def456", "type": "function",
+                           "function": {"name": "f", "arguments": {}}}]);
+        let mut messages = vec![
+            ChatMessage {
+                tool_calls: Some(call),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_abc123XYZ789def456".into()),
+                ..ChatMessage::new("tool", "42")
+            },
+            ChatMessage {
+                tool_call_id: Some("Ab3dE6gH9".into()),
+                ..ChatMessage::new("tool", "7")
+            },
+        ];
+        mistral_call_ids(&mut messages);
+        let id = messages[0].tool_calls.as_ref().unwrap()[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(id.len(), 9);
+        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+        assert_eq!(messages[1].tool_call_id.as_deref(), Some(id.as_str()));
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("Ab3dE6gH9"));
     }
 }
