@@ -153,23 +153,35 @@ fn greedy_generation_matches_llama_cpp() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Runs `jobs` (prompt, max tokens, cache allowed) through `scheduler`, all admitted at once or
-/// one at a time; returns each job's tokens and how many prompt tokens came from the cache.
+/// The default model behind a scheduler configured as `config`.
+fn model_scheduler(config: SchedulerConfig) -> Scheduler<CandleInferenceBackend> {
+    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+        .expect("load model");
+    Scheduler::new(backend, config)
+}
+
+/// Greedy parameters for `max_tokens`, with or without the prefix cache.
+fn greedy(max_tokens: usize, cache: bool) -> GenerationParams {
+    let mut params = GenerationParams::greedy(max_tokens);
+    params.cache_prompt = cache;
+    params
+}
+
+/// Runs `jobs` through `scheduler`, all admitted at once or one at a time; returns each job's
+/// tokens and how many prompt tokens came from the cache.
 fn run_jobs(
     scheduler: &mut Scheduler<CandleInferenceBackend>,
-    jobs: &[(Vec<u32>, usize, bool)],
+    jobs: &[(Vec<u32>, GenerationParams)],
     together: bool,
 ) -> Vec<(Vec<u32>, usize)> {
     let mut out = Vec::new();
     let mut pending = Vec::new();
-    for (i, (prompt, max_tokens, cache)) in jobs.iter().enumerate() {
-        let mut params = GenerationParams::greedy(*max_tokens);
-        params.cache_prompt = *cache;
+    for (i, (prompt, params)) in jobs.iter().enumerate() {
         let sink = CollectingSink::new();
         scheduler.admit(GenerationJob {
             id: format!("job-{i}"),
             prompt_tokens: prompt.clone(),
-            params,
+            params: params.clone(),
             sink: sink.clone(),
         });
         pending.push(sink);
@@ -205,13 +217,16 @@ fn run_jobs(
 
 #[test]
 fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() {
-    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
-        .expect("load model");
-    let tokenizer = backend.meta().tokenizer.clone();
     let cases = read_json(&conformance_file("generate.json"));
+    let cases = cases.as_array().expect("list of cases");
+    let mut scheduler = model_scheduler(SchedulerConfig {
+        max_sequences: cases.len() + 1,
+        batch_tokens: 512,
+        prefix_cache_bytes: 512 << 20,
+        draft_tokens: 0,
+    });
+    let tokenizer = scheduler.backend().meta().tokenizer.clone();
     let prompts: Vec<Vec<u32>> = cases
-        .as_array()
-        .expect("list of cases")
         .iter()
         .map(|c| {
             tokenizer
@@ -221,18 +236,15 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
         .filter(|p| p.len() > 16)
         .collect();
     assert!(prompts.len() >= 3, "enough conformance prompts to reuse");
-    let mut scheduler = Scheduler::new(
-        backend,
-        SchedulerConfig {
-            max_sequences: prompts.len() + 1,
-            batch_tokens: 512,
-            prefix_cache_bytes: 512 << 20,
-            draft_tokens: 0,
-        },
-    );
     let n = 12;
-    let uncached: Vec<_> = prompts.iter().map(|p| (p.clone(), n, false)).collect();
-    let cached: Vec<_> = prompts.iter().map(|p| (p.clone(), n, true)).collect();
+    let uncached: Vec<_> = prompts
+        .iter()
+        .map(|p| (p.clone(), greedy(n, false)))
+        .collect();
+    let cached: Vec<_> = prompts
+        .iter()
+        .map(|p| (p.clone(), greedy(n, true)))
+        .collect();
     let reference = run_jobs(&mut scheduler, &uncached, false);
     assert!(reference.iter().all(|(_, c)| *c == 0));
 
@@ -265,8 +277,11 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
         .zip(&reference)
         .map(|(p, (out, _))| [p.as_slice(), out.as_slice(), more.as_slice()].concat())
         .collect();
-    let plain: Vec<_> = turns.iter().map(|t| (t.clone(), n, false)).collect();
-    let reused: Vec<_> = turns.iter().map(|t| (t.clone(), n, true)).collect();
+    let plain: Vec<_> = turns
+        .iter()
+        .map(|t| (t.clone(), greedy(n, false)))
+        .collect();
+    let reused: Vec<_> = turns.iter().map(|t| (t.clone(), greedy(n, true))).collect();
     let want = run_jobs(&mut scheduler, &plain, true);
     let got = run_jobs(&mut scheduler, &reused, true);
     for (i, p) in prompts.iter().enumerate() {
@@ -283,18 +298,13 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
 
 #[test]
 fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
-    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
-        .expect("load model");
-    let tokenizer = backend.meta().tokenizer.clone();
-    let mut scheduler = Scheduler::new(
-        backend,
-        SchedulerConfig {
-            max_sequences: 2,
-            batch_tokens: 512,
-            prefix_cache_bytes: 64 << 20,
-            draft_tokens: 0,
-        },
-    );
+    let mut scheduler = model_scheduler(SchedulerConfig {
+        max_sequences: 2,
+        batch_tokens: 512,
+        prefix_cache_bytes: 64 << 20,
+        draft_tokens: 0,
+    });
+    let tokenizer = scheduler.backend().meta().tokenizer.clone();
     // Short prompts read their last token again, long ones their last 64 (the tiled attention
     // path an uncached prefill takes): either way the logits, and so the sampled tokens at
     // temperature 1, are the ones an uncached run gets.
@@ -312,65 +322,32 @@ fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
         .unwrap();
     assert!(short.len() > 16 && short.len() < 80 && long.len() >= 80);
     for prompt in [short, long] {
-        let run = |scheduler: &mut Scheduler<CandleInferenceBackend>, cache: bool| {
-            let mut params = GenerationParams::greedy(24);
+        let sampled = |cache: bool| {
+            let mut params = greedy(24, cache);
             params.sampling.temperature = 1.0;
             params.sampling.seed = 5;
-            params.cache_prompt = cache;
-            let sink = CollectingSink::new();
-            scheduler.admit(GenerationJob {
-                id: "sampled".into(),
-                prompt_tokens: prompt.clone(),
-                params,
-                sink: sink.clone(),
-            });
-            while !scheduler.is_idle() {
-                scheduler.step();
-            }
-            sink.events()
-                .into_iter()
-                .filter_map(|e| match e {
-                    EngineEvent::Token(step) => Some(step.token),
-                    EngineEvent::Finished(s) => Some(u32::MAX - s.tokens_cached as u32),
-                    _ => None,
-                })
-                .collect::<Vec<u32>>()
+            vec![(prompt.clone(), params)]
         };
-        let uncached = run(&mut scheduler, false);
-        let cold = run(&mut scheduler, true);
-        let warm = run(&mut scheduler, true);
-        let tokens = |v: &[u32]| v[..v.len() - 1].to_vec();
-        let cached = |v: &[u32]| (u32::MAX - v[v.len() - 1]) as usize;
-        assert_eq!(
-            tokens(&cold),
-            tokens(&uncached),
-            "{} tokens cold",
-            prompt.len()
-        );
-        assert_eq!(
-            tokens(&warm),
-            tokens(&uncached),
-            "{} tokens warm",
-            prompt.len()
-        );
-        assert_eq!(cached(&warm), prompt.len() - reread(prompt.len()));
+        let uncached = run_jobs(&mut scheduler, &sampled(false), false).remove(0);
+        let cold = run_jobs(&mut scheduler, &sampled(true), false).remove(0);
+        let warm = run_jobs(&mut scheduler, &sampled(true), false).remove(0);
+        assert_eq!(cold.0, uncached.0, "{} tokens cold", prompt.len());
+        assert_eq!(warm.0, uncached.0, "{} tokens warm", prompt.len());
+        assert_eq!(warm.1, prompt.len() - reread(prompt.len()));
     }
 }
 
 #[test]
 fn speculative_decoding_gives_exactly_the_plain_tokens() {
-    let backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
-        .expect("load model");
-    let tokenizer = backend.meta().tokenizer.clone();
-    let mut scheduler = Scheduler::new(
-        backend,
-        SchedulerConfig {
-            max_sequences: 4,
-            batch_tokens: 512,
-            prefix_cache_bytes: 0,
-            draft_tokens: 0,
-        },
-    );
+    let config = |draft_tokens| SchedulerConfig {
+        max_sequences: 4,
+        batch_tokens: 512,
+        prefix_cache_bytes: 0,
+        draft_tokens,
+    };
+    let mut plain = model_scheduler(config(0));
+    let mut speculative = model_scheduler(config(8));
+    let tokenizer = plain.backend().meta().tokenizer.clone();
     // Text seen before and begun again: the model copies it, and the drafts hold.
     let code = "fn area(width: u32, height: u32) -> u32 {\n    width * height\n}\n\n\
                 fn perimeter(width: u32, height: u32) -> u32 {\n    2 * (width + height)\n}\n";
@@ -389,52 +366,21 @@ fn speculative_decoding_gives_exactly_the_plain_tokens() {
                     .unwrap()
             }),
     );
-    let run = |scheduler: &mut Scheduler<CandleInferenceBackend>, temperature: f32| {
-        let mut sinks = Vec::new();
-        for (i, prompt) in prompts.iter().enumerate() {
-            let mut params = GenerationParams::greedy(40);
-            params.sampling.temperature = temperature;
-            params.sampling.seed = i as u64;
-            let sink = CollectingSink::new();
-            scheduler.admit(GenerationJob {
-                id: format!("spec-{i}"),
-                prompt_tokens: prompt.clone(),
-                params,
-                sink: sink.clone(),
-            });
-            // One at a time: speculation is for few streams.
-            while !scheduler.is_idle() {
-                scheduler.step();
-            }
-            sinks.push(sink);
-        }
-        sinks
-            .iter()
-            .map(|s| {
-                s.events()
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        EngineEvent::Token(step) => Some(step.token),
-                        _ => None,
-                    })
-                    .collect::<Vec<u32>>()
-            })
-            .collect::<Vec<_>>()
-    };
     for temperature in [0.0, 1.0] {
-        let plain = run(&mut scheduler, temperature);
-        let mut speculative = Scheduler::new(
-            CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
-                .expect("load model"),
-            SchedulerConfig {
-                max_sequences: 4,
-                batch_tokens: 512,
-                prefix_cache_bytes: 0,
-                draft_tokens: 8,
-            },
-        );
-        let fast = run(&mut speculative, temperature);
-        assert_eq!(fast, plain, "temperature {temperature}");
+        let jobs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut params = greedy(40, false);
+                params.sampling.temperature = temperature;
+                params.sampling.seed = i as u64;
+                (p.clone(), params)
+            })
+            .collect();
+        // One at a time: speculation is for few streams.
+        let want = run_jobs(&mut plain, &jobs, false);
+        let got = run_jobs(&mut speculative, &jobs, false);
+        assert_eq!(got, want, "temperature {temperature}");
         let stats = speculative.speculation_stats();
         assert!(
             stats.accepted > 0,

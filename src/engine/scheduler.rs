@@ -259,17 +259,19 @@ impl<B: InferenceBackend> Scheduler<B> {
     /// Starts the waiting sequences whose prompt has been read by another (or whose reader is
     /// gone), from a copy of it.
     fn start_waiting(&mut self) {
-        for i in 0..self.running.len() {
-            if !self.running[i].waiting {
-                continue;
-            }
+        let ready: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let r = &self.running[i];
+                r.waiting && !self.prompt_being_read(&r.job.prompt_tokens, &r.job.params.cache_salt)
+            })
+            .collect();
+        for i in ready {
             let r = &self.running[i];
-            let salt = r.job.params.cache_salt.clone();
-            let prompt = r.job.prompt_tokens.clone();
-            if self.prompt_being_read(&prompt, &salt) {
-                continue;
-            }
-            let seq = self.running[i].seq;
+            let (seq, prompt, salt) = (
+                r.seq,
+                r.job.prompt_tokens.clone(),
+                r.job.params.cache_salt.clone(),
+            );
             let cached = self.reuse_prefix(seq, &prompt, &salt);
             let r = &mut self.running[i];
             r.waiting = false;

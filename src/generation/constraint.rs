@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use super::gbnf::gbnf_to_lark;
 use crate::model::tokenizer::TextTokenizer;
+use crate::model::tool_calls::json_grammar_options;
 
 /// Compiled grammars kept per model (least recently used dropped first).
 const CACHE_ENTRIES: usize = 64;
@@ -92,23 +93,12 @@ impl ConstraintSpec {
     }
 }
 
-/// Our JSON defaults, unless the schema sets its own `x-guidance` options: no free whitespace
-/// (a small model given free whitespace can spend its whole budget on newlines), `, ` and `: `
-/// between items as Python's `json.dumps` writes them, and `oneOf` read as `anyOf` (Pydantic
-/// writes `oneOf` for unions whose branches cannot overlap in practice).
+/// Our JSON options ([`json_grammar_options`]), unless the schema sets its own `x-guidance`.
 fn json_defaults(mut schema: Value) -> Value {
     if let Value::Object(map) = &mut schema
         && !map.contains_key("x-guidance")
     {
-        map.insert(
-            "x-guidance".into(),
-            json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-                "coerce_one_of": true,
-            }),
-        );
+        map.insert("x-guidance".into(), json_grammar_options(false));
     }
     schema
 }

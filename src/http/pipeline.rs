@@ -77,23 +77,25 @@ pub fn submit(app: &AppState, mut job: Submission) -> Result<(Arc<JobRecord>, us
     Ok((record, position))
 }
 
-/// A job's events as a stream of SSE events: `first`, then whatever `translate` makes of each
-/// logged event (with the job's timeline, complete for a terminal event), ending after the
-/// terminal event; a follower that began after the end gets `after_end` of the record instead.
-pub fn event_stream<F>(
+/// A job's events as a stream of items (SSE events, or an API's own pieces): `first`, then
+/// whatever `translate` makes of each logged event (with the job's timeline, complete for a
+/// terminal event), ending after the terminal event; a follower that began after the end (or
+/// whose events ended early) gets `after_end` of the record instead.
+pub fn event_stream<T, F>(
     job: JobFollower,
-    first: Vec<Event>,
+    first: Vec<T>,
     translate: F,
-    after_end: fn(&JobRecord) -> Option<Event>,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
+    after_end: fn(&JobRecord) -> Option<T>,
+) -> impl Stream<Item = T> + Send + 'static
 where
-    F: FnMut(u64, EngineEvent, &Timeline) -> Vec<Event> + Send + 'static,
+    T: Send + 'static,
+    F: FnMut(u64, EngineEvent, &Timeline) -> Vec<T> + Send + 'static,
 {
-    struct State<F> {
+    struct State<T, F> {
         job: JobFollower,
         translate: F,
-        after_end: fn(&JobRecord) -> Option<Event>,
-        pending: VecDeque<Event>,
+        after_end: fn(&JobRecord) -> Option<T>,
+        pending: VecDeque<T>,
         done: bool,
     }
     let state = State {
@@ -105,8 +107,8 @@ where
     };
     futures_util::stream::unfold(state, |mut s| async move {
         loop {
-            if let Some(event) = s.pending.pop_front() {
-                return Some((Ok(event), s));
+            if let Some(item) = s.pending.pop_front() {
+                return Some((item, s));
             }
             if s.done {
                 return None;

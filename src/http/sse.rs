@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::response::sse::Event;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
 use super::pipeline::event_stream;
@@ -239,4 +239,5 @@ pub fn job_event_stream(
         translate,
         after_end,
     )
+    .map(Ok)
 }

@@ -1122,19 +1122,30 @@ fn json_root(mut root: Value, defs: Map<String, Value>) -> String {
         if !defs.is_empty() {
             map.insert("$defs".into(), Value::Object(defs));
         }
-        map.insert(
-            "x-guidance".into(),
-            json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-                // Client schemas may use keywords llguidance does not implement: ignore those
-                // rather than fail the request.
-                "lenient": true,
-            }),
-        );
+        // Client tool schemas may use keywords llguidance does not implement: ignore those
+        // rather than fail the request.
+        map.insert("x-guidance".into(), json_grammar_options(true));
     }
     root.to_string()
+}
+
+/// How JSON is written under a grammar, the one definition for schemas and tool calls
+/// (llguidance's `x-guidance` options): no free whitespace (a small model given free whitespace
+/// can spend its whole budget on newlines), `, ` and `: ` between items as Python's
+/// `json.dumps` writes them (and the templates render past calls), and `oneOf` read as `anyOf`
+/// (Pydantic writes `oneOf` for unions whose branches cannot overlap in practice). `lenient`
+/// also ignores keywords llguidance does not implement.
+pub fn json_grammar_options(lenient: bool) -> Value {
+    let mut options = json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        "coerce_one_of": true,
+    });
+    if lenient {
+        options["lenient"] = true.into();
+    }
+    options
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 //! others from a copy of the first one's cache. `usage` counts the prompt once and every
 //! choice's tokens.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -27,9 +26,9 @@ use crate::engine::EngineEvent;
 use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::http::auth::Caller;
-use crate::http::pipeline::sse_response;
+use crate::http::pipeline::{event_stream, sse_response};
 use crate::http::structured;
-use crate::jobs::{JobApi, JobFollower, ServedModel, Submission};
+use crate::jobs::{JobApi, JobFollower, JobRecord, ServedModel, Submission, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
 /// One generation endpoint's answer format.
@@ -184,58 +183,41 @@ fn choice_items<S: AnswerShape>(
     mut shape: S,
     namer: Arc<OwnedNamer>,
 ) -> impl Stream<Item = ChoiceItem<S::ChunkChoice>> + Send + 'static {
-    let items_of = move |event: EngineEvent| -> Option<ChoiceItem<S::ChunkChoice>> {
-        match event {
-            EngineEvent::Token(step) => {
-                let logprobs = step.logprobs.as_ref().map(|lp| {
-                    let mut one = S::Logprobs::default();
-                    shape.push_logprobs(&mut one, namer.namer(), step.token, lp);
-                    one
-                });
-                // Text withheld (an incomplete character, a possible stop string) comes with a
-                // later token; a chunk is only worth sending with text or log-probabilities.
-                if step.text.is_empty() && logprobs.is_none() {
-                    return None;
-                }
-                let chunk = shape.token_chunk(step.text, logprobs)?;
-                Some(ChoiceItem::Chunks(vec![chunk]))
-            }
-            EngineEvent::Finished(summary) => Some(ChoiceItem::Finished(
-                shape.finish_chunks(finish_reason(&summary.reason)),
-                (summary.tokens_in, summary.tokens_out, summary.tokens_cached),
-            )),
-            e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
-                Some(ChoiceItem::Ended(ended_error(&e)))
-            }
-            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => None,
-        }
-    };
-    futures_util::stream::unfold(
-        (job, VecDeque::new(), false, items_of),
-        |(mut job, mut pending, mut done, mut items_of)| async move {
-            loop {
-                if let Some(item) = pending.pop_front() {
-                    return Some((item, (job, pending, done, items_of)));
-                }
-                if done {
-                    return None;
-                }
-                let batch = job.next_batch().await;
-                if batch.is_empty() {
-                    let early = OpenAiError::internal("the job's events ended early");
-                    return Some((ChoiceItem::Ended(early), (job, pending, true, items_of)));
-                }
-                for (_, event) in batch {
-                    let terminal = event.is_terminal();
-                    pending.extend(items_of(event));
-                    if terminal {
-                        done = true;
-                        break;
+    let translate =
+        move |_id, event: EngineEvent, _timeline: &Timeline| -> Vec<ChoiceItem<S::ChunkChoice>> {
+            let item = match event {
+                EngineEvent::Token(step) => {
+                    let logprobs = step.logprobs.as_ref().map(|lp| {
+                        let mut one = S::Logprobs::default();
+                        shape.push_logprobs(&mut one, namer.namer(), step.token, lp);
+                        one
+                    });
+                    // Text withheld (an incomplete character, a possible stop string) comes with a
+                    // later token; a chunk is only worth sending with text or log-probabilities.
+                    if step.text.is_empty() && logprobs.is_none() {
+                        return Vec::new();
                     }
+                    shape
+                        .token_chunk(step.text, logprobs)
+                        .map(|chunk| ChoiceItem::Chunks(vec![chunk]))
                 }
-            }
-        },
-    )
+                EngineEvent::Finished(summary) => Some(ChoiceItem::Finished(
+                    shape.finish_chunks(finish_reason(&summary.reason)),
+                    (summary.tokens_in, summary.tokens_out, summary.tokens_cached),
+                )),
+                e @ (EngineEvent::Failed { .. } | EngineEvent::Cancelled { .. }) => {
+                    Some(ChoiceItem::Ended(ended_error(&e)))
+                }
+                EngineEvent::Queued { .. } | EngineEvent::Started { .. } => None,
+            };
+            item.into_iter().collect()
+        };
+    // The follower began with the job, so its events only run out early if something broke.
+    let early = |_: &JobRecord| {
+        let e = OpenAiError::internal("the job's events ended early");
+        Some(ChoiceItem::Ended(e))
+    };
+    event_stream(job, Vec::new(), translate, early)
 }
 
 /// Every choice's chunks as they come, then the usage chunk (when asked) and `[DONE]` once all
