@@ -107,6 +107,44 @@ pub async fn serve(
     Ok(())
 }
 
+/// Descriptors kept out of the connections' share: the model file, the listener, the log and
+/// the heartbeat's sockets.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one, as Go's runtime and nginx do, so that
+/// `--max-connections` and not the usual soft default of 1024 decides when clients are refused.
+/// Returns the soft limit in force afterwards.
+#[cfg(unix)]
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        // macOS refuses an unlimited soft limit; a million is more than any worker needs.
+        let wanted = libc::rlimit {
+            rlim_cur: limit.rlim_max.min(1 << 20),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: `wanted` is a valid rlimit; failure leaves the old limit in force.
+        if wanted.rlim_cur > limit.rlim_cur
+            && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0
+        {
+            limit = wanted;
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[cfg(not(unix))]
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    Ok(u64::MAX)
+}
+
 /// Resolves once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -123,6 +161,20 @@ async fn refuse(mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let soft = raise_open_file_limit().unwrap();
+        let mut now = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `now` is a valid, writable rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) }, 0);
+        assert_eq!(now.rlim_cur, soft);
+        assert_eq!(soft, now.rlim_max.min(1 << 20));
+    }
 
     #[test]
     fn the_over_cap_answer_is_well_formed() {

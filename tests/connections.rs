@@ -16,18 +16,24 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_secs(3);
 const CAP: usize = 6;
 
+/// The tests here measure timeouts on a 2-core machine: one at a time, so that neither's
+/// worker slows the other's clock checks.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn start() -> (WorkerProcess, String) {
+    start_with("1s", CAP)
+}
+
+fn start_with(timeout: &str, cap: usize) -> (WorkerProcess, String) {
     let worker = WorkerProcess::start(|command| {
         command
-            .args([
-                "--port",
-                "0",
-                "--header-timeout",
-                "1s",
-                "--body-timeout",
-                "1s",
-            ])
-            .args(["--max-connections", &CAP.to_string()])
+            .args(["--port", "0", "--header-timeout", timeout])
+            .args(["--body-timeout", timeout])
+            .args(["--max-connections", &cap.to_string()])
             .arg("--model")
             .arg(default_model_path());
     });
@@ -86,6 +92,7 @@ fn wait_ready(addr: &str) {
 
 #[test]
 fn slow_idle_and_stalled_clients_are_closed_and_the_cap_answers_503() {
+    let _serial = one_at_a_time();
     let (_worker, addr) = start();
     wait_ready(&addr);
 
@@ -197,4 +204,167 @@ fn slow_idle_and_stalled_clients_are_closed_and_the_cap_answers_503() {
     );
     assert!(text.contains("event: end"), "{text}");
     assert!(text.contains("data: [DONE]"), "{text}");
+}
+
+/// The worker's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Whether the peer has closed `stream` (non-blocking read: end of file or an error
+/// other than "would block").
+fn closed_now(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// One connection under watch: when it was last used (no later than the worker's timer
+/// started), and how long after that the worker closed it.
+struct Watched {
+    stream: TcpStream,
+    since: Instant,
+    closed_after: Option<Duration>,
+}
+
+impl Watched {
+    fn new(stream: TcpStream, since: Instant) -> Self {
+        stream.set_nonblocking(true).unwrap();
+        Self {
+            stream,
+            since,
+            closed_after: None,
+        }
+    }
+}
+
+#[test]
+fn hundreds_of_slow_and_idle_connections_are_closed_while_the_worker_serves() {
+    let _serial = one_at_a_time();
+    const SLOW: usize = 500;
+    const IDLE: usize = 200;
+    let timeout = Duration::from_secs(3);
+    let (worker, addr) = start_with("3s", 1024);
+    wait_ready(&addr);
+    let fds_at_start = open_fds(worker.pid());
+    assert!(fds_at_start > 0, "cannot read the worker's descriptors");
+
+    // Slow headers: a partial request line, then one more byte per round below.
+    let mut slow: Vec<Watched> = (0..SLOW)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            let since = Instant::now();
+            stream.write_all(b"G").unwrap();
+            Watched::new(stream, since)
+        })
+        .collect();
+    // Accepting may lag a little behind the connects on a busy machine.
+    let counted = Instant::now();
+    let mut held = open_fds(worker.pid());
+    while held < fds_at_start + SLOW && counted.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(20));
+        held = open_fds(worker.pid());
+    }
+    assert!(
+        held >= fds_at_start + SLOW,
+        "the worker holds {held} descriptors, {fds_at_start} before {SLOW} connections"
+    );
+
+    // Idle keep-alive connections, each after one answered request (all asked first, so that
+    // none waits long for the others).
+    // The worker's timer starts after its answer, so timing from the request overstates.
+    let mut asked: Vec<(TcpStream, Instant)> = (0..IDLE)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            write!(stream, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            (stream, Instant::now())
+        })
+        .collect();
+    let mut idle: Vec<Watched> = asked
+        .drain(..)
+        .map(|(mut stream, since)| {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            Watched::new(stream, since)
+        })
+        .collect();
+    // A generation runs meanwhile, on a connection of its own.
+    let gen_addr = addr.clone();
+    let generation = std::thread::spawn(move || {
+        let body = r#"{"prompt":"The capital of France is","max_tokens":32,"temperature":0,"ignore_eos":true}"#;
+        let mut s = TcpStream::connect(&gen_addr).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        read_until_closed(&mut s, common::WAIT).0
+    });
+
+    let deadline = Instant::now() + timeout + SLACK + Duration::from_secs(2);
+    let mut health_checks = 0;
+    while Instant::now() < deadline
+        && (slow.iter().any(|w| w.closed_after.is_none())
+            || idle.iter().any(|w| w.closed_after.is_none()))
+    {
+        for w in slow.iter_mut().filter(|w| w.closed_after.is_none()) {
+            // Writing to a connection the worker closed fails, or the read below sees the end.
+            if w.stream.write_all(b"E").is_err() || closed_now(&mut w.stream) {
+                w.closed_after = Some(w.since.elapsed());
+            }
+        }
+        for w in idle.iter_mut().filter(|w| w.closed_after.is_none()) {
+            if closed_now(&mut w.stream) {
+                w.closed_after = Some(w.since.elapsed());
+            }
+        }
+        let health = get(&addr, "/health");
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        health_checks += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(health_checks >= 4, "only {health_checks} health checks");
+    for (kind, watched) in [("slow-header", &slow), ("idle keep-alive", &idle)] {
+        let open = watched.iter().filter(|w| w.closed_after.is_none()).count();
+        assert_eq!(open, 0, "{open} {kind} connections still open");
+        let latest = watched.iter().filter_map(|w| w.closed_after).max().unwrap();
+        assert!(
+            latest < timeout + SLACK,
+            "a {kind} connection was closed only after {latest:?}"
+        );
+    }
+
+    let answer = generation.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"completion_tokens\":32"), "{answer}");
+
+    drop(slow);
+    drop(idle);
+    let start = Instant::now();
+    while open_fds(worker.pid()) > fds_at_start {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker holds {} descriptors, {fds_at_start} at the start",
+            open_fds(worker.pid())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -606,7 +606,8 @@ async fn shutdown_ends_every_stream_with_a_terminal_event() {
     assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     expect_error(r, 503, "SHUTTING_DOWN").await;
     let (status, v) = w.get_json("/health").await;
-    assert_eq!((status, v["status"].as_str()), (200, Some("draining")));
+    assert_eq!((status, v["status"].as_str()), (503, Some("draining")));
+    assert_eq!(v["slots_total"], 2, "{v}");
 }
 
 #[tokio::test]

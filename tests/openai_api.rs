@@ -142,6 +142,14 @@ async fn models_lists_exactly_the_served_model() {
         .unwrap();
     let e = expect_error(r, 404).await;
     assert_eq!(e["code"], "model_not_found");
+    // An id that is not UTF-8 once decoded: OpenAI's error shape, not axum's plain text.
+    let r = w
+        .request(reqwest::Method::GET, "/v1/models/%ff%fe")
+        .send()
+        .await
+        .unwrap();
+    let e = expect_error(r, 400).await;
+    assert_eq!(e["param"], "model", "{e}");
 
     let r = w.post("/v1/nope", &json!({})).await;
     let e = expect_error(r, 404).await;

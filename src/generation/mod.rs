@@ -246,6 +246,15 @@ impl SequenceGenerator {
                 .map_err(|e| format!("the output's {} constraint failed: {e}", c.kind()))?;
         }
         let token = self.sampler.sample(logits, &self.tokens);
+        if !logits.get(token as usize).is_some_and(|l| l.is_finite()) {
+            // The sampler skips what is not finite, so every logit was NaN or infinite: the
+            // weights (or the activations) are broken, and any token would be a made-up one.
+            return Err(
+                "the model gave no finite logit (NaN or infinite values: a damaged \
+                        model file?)"
+                    .into(),
+            );
+        }
         let grammar_done = match &mut self.constraint {
             Some(c) => c
                 .accept(token)
@@ -439,6 +448,22 @@ mod tests {
                 rest = r;
             }
             assert!(" world".starts_with(rest), "seed {seed}: {text:?}");
+        }
+    }
+
+    #[test]
+    fn logits_without_a_finite_value_fail_the_step() {
+        let f = Fixture::new();
+        for temperature in [0.0, 0.8] {
+            let mut params = GenerationParams::greedy(5);
+            params.sampling.temperature = temperature;
+            let mut g = f.generator(params, 2, 100);
+            let mut logits = vec![f32::NAN; f.tokenizer.vocab_size()];
+            let e = g.step(&mut logits).unwrap_err();
+            assert!(e.contains("no finite logit"), "{e}");
+            // One finite value is enough to go on.
+            logits[3] = 1.0;
+            assert_eq!(g.step(&mut logits).unwrap().token, 3);
         }
     }
 

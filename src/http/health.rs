@@ -56,7 +56,9 @@ pub struct Health {
     pub prefix_cache_hit_rate: Option<f64>,
 }
 
-/// 503 `{"status":"loading"}` until the model is attached, then 200.
+/// 503 `{"status":"loading"}` until the model is attached, then 200, and 503 again (the whole
+/// body, `"status":"draining"`) from the stop signal on: load balancers and readiness probes
+/// take a worker out while it admits nothing.
 pub async fn health(State(app): State<AppState>) -> Response {
     let status = HealthStatus::from(WorkerStatus::of(&app.registry));
     let Some(served) = app.registry.served() else {
@@ -67,7 +69,12 @@ pub async fn health(State(app): State<AppState>) -> Response {
             .into_response();
     };
     let cache = GaugeReadings::from_engine(&served.stats, served.meta.context_length);
-    Json(Health {
+    let code = if status == HealthStatus::Draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let health = Json(Health {
         status,
         model: Some(served.model_id.clone()),
         uptime_s: app.identity.started_at.elapsed().map_or(0, |d| d.as_secs()),
@@ -76,8 +83,8 @@ pub async fn health(State(app): State<AppState>) -> Response {
         queue_depth: app.registry.queue().len(),
         kv_cache_usage: cache.kv_cache_usage(),
         prefix_cache_hit_rate: cache.prefix_cache_hit_rate(),
-    })
-    .into_response()
+    });
+    (code, health).into_response()
 }
 
 pub async fn info(State(app): State<AppState>) -> Json<WorkerInfo> {

@@ -706,7 +706,9 @@ impl Decoder {
             cfg.rope_scaling = RopeScaling::FreqFactors(factors);
         }
 
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        // The layer count comes from the file: grow as layers are found rather than reserve
+        // for it, so a corrupt count is a missing tensor, not a huge allocation.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_layers {
             let w = |lw: LayerWeight| WeightName::Layer(i, lw);
             let qkv = if store.contains(w(LayerWeight::Qkv)) {

@@ -25,7 +25,7 @@ use crate::http::auth::Caller;
 use crate::http::fields::Rules;
 use crate::http::structured::Requested;
 use crate::jobs::JobApi;
-use crate::model::chat_template::{ChatTemplate, ChatTemplateError};
+use crate::model::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 use crate::model::reasoning::{
     ReasoningDelta, ReasoningStream, prompt_opens_thinking, split_reasoning, template_thinks,
 };
@@ -64,13 +64,63 @@ pub fn chat_template(app: &AppState, meta: &ModelMeta) -> (Arc<ChatTemplate>, Ma
     (template, Map::new())
 }
 
-fn template_error(e: ChatTemplateError) -> OpenAiError {
-    match e {
-        ChatTemplateError::Raised(message) => OpenAiError::invalid(
-            "messages",
-            format!("the model's chat template rejected the conversation: {message}"),
-        ),
-        other => OpenAiError::internal(other.to_string()),
+/// What the chat template is given besides the messages.
+struct TemplateInput {
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+    /// The template's own variables and the tools, with the request's `chat_template_kwargs`.
+    vars: Map<String, Value>,
+    /// The same without the request's `chat_template_kwargs`.
+    plain_vars: Map<String, Value>,
+    has_kwargs: bool,
+}
+
+impl TemplateInput {
+    fn render(&self, template: &ChatTemplate) -> Result<String, OpenAiError> {
+        template
+            .render_with_context(&self.messages, self.add_generation_prompt, &self.vars)
+            .map_err(|e| self.blame(template, e))
+    }
+
+    /// A failed render is the request's fault (a 400 naming what to change) when the template
+    /// renders a plain one-message conversation; otherwise the template's (a 500).
+    fn blame(&self, template: &ChatTemplate, e: ChatTemplateError) -> OpenAiError {
+        let message = match e {
+            ChatTemplateError::Raised(message) => {
+                return OpenAiError::invalid(
+                    "messages",
+                    format!("the model's chat template rejected the conversation: {message}"),
+                );
+            }
+            ChatTemplateError::Render { message, .. } => message,
+            other => return OpenAiError::internal(other.to_string()),
+        };
+        let probe = [ChatMessage {
+            role: "user".into(),
+            content: "Hello".into(),
+            ..ChatMessage::default()
+        }];
+        if template
+            .render_with_context(&probe, self.add_generation_prompt, &self.plain_vars)
+            .is_err()
+        {
+            return OpenAiError::internal(format!("chat template render error: {message}"));
+        }
+        let kwargs_to_blame = self.has_kwargs
+            && template
+                .render_with_context(&self.messages, self.add_generation_prompt, &self.plain_vars)
+                .is_ok();
+        if kwargs_to_blame {
+            OpenAiError::invalid(
+                "chat_template_kwargs",
+                format!("the model's chat template cannot render with these values: {message}"),
+            )
+        } else {
+            OpenAiError::invalid(
+                "messages",
+                format!("the model's chat template cannot render this conversation: {message}"),
+            )
+        }
     }
 }
 
@@ -85,6 +135,8 @@ pub async fn chat_completions(
     drop(body);
 
     let (template, mut vars) = chat_template(&app, meta);
+    let mut plain_vars = vars.clone();
+    let has_kwargs = !request.template_kwargs.is_empty();
     vars.extend(request.template_kwargs);
     let mut messages = request.messages;
     if ToolFormat::detect(template.source()) == ToolFormat::Mistral {
@@ -98,6 +150,7 @@ pub async fn chat_completions(
     if let (Some(tools), Some(format)) = (&request.tools, tool_format) {
         if format.renders_tools() {
             vars.insert("tools".into(), template_tools(&tools.tools));
+            plain_vars.insert("tools".into(), template_tools(&tools.tools));
         } else {
             tools::generic_conversation(&mut messages, &tools.tools, template.source());
         }
@@ -129,11 +182,15 @@ pub async fn chat_completions(
 
     let input_bytes = messages.iter().map(|m| m.content.len()).sum();
     let tokenizer = meta.tokenizer.clone();
-    let add_generation_prompt = request.add_generation_prompt;
+    let input = TemplateInput {
+        messages,
+        add_generation_prompt: request.add_generation_prompt,
+        vars,
+        plain_vars,
+        has_kwargs,
+    };
     let (prompt_tokens, opens_thinking) = off_the_runtime(input_bytes, move || {
-        let text = template
-            .render_with_context(&messages, add_generation_prompt, &vars)
-            .map_err(template_error)?;
+        let text = input.render(&template)?;
         // The template writes any BOS itself, as transformers' apply_chat_template expects.
         let tokens = tokenizer
             .encode_with_special(&text, true, false)

@@ -3,7 +3,8 @@
 use std::time::UNIX_EPOCH;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 
 use super::error::OpenAiError;
 use super::response::{ModelCard, ModelList};
@@ -38,11 +39,29 @@ pub async fn list_models(State(app): State<AppState>) -> Result<Json<ModelList>,
 /// the path.
 pub async fn get_model(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    ModelIdPath(id): ModelIdPath,
 ) -> Result<Json<ModelCard>, OpenAiError> {
     let served = ready(&app)?;
     if id != served.model_id {
         return Err(OpenAiError::model_not_found(&id, &served.model_id));
     }
     Ok(Json(card(&app, served)))
+}
+
+/// The `{id}` of `/v1/models/{id}`; an id that is not UTF-8 once percent-decoded is a 400 in
+/// the API's error shape rather than axum's plain-text rejection.
+pub struct ModelIdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ModelIdPath {
+    type Rejection = OpenAiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, OpenAiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(rejection) => Err(OpenAiError::invalid(
+                "model",
+                format!("is not a model id: {}", rejection.body_text()),
+            )),
+        }
+    }
 }

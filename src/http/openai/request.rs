@@ -462,9 +462,16 @@ impl Fields<'_> {
         let tool_call_id = text_field(self, "tool_call_id");
         let tool_calls = match m.get("tool_calls") {
             None | Some(Value::Null) => None,
-            Some(Value::Array(calls)) => Some(Value::Array(
-                calls.iter().map(decode_tool_call_arguments).collect(),
-            )),
+            Some(Value::Array(calls)) => {
+                for (j, call) in calls.iter().enumerate() {
+                    if let Err((field, rule)) = check_tool_call(call) {
+                        self.fail(&format!("{}[{j}]{field}", at("tool_calls")), rule);
+                    }
+                }
+                Some(Value::Array(
+                    calls.iter().map(decode_tool_call_arguments).collect(),
+                ))
+            }
             Some(_) => {
                 self.fail(&at("tool_calls"), "must be an array");
                 None
@@ -561,6 +568,40 @@ impl Fields<'_> {
             }
         }
         Prompt::Tokens(out)
+    }
+}
+
+/// A tool call in the history, as OpenAI defines it: `{"id"?: string, "type"?: "function",
+/// "function": {"name": string, "arguments": string or object}}`. Templates index into it, so
+/// anything else would fail there. `Err((path under the call, rule))`.
+fn check_tool_call(call: &Value) -> Result<(), (&'static str, &'static str)> {
+    let Some(call) = call.as_object() else {
+        return Err(("", "must be an object"));
+    };
+    if call.get("id").is_some_and(|id| !id.is_string()) {
+        return Err((".id", "must be a string"));
+    }
+    if call
+        .get("type")
+        .is_some_and(|t| t.as_str() != Some("function"))
+    {
+        return Err((".type", "must be \"function\""));
+    }
+    let Some(function) = call.get("function").and_then(Value::as_object) else {
+        return Err((
+            ".function",
+            "required: an object with `name` and `arguments`",
+        ));
+    };
+    if !function.get("name").is_some_and(Value::is_string) {
+        return Err((".function.name", "required: a string"));
+    }
+    match function.get("arguments") {
+        Some(Value::String(_) | Value::Object(_)) => Ok(()),
+        _ => Err((
+            ".function.arguments",
+            "required: a JSON object or a string holding one",
+        )),
     }
 }
 
