@@ -142,4 +142,16 @@ impl InferenceBackend for CandleInferenceBackend {
             .map(SequenceCache::allocated_bytes)
             .sum()
     }
+
+    fn kv_bytes_per_position(&self) -> usize {
+        self.decoder.kv_bytes_per_position()
+    }
+
+    fn limit_positions(&mut self, seq: SeqId, positions: usize) {
+        let decoder = &self.decoder;
+        self.caches
+            .entry(seq)
+            .or_insert_with(|| decoder.new_cache())
+            .set_limit(positions);
+    }
 }

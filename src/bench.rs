@@ -291,6 +291,7 @@ pub fn structured<B: InferenceBackend>(
             batch_tokens: 512,
             prefix_cache_bytes: 0,
             draft_tokens: 0,
+            kv_budget_bytes: 0,
         },
     );
     let long = ConstraintSpec::JsonSchema(long_schema());
@@ -398,6 +399,7 @@ pub fn speculative<B: InferenceBackend>(
             batch_tokens: 512,
             prefix_cache_bytes: 0,
             draft_tokens: 0,
+            kv_budget_bytes: 0,
         },
     );
     let mut rows = Vec::new();

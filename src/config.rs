@@ -92,6 +92,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_CACHE_RAM", value_name = "MIB")]
     pub cache_ram: Option<u64>,
 
+    /// MiB of KV the running requests and the prefix cache may hold together. A request starts
+    /// only when what it may fill (prompt plus max_tokens) fits; otherwise it waits in the
+    /// queue, and the running ones never run short. 0: no budget but --parallel. Default: half
+    /// the machine's memory.
+    #[arg(long, env = "LLM_WORKER_KV_CACHE_MEM", value_name = "MIB")]
+    pub kv_cache_mem: Option<u64>,
+
     /// Speculative decoding by prompt lookup: up to N tokens copied from a sequence's own
     /// context where its last words occurred before, verified in one forward (the output is
     /// exactly plain decoding's); 0 turns it off. Used while at most 4 sequences decode.
@@ -341,6 +348,18 @@ impl WorkerArgs {
                 .unwrap_or(usize::MAX)
                 .saturating_mul(MIB),
             None => total_memory_bytes().map_or(1024 * MIB, |total| (total / 4).min(8192 * MIB)),
+        }
+    }
+
+    /// The KV budget in bytes: `--kv-cache-mem`, else half the machine's memory (the scheduler
+    /// never uses more than every slot filling its context).
+    pub fn kv_budget_bytes(&self) -> usize {
+        const MIB: usize = 1 << 20;
+        match self.kv_cache_mem {
+            Some(mib) => usize::try_from(mib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(MIB),
+            None => total_memory_bytes().map_or(usize::MAX, |total| total / 2),
         }
     }
 

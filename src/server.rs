@@ -166,6 +166,7 @@ async fn serve(
             batch_tokens: args.batch_size as usize,
             prefix_cache_bytes: args.prefix_cache_bytes(),
             draft_tokens: args.draft_tokens as usize,
+            kv_budget_bytes: args.kv_budget_bytes(),
         },
         queue_capacity: args.queue_capacity as usize,
         registry: RegistryConfig {

@@ -102,6 +102,7 @@ fn greedy_generation_matches_llama_cpp() {
             batch_tokens: 512,
             prefix_cache_bytes: 0,
             draft_tokens: 0,
+            kv_budget_bytes: 0,
         },
     );
     let mut sinks = Vec::new();
@@ -224,6 +225,7 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
         batch_tokens: 512,
         prefix_cache_bytes: 512 << 20,
         draft_tokens: 0,
+        kv_budget_bytes: 0,
     });
     let tokenizer = scheduler.backend().meta().tokenizer.clone();
     let prompts: Vec<Vec<u32>> = cases
@@ -297,12 +299,89 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
 }
 
 #[test]
+fn the_kv_budget_bounds_the_caches_and_queues_what_does_not_fit() {
+    const MAX_TOKENS: usize = 100;
+    let per_position = {
+        let s = model_scheduler(SchedulerConfig::default());
+        s.backend().kv_bytes_per_position()
+    };
+    assert_eq!(per_position, 2 * 30 * 3 * 64 * 2, "SmolLM2-135M's f16 KV");
+    // Room for two reservations of up to 120 positions: four slots, but two jobs at a time, and
+    // kept prefixes only in what is left.
+    let budget = 2 * 120 * per_position;
+    let mut scheduler = model_scheduler(SchedulerConfig {
+        max_sequences: 4,
+        batch_tokens: 512,
+        prefix_cache_bytes: 64 << 20,
+        draft_tokens: 0,
+        kv_budget_bytes: budget,
+    });
+    let tokenizer = scheduler.backend().meta().tokenizer.clone();
+    let sinks: Vec<_> = (0..5).map(|_| CollectingSink::new()).collect();
+    let mut queue: std::collections::VecDeque<GenerationJob> = [
+        "The history of the printing press begins",
+        "A recipe for bread needs flour, water,",
+        "The history of the printing press begins in Mainz",
+        "Rivers carry sediment from the mountains",
+        "A recipe for bread needs flour, water, salt and",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, prompt)| {
+        let prompt_tokens = tokenizer.encode(prompt, true).unwrap();
+        assert!(prompt_tokens.len() + MAX_TOKENS <= 120);
+        let mut params = greedy(MAX_TOKENS, true);
+        params.ignore_eos = true;
+        GenerationJob {
+            id: format!("job-{i}"),
+            prompt_tokens,
+            params,
+            sink: sinks[i].clone(),
+        }
+    })
+    .collect();
+    let mut most_running = 0;
+    while !queue.is_empty() || !scheduler.is_idle() {
+        while let Some(job) = queue.front() {
+            if !scheduler.make_room_for(job) {
+                break;
+            }
+            let job = queue.pop_front().unwrap();
+            scheduler.admit(job);
+        }
+        most_running = most_running.max(scheduler.running());
+        scheduler.step();
+        let held = scheduler.backend().kv_cache_bytes();
+        assert!(
+            held <= budget,
+            "the caches hold {held} bytes, over the budget of {budget}"
+        );
+        assert!(scheduler.reserved_bytes() <= budget);
+    }
+    assert_eq!(most_running, 2);
+    for (i, sink) in sinks.iter().enumerate() {
+        let events = sink.events();
+        let tokens = events
+            .iter()
+            .filter(|e| matches!(e, EngineEvent::Token(_)))
+            .count();
+        assert_eq!(tokens, MAX_TOKENS, "job {i}");
+        assert!(
+            matches!(events.last(), Some(EngineEvent::Finished(_))),
+            "job {i}: {:?}",
+            events.last()
+        );
+    }
+}
+
+#[test]
 fn a_cached_prompt_samples_exactly_as_an_uncached_one() {
     let mut scheduler = model_scheduler(SchedulerConfig {
         max_sequences: 2,
         batch_tokens: 512,
         prefix_cache_bytes: 64 << 20,
         draft_tokens: 0,
+        kv_budget_bytes: 0,
     });
     let tokenizer = scheduler.backend().meta().tokenizer.clone();
     // Short prompts read their last token again, long ones their last 64 (the tiled attention
@@ -344,6 +423,7 @@ fn speculative_decoding_gives_exactly_the_plain_tokens() {
         batch_tokens: 512,
         prefix_cache_bytes: 0,
         draft_tokens,
+        kv_budget_bytes: 0,
     };
     let mut plain = model_scheduler(config(0));
     let mut speculative = model_scheduler(config(8));

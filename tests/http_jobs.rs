@@ -580,6 +580,40 @@ async fn health_is_loading_until_the_model_is_attached() {
 }
 
 #[tokio::test]
+async fn a_kv_budget_for_two_requests_runs_two_and_queues_the_rest_without_failing_any() {
+    // 1 KiB per position; each job may fill its prompt, 40 tokens and an 8-token draft (under
+    // 60 positions): the budget holds two such reservations, not three, though four slots are free.
+    let w = TestWorker::start(Setup {
+        parallel: 4,
+        step_delay: Duration::from_millis(5),
+        kv_budget: Some((1024, 2 * 60 * 1024)),
+        ..setup()
+    })
+    .await;
+    let mut reads = Vec::new();
+    for prompt in ["a", "b", "c", "d"] {
+        let id = w.create(infer(prompt, 40)).await;
+        let mut reader = w.stream(&id, None).await;
+        reads.push(tokio::spawn(async move { reader.collect(WAIT).await }));
+    }
+    let mut most = 0;
+    while reads.iter().any(|r| !r.is_finished()) {
+        most = most.max(w.slots_busy().await);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        most, 2,
+        "at most two jobs fit the budget, and two did run at once"
+    );
+    for read in reads {
+        let events = read.await.unwrap();
+        let (terminal, _) = assert_well_formed_ending(&events);
+        assert_eq!(terminal.name(), "end", "{}", terminal.data);
+        assert_eq!(terminal.json()["tokens_out"], 40);
+    }
+}
+
+#[tokio::test]
 async fn shutdown_ends_every_stream_with_a_terminal_event() {
     let w = TestWorker::start(slow(2, 8)).await;
     let mut readers = Vec::new();

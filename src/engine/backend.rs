@@ -63,6 +63,15 @@ pub trait InferenceBackend: Send + 'static {
         0
     }
 
+    /// Bytes of KV one position of one sequence takes; 0 when unknown (no memory budget).
+    fn kv_bytes_per_position(&self) -> usize {
+        0
+    }
+
+    /// Caps how far a sequence's cache may grow, in positions (its reservation under the
+    /// memory budget); growing past it in one step is still allowed.
+    fn limit_positions(&mut self, _seq: SeqId, _positions: usize) {}
+
     /// Whether `forward` gives logits for several rows of an item and `truncate` forgets
     /// positions: what speculative decoding needs.
     fn verifies_drafts(&self) -> bool {

@@ -150,7 +150,9 @@ fn run<B: InferenceBackend>(
             break;
         }
         while scheduler.has_free_slot() {
-            let Some(job) = queue.try_pop() else { break };
+            let Some(job) = queue.pop_if(|job| scheduler.make_room_for(job)) else {
+                break;
+            };
             slot_started.insert(job.id.clone(), Instant::now());
             scheduler.admit(job);
         }

@@ -71,7 +71,16 @@ impl RequestQueue {
 
     /// Takes the oldest job; the others learn their new positions.
     pub fn try_pop(&self) -> Option<GenerationJob> {
+        self.pop_if(|_| true)
+    }
+
+    /// Takes the oldest job if `admits` it; otherwise it keeps its place at the head (jobs are
+    /// started in arrival order: a large one is not overtaken for ever by small ones).
+    pub fn pop_if(&self, admits: impl FnOnce(&GenerationJob) -> bool) -> Option<GenerationJob> {
         let mut s = self.lock();
+        if !admits(s.jobs.front()?) {
+            return None;
+        }
         let job = s.jobs.pop_front()?;
         for (position, j) in s.jobs.iter().enumerate() {
             j.sink.emit(EngineEvent::Queued { position });

@@ -28,6 +28,10 @@ pub struct SchedulerConfig {
     /// Tokens a decoding sequence may propose from its own context (prompt lookup) and verify
     /// in one forward; 0: no speculation.
     pub draft_tokens: usize,
+    /// Bytes of KV the running sequences' reservations and the prefix cache may hold together
+    /// (0: no budget but the slots). A job starts only when its reservation fits, so running
+    /// sequences never run out of memory for a newcomer.
+    pub kv_budget_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -37,6 +41,7 @@ impl Default for SchedulerConfig {
             batch_tokens: 512,
             prefix_cache_bytes: 0,
             draft_tokens: 0,
+            kv_budget_bytes: 0,
         }
     }
 }
@@ -112,6 +117,9 @@ struct Running {
     draft_cap: usize,
     /// Steps to decode plainly after drafts kept failing (a context with nothing to copy).
     draft_pause: usize,
+    /// Bytes of KV held for it under the budget: what its prompt, `max_tokens` and a draft can
+    /// fill, whether or not it gets that far.
+    reserved: usize,
 }
 
 impl Running {
@@ -156,9 +164,33 @@ pub struct SpeculationStats {
 
 impl<B: InferenceBackend> Scheduler<B> {
     pub fn new(backend: B, config: SchedulerConfig) -> Self {
+        let per_position = backend.kv_bytes_per_position();
+        let context = backend.meta().context_length;
+        // More than every slot filling its context is never needed (and would only make the
+        // usage figures look small); without a size per position there is nothing to budget.
+        let kv_budget_bytes = if per_position == 0 {
+            0
+        } else {
+            config.kv_budget_bytes.min(
+                config
+                    .max_sequences
+                    .max(1)
+                    .saturating_mul(context)
+                    .saturating_mul(per_position),
+            )
+        };
+        if kv_budget_bytes > 0 && kv_budget_bytes < context.saturating_mul(per_position) {
+            tracing::warn!(
+                kv_budget_mib = kv_budget_bytes >> 20,
+                full_context_mib = context.saturating_mul(per_position) >> 20,
+                "the KV memory budget is less than one sequence filling the context: a request \
+                 that may need more runs only when nothing else does"
+            );
+        }
         let config = SchedulerConfig {
             max_sequences: config.max_sequences.max(1),
             batch_tokens: config.batch_tokens.max(1),
+            kv_budget_bytes,
             ..config
         };
         Self {
@@ -186,6 +218,57 @@ impl<B: InferenceBackend> Scheduler<B> {
     /// What the prefix cache has done so far, and holds now.
     pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
         self.prefix_stats
+    }
+
+    /// Positions a job may fill: its prompt, its `max_tokens` and a draft, within the context.
+    fn reserved_positions(&self, job: &GenerationJob) -> usize {
+        job.prompt_tokens
+            .len()
+            .saturating_add(job.params.max_tokens)
+            .saturating_add(self.config.draft_tokens)
+            .min(self.backend.meta().context_length)
+    }
+
+    /// Bytes of KV reserved by the running sequences.
+    pub fn reserved_bytes(&self) -> usize {
+        self.running.iter().map(|r| r.reserved).sum()
+    }
+
+    /// Whether `job` may start now: a free slot, and room in the KV budget for its reservation,
+    /// made by dropping kept prefixes (least recently used first) if need be. A job that does
+    /// not fit waits; one that would not fit even alone still runs when nothing else does.
+    pub fn make_room_for(&mut self, job: &GenerationJob) -> bool {
+        if !self.has_free_slot() {
+            return false;
+        }
+        let budget = self.config.kv_budget_bytes;
+        if budget == 0 {
+            return true;
+        }
+        let need = self.reserved_positions(job) * self.backend.kv_bytes_per_position();
+        let reserved = self.reserved_bytes();
+        if reserved + need > budget {
+            return self.running.is_empty();
+        }
+        while reserved + need + self.prefix_stats.bytes > budget && self.evict_oldest() {}
+        true
+    }
+
+    /// Drops the least recently used kept prefix; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        let Some(oldest) = self
+            .parked
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, p)| p.used)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        let p = self.parked.remove(oldest);
+        self.prefix_stats.bytes -= p.bytes;
+        self.backend.release(p.seq);
+        true
     }
 
     fn fresh_seq(&mut self) -> SeqId {
@@ -273,6 +356,8 @@ impl<B: InferenceBackend> Scheduler<B> {
                 r.job.params.cache_salt.clone(),
             );
             let cached = self.reuse_prefix(seq, &prompt, &salt);
+            let positions = self.reserved_positions(&self.running[i].job);
+            self.backend.limit_positions(seq, positions);
             let r = &mut self.running[i];
             r.waiting = false;
             r.prefilled = cached;
@@ -316,18 +401,7 @@ impl<B: InferenceBackend> Scheduler<B> {
             bytes,
             used: self.clock,
         });
-        while self.prefix_stats.bytes > budget
-            && let Some(oldest) = self
-                .parked
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, p)| p.used)
-                .map(|(i, _)| i)
-        {
-            let p = self.parked.remove(oldest);
-            self.prefix_stats.bytes -= p.bytes;
-            self.backend.release(p.seq);
-        }
+        while self.prefix_stats.bytes > budget && self.evict_oldest() {}
     }
 
     pub fn backend(&self) -> &B {
@@ -412,6 +486,13 @@ impl<B: InferenceBackend> Scheduler<B> {
         } else {
             0
         };
+        let positions = self.reserved_positions(&job);
+        self.backend.limit_positions(seq, positions);
+        let reserved = if self.config.kv_budget_bytes > 0 {
+            positions * self.backend.kv_bytes_per_position()
+        } else {
+            0
+        };
         self.running.push(Running {
             seq,
             job,
@@ -422,6 +503,7 @@ impl<B: InferenceBackend> Scheduler<B> {
             draft: Vec::new(),
             draft_cap: 2,
             draft_pause: 0,
+            reserved,
         });
     }
 

@@ -515,6 +515,7 @@ mod tests {
             batch_tokens: 64,
             prefix_cache_bytes: 0,
             draft_tokens: 0,
+            kv_budget_bytes: 0,
         };
         r.serve(SlowBackend(meta), None, scheduler).unwrap();
         r

@@ -521,9 +521,17 @@ pub struct SequenceCache {
     layers: CacheLayers,
     len: usize,
     capacity: usize,
+    /// Positions the cache grows to at most, unless one forward needs more (the sequence's
+    /// reservation under the worker's KV budget).
+    limit: usize,
 }
 
 impl SequenceCache {
+    /// Caps growth at `positions` (see [`SequenceCache::limit`]).
+    pub fn set_limit(&mut self, positions: usize) {
+        self.limit = positions;
+    }
+
     /// Tokens already in the cache (the next token's position).
     pub fn len(&self) -> usize {
         self.len
@@ -985,6 +993,16 @@ impl Decoder {
         Ok(())
     }
 
+    /// Bytes of KV one position of one sequence takes (keys and values of every layer: f16 in
+    /// the CPU path's caches, f32 in the tensor path's).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let element = match self.attention {
+            AttentionPath::Host => std::mem::size_of::<half::f16>(),
+            AttentionPath::Device => std::mem::size_of::<f32>(),
+        };
+        2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * element
+    }
+
     pub fn new_cache(&self) -> SequenceCache {
         let layers = match self.attention {
             AttentionPath::Host => CacheLayers::Host(Vec::new()),
@@ -994,6 +1012,7 @@ impl Decoder {
             layers,
             len: 0,
             capacity: 0,
+            limit: usize::MAX,
         }
     }
 
@@ -1015,6 +1034,7 @@ impl Decoder {
             .div_ceil(CACHE_GROWTH)
             .saturating_mul(CACHE_GROWTH)
             .min(self.context_length)
+            .min(cache.limit)
             .max(needed);
         match &mut cache.layers {
             CacheLayers::Host(layers) => {

@@ -85,6 +85,8 @@ pub struct ScriptedBackend {
     pub fault: Option<Fault>,
     /// Every sequence's prompt (its first forward's tokens), in order of arrival.
     pub prompts: Arc<Mutex<Vec<Vec<u32>>>>,
+    /// The KV bytes it claims per position (0: none, so no memory budget applies).
+    pub kv_bytes_per_position: usize,
 }
 
 impl ScriptedBackend {
@@ -109,6 +111,7 @@ impl ScriptedBackend {
             steps: 0,
             fault: None,
             prompts: Arc::new(Mutex::new(Vec::new())),
+            kv_bytes_per_position: 0,
         }
     }
 }
@@ -151,5 +154,9 @@ impl InferenceBackend for ScriptedBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.steps_seen.remove(&seq);
+    }
+
+    fn kv_bytes_per_position(&self) -> usize {
+        self.kv_bytes_per_position
     }
 }

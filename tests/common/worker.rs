@@ -48,6 +48,7 @@ pub fn worker_config(parallel: usize) -> WorkerConfig {
             // The default model's tests run with the prefix cache on, as the binary does.
             prefix_cache_bytes: 256 << 20,
             draft_tokens: 8,
+            kv_budget_bytes: 0,
         },
         ..WorkerConfig::default()
     }
@@ -79,6 +80,8 @@ pub struct Setup {
     /// Attach the fake model at start; otherwise the worker is loading until
     /// [`TestWorker::attach`].
     pub attach: bool,
+    /// The fake model's KV bytes per position and the worker's KV budget in bytes.
+    pub kv_budget: Option<(usize, usize)>,
 }
 
 impl Default for Setup {
@@ -100,6 +103,7 @@ impl Default for Setup {
             metrics_auth: false,
             heartbeat: None,
             attach: true,
+            kv_budget: None,
         }
     }
 }
@@ -115,6 +119,7 @@ pub struct TestWorker {
     step_delay: Duration,
     context: usize,
     fault: Option<Fault>,
+    kv_bytes_per_position: usize,
 }
 
 impl Deref for TestWorker {
@@ -148,6 +153,9 @@ impl TestWorker {
             ..worker_config(setup.parallel)
         };
         config.identity.port = port;
+        if let Some((_, budget)) = setup.kv_budget {
+            config.scheduler.kv_budget_bytes = budget;
+        }
         let worker = Worker::new(config);
         let base = serve_on(listener, worker.router()).await;
         let w = Self {
@@ -159,6 +167,7 @@ impl TestWorker {
             step_delay: setup.step_delay,
             context: setup.context,
             fault: setup.fault,
+            kv_bytes_per_position: setup.kv_budget.map_or(0, |(per, _)| per),
         };
         if setup.attach {
             w.attach();
@@ -171,6 +180,7 @@ impl TestWorker {
         let mut backend = ScriptedBackend::new(self.context, self.script.clone(), self.step_delay);
         backend.prompts = self.prompts.clone();
         backend.fault = self.fault;
+        backend.kv_bytes_per_position = self.kv_bytes_per_position;
         self.worker.attach(backend).unwrap();
     }
 
