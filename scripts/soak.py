@@ -82,6 +82,7 @@ class Worker:
             "--detach-grace", "2s",
             "--job-ttl", "60s",
             "--cache-ram", str(args.cache_ram),
+            "--kv-cache-mem", str(args.kv_cache_mem),
         ]
         if args.model:
             cmd += ["--model", args.model]
@@ -115,15 +116,20 @@ class Worker:
                 return int(line.split()[1])
         return 0
 
-    def prefix_cache_mib(self, token: str) -> float:
+    def cache_mib(self, token: str) -> tuple[float, float]:
+        """(all KV caches, of which the prefix cache) in MiB, from /metrics."""
         c = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             c.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
             text = c.getresponse().read().decode()
         finally:
             c.close()
-        m = re.search(r"^rbee_worker_prefix_cache_bytes (\S+)$", text, re.M)
-        return float(m.group(1)) / (1 << 20) if m else float("nan")
+
+        def gauge(name: str) -> float:
+            m = re.search(rf"^{name} (\S+)$", text, re.M)
+            return float(m.group(1)) / (1 << 20) if m else float("nan")
+
+        return gauge("rbee_worker_kv_cache_bytes"), gauge("rbee_worker_prefix_cache_bytes")
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -393,6 +399,9 @@ def main() -> int:
     ap.add_argument("--queue-capacity", type=int, default=28)
     ap.add_argument("--cache-ram", type=int, default=64,
                     help="MiB of prefix cache: bounded, so that it fills in the first minute")
+    ap.add_argument("--kv-cache-mem", type=int, default=48,
+                    help="MiB of KV for running requests and the prefix cache together: less "
+                         "than --cache-ram, so that kept prefixes are dropped to admit requests")
     ap.add_argument("--sample-every", type=float, default=60)
     ap.add_argument("--max-rss-growth", type=float, default=5.0, help="percent")
     ap.add_argument("--seed", type=int, default=1)
@@ -432,11 +441,12 @@ def main() -> int:
             if outcome == "503":
                 time.sleep(client.rng.uniform(0.1, 0.5))
 
-    samples: list[tuple[float, int, int, float]] = []
+    samples: list[tuple[float, int, int, float, float]] = []
+    kv_peak = [0.0]
 
     def sample() -> None:
-        samples.append((time.monotonic() - started, worker.rss_kib(), worker.fds(),
-                        worker.prefix_cache_mib(token)))
+        kv, prefix = worker.cache_mib(token)
+        samples.append((time.monotonic() - started, worker.rss_kib(), worker.fds(), kv, prefix))
 
     sample()
     threads = [threading.Thread(target=client_loop, args=(n,), daemon=True)
@@ -446,6 +456,7 @@ def main() -> int:
     next_sample = started + args.sample_every
     while any(t.is_alive() for t in threads):
         time.sleep(0.5)
+        kv_peak[0] = max(kv_peak[0], worker.cache_mib(token)[0])
         if time.monotonic() >= next_sample:
             sample()
             next_sample += args.sample_every
@@ -462,7 +473,8 @@ def main() -> int:
     out = lines.append
     total = sum(sum(c.values()) for c in results.values())
     out(f"Soak: {args.duration:.0f} s, {args.clients} clients, --parallel {args.parallel}, "
-        f"--queue-capacity {args.queue_capacity}, --cache-ram {args.cache_ram}, {total} requests "
+        f"--queue-capacity {args.queue_capacity}, --cache-ram {args.cache_ram}, "
+        f"--kv-cache-mem {args.kv_cache_mem}, {total} requests "
         f"({total / args.duration:.1f}/s)")
     out("")
     out("| kind | ok | 503 | failed | p50 s | p95 s |")
@@ -472,10 +484,10 @@ def main() -> int:
         out(f"| {kind} | {c['ok']} | {c['503']} | {c['failed']} | "
             f"{percentile(lat, 50):.2f} | {percentile(lat, 95):.2f} |")
     out("")
-    out("| t (s) | RSS (MiB) | open fds | prefix cache (MiB) |")
-    out("|---:|---:|---:|---:|")
-    for t, rss, fds, cache in samples:
-        out(f"| {t:.0f} | {rss / 1024:.1f} | {fds} | {cache:.1f} |")
+    out("| t (s) | RSS (MiB) | open fds | KV caches (MiB) | of which prefix cache (MiB) |")
+    out("|---:|---:|---:|---:|---:|")
+    for t, rss, fds, kv, prefix in samples:
+        out(f"| {t:.0f} | {rss / 1024:.1f} | {fds} | {kv:.1f} | {prefix:.1f} |")
     out("")
     # Growth after the first minute of load: the second sample against the last under load.
     under_load = samples[1:-1] or samples
@@ -490,6 +502,8 @@ def main() -> int:
          f"< {args.max_rss_growth} %",
          growth < args.max_rss_growth),
         (f"open fds back to {samples[0][2]} (now {samples[-1][2]})", fds_back),
+        (f"KV caches at most {kv_peak[0]:.1f} MiB (read every 0.5 s) <= --kv-cache-mem "
+         f"{args.kv_cache_mem}", kv_peak[0] <= args.kv_cache_mem),
         (f"no panic in the worker's log ({len(panics)})", not panics),
         (f"worker exited 0 after SIGTERM (got {exit_code})", exit_code == 0),
     ]

@@ -300,7 +300,7 @@ fn the_prefix_cache_gives_the_same_greedy_tokens_cold_warm_single_and_batched() 
 
 #[test]
 fn the_kv_budget_bounds_the_caches_and_queues_what_does_not_fit() {
-    const MAX_TOKENS: usize = 100;
+    const MAX_TOKENS: usize = 80;
     let per_position = {
         let s = model_scheduler(SchedulerConfig::default());
         s.backend().kv_bytes_per_position()
@@ -318,17 +318,23 @@ fn the_kv_budget_bounds_the_caches_and_queues_what_does_not_fit() {
     });
     let tokenizer = scheduler.backend().meta().tokenizer.clone();
     let sinks: Vec<_> = (0..5).map(|_| CollectingSink::new()).collect();
+    // Pairs that share a start long enough to be copied from the prefix cache (a copy is
+    // memory too).
+    let history = "The history of the printing press begins with Johannes Gutenberg, a \
+                   goldsmith who lived in the German city of Mainz";
+    let bread = "A simple recipe for bread needs flour, water, salt and yeast, mixed in a large \
+                 bowl and left to rise";
     let mut queue: std::collections::VecDeque<GenerationJob> = [
-        "The history of the printing press begins",
-        "A recipe for bread needs flour, water,",
-        "The history of the printing press begins in Mainz",
-        "Rivers carry sediment from the mountains",
-        "A recipe for bread needs flour, water, salt and",
+        history.to_string(),
+        bread.to_string(),
+        format!("{history} around 1440."),
+        "Rivers carry sediment from the mountains".to_string(),
+        format!("{bread} overnight."),
     ]
     .iter()
     .enumerate()
     .map(|(i, prompt)| {
-        let prompt_tokens = tokenizer.encode(prompt, true).unwrap();
+        let prompt_tokens = tokenizer.encode(&prompt, true).unwrap();
         assert!(prompt_tokens.len() + MAX_TOKENS <= 120);
         let mut params = greedy(MAX_TOKENS, true);
         params.ignore_eos = true;
@@ -359,6 +365,11 @@ fn the_kv_budget_bounds_the_caches_and_queues_what_does_not_fit() {
         assert!(scheduler.reserved_bytes() <= budget);
     }
     assert_eq!(most_running, 2);
+    assert!(
+        scheduler.prefix_cache_stats().hits >= 16,
+        "the shared starts were not copied: {:?}",
+        scheduler.prefix_cache_stats()
+    );
     for (i, sink) in sinks.iter().enumerate() {
         let events = sink.events();
         let tokens = events

@@ -951,7 +951,10 @@ impl Decoder {
         if len == 0 {
             return Ok(out);
         }
+        // Exactly the prefix: what it grows to is for its new owner's limit to say.
+        out.limit = len;
         self.ensure_capacity(&mut out, len)?;
+        out.limit = usize::MAX;
         match (&cache.layers, &mut out.layers) {
             (CacheLayers::Host(src), CacheLayers::Host(dst)) => {
                 let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;

@@ -25,4 +25,4 @@ def test_a_short_soak_passes_its_checks(tmp_path):
         ok = int(row.split("|")[2])
         assert ok > 0, f"no {kind} request succeeded:\n{text}"
     assert "FAIL" not in text, text
-    assert "| t (s) | RSS (MiB) | open fds | prefix cache (MiB) |" in text
+    assert "| t (s) | RSS (MiB) | open fds | KV caches (MiB) | of which prefix cache (MiB) |" in text
