@@ -134,7 +134,8 @@ pub struct GaugeReadings {
     pub waiting: usize,
     /// Positions held in KV caches, over every running sequence.
     pub kv_positions: usize,
-    /// Positions all slots could hold (slots × context length); 0 while loading.
+    /// Positions the running sequences may hold (slots × context length, or less under the KV
+    /// budget); 0 while loading.
     pub kv_capacity_positions: usize,
     /// Bytes the KV caches have allocated.
     pub kv_cache_bytes: usize,
@@ -159,10 +160,14 @@ impl GaugeReadings {
     /// length, the model's name and the cache's dtype are the caller's to fill in.
     pub fn from_engine(stats: &EngineStats, context_length: usize) -> Self {
         let slots = stats.slots_total.load(Ordering::Relaxed);
+        let capacity = match stats.kv_capacity_positions.load(Ordering::Relaxed) {
+            0 => slots.saturating_mul(context_length),
+            known => known,
+        };
         Self {
             running: stats.running.load(Ordering::Relaxed),
             kv_positions: stats.kv_positions.load(Ordering::Relaxed),
-            kv_capacity_positions: slots.saturating_mul(context_length),
+            kv_capacity_positions: capacity,
             kv_cache_bytes: stats.kv_cache_bytes.load(Ordering::Relaxed),
             prefix_cache_queries: stats.prefix_cache_queries.load(Ordering::Relaxed),
             prefix_cache_hits: stats.prefix_cache_hits.load(Ordering::Relaxed),
@@ -174,7 +179,7 @@ impl GaugeReadings {
         }
     }
 
-    /// Positions in use over what all slots can hold, 0 to 1 (0 while loading).
+    /// Positions in use over what the running sequences may hold, 0 to 1 (0 while loading).
     pub fn kv_cache_usage(&self) -> f64 {
         if self.kv_capacity_positions == 0 {
             return 0.0;
@@ -321,7 +326,7 @@ impl WorkerMetrics {
             )?,
             kv_cache_usage_ratio: gauge_f(
                 "rbee_worker_kv_cache_usage_ratio",
-                "Positions held in KV caches over what all slots can hold (slots x context); 1 is full.",
+                "Positions held in KV caches over what the running sequences may hold (slots x context, or less under --kv-cache-mem); 1 is full.",
             )?,
             kv_cache_bytes: gauge_i(
                 "rbee_worker_kv_cache_bytes",
@@ -484,7 +489,7 @@ fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
         ),
         family(
             "vllm:kv_cache_usage_perc",
-            "KV-cache usage, 0 to 1: positions in use over slots x context (rbee_worker_kv_cache_usage_ratio).",
+            "KV-cache usage, 0 to 1: positions in use over what the running sequences may hold (slots x context, or less under --kv-cache-mem; rbee_worker_kv_cache_usage_ratio).",
             GAUGE,
             model,
             r.kv_cache_usage(),

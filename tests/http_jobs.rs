@@ -605,6 +605,17 @@ async fn a_kv_budget_for_two_requests_runs_two_and_queues_the_rest_without_faili
         most, 2,
         "at most two jobs fit the budget, and two did run at once"
     );
+    // The capacity routers read is the budget's, in positions.
+    let metrics = w
+        .http
+        .get(format!("{}/metrics", w.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"num_gpu_blocks="120""#), "{metrics}");
     for read in reads {
         let events = read.await.unwrap();
         let (terminal, _) = assert_well_formed_ending(&events);

@@ -24,6 +24,9 @@ pub struct EngineStats {
     pub kv_cache_bytes: AtomicUsize,
     /// Positions held in KV caches, over every running sequence (for the KV-cache usage ratio).
     pub kv_positions: AtomicUsize,
+    /// Positions the running sequences may hold at most: every slot's context, or fewer under
+    /// the KV budget (0: not known, e.g. before the engine starts).
+    pub kv_capacity_positions: AtomicUsize,
     pub steps: AtomicU64,
     pub jobs_finished: AtomicU64,
     /// Prompt tokens looked up in the prefix cache (jobs that allow caching), ever.
@@ -79,6 +82,9 @@ impl GenerationEngine {
         stats
             .prefix_cache_budget
             .store(scheduler.config().prefix_cache_bytes, Ordering::Relaxed);
+        stats
+            .kv_capacity_positions
+            .store(scheduler.capacity_positions(), Ordering::Relaxed);
         stats.alive.store(true, Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name("generation-engine".into())

@@ -229,6 +229,21 @@ impl<B: InferenceBackend> Scheduler<B> {
             .min(self.backend.meta().context_length)
     }
 
+    /// Positions the running sequences may hold at most: every slot filling its context, or
+    /// what the KV budget holds if that is less.
+    pub fn capacity_positions(&self) -> usize {
+        let slots = self
+            .config
+            .max_sequences
+            .saturating_mul(self.backend.meta().context_length);
+        match self.backend.kv_bytes_per_position() {
+            per if per > 0 && self.config.kv_budget_bytes > 0 => {
+                slots.min(self.config.kv_budget_bytes / per)
+            }
+            _ => slots,
+        }
+    }
+
     /// Bytes of KV reserved by the running sequences.
     pub fn reserved_bytes(&self) -> usize {
         self.running.iter().map(|r| r.reserved).sum()

@@ -480,12 +480,11 @@ def test_resources_follow_the_memory_rule(workload, example_model, pool):
     assert per_position == 23040  # the number deployment.yaml's comment works with
     parallel, ctx = int(env["LLM_WORKER_PARALLEL"]), int(env["LLM_WORKER_CTX_SIZE"])
     cache_ram = int(env["LLM_WORKER_CACHE_RAM"]) << 20
-    need = (
-        example_model.stat().st_size
-        + parallel * ctx * per_position
-        + cache_ram
-        + (OVERHEAD_MIB << 20)
-    )
+    kv_mem = int(env["LLM_WORKER_KV_CACHE_MEM"]) << 20
+    # All KV (running and cached) is within LLM_WORKER_KV_CACHE_MEM; here every slot can fill
+    # its context beside a full prefix cache, and one request always fits.
+    assert kv_mem >= parallel * ctx * per_position + cache_ram
+    need = example_model.stat().st_size + kv_mem + (OVERHEAD_MIB << 20)
     requests, limits = container["resources"]["requests"], container["resources"]["limits"]
     assert quantity_bytes(requests["memory"]) == quantity_bytes(limits["memory"]) >= need
     assert int(requests["cpu"]) == int(env["LLM_WORKER_THREADS"])
@@ -494,7 +493,7 @@ def test_resources_follow_the_memory_rule(workload, example_model, pool):
     config = yaml.safe_load((POOL / "epp-config.yaml").read_text())
     producer = next(p for p in config["plugins"] if p["type"] == "approx-prefix-cache-producer")
     params = producer["parameters"]
-    positions = parallel * ctx + cache_ram / per_position
+    positions = kv_mem / per_position
     assert params["autoTune"] is False
     assert params["blockSizeTokens"] >= EPP_MIN_BLOCK_TOKENS
     assert params["lruCapacityPerServer"] == round(positions / params["blockSizeTokens"])
