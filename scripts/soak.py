@@ -445,8 +445,10 @@ def main() -> int:
     kv_peak = [0.0]
 
     def sample() -> None:
+        # Descriptors first: the /metrics request below is a connection of its own.
+        t, rss, fds = time.monotonic() - started, worker.rss_kib(), worker.fds()
         kv, prefix = worker.cache_mib(token)
-        samples.append((time.monotonic() - started, worker.rss_kib(), worker.fds(), kv, prefix))
+        samples.append((t, rss, fds, kv, prefix))
 
     sample()
     threads = [threading.Thread(target=client_loop, args=(n,), daemon=True)
@@ -463,7 +465,10 @@ def main() -> int:
         if time.monotonic() > stop_at + REQUEST_TIMEOUT + 30:
             failures.append("clients still busy long after the end: a request never ended")
             break
-    time.sleep(1.0)  # connections closing
+    # Connections the clients dropped close as the worker notices; give them a few seconds.
+    settle = time.monotonic() + 10
+    while worker.fds() > samples[0][2] and time.monotonic() < settle:
+        time.sleep(0.2)
     sample()
     jobs_checked = sum(results[k]["ok"] for k in ("job_stream", "job_cancel", "job_reattach"))
     exit_code = worker.stop()

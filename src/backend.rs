@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use crate::engine::{BackendError, BatchItem, InferenceBackend, ModelMeta, SeqId};
+use crate::engine::{BackendError, BatchItem, DraftRequest, InferenceBackend, ModelMeta, SeqId};
+use crate::generation::sampler::argmax;
 use crate::model::decoder::{Decoder, ForwardItem, SequenceCache};
 use crate::model::{LoadOptions, ModelError, load_model};
 
@@ -17,6 +18,70 @@ pub struct CandleInferenceBackend {
     caches: HashMap<SeqId, SequenceCache>,
     meta: ModelMeta,
     load_time: Duration,
+    /// A smaller model of the same vocabulary that drafts tokens for speculative decoding.
+    draft: Option<Box<DraftModel>>,
+}
+
+/// The draft model: its own caches, under the same sequence ids, and the tokens each holds.
+struct DraftModel {
+    model: CandleInferenceBackend,
+    held: HashMap<SeqId, Vec<u32>>,
+}
+
+impl DraftModel {
+    /// Brings each sequence's draft cache up to its tokens (keeping what still matches, reading
+    /// the rest), then extends it greedily, one batched forward per drafted position.
+    fn propose(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        let mut drafts = vec![Vec::new(); requests.len()];
+        // What each sequence feeds next: the tokens its cache lacks, then its last draft.
+        let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(requests.len());
+        for r in requests {
+            let held = self.held.entry(r.seq).or_default();
+            let shared = held
+                .iter()
+                .zip(r.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+                // The last token is fed again if need be: its logits give the first draft.
+                .min(r.tokens.len().saturating_sub(1));
+            held.truncate(shared);
+            self.model.truncate(r.seq, shared);
+            feeds.push(if r.max > 0 {
+                r.tokens[shared..].to_vec()
+            } else {
+                Vec::new()
+            });
+        }
+        loop {
+            let live: Vec<usize> = (0..requests.len())
+                .filter(|&i| !feeds[i].is_empty() && drafts[i].len() < requests[i].max)
+                .collect();
+            if live.is_empty() {
+                return Ok(drafts);
+            }
+            let batch: Vec<BatchItem<'_>> = live
+                .iter()
+                .map(|&i| BatchItem {
+                    seq: requests[i].seq,
+                    tokens: &feeds[i],
+                    logit_rows: 1,
+                })
+                .collect();
+            let logits = self.model.forward(&batch)?;
+            drop(batch);
+            for (&i, row) in live.iter().zip(logits) {
+                let token = argmax(&row);
+                drafts[i].push(token);
+                let fed = std::mem::replace(&mut feeds[i], vec![token]);
+                self.held.entry(requests[i].seq).or_default().extend(fed);
+            }
+        }
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.held.remove(&seq);
+        self.model.release(seq);
+    }
 }
 
 /// The name this build gives a device, as reported to the hive.
@@ -50,7 +115,41 @@ impl CandleInferenceBackend {
             caches: HashMap::new(),
             meta,
             load_time: model.load_time,
+            draft: None,
         })
+    }
+
+    /// Drafts with `draft` (speculative decoding). Its vocabulary must be this model's, token
+    /// for token: a draft is a list of token ids.
+    pub fn set_draft_model(&mut self, draft: CandleInferenceBackend) -> Result<(), String> {
+        let (ours, theirs) = (&self.meta.tokenizer, &draft.meta.tokenizer);
+        if ours.vocab_size() != theirs.vocab_size() {
+            return Err(format!(
+                "the draft model's vocabulary has {} tokens, the model's {}",
+                theirs.vocab_size(),
+                ours.vocab_size()
+            ));
+        }
+        if let Some(id) = (0..ours.vocab_size() as u32).find(|&id| {
+            ours.id_to_piece(id).unwrap_or_default() != theirs.id_to_piece(id).unwrap_or_default()
+        }) {
+            return Err(format!(
+                "the draft model's token {id} is {:?}, the model's {:?}: not the same vocabulary",
+                theirs.id_to_piece(id).unwrap_or_default(),
+                ours.id_to_piece(id).unwrap_or_default()
+            ));
+        }
+        if draft.meta.context_length < self.meta.context_length {
+            return Err(format!(
+                "the draft model's context ({}) is shorter than the model's ({})",
+                draft.meta.context_length, self.meta.context_length
+            ));
+        }
+        self.draft = Some(Box::new(DraftModel {
+            model: draft,
+            held: HashMap::new(),
+        }));
+        Ok(())
     }
 
     pub fn load_time(&self) -> Duration {
@@ -102,6 +201,9 @@ impl InferenceBackend for CandleInferenceBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.caches.remove(&seq);
+        if let Some(d) = &mut self.draft {
+            d.release(seq);
+        }
     }
 
     fn verifies_drafts(&self) -> bool {
@@ -127,6 +229,10 @@ impl InferenceBackend for CandleInferenceBackend {
     }
 
     fn keep_prefix(&mut self, seq: SeqId, len: usize) -> Option<usize> {
+        // A kept prefix is only copied from: it drafts nothing.
+        if let Some(d) = &mut self.draft {
+            d.release(seq);
+        }
         let mut cache = self.caches.remove(&seq)?;
         if cache.len() < len || self.decoder.shrink_cache(&mut cache, len).is_err() {
             return None;
@@ -145,6 +251,17 @@ impl InferenceBackend for CandleInferenceBackend {
 
     fn kv_bytes_per_position(&self) -> usize {
         self.decoder.kv_bytes_per_position()
+    }
+
+    fn has_draft_model(&self) -> bool {
+        self.draft.is_some()
+    }
+
+    fn propose(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        match &mut self.draft {
+            Some(d) => d.propose(requests),
+            None => Ok(vec![Vec::new(); requests.len()]),
+        }
     }
 
     fn limit_positions(&mut self, seq: SeqId, positions: usize) {

@@ -38,6 +38,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "LLM_WORKER_MODEL", value_name = "PATH|REF")]
     pub model: Option<PathBuf>,
 
+    /// A smaller model with the same vocabulary (e.g. SmolLM2-135M for a larger SmolLM2) that
+    /// drafts tokens for speculative decoding, instead of prompt lookup: the model verifies up
+    /// to --draft-tokens of them in one forward, so the output is exactly what it would write
+    /// alone. Its KV caches are outside --kv-cache-mem.
+    #[arg(long, env = "LLM_WORKER_MODEL_DRAFT", value_name = "PATH")]
+    pub model_draft: Option<PathBuf>,
+
     /// Name clients use in `model` and that the worker reports (default: the reference given to
     /// --model, else the model file's or directory's name).
     #[arg(long, env = "LLM_WORKER_MODEL_REF", value_name = "ID")]

@@ -150,7 +150,7 @@ pub struct GaugeReadings {
     pub prefix_cache_bytes: usize,
     /// The most bytes the prefix cache may keep (0: prefix caching is off).
     pub prefix_cache_budget: usize,
-    /// Tokens drafted by prompt lookup, and of those accepted.
+    /// Tokens drafted (prompt lookup or the draft model), and of those accepted.
     pub spec_drafted: u64,
     pub spec_accepted: u64,
 }
@@ -447,7 +447,7 @@ fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
         ),
         family(
             "rbee_worker_spec_draft_tokens_total",
-            "Tokens drafted by prompt lookup (speculative decoding).",
+            "Tokens drafted by prompt lookup or the draft model (speculative decoding).",
             COUNTER,
             &[],
             r.spec_drafted as f64,

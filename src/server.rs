@@ -317,9 +317,16 @@ fn load_backend(
         threads: args.threads.map(|n| n as usize),
         cpu_kernels: true,
     };
-    let backend = CandleInferenceBackend::load(&path, &options)
+    let mut backend = CandleInferenceBackend::load(&path, &options)
         .map_err(|e| ServerError::Load(e.to_string()))?;
     tracing::info!(load_time = ?backend.load_time(), "model loaded");
+    if let Some(draft_path) = &args.model_draft {
+        tracing::info!(path = %draft_path.display(), "loading the draft model");
+        let draft = CandleInferenceBackend::load(draft_path, &options).map_err(|e| {
+            ServerError::Load(format!("the draft model {}: {e}", draft_path.display()))
+        })?;
+        backend.set_draft_model(draft).map_err(ServerError::Load)?;
+    }
     Ok(backend)
 }
 

@@ -334,7 +334,7 @@ fn the_kv_budget_bounds_the_caches_and_queues_what_does_not_fit() {
     .iter()
     .enumerate()
     .map(|(i, prompt)| {
-        let prompt_tokens = tokenizer.encode(&prompt, true).unwrap();
+        let prompt_tokens = tokenizer.encode(prompt, true).unwrap();
         assert!(prompt_tokens.len() + MAX_TOKENS <= 120);
         let mut params = greedy(MAX_TOKENS, true);
         params.ignore_eos = true;
@@ -478,6 +478,104 @@ fn speculative_decoding_gives_exactly_the_plain_tokens() {
             "the copy prompt's drafts were accepted: {stats:?}"
         );
     }
+}
+
+#[test]
+fn a_draft_model_gives_exactly_the_plain_tokens() {
+    let config = |draft_tokens| SchedulerConfig {
+        max_sequences: 4,
+        batch_tokens: 512,
+        prefix_cache_bytes: 0,
+        draft_tokens,
+        kv_budget_bytes: 0,
+    };
+    let mut plain = model_scheduler(config(0));
+    // The default model drafting for itself: the same vocabulary, and drafts that mostly hold
+    // (the draft decodes one row at a time, the verifying forward several: near-ties may differ).
+    let load = || {
+        CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+            .expect("load model")
+    };
+    let mut backend = load();
+    backend.set_draft_model(load()).expect("same vocabulary");
+    assert!(backend.has_draft_model());
+    let mut speculative = Scheduler::new(backend, config(6));
+    let tokenizer = plain.backend().meta().tokenizer.clone();
+    let cases = read_json(&conformance_file("generate.json"));
+    let prompts: Vec<Vec<u32>> = cases
+        .as_array()
+        .expect("list of cases")
+        .iter()
+        .take(4)
+        .map(|c| {
+            tokenizer
+                .encode(c["prompt"].as_str().unwrap(), true)
+                .unwrap()
+        })
+        .collect();
+    for temperature in [0.0, 1.0] {
+        let jobs: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut params = greedy(32, false);
+                params.sampling.temperature = temperature;
+                params.sampling.seed = i as u64;
+                (p.clone(), params)
+            })
+            .collect();
+        let before = speculative.speculation_stats();
+        // One at a time, then all four at once (each drafting in the same batched forwards).
+        let want = run_jobs(&mut plain, &jobs, false);
+        assert_eq!(
+            run_jobs(&mut speculative, &jobs, false),
+            want,
+            "temperature {temperature}, one at a time"
+        );
+        assert_eq!(
+            run_jobs(&mut speculative, &jobs, true),
+            want,
+            "temperature {temperature}, together"
+        );
+        let after = speculative.speculation_stats();
+        let (drafted, accepted) = (
+            after.drafted - before.drafted,
+            after.accepted - before.accepted,
+        );
+        assert!(drafted > 0, "nothing was drafted");
+        if temperature == 0.0 {
+            assert!(
+                accepted * 10 >= drafted * 8,
+                "greedy drafts of the model itself held {accepted} of {drafted} times"
+            );
+        } else {
+            assert!(accepted > 0, "no sampled draft held");
+        }
+    }
+}
+
+#[test]
+fn a_draft_model_of_another_vocabulary_is_refused() {
+    use common::tiny_models::{Arch, TinySpec, gguf_writer, random_weights};
+    let spec = TinySpec::new(Arch::Llama);
+    let dir = tempfile_dir("draft-vocab");
+    let path = dir.join("tiny.gguf");
+    gguf_writer(&spec, &random_weights(&spec, 1), None)
+        .write(&path)
+        .expect("write gguf");
+    let mut backend = CandleInferenceBackend::load(&default_model_path(), &LoadOptions::default())
+        .expect("load model");
+    let tiny = CandleInferenceBackend::load(&path, &LoadOptions::default()).expect("load tiny");
+    let err = backend.set_draft_model(tiny).unwrap_err();
+    assert!(err.contains("vocabulary"), "{err}");
+    assert!(!backend.has_draft_model());
+}
+
+/// A fresh directory for this test's files under the target directory.
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).expect("create dir");
+    dir
 }
 
 /// The prompt tokens read again after a cache hit: the tiled attention path's minimum for long

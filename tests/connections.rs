@@ -266,10 +266,11 @@ fn hundreds_of_slow_and_idle_connections_are_closed_while_the_worker_serves() {
             Watched::new(stream, since)
         })
         .collect();
-    // Accepting may lag a little behind the connects on a busy machine.
+    // Accepting may lag behind the connects on a busy machine; the header timer starts at the
+    // accept, which is why the closes below get more slack than the small test's.
     let counted = Instant::now();
     let mut held = open_fds(worker.pid());
-    while held < fds_at_start + SLOW && counted.elapsed() < Duration::from_secs(1) {
+    while held < fds_at_start + SLOW && counted.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));
         held = open_fds(worker.pid());
     }
@@ -319,7 +320,8 @@ fn hundreds_of_slow_and_idle_connections_are_closed_while_the_worker_serves() {
         read_until_closed(&mut s, common::WAIT).0
     });
 
-    let deadline = Instant::now() + timeout + SLACK + Duration::from_secs(2);
+    let slack = 2 * SLACK;
+    let deadline = Instant::now() + timeout + slack + Duration::from_secs(2);
     let mut health_checks = 0;
     while Instant::now() < deadline
         && (slow.iter().any(|w| w.closed_after.is_none())
@@ -347,7 +349,7 @@ fn hundreds_of_slow_and_idle_connections_are_closed_while_the_worker_serves() {
         assert_eq!(open, 0, "{open} {kind} connections still open");
         let latest = watched.iter().filter_map(|w| w.closed_after).max().unwrap();
         assert!(
-            latest < timeout + SLACK,
+            latest < timeout + slack,
             "a {kind} connection was closed only after {latest:?}"
         );
     }

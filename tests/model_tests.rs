@@ -173,7 +173,11 @@ fn assert_close(what: &str, a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) {
 #[test]
 fn gguf_and_safetensors_give_the_same_logits_for_every_architecture() {
     for arch in Arch::ALL {
-        let t = tiny(arch);
+        let mut spec = TinySpec::new(arch);
+        // llama.cpp ignores `llama.attention.sliding_window` (its Mistral GGUFs attend to the
+        // whole context) where Hugging Face's Mistral applies the window: keep it out of reach.
+        spec.sliding_window = spec.sliding_window.map(|_| 64);
+        let t = tiny_with(spec);
         let hf = run(&t.hf_decoder());
         let decoder = gguf_decoder(&t.gguf(None));
         assert!(
@@ -463,6 +467,47 @@ fn sliding_window_hides_tokens_that_left_the_window() {
     );
 }
 
+/// llama.cpp does not apply Phi-3's `sliding_window` (the converter writes 2047 or 262144; its
+/// loader turns the window off), so neither do we, from GGUF or from `config.json`: past the
+/// window the logits are the whole-context computation's.
+#[test]
+fn phi3_ignores_its_sliding_window_as_llama_cpp_does() {
+    let mut spec = TinySpec::new(Arch::Phi3);
+    spec.sliding_window = Some(16);
+    let windowed = tiny_with(spec.clone());
+    spec.sliding_window = None;
+    let plain = tiny_with(spec);
+    let prompt = token_stream(5, 40);
+    let last = |decoder: &Decoder| {
+        assert_eq!(decoder.config().sliding_window, None);
+        let mut cache = decoder.new_cache();
+        let logits = decoder
+            .forward(&mut [ForwardItem {
+                cache: &mut cache,
+                tokens: &prompt,
+            }])
+            .expect("forward");
+        row(&logits, 0)
+    };
+    let gguf = windowed.gguf(None);
+    let file = GgufFile::open(&gguf).expect("open");
+    assert_eq!(
+        file.get_usize("phi3.attention.sliding_window")
+            .expect("key"),
+        Some(16),
+        "the test file carries the window"
+    );
+    let with_key = last(&gguf_decoder(&gguf));
+    let without_key = last(&gguf_decoder(&plain.gguf(None)));
+    assert_eq!(with_key, without_key, "the GGUF window changed the logits");
+    let candle = last(&gguf_decoder_with(&gguf, None));
+    assert!(max_rel_diff(&with_key, &candle) < F16_CACHE_TOLERANCE);
+    let hf_text = std::fs::read_to_string(windowed.hf_dir.join("config.json")).expect("config");
+    assert!(hf_text.contains("\"sliding_window\": 16"), "{hf_text}");
+    let hf = last(&windowed.hf_decoder());
+    assert!(max_rel_diff(&with_key, &hf) < F16_CACHE_TOLERANCE);
+}
+
 #[test]
 fn context_overflow_is_an_error_before_any_work() {
     let t = tiny(Arch::Llama);
@@ -575,6 +620,18 @@ fn unsupported_tensor_types_and_architectures_are_named() {
     let file = GgufFile::open(&p).expect("open");
     let err = ModelConfig::from_gguf(&file).expect_err("unsupported arch");
     assert!(err.to_string().contains("mamba"), "{err}");
+    // The same through the loader the worker uses.
+    let err = llm_worker_rbee::model::load_model(&p, &Default::default())
+        .map(|_| ())
+        .expect_err("unsupported arch");
+    assert!(err.to_string().contains("\"mamba\""), "{err}");
+
+    // Gemma loads from GGUF only: a safetensors Gemma is refused by name, not misread as llama.
+    let mut cfg_json = TinySpec::new(Arch::Llama).config_json();
+    cfg_json["model_type"] = "gemma2".into();
+    let err = ModelConfig::from_hf_json(&cfg_json.to_string(), "config.json")
+        .expect_err("safetensors gemma");
+    assert!(err.to_string().contains("gemma2"), "{err}");
 
     // A Phi-3 long-context GGUF (LongRoPE factors as tensors) is refused, not run without them.
     let t = tiny(Arch::Phi3);

@@ -49,6 +49,9 @@ struct Args {
     /// decoding, single stream, `-n` tokens.
     #[arg(long, value_name = "N")]
     speculative: Option<usize>,
+    /// With `--speculative`: draft with this model (same vocabulary) instead of prompt lookup.
+    #[arg(long, value_name = "PATH")]
+    draft_model: Option<PathBuf>,
 }
 
 fn main() {
@@ -87,6 +90,21 @@ fn main() {
         return;
     }
     if let Some(draft) = args.speculative {
+        if let Some(path) = &args.draft_model {
+            let loaded = CandleInferenceBackend::load(
+                path,
+                &LoadOptions {
+                    threads: Some(args.threads),
+                    ..LoadOptions::default()
+                },
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|d| backend.set_draft_model(d));
+            if let Err(e) = loaded {
+                eprintln!("error: the draft model {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
         speculative(backend, &args, &model, draft);
         return;
     }
@@ -234,8 +252,12 @@ fn speculative(backend: impl InferenceBackend, args: &Args, model: &std::path::P
             std::process::exit(1);
         }
     };
+    let drafter = args.draft_model.as_ref().map_or_else(
+        || "prompt lookup".to_string(),
+        |p| format!("draft model {}", p.display()),
+    );
     println!(
-        "model: {}  threads: {}  draft tokens: {draft}",
+        "model: {}  threads: {}  draft tokens: {draft} ({drafter})",
         model.display(),
         args.threads
     );

@@ -43,6 +43,15 @@ pub struct BatchItem<'a> {
     pub logit_rows: usize,
 }
 
+/// What a draft is asked for: the sequence, every token it has (prompt, then generated, the
+/// last one sampled but not yet fed), and the most tokens to draft.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftRequest<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub max: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BackendError(pub String);
@@ -71,6 +80,17 @@ pub trait InferenceBackend: Send + 'static {
     /// Caps how far a sequence's cache may grow, in positions (its reservation under the
     /// memory budget); growing past it in one step is still allowed.
     fn limit_positions(&mut self, _seq: SeqId, _positions: usize) {}
+
+    /// Whether [`InferenceBackend::propose`] drafts with a model of its own.
+    fn has_draft_model(&self) -> bool {
+        false
+    }
+
+    /// Drafts, for each `(sequence, its tokens so far, at most n)`, up to `n` tokens that are
+    /// likely to follow (a smaller model's greedy continuation), to be verified by `forward`.
+    fn propose(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        Ok(vec![Vec::new(); requests.len()])
+    }
 
     /// Whether `forward` gives logits for several rows of an item and `truncate` forgets
     /// positions: what speculative decoding needs.

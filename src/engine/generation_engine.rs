@@ -37,7 +37,7 @@ pub struct EngineStats {
     pub prefix_cache_bytes: AtomicUsize,
     /// The most bytes the prefix cache may keep (`--cache-ram`).
     pub prefix_cache_budget: AtomicUsize,
-    /// Tokens drafted by prompt lookup, ever.
+    /// Tokens drafted (prompt lookup or the draft model), ever.
     pub spec_drafted: AtomicU64,
     /// Of those, the ones the model's own samples confirmed.
     pub spec_accepted: AtomicU64,

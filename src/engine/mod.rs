@@ -13,7 +13,7 @@ pub mod job;
 pub mod queue;
 pub mod scheduler;
 
-pub use backend::{BackendError, BatchItem, InferenceBackend, ModelMeta, SeqId};
+pub use backend::{BackendError, BatchItem, DraftRequest, InferenceBackend, ModelMeta, SeqId};
 pub use generation_engine::{EngineStats, GenerationEngine};
 pub use job::{CancelReason, EngineEvent, ErrorCode, FinishSummary, GenerationJob, JobSink};
 pub use queue::{PushError, RequestQueue};

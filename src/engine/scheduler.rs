@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::backend::{BatchItem, InferenceBackend, SeqId};
+use super::backend::{BatchItem, DraftRequest, InferenceBackend, SeqId};
 use super::job::{EngineEvent, ErrorCode, FinishSummary, GenerationJob};
 use crate::generation::{Constraint, ContextFitError, SequenceGenerator, fit_max_tokens};
 use crate::model::attention::TILED_MIN_ROWS;
@@ -25,8 +25,8 @@ pub struct SchedulerConfig {
     pub batch_tokens: usize,
     /// Bytes of KV that finished sequences may keep for reuse (0: no prefix cache).
     pub prefix_cache_bytes: usize,
-    /// Tokens a decoding sequence may propose from its own context (prompt lookup) and verify
-    /// in one forward; 0: no speculation.
+    /// Tokens a decoding sequence may have drafted (from its own context by prompt lookup, or
+    /// by the backend's draft model) and verified in one forward; 0: no speculation.
     pub draft_tokens: usize,
     /// Bytes of KV the running sequences' reservations and the prefix cache may hold together
     /// (0: no budget but the slots). A job starts only when its reservation fits, so running
@@ -205,12 +205,12 @@ impl<B: InferenceBackend> Scheduler<B> {
         }
     }
 
-    /// Changes how many tokens prompt lookup may draft (0: off).
+    /// Changes how many tokens a draft may have (0: off).
     pub fn set_draft_tokens(&mut self, n: usize) {
         self.config.draft_tokens = n;
     }
 
-    /// Tokens drafted by prompt lookup and accepted, so far.
+    /// Tokens drafted and accepted, so far.
     pub fn speculation_stats(&self) -> SpeculationStats {
         self.spec_stats
     }
@@ -554,6 +554,9 @@ impl<B: InferenceBackend> Scheduler<B> {
             && self.backend.verifies_drafts()
             && decoding <= MAX_SPECULATING;
         let context = self.backend.meta().context_length;
+        let draft_model = self.backend.has_draft_model();
+        // (running index, most tokens to draft) for the draft model.
+        let mut to_draft: Vec<(usize, usize)> = Vec::new();
         for (i, r) in self.running.iter_mut().enumerate() {
             if r.prompt_done() {
                 r.draft.clear();
@@ -565,8 +568,36 @@ impl<B: InferenceBackend> Scheduler<B> {
                     // The cache holds all but the last token; the draft follows it.
                     let room = context.saturating_sub(tokens.len() + 1);
                     let cap = r.draft_cap.min(self.config.draft_tokens).min(room);
-                    r.draft = lookup_draft(tokens, cap);
+                    if draft_model {
+                        to_draft.push((i, cap));
+                    } else {
+                        r.draft = lookup_draft(tokens, cap);
+                    }
                 }
+            }
+        }
+        if !to_draft.is_empty() {
+            let requests: Vec<DraftRequest<'_>> = to_draft
+                .iter()
+                .map(|&(i, max)| DraftRequest {
+                    seq: self.running[i].seq,
+                    tokens: self.running[i].generator.tokens(),
+                    max,
+                })
+                .collect();
+            match self.backend.propose(&requests) {
+                Ok(drafts) => {
+                    for (&(i, max), mut draft) in to_draft.iter().zip(drafts) {
+                        draft.truncate(max);
+                        self.running[i].draft = draft;
+                    }
+                }
+                // Drafts only save time: without them the step decodes plainly.
+                Err(e) => tracing::warn!("the draft model failed; decoding without drafts: {e}"),
+            }
+        }
+        for (i, r) in self.running.iter().enumerate() {
+            if r.prompt_done() {
                 plan.push((i, None));
                 budget = budget.saturating_sub(1 + r.draft.len());
             }

@@ -63,11 +63,35 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Tokens a position can see, itself included; `None` is unlimited.
     pub sliding_window: Option<usize>,
+    /// Multiplies `q·k`; `None`: 1/√head_dim. (Gemma's queries arrive already scaled, with 1.)
+    pub score_scale: Option<f32>,
+    /// Scores become `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 impl AttentionShape {
     fn kv_stride(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// What multiplies `q·k`: with a soft cap, divided by the cap, as ggml folds it.
+    pub fn scale(&self) -> f32 {
+        let scale = self
+            .score_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt());
+        match self.softcap {
+            Some(cap) => scale / cap,
+            None => scale,
+        }
+    }
+
+    /// A scaled score after the soft cap (ggml: `cap * tanhf(s)`).
+    #[inline]
+    fn cap(&self, score: f32) -> f32 {
+        match self.softcap {
+            Some(cap) => cap * score.tanh(),
+            None => score,
+        }
     }
 
     /// Key positions visible from `pos`: `[first, pos]`.
@@ -289,7 +313,7 @@ fn attend_block_impl(
     let group = shape.heads / shape.kv_heads;
     let stride = shape.kv_stride();
     let kv_offset = kv_head * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = shape.scale();
     let nq = rows.len() * group;
     s.prepare(hd, nq);
 
@@ -331,7 +355,7 @@ fn attend_block_impl(
             let visible = &mut scores[vis_lo..vis_hi];
             let mut tile_max = f32::NEG_INFINITY;
             for v in visible.iter_mut() {
-                *v *= scale;
+                *v = shape.cap(*v * scale);
                 tile_max = tile_max.max(*v);
             }
             let acc = &mut s.acc[qi * hd..(qi + 1) * hd];
@@ -417,7 +441,7 @@ fn attend_row_like_ggml(
     let hd = shape.head_dim;
     let stride = shape.kv_stride();
     let kv_offset = head / (shape.heads / shape.kv_heads) * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = shape.scale();
     let simd = simd_available();
     scratch.q16.clear();
     scratch.q16.extend(q_row.iter().map(|&x| f16::from_f32(x)));
@@ -427,7 +451,7 @@ fn attend_row_like_ggml(
     let mut max = f32::NEG_INFINITY;
     for c in shape.first_visible(pos)..pos + 1 {
         let off = c * stride + kv_offset;
-        let score = dot_f16_f16(simd, &cache.k[off..off + hd], &scratch.q16) * scale;
+        let score = shape.cap(dot_f16_f16(simd, &cache.k[off..off + hd], &scratch.q16) * scale);
         let mut ms = 1f32;
         let mut vs = 1f32;
         if score > max {
@@ -560,7 +584,7 @@ mod x86 {
         let group = shape.heads / shape.kv_heads;
         let stride = shape.kv_stride();
         let kv_offset = kv_head * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = shape.scale();
         let nq = rows.len() * group;
         assert!(span.q.len() >= span.rows * shape.heads * hd && rows.end <= span.rows);
         s.prepare(hd, nq);
@@ -647,6 +671,11 @@ mod x86 {
                     continue;
                 }
                 let visible = &mut s.scores[qi * KEY_TILE + vis_lo..qi * KEY_TILE + vis_hi];
+                if shape.softcap.is_some() {
+                    for v in visible.iter_mut() {
+                        *v = shape.cap(*v);
+                    }
+                }
                 let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let acc = &mut s.acc[qi * hd..(qi + 1) * hd];
                 super::online_softmax_step(&mut s.max[qi], &mut s.sum[qi], acc, visible, tile_max);
@@ -1015,7 +1044,14 @@ mod tests {
                         (0..hd)
                             .map(|d| f64::from(q[qo + d]) * f64::from(cache.k[off + d].to_f32()))
                             .sum::<f64>()
-                            / (hd as f64).sqrt()
+                    })
+                    .map(|dot| {
+                        let scale =
+                            f64::from(shape.score_scale.unwrap_or(1.0 / (hd as f32).sqrt()));
+                        match shape.softcap.map(f64::from) {
+                            Some(cap) => cap * (dot * scale / cap).tanh(),
+                            None => dot * scale,
+                        }
                     })
                     .collect();
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -1089,21 +1125,35 @@ mod tests {
 
     #[test]
     fn agrees_with_plain_f64_attention_over_the_same_cache() {
-        let shape = AttentionShape {
+        let plain = AttentionShape {
             heads: 4,
             kv_heads: 2,
             head_dim: 16,
             sliding_window: None,
+            score_scale: None,
+            softcap: None,
         };
-        for (first, rows) in [(0, 1), (0, 5), (37, 1), (0, 70), (100, 80)] {
-            let cache = setup(&shape, first + rows, 9);
+        // Gemma 2's: queries scaled before (score scale 1) and scores soft-capped.
+        let capped = AttentionShape {
+            score_scale: Some(0.9),
+            softcap: Some(0.5),
+            ..plain
+        };
+        let cases = [(0, 1), (0, 5), (37, 1), (0, 70), (100, 80)];
+        for (shape, (first, rows)) in cases
+            .iter()
+            .map(|&c| (plain, c))
+            .chain(cases.iter().map(|&c| (capped, c)))
+        {
+            let shape = &shape;
+            let cache = setup(shape, first + rows, 9);
             let mut seed = 3;
             let q: Vec<f32> = (0..rows * shape.heads * shape.head_dim)
                 .map(|_| lcg(&mut seed))
                 .collect();
             let mut out = vec![0f32; q.len()];
-            attend(&shape, &cache, &q, first, rows, &mut out);
-            let want = reference(&shape, &cache, &q, first, rows);
+            attend(shape, &cache, &q, first, rows, &mut out);
+            let want = reference(shape, &cache, &q, first, rows);
             // The pool splits the same work across threads: identical results.
             let pool = ThreadPool::new(3);
             let mut pooled = vec![0f32; q.len()];
@@ -1113,7 +1163,7 @@ mod tests {
                 first_position: first,
                 rows,
             };
-            attend_spans(&shape, &[span], &mut pooled, Some(&pool));
+            attend_spans(shape, &[span], &mut pooled, Some(&pool));
             assert_eq!(out, pooled);
             let err = out
                 .iter()
@@ -1156,6 +1206,9 @@ mod tests {
                 kv_heads,
                 head_dim,
                 sliding_window,
+                // Gemma 2's soft cap on one shape.
+                score_scale: None,
+                softcap: (head_dim == 40).then_some(0.7),
             };
             let cache = setup(&shape, first + rows, 11);
             let mut seed = 7;
@@ -1206,6 +1259,8 @@ mod tests {
             kv_heads: 1,
             head_dim: 8,
             sliding_window: Some(3),
+            score_scale: None,
+            softcap: None,
         };
         let cache = setup(&shape, 10, 5);
         let mut seed = 1;
@@ -1238,6 +1293,8 @@ mod tests {
             kv_heads: 1,
             head_dim: 4,
             sliding_window: None,
+            score_scale: None,
+            softcap: None,
         };
         let mut cache = HostKv::default();
         cache.reserve_positions(1, 4);

@@ -2,8 +2,11 @@
 //! Face `config.json`.
 //!
 //! One configuration covers the llama family and its relatives: what differs between Llama,
-//! Mistral, SmolLM, Qwen2/2.5, Qwen3 and Phi-3 is a handful of flags (rope layout and scaling,
-//! biases, q/k norm, fused projections, tied embeddings, sliding window). Structural flags that
+//! Mistral, SmolLM, Qwen2/2.5, Qwen3, Phi-3 and Gemma 2/3 is a handful of flags (rope layout and
+//! scaling, biases, q/k norm, fused projections, tied embeddings, sliding window and the layers
+//! it applies to, Gemma's embedding scale, query scale, soft caps and GeGLU). A GGUF's keys are
+//! read per family as llama.cpp reads them: a key llama.cpp ignores for a family (Phi-3's
+//! `attention.sliding_window`) is ignored here too. Structural flags that
 //! the weights themselves reveal (biases, q/k norm, fused projections, a separate LM head) are
 //! detected from the tensors present when loading, not trusted from metadata.
 
@@ -19,6 +22,12 @@ pub enum Architecture {
     Qwen2,
     Qwen3,
     Phi3,
+    /// Gemma 2: scaled embedding, post-attention and post-FFN norms, GeGLU, soft-capping,
+    /// sliding-window attention on every other layer.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2's block with q/k norms, sliding window on 5 of every 6 layers,
+    /// their own rope base, no attention soft-capping.
+    Gemma3,
 }
 
 impl Architecture {
@@ -30,6 +39,8 @@ impl Architecture {
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
             "phi3" => Self::Phi3,
+            "gemma2" => Self::Gemma2,
+            "gemma3" => Self::Gemma3,
             _ => return None,
         })
     }
@@ -41,10 +52,16 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Phi3 => "phi3",
+            Self::Gemma2 => "gemma2",
+            Self::Gemma3 => "gemma3",
         }
     }
 
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, phi3";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
+    }
 }
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -75,6 +92,23 @@ pub enum RopeScaling {
     FreqFactors(Vec<f32>),
 }
 
+/// The feed-forward block's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// SwiGLU: `silu(gate) * up`.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma), computed as ggml does.
+    GeluTanh,
+}
+
+/// The rope of the sliding-window layers where it differs from the other layers' (Gemma 3:
+/// base 10000, no scaling; Gemma 2 with `rope.freq_base_swa`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwaRope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -91,7 +125,21 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     /// The context length the model was trained for.
     pub max_position_embeddings: usize,
+    /// Tokens a sliding-window layer lets a position see, itself included.
     pub sliding_window: Option<usize>,
+    /// Which layers use `sliding_window`; empty: every layer does.
+    pub sliding_window_layers: Vec<bool>,
+    /// The sliding-window layers' own rope, if they have one.
+    pub swa_rope: Option<SwaRope>,
+    /// Multiplies the token embeddings (Gemma: √hidden).
+    pub embedding_scale: Option<f32>,
+    /// Multiplies the queries before attention; `None`: 1/√head_dim.
+    pub attention_scale: Option<f32>,
+    /// Attention scores become `cap * tanh(score / cap)` (Gemma 2).
+    pub attn_logit_softcap: Option<f32>,
+    /// Logits become `cap * tanh(logit / cap)` (Gemma 2).
+    pub final_logit_softcap: Option<f32>,
+    pub ffn_activation: FfnActivation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,30 +281,130 @@ impl ModelConfig {
         }
         let rope_style = match architecture {
             Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Phi3 => RopeStyle::HalfSplit,
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3
+            | Architecture::Gemma2
+            | Architecture::Gemma3 => RopeStyle::HalfSplit,
         };
-        let cfg = Self {
+        let num_layers = file.require_usize(&key("block_count"))?;
+        let rms_norm_eps = file
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        let mut cfg = Self {
             architecture,
             hidden_size,
             intermediate_size: file.require_usize(&key("feed_forward_length"))?,
-            num_layers: file.require_usize(&key("block_count"))?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: file
-                .get_f64(&key("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
+            rms_norm_eps,
             rope_theta: file.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_style,
             rope_scaling,
             max_position_embeddings: file.get_usize(&key("context_length"))?.unwrap_or(2048),
-            sliding_window: file
-                .get_usize(&key("attention.sliding_window"))?
-                .filter(|&w| w > 0),
+            // llama.cpp reads `{arch}.attention.sliding_window` only for the families whose
+            // graphs use it (below). For llama, qwen2, qwen3 and phi3 it ignores the key:
+            // Phi-3's converter writes 2047 or 262144 there, which llama.cpp deliberately does
+            // not apply, and llama.cpp's Mistral (a `llama` GGUF) attends to the whole context.
+            sliding_window: None,
+            sliding_window_layers: Vec::new(),
+            swa_rope: None,
+            embedding_scale: None,
+            attention_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            ffn_activation: FfnActivation::Silu,
         };
+        if architecture.is_gemma() {
+            cfg.read_gemma_gguf(file, arch_name)?;
+        }
         cfg.validate(&source_name)?;
         Ok(cfg)
+    }
+
+    /// Gemma 2 and 3's keys, read as llama.cpp's `llama_model_gemma2/3::load_arch_hparams` reads
+    /// them. The converter stores the norms' weights with Gemma's `1 +` already added.
+    fn read_gemma_gguf(&mut self, file: &GgufFile, arch_name: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let f32_key = |k: &str| -> Result<Option<f32>, ConfigError> {
+            Ok(file.get_f64(&key(k))?.map(|v| v as f32))
+        };
+        let window = file.get_usize(&key("attention.sliding_window"))?;
+        let rope_base_swa = file.get_f64(&key("rope.freq_base_swa"))?;
+        // Which layers slide: an explicit per-layer list, or "n - 1 of every n" (n from the key or
+        // the family's default), as llama.cpp's `set_swa_pattern`.
+        let pattern = |default_n: usize| -> Result<Vec<bool>, ConfigError> {
+            let pattern_key = key("attention.sliding_window_pattern");
+            if let Some(list) = file.get(&pattern_key).and_then(|v| v.as_array()) {
+                let mut layers: Vec<bool> =
+                    list.iter().map(|v| v.as_bool() == Some(true)).collect();
+                layers.resize(self.num_layers, false);
+                return Ok(layers);
+            }
+            let n = file.get_usize(&pattern_key)?.unwrap_or(default_n);
+            Ok((0..self.num_layers)
+                .map(|l| n == 0 || l % n < n - 1)
+                .collect())
+        };
+        match self.architecture {
+            Architecture::Gemma2 => {
+                self.sliding_window = Some(window.unwrap_or(4096)).filter(|&w| w > 0);
+                self.sliding_window_layers = pattern(2)?;
+                self.swa_rope = rope_base_swa.map(|theta| SwaRope {
+                    theta,
+                    scaling: self.rope_scaling.clone(),
+                });
+                self.attn_logit_softcap = Some(f32_key("attn_logit_softcapping")?.unwrap_or(50.0));
+                self.final_logit_softcap =
+                    Some(f32_key("final_logit_softcapping")?.unwrap_or(30.0));
+            }
+            Architecture::Gemma3 => {
+                if let Some(w) = window.filter(|&w| w > 0) {
+                    self.sliding_window = Some(w);
+                    self.sliding_window_layers = pattern(6)?;
+                    self.swa_rope = Some(SwaRope {
+                        theta: rope_base_swa.unwrap_or(10_000.0),
+                        scaling: RopeScaling::None,
+                    });
+                }
+                self.final_logit_softcap =
+                    f32_key("final_logit_softcapping")?.filter(|&c| c != 0.0);
+            }
+            _ => {}
+        }
+        self.embedding_scale = Some((self.hidden_size as f32).sqrt());
+        // llama.cpp (after gemma_pytorch): the 27B models scale queries by 1/√(hidden / heads),
+        // the others by 1/√head_dim; it knows the 27B models by their layer count.
+        let is_27b = matches!(
+            (self.architecture, self.num_layers),
+            (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62)
+        );
+        let scaled_dim = if is_27b {
+            self.hidden_size / self.num_heads
+        } else {
+            self.head_dim
+        };
+        self.attention_scale = Some(1.0 / (scaled_dim as f32).sqrt());
+        self.ffn_activation = FfnActivation::GeluTanh;
+        Ok(())
+    }
+
+    /// Whether layer `layer` attends through the sliding window, and its size.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        match self.sliding_window_layers.get(layer) {
+            Some(&slides) => slides.then_some(w),
+            None if self.sliding_window_layers.is_empty() => Some(w),
+            None => None,
+        }
+    }
+
+    /// Whether layer `layer` uses the sliding-window layers' own rope.
+    pub fn layer_uses_swa_rope(&self, layer: usize) -> bool {
+        self.swa_rope.is_some() && self.layer_window(layer).is_some()
     }
 
     /// Reads a Hugging Face `config.json`.
@@ -277,6 +425,11 @@ impl ModelConfig {
             source_name: source_name.to_string(),
             problem,
         };
+        if architecture.is_gemma() {
+            return Err(invalid(format!(
+                "{model_type} is supported from GGUF files only, not from safetensors"
+            )));
+        }
         if raw.num_attention_heads == 0 {
             return Err(invalid("num_attention_heads is 0".into()));
         }
@@ -324,6 +477,9 @@ impl ModelConfig {
                     None
                 }
             }
+            // As in a GGUF: llama.cpp does not apply Phi-3's window, and the safetensors twin
+            // of a GGUF must compute what it computes.
+            Architecture::Phi3 => None,
             _ => raw.sliding_window,
         }
         .filter(|&w| w > 0);
@@ -342,6 +498,13 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             sliding_window,
+            sliding_window_layers: Vec::new(),
+            swa_rope: None,
+            embedding_scale: None,
+            attention_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            ffn_activation: FfnActivation::Silu,
         };
         cfg.validate(source_name)?;
         Ok(cfg)

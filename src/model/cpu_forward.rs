@@ -11,8 +11,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use super::attention::{self, AttentionShape, SpanAttention};
+use super::config::FfnActivation;
 use super::rope::Rope;
-use super::vecmath::silu_mul;
+use super::vecmath::{gelu_mul, silu_mul};
 use super::weights::MappedMatrix;
 use crate::kernels::{self, ActivationScratch, KernelError, ThreadPool};
 
@@ -47,9 +48,15 @@ pub(super) struct CpuLayer {
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
     pub o: MappedMatrix,
+    pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     pub gate_up: CpuGateUp,
     pub down: MappedMatrix,
+    pub post_ffn_norm: Option<Vec<f32>>,
+    /// This layer's attention (its window, score scale and soft cap).
+    pub attention: AttentionShape,
+    /// Whether this layer rotates with the sliding-window layers' rope.
+    pub swa_rope: bool,
 }
 
 /// The model as the CPU path needs it.
@@ -62,7 +69,11 @@ pub(super) struct CpuModel {
     pub eps: f32,
     pub hidden: usize,
     pub intermediate: usize,
-    pub attention: AttentionShape,
+    pub embedding_scale: Option<f32>,
+    /// Multiplies the queries after rope (Gemma).
+    pub query_scale: Option<f32>,
+    pub activation: FfnActivation,
+    pub final_logit_softcap: Option<f32>,
     pub buffers: RefCell<Buffers>,
 }
 
@@ -82,6 +93,8 @@ pub(super) struct Buffers {
     gate_up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    cos_swa: Vec<f32>,
+    sin_swa: Vec<f32>,
     scratch: ActivationScratch,
 }
 
@@ -108,13 +121,16 @@ impl CpuModel {
         ids: &[u32],
         positions: &[usize],
         rope: &Rope,
+        rope_swa: Option<&Rope>,
         spans: &mut [CpuSpan<'_>],
     ) -> Result<Vec<Vec<f32>>, KernelError> {
         let mut guard = self.buffers.borrow_mut();
         let b = &mut *guard;
         let n = ids.len();
         let hsz = self.hidden;
-        let sh = self.attention;
+        let Some(sh) = self.layers.first().map(|l| l.attention) else {
+            return Ok(Vec::new());
+        };
         let (q_width, kv_width) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
         let pool = &*self.pool;
 
@@ -122,8 +138,14 @@ impl CpuModel {
         let x = resize(&mut b.x, n * hsz);
         for (&id, row) in ids.iter().zip(x.chunks_mut(hsz)) {
             kernels::dequantize_row(&emb, id as usize, row)?;
+            if let Some(s) = self.embedding_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
         }
         rope.tables(positions, &mut b.cos, &mut b.sin);
+        if let Some(r) = rope_swa {
+            r.tables(positions, &mut b.cos_swa, &mut b.sin_swa);
+        }
 
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(
@@ -179,10 +201,14 @@ impl CpuModel {
                 rms_norm_rows_in_place(k, w, self.eps);
             }
             let half = sh.head_dim / 2;
+            let (cos_all, sin_all, rope) = match rope_swa {
+                Some(r) if layer.swa_rope => (&b.cos_swa, &b.sin_swa, r),
+                _ => (&b.cos, &b.sin, rope),
+            };
             for r in 0..n {
                 let (cos, sin) = (
-                    &b.cos[r * half..(r + 1) * half],
-                    &b.sin[r * half..(r + 1) * half],
+                    &cos_all[r * half..(r + 1) * half],
+                    &sin_all[r * half..(r + 1) * half],
                 );
                 rope.rotate_row(
                     &mut q[r * q_width..(r + 1) * q_width],
@@ -196,6 +222,10 @@ impl CpuModel {
                     cos,
                     sin,
                 );
+            }
+
+            if let Some(s) = self.query_scale {
+                q.iter_mut().for_each(|v| *v *= s);
             }
 
             for span in spans.iter_mut() {
@@ -216,7 +246,12 @@ impl CpuModel {
                     rows: s.rows,
                 })
                 .collect();
-            attention::attend_spans(&sh, &jobs, resize(&mut b.attn, n * q_width), Some(pool));
+            attention::attend_spans(
+                &layer.attention,
+                &jobs,
+                resize(&mut b.attn, n * q_width),
+                Some(pool),
+            );
 
             let proj = resize(&mut b.proj, n * hsz);
             kernels::matmul(
@@ -227,6 +262,9 @@ impl CpuModel {
                 proj,
                 &mut b.scratch,
             )?;
+            if let Some(w) = &layer.post_attn_norm {
+                rms_norm_rows_in_place(proj, w, self.eps);
+            }
             add_in_place(&mut b.x[..n * hsz], proj);
 
             rms_norm_rows(
@@ -250,7 +288,7 @@ impl CpuModel {
                         n,
                         &mut b.scratch,
                     )?;
-                    silu_mul(&mut b.gate[..n * ff], &b.up[..n * ff]);
+                    self.activate(&mut b.gate[..n * ff], &b.up[..n * ff]);
                 }
                 CpuGateUp::Fused(m) => {
                     let gu = resize(&mut b.gate_up, n * 2 * ff);
@@ -259,7 +297,7 @@ impl CpuModel {
                     for (r, row) in b.gate_up.chunks(2 * ff).take(n).enumerate() {
                         let (g, u) = row.split_at(ff);
                         gate[r * ff..(r + 1) * ff].copy_from_slice(g);
-                        silu_mul(&mut gate[r * ff..(r + 1) * ff], u);
+                        self.activate(&mut gate[r * ff..(r + 1) * ff], u);
                     }
                 }
             }
@@ -272,6 +310,9 @@ impl CpuModel {
                 proj,
                 &mut b.scratch,
             )?;
+            if let Some(w) = &layer.post_ffn_norm {
+                rms_norm_rows_in_place(proj, w, self.eps);
+            }
             add_in_place(&mut b.x[..n * hsz], proj);
         }
 
@@ -288,7 +329,20 @@ impl CpuModel {
         let head = self.lm_head.matrix();
         let mut logits = vec![0f32; n * head.rows];
         kernels::matmul(pool, &head, last, n, &mut logits, &mut b.scratch)?;
+        if let Some(cap) = self.final_logit_softcap {
+            // As ggml: scale by 1/cap, tanh, scale by cap.
+            let inv = 1.0 / cap;
+            logits.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
+        }
         Ok(logits.chunks(head.rows).map(<[f32]>::to_vec).collect())
+    }
+
+    /// `gate = act(gate) * up`.
+    fn activate(&self, gate: &mut [f32], up: &[f32]) {
+        match self.activation {
+            FfnActivation::Silu => silu_mul(gate, up),
+            FfnActivation::GeluTanh => gelu_mul(gate, up),
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! The transformer decoder: one configurable implementation for the llama family and its
-//! relatives (Llama 2/3.x, Mistral, SmolLM, TinyLlama, Qwen2/2.5, Qwen3, Phi-3).
+//! relatives (Llama 2/3.x, Mistral, SmolLM, TinyLlama, Qwen2/2.5, Qwen3, Phi-3, Gemma 2 and 3).
 //!
 //! References: Meta's Llama reference model (RMSNorm, rotary embeddings, SwiGLU, grouped-query
 //! attention), Hugging Face transformers' `modeling_llama`, `modeling_qwen2`, `modeling_qwen3`
-//! and `modeling_phi3` for the per-architecture differences, and llama.cpp's GGUF tensor naming.
+//! and `modeling_phi3` for the per-architecture differences, and llama.cpp's GGUF tensor naming;
+//! for Gemma 2 and 3, llama.cpp's `src/models/gemma2.cpp` and `gemma3.cpp` (what the converter
+//! stores, the query scale, the soft caps, which layers slide and with which rope).
 //!
 //! [`Decoder::forward`] takes several sequences at once, each at its own absolute position with
 //! its own [`SequenceCache`]: the rows of all sequences go through every projection together
@@ -18,7 +20,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::ModelError;
 use super::attention::{self, AttentionShape, HostKv, SpanAttention};
-use super::config::{ModelConfig, RopeScaling};
+use super::config::{FfnActivation, ModelConfig, RopeScaling};
 use super::cpu_forward::{CpuGateUp, CpuLayer, CpuModel, CpuQkv, CpuSpan, Projection};
 use super::gguf::GgmlType;
 use super::rope::Rope;
@@ -177,9 +179,11 @@ struct Layer {
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     o: Linear,
+    post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     gate_up: GateUpProjection,
     down: Linear,
+    post_ffn_norm: Option<RmsNorm>,
 }
 
 /// One layer's keys and values for a sequence on an accelerator, `(kv_heads, capacity, head_dim)`.
@@ -574,6 +578,8 @@ pub struct Decoder {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    /// The sliding-window layers' rope where it differs from `rope` (Gemma 3).
+    rope_swa: Option<Rope>,
     /// The positions this decoder accepts (the serving context, at most the model's).
     context_length: usize,
     attention: AttentionPath,
@@ -682,7 +688,11 @@ impl Decoder {
             dense,
             in_place,
         )?;
-        let lm_head = if store.contains(WeightName::Output) {
+        // llama.cpp's Gemma 2 always reads its LM head from the embedding, whatever else the
+        // file holds.
+        let has_head = store.contains(WeightName::Output)
+            && cfg.architecture != super::config::Architecture::Gemma2;
+        let lm_head = if has_head {
             linear(WeightName::Output, cfg.vocab_size, h, None)?
         } else {
             // Tied embeddings: the LM head shares the embedding table (no copy).
@@ -753,6 +763,10 @@ impl Decoder {
                 true => Some(norm(w(LayerWeight::KNorm), hd)?),
                 false => None,
             };
+            let optional_norm = |lw: LayerWeight| match store.contains(w(lw)) {
+                true => norm(w(lw), h).map(Some),
+                false => Ok(None),
+            };
             let gate_up = if store.contains(w(LayerWeight::Gate)) {
                 GateUpProjection::Separate {
                     gate: linear(w(LayerWeight::Gate), ff, h, None)?,
@@ -767,13 +781,16 @@ impl Decoder {
                 q_norm,
                 k_norm,
                 o: linear(w(LayerWeight::O), h, nh * hd, None)?,
+                post_attn_norm: optional_norm(LayerWeight::PostAttnNorm)?,
                 ffn_norm: norm(w(LayerWeight::FfnNorm), h)?,
                 gate_up,
                 down: linear(w(LayerWeight::Down), h, ff, None)?,
+                post_ffn_norm: optional_norm(LayerWeight::PostFfnNorm)?,
             });
         }
         let output_norm = norm(WeightName::OutputNorm, h)?;
         let rope = Rope::new(&cfg);
+        let rope_swa = Rope::for_swa_layers(&cfg);
         let context_length = context_length.min(cfg.max_position_embeddings).max(1);
         let mut decoder = Self {
             cfg,
@@ -783,6 +800,7 @@ impl Decoder {
             norm: output_norm,
             lm_head,
             rope,
+            rope_swa,
             context_length,
             attention,
             cpu_pool,
@@ -891,9 +909,21 @@ impl Decoder {
                     .map(|n| vector(&n.weight))
                     .transpose()?,
                 o,
+                post_attn_norm: layer
+                    .post_attn_norm
+                    .as_ref()
+                    .map(|n| vector(&n.weight))
+                    .transpose()?,
                 ffn_norm: vector(&layer.ffn_norm.weight)?,
                 gate_up,
                 down,
+                post_ffn_norm: layer
+                    .post_ffn_norm
+                    .as_ref()
+                    .map(|n| vector(&n.weight))
+                    .transpose()?,
+                attention: self.attention_shape(i),
+                swa_rope: self.cfg.layer_uses_swa_rope(i),
             });
         }
         Ok(CpuModel {
@@ -905,7 +935,10 @@ impl Decoder {
             eps: self.norm.eps,
             hidden: self.cfg.hidden_size,
             intermediate: self.cfg.intermediate_size,
-            attention: self.attention_shape(),
+            embedding_scale: self.cfg.embedding_scale,
+            query_scale: self.cfg.attention_scale,
+            activation: self.cfg.ffn_activation,
+            final_logit_softcap: self.cfg.final_logit_softcap,
             buffers: Default::default(),
         })
     }
@@ -1019,12 +1052,16 @@ impl Decoder {
         }
     }
 
-    fn attention_shape(&self) -> AttentionShape {
+    /// Layer `layer`'s attention: its window, and the score scale and soft cap.
+    fn attention_shape(&self, layer: usize) -> AttentionShape {
         AttentionShape {
             heads: self.cfg.num_heads,
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
-            sliding_window: self.cfg.sliding_window,
+            sliding_window: self.cfg.layer_window(layer),
+            // Queries already carry the model's own scale (see `layer_forward`).
+            score_scale: self.cfg.attention_scale.map(|_| 1.0),
+            softcap: self.cfg.attn_logit_softcap,
         }
     }
 
@@ -1153,7 +1190,13 @@ impl Decoder {
             });
         }
         let logits = cpu
-            .forward(ids, positions, &self.rope, &mut cpu_spans)
+            .forward(
+                ids,
+                positions,
+                &self.rope,
+                self.rope_swa.as_ref(),
+                &mut cpu_spans,
+            )
             .map_err(candle_core::Error::wrap)?;
         drop(cpu_spans);
         for (item, span) in items.iter_mut().zip(spans) {
@@ -1173,17 +1216,39 @@ impl Decoder {
             self.ensure_capacity(item.cache, span.first_position + span.rows)?;
         }
         let mut x = self.embedding.forward(&ids, &self.device)?;
-        let (cos, sin) = self.rope.tensors(positions, &self.device)?;
-        let masks = if self.attention == AttentionPath::Host {
-            Vec::new()
-        } else {
-            spans
-                .iter()
-                .map(|s| self.attention_mask(s))
-                .collect::<candle_core::Result<Vec<_>>>()?
+        if let Some(scale) = self.cfg.embedding_scale {
+            x = (x * f64::from(scale))?;
+        }
+        let tables = self.rope.tensors(positions, &self.device)?;
+        let swa_tables = match &self.rope_swa {
+            Some(rope) => Some(rope.tensors(positions, &self.device)?),
+            None => None,
         };
+        // One set of masks per distinct window among the layers (a global and a sliding one).
+        let mut mask_sets: Vec<(Option<usize>, Vec<Option<Tensor>>)> = Vec::new();
+        if self.attention == AttentionPath::Device {
+            for l in 0..self.layers.len() {
+                let window = self.cfg.layer_window(l);
+                if mask_sets.iter().all(|(w, _)| *w != window) {
+                    let masks = spans
+                        .iter()
+                        .map(|s| self.attention_mask(s, window))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    mask_sets.push((window, masks));
+                }
+            }
+        }
         for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, l, &x, &cos, &sin, items, spans, &masks)?;
+            let window = self.cfg.layer_window(l);
+            let masks = mask_sets
+                .iter()
+                .find(|(w, _)| *w == window)
+                .map_or(&[][..], |(_, m)| m.as_slice());
+            let (cos, sin) = match &swa_tables {
+                Some(t) if self.cfg.layer_uses_swa_rope(l) => (&t.0, &t.1),
+                _ => (&tables.0, &tables.1),
+            };
+            x = self.layer_forward(layer, l, &x, cos, sin, items, spans, masks)?;
         }
         for (item, span) in items.iter_mut().zip(spans) {
             item.cache.len = span.first_position + span.rows;
@@ -1196,25 +1261,34 @@ impl Decoder {
         let n = last_rows.len();
         let last_rows = Tensor::from_vec(last_rows, n, &self.device)?;
         let h = self.norm.forward(&x.index_select(&last_rows, 0)?)?;
-        self.lm_head.forward(&h)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&h)?.to_dtype(DType::F32)?;
+        match self.cfg.final_logit_softcap {
+            // As ggml: scale by 1/cap, tanh, scale by cap.
+            Some(cap) => (logits * f64::from(1.0 / cap))?.tanh()? * f64::from(cap),
+            None => Ok(logits),
+        }
     }
 
-    /// The first key position a span's rows may attend to.
-    fn first_key(&self, span: &Span) -> usize {
-        match self.cfg.sliding_window {
+    /// The first key position a span's rows may attend to in a layer with `window`.
+    fn first_key(span: &Span, window: Option<usize>) -> usize {
+        match window {
             Some(w) => (span.first_position + 1).saturating_sub(w),
             None => 0,
         }
     }
 
-    /// Additive mask `(rows * group, keys)` for a multi-row span; single rows need none (the key
-    /// range already ends at the row's own position).
-    fn attention_mask(&self, span: &Span) -> candle_core::Result<Option<Tensor>> {
+    /// Additive mask `(rows * group, keys)` for a multi-row span in a layer with `window`;
+    /// single rows need none (the key range already ends at the row's own position).
+    fn attention_mask(
+        &self,
+        span: &Span,
+        window: Option<usize>,
+    ) -> candle_core::Result<Option<Tensor>> {
         if span.rows == 1 {
             return Ok(None);
         }
         let group = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let first_key = self.first_key(span);
+        let first_key = Self::first_key(span, window);
         let n_keys = span.first_position + span.rows - first_key;
         let mut mask = Vec::with_capacity(span.rows * group * n_keys);
         for t in 0..span.rows {
@@ -1222,8 +1296,7 @@ impl Decoder {
             for _ in 0..group {
                 for c in 0..n_keys {
                     let key_pos = first_key + c;
-                    let visible =
-                        key_pos <= pos && self.cfg.sliding_window.is_none_or(|w| pos - key_pos < w);
+                    let visible = key_pos <= pos && window.is_none_or(|w| pos - key_pos < w);
                     mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
                 }
             }
@@ -1269,6 +1342,11 @@ impl Decoder {
         }
         let q = self.rope.apply_tensor(&q, cos, sin)?;
         let k = self.rope.apply_tensor(&k, cos, sin)?;
+        // Gemma scales the queries themselves (llama.cpp: before attention, whose own scale is 1).
+        let q = match cfg.attention_scale {
+            Some(scale) => (q * f64::from(scale))?,
+            None => q,
+        };
 
         let attn = if self.attention == AttentionPath::Host {
             self.attend_host(layer_index, &q, &k, &v, items, spans)?
@@ -1285,6 +1363,7 @@ impl Decoder {
                     &layers[layer_index],
                     span,
                     mask.as_ref(),
+                    cfg.layer_window(layer_index),
                 )?);
             }
             if outputs.len() == 1 {
@@ -1293,7 +1372,11 @@ impl Decoder {
                 Tensor::cat(&outputs, 0)?
             }
         };
-        let x = (x + layer.o.forward(&attn)?)?;
+        let mut attn = layer.o.forward(&attn)?;
+        if let Some(n) = &layer.post_attn_norm {
+            attn = n.forward(&attn)?;
+        }
+        let x = (x + attn)?;
 
         let h = layer.ffn_norm.forward(&x)?;
         let (gate, up) = match &layer.gate_up {
@@ -1304,8 +1387,15 @@ impl Decoder {
                 (y.narrow(1, 0, ff)?, y.narrow(1, ff, ff)?)
             }
         };
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
-        x + layer.down.forward(&act)?
+        let act = match cfg.ffn_activation {
+            FfnActivation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            FfnActivation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let mut ffn = layer.down.forward(&act)?;
+        if let Some(n) = &layer.post_ffn_norm {
+            ffn = n.forward(&ffn)?;
+        }
+        x + ffn
     }
 
     /// CPU attention: every span's keys and values go into its f16 cache, then all spans' rows
@@ -1319,7 +1409,7 @@ impl Decoder {
         items: &mut [ForwardItem<'_>],
         spans: &[Span],
     ) -> candle_core::Result<Tensor> {
-        let shape = self.attention_shape();
+        let shape = self.attention_shape(layer_index);
         let q_width = shape.heads * shape.head_dim;
         let kv_width = shape.kv_heads * shape.head_dim;
         let q = q.flatten_all()?.to_vec1::<f32>()?;
@@ -1358,6 +1448,8 @@ impl Decoder {
 
     /// Attention of one span's rows against its cache (after appending the span's keys/values).
     /// `q`: `(rows, heads, hd)`, `k`/`v`: `(rows, kv_heads, hd)` → `(rows, heads * hd)`.
+    /// `window`: the layer's sliding window.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &Tensor,
@@ -1366,6 +1458,7 @@ impl Decoder {
         cache: &LayerCache,
         span: &Span,
         mask: Option<&Tensor>,
+        window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -1377,7 +1470,7 @@ impl Decoder {
         cache
             .v
             .slice_set(&v.transpose(0, 1)?.contiguous()?, 1, span.first_position)?;
-        let first_key = self.first_key(span);
+        let first_key = Self::first_key(span, window);
         let n_keys = span.first_position + rows - first_key;
         let mut keys = cache.k.narrow(1, first_key, n_keys)?;
         let mut values = cache.v.narrow(1, first_key, n_keys)?;
@@ -1392,8 +1485,11 @@ impl Decoder {
             .permute((1, 0, 2, 3))?
             .contiguous()?
             .reshape((nkv, rows * group, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+        let shape = self.attention_shape(0);
+        let mut scores = (q.matmul(&keys.t()?)? * f64::from(shape.scale()))?;
+        if let Some(cap) = shape.softcap {
+            scores = (scores.tanh()? * f64::from(cap))?;
+        }
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }

@@ -25,11 +25,22 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
+        Self::with_base(cfg, cfg.rope_theta, &cfg.rope_scaling)
+    }
+
+    /// The sliding-window layers' rope, where the model gives them their own (Gemma 3).
+    pub fn for_swa_layers(cfg: &ModelConfig) -> Option<Self> {
+        cfg.swa_rope
+            .as_ref()
+            .map(|r| Self::with_base(cfg, r.theta, &r.scaling))
+    }
+
+    fn with_base(cfg: &ModelConfig, rope_theta: f64, scaling: &RopeScaling) -> Self {
         let half = cfg.head_dim / 2;
         let d = cfg.head_dim as f64;
         let mut freq_factors = vec![1f32; half];
         let mut freq_scale = 1f32;
-        match &cfg.rope_scaling {
+        match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => freq_scale = (1.0 / factor) as f32,
             RopeScaling::FreqFactors(f) => freq_factors.copy_from_slice(&f[..half]),
@@ -41,7 +52,7 @@ impl Rope {
             } => {
                 let (low_wavelen, high_wavelen) = (orig / low_freq_factor, orig / high_freq_factor);
                 for (i, ff) in freq_factors.iter_mut().enumerate() {
-                    let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d);
+                    let freq = 1.0 / rope_theta.powf(2.0 * i as f64 / d);
                     let wavelen = 2.0 * std::f64::consts::PI / freq;
                     *ff = if wavelen < high_wavelen {
                         1.0
@@ -56,7 +67,7 @@ impl Rope {
             }
         }
         Self {
-            theta_scale: (cfg.rope_theta as f32).powf(-2.0 / cfg.head_dim as f32),
+            theta_scale: (rope_theta as f32).powf(-2.0 / cfg.head_dim as f32),
             freq_factors,
             freq_scale,
             style: cfg.rope_style,
@@ -153,6 +164,13 @@ mod tests {
             rope_scaling: scaling,
             max_position_embeddings: 128,
             sliding_window: None,
+            sliding_window_layers: Vec::new(),
+            swa_rope: None,
+            embedding_scale: None,
+            attention_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            ffn_activation: crate::model::config::FfnActivation::Silu,
         }
     }
 

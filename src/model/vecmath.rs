@@ -1,6 +1,8 @@
 //! Element-wise vector math shared by the CPU forward: SiLU-gated products and exponentials,
 //! with the same `e^x` approximation ggml vectorizes (so activations match llama.cpp's).
 
+use half::f16;
+
 use crate::kernels;
 
 /// Whether the AVX2+FMA routines run: the CPU kernels' one selection decides
@@ -21,6 +23,39 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
+}
+
+/// `gate = gelu(gate) * up` with GELU's tanh approximation, as ggml's CPU computes it
+/// (`ggml_vec_geglu_f32` with `GGML_GELU_FP16`): the input rounded to f16 and looked up in a
+/// table of f16 results, 0 below -10 and the identity above 10.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            table[usize::from(f16::from_f32(x).to_bits())].to_f32() * u
+        };
+    }
+}
+
+/// ggml's `ggml_gelu_f32` of every f16 value, rounded to f16 (`ggml_table_gelu_f16`).
+fn gelu_table() -> &'static [f16] {
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const GELU_COEF_A: f32 = 0.044715;
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+                f16::from_f32(y)
+            })
+            .collect()
+    })
 }
 
 /// `x = e^(x - shift)` in place; returns the sum of the results.

@@ -41,6 +41,10 @@ pub enum LayerWeight {
     QNorm,
     KNorm,
     FfnNorm,
+    /// Gemma's norm of the attention output, before the residual add.
+    PostAttnNorm,
+    /// Gemma's norm of the feed-forward output, before the residual add.
+    PostFfnNorm,
     Gate,
     Up,
     GateUp,
@@ -70,6 +74,8 @@ impl WeightName {
                     L::QNorm => "attn_q_norm.weight",
                     L::KNorm => "attn_k_norm.weight",
                     L::FfnNorm => "ffn_norm.weight",
+                    L::PostAttnNorm => "post_attention_norm.weight",
+                    L::PostFfnNorm => "post_ffw_norm.weight",
                     L::Gate => "ffn_gate.weight",
                     // llama.cpp stores Phi-3's fused gate+up projection as ffn_up.
                     L::Up | L::GateUp => "ffn_up.weight",
@@ -102,6 +108,8 @@ impl WeightName {
                     L::QNorm => "self_attn.q_norm.weight",
                     L::KNorm => "self_attn.k_norm.weight",
                     L::FfnNorm => "post_attention_layernorm.weight",
+                    // Gemma loads from GGUF only (its Hugging Face names reuse the ones above).
+                    L::PostAttnNorm | L::PostFfnNorm => return None,
                     L::Gate => "mlp.gate_proj.weight",
                     L::Up => "mlp.up_proj.weight",
                     L::GateUp => "mlp.gate_up_proj.weight",

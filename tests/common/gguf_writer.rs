@@ -137,7 +137,10 @@ fn write_value(out: &mut Vec<u8>, v: &GgufValue) {
         GgufValue::Bool(x) => out.push(u8::from(*x)),
         GgufValue::String(s) => write_string(out, s),
         GgufValue::Array(items) => {
-            let item_type = items.first().map(value_type).unwrap_or(4);
+            // An empty array's element type cannot be read off its items: string, as in the one
+            // empty array the test files carry (`tokenizer.ggml.merges`, which llama.cpp
+            // refuses as any other type).
+            let item_type = items.first().map(value_type).unwrap_or(8);
             out.extend_from_slice(&item_type.to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for item in items {

@@ -6,7 +6,8 @@
 //!   [`job_api`]: the job API's rules as test bodies, for the fake and the default model.
 //! - [`process`]: the real worker binary as a child process.
 //! - [`default_model`], [`conformance_rule`]: the default model and the llama.cpp comparison.
-//! - [`tiny_models`]: random tiny models written as safetensors and GGUF ([`gguf_writer`]).
+//! - [`tiny_models`]: random tiny models written as safetensors and GGUF ([`gguf_writer`]);
+//!   [`families`]: one small GGUF per model family, as llama.cpp's converter names things.
 
 #![allow(dead_code)]
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod conformance_rule;
 pub mod default_model;
 pub mod fake_backend;
+pub mod families;
 pub mod gguf_writer;
 pub mod job_api;
 pub mod process;

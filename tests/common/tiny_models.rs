@@ -124,7 +124,14 @@ impl TinySpec {
                         .map_or(serde_json::Value::Null, Into::into),
                 );
             }
-            Arch::Llama | Arch::Phi3 => {}
+            Arch::Phi3 => {
+                // Phi-3 configs carry a window (2047 in Phi-3-mini-4k) that llama.cpp, and so
+                // the worker, does not apply.
+                if let Some(w) = self.sliding_window {
+                    o.insert("sliding_window".into(), w.into());
+                }
+            }
+            Arch::Llama => {}
         }
         c
     }
