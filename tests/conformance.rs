@@ -444,19 +444,7 @@ fn speculative_decoding_gives_exactly_the_plain_tokens() {
                 fn perimeter(width: u32, height: u32) -> u32 {\n    2 * (width + height)\n}\n";
     let copy = format!("{code}\n// Again:\n\n{}", &code[..30]);
     let mut prompts: Vec<Vec<u32>> = vec![tokenizer.encode(&copy, true).unwrap()];
-    let cases = read_json(&conformance_file("generate.json"));
-    prompts.extend(
-        cases
-            .as_array()
-            .expect("list of cases")
-            .iter()
-            .take(4)
-            .map(|c| {
-                tokenizer
-                    .encode(c["prompt"].as_str().unwrap(), true)
-                    .unwrap()
-            }),
-    );
+    prompts.extend(conformance_prompts(&tokenizer, 4));
     for temperature in [0.0, 1.0] {
         let jobs: Vec<_> = prompts
             .iter()
@@ -501,18 +489,7 @@ fn a_draft_model_gives_exactly_the_plain_tokens() {
     assert!(backend.has_draft_model());
     let mut speculative = Scheduler::new(backend, config(6));
     let tokenizer = plain.backend().meta().tokenizer.clone();
-    let cases = read_json(&conformance_file("generate.json"));
-    let prompts: Vec<Vec<u32>> = cases
-        .as_array()
-        .expect("list of cases")
-        .iter()
-        .take(4)
-        .map(|c| {
-            tokenizer
-                .encode(c["prompt"].as_str().unwrap(), true)
-                .unwrap()
-        })
-        .collect();
+    let prompts = conformance_prompts(&tokenizer, 4);
     for temperature in [0.0, 1.0] {
         let jobs: Vec<_> = prompts
             .iter()
@@ -569,6 +546,22 @@ fn a_draft_model_of_another_vocabulary_is_refused() {
     let err = backend.set_draft_model(tiny).unwrap_err();
     assert!(err.contains("vocabulary"), "{err}");
     assert!(!backend.has_draft_model());
+}
+
+/// The first `n` prompts of llama.cpp's greedy generation cases, tokenized.
+fn conformance_prompts(tokenizer: &TextTokenizer, n: usize) -> Vec<Vec<u32>> {
+    let cases = read_json(&conformance_file("generate.json"));
+    cases
+        .as_array()
+        .expect("list of cases")
+        .iter()
+        .take(n)
+        .map(|c| {
+            tokenizer
+                .encode(c["prompt"].as_str().unwrap(), true)
+                .unwrap()
+        })
+        .collect()
 }
 
 /// A fresh directory for this test's files under the target directory.

@@ -19,7 +19,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::gguf_writer::GgufWriter;
-use common::tiny_models::{Arch, TempDir, TinySpec, byte_vocab, gguf_writer, random_weights};
+use common::tiny_models::{
+    Arch, TempDir, TinySpec, byte_vocab, gguf_writer, random_weights, write_gpt2_tokenizer,
+};
 use llm_worker_rbee::model::config::ModelConfig;
 use llm_worker_rbee::model::gguf::{GgmlType, GgufFile, GgufValue};
 use llm_worker_rbee::model::tokenizer::TextTokenizer;
@@ -153,20 +155,7 @@ fn metadata_rich_gguf() -> Vec<u8> {
     ] {
         w.metadata(key, value);
     }
-    w.metadata("tokenizer.ggml.model", "gpt2");
-    w.metadata("tokenizer.ggml.pre", "default");
-    w.metadata(
-        "tokenizer.ggml.tokens",
-        GgufValue::Array(byte_vocab().into_iter().map(GgufValue::String).collect()),
-    );
-    w.metadata(
-        "tokenizer.ggml.token_type",
-        GgufValue::Array((0..256).map(|_| GgufValue::I32(1)).collect()),
-    );
-    w.metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()));
-    w.metadata("tokenizer.ggml.bos_token_id", 1u32);
-    w.metadata("tokenizer.ggml.eos_token_id", 2u32);
-    w.metadata("tokenizer.ggml.add_bos_token", false);
+    write_gpt2_tokenizer(&mut w, byte_vocab(), 256);
     w.metadata(
         "tokenizer.chat_template",
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",

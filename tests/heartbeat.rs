@@ -418,15 +418,7 @@ async fn the_binary_reports_its_lifecycle_and_says_stopped_after_sigterm() {
     let job_id = client.create(infer(prompt, 8)).await;
     let events = client.stream(&job_id, None).await.collect(WAIT).await;
     let (end, _) = assert_well_formed_ending(&events);
-    let metrics = client
-        .http
-        .get(format!("{}/metrics", client.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = client.metrics_text().await;
     let ttft_histogram_s: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("rbee_worker_time_to_first_token_seconds_sum "))

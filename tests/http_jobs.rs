@@ -606,15 +606,7 @@ async fn a_kv_budget_for_two_requests_runs_two_and_queues_the_rest_without_faili
         "at most two jobs fit the budget, and two did run at once"
     );
     // The capacity routers read is the budget's, in positions.
-    let metrics = w
-        .http
-        .get(format!("{}/metrics", w.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = w.metrics_text().await;
     assert!(metrics.contains(r#"num_gpu_blocks="120""#), "{metrics}");
     for read in reads {
         let events = read.await.unwrap();

@@ -244,6 +244,14 @@ impl<B: InferenceBackend> Scheduler<B> {
         }
     }
 
+    /// Bytes of KV a reservation of `positions` holds under the budget (0 without one).
+    fn reservation_bytes(&self, positions: usize) -> usize {
+        if self.config.kv_budget_bytes == 0 {
+            return 0;
+        }
+        positions * self.backend.kv_bytes_per_position()
+    }
+
     /// Bytes of KV reserved by the running sequences.
     pub fn reserved_bytes(&self) -> usize {
         self.running.iter().map(|r| r.reserved).sum()
@@ -260,7 +268,7 @@ impl<B: InferenceBackend> Scheduler<B> {
         if budget == 0 {
             return true;
         }
-        let need = self.reserved_positions(job) * self.backend.kv_bytes_per_position();
+        let need = self.reservation_bytes(self.reserved_positions(job));
         let reserved = self.reserved_bytes();
         if reserved + need > budget {
             return self.running.is_empty();
@@ -503,11 +511,7 @@ impl<B: InferenceBackend> Scheduler<B> {
         };
         let positions = self.reserved_positions(&job);
         self.backend.limit_positions(seq, positions);
-        let reserved = if self.config.kv_budget_bytes > 0 {
-            positions * self.backend.kv_bytes_per_position()
-        } else {
-            0
-        };
+        let reserved = self.reservation_bytes(positions);
         self.running.push(Running {
             seq,
             job,

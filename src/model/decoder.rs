@@ -985,9 +985,7 @@ impl Decoder {
             return Ok(out);
         }
         // Exactly the prefix: what it grows to is for its new owner's limit to say.
-        out.limit = len;
-        self.ensure_capacity(&mut out, len)?;
-        out.limit = usize::MAX;
+        self.grow_to(&mut out, len)?;
         match (&cache.layers, &mut out.layers) {
             (CacheLayers::Host(src), CacheLayers::Host(dst)) => {
                 let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;
@@ -1076,6 +1074,11 @@ impl Decoder {
             .min(self.context_length)
             .min(cache.limit)
             .max(needed);
+        self.grow_to(cache, new_capacity)
+    }
+
+    /// Reallocates `cache` to hold `new_capacity` positions, keeping what it holds.
+    fn grow_to(&self, cache: &mut SequenceCache, new_capacity: usize) -> candle_core::Result<()> {
         match &mut cache.layers {
             CacheLayers::Host(layers) => {
                 let stride = self.cfg.num_kv_heads * self.cfg.head_dim;

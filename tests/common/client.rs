@@ -116,6 +116,17 @@ impl Client {
         v["state"].as_str().unwrap_or("?").to_string()
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.request(Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn slots_busy(&self) -> u64 {
         self.get_json("/health").await.1["slots_busy"]
             .as_u64()

@@ -13,11 +13,11 @@
 use std::path::Path;
 
 use super::gguf_writer::GgufWriter;
-use super::tiny_models::byte_level_char;
+use super::tiny_models::{byte_level_char, write_gpt2_tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
-use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
+use llm_worker_rbee::model::gguf::GgmlType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -268,20 +268,7 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
     if let Some(window) = sliding_window(family) {
         w.metadata(&k("attention.sliding_window"), window as u32);
     }
-    w.metadata("tokenizer.ggml.model", "gpt2");
-    w.metadata("tokenizer.ggml.pre", "default");
-    w.metadata(
-        "tokenizer.ggml.tokens",
-        GgufValue::Array(vocab().into_iter().map(GgufValue::String).collect()),
-    );
-    w.metadata(
-        "tokenizer.ggml.token_type",
-        GgufValue::Array((0..s.vocab).map(|_| GgufValue::I32(1)).collect()),
-    );
-    w.metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()));
-    w.metadata("tokenizer.ggml.bos_token_id", 1u32);
-    w.metadata("tokenizer.ggml.eos_token_id", 2u32);
-    w.metadata("tokenizer.ggml.add_bos_token", false);
+    write_gpt2_tokenizer(&mut w, vocab(), s.vocab);
 
     let mut t = Weights {
         rng: Rng::new(family.seed()),

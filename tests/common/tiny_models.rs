@@ -482,6 +482,25 @@ fn gguf_name(hf: &str) -> String {
     }
 }
 
+/// A gpt2-style tokenizer of `tokens` without merges: `types` token types (all normal), BOS 1 and
+/// EOS 2, no BOS added.
+pub fn write_gpt2_tokenizer(w: &mut GgufWriter, tokens: Vec<String>, types: usize) {
+    w.metadata("tokenizer.ggml.model", "gpt2");
+    w.metadata("tokenizer.ggml.pre", "default");
+    w.metadata(
+        "tokenizer.ggml.tokens",
+        GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()),
+    );
+    w.metadata(
+        "tokenizer.ggml.token_type",
+        GgufValue::Array((0..types).map(|_| GgufValue::I32(1)).collect()),
+    );
+    w.metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()));
+    w.metadata("tokenizer.ggml.bos_token_id", 1u32);
+    w.metadata("tokenizer.ggml.eos_token_id", 2u32);
+    w.metadata("tokenizer.ggml.add_bos_token", false);
+}
+
 /// Builds a GGUF with the same weights. Matrices are stored as `quant` (F32 when `None`);
 /// vectors stay F32 as llama.cpp writes them.
 pub fn gguf_writer(
@@ -519,20 +538,7 @@ pub fn gguf_writer_with(
     if let Some(sw) = spec.sliding_window {
         w.metadata(&k("attention.sliding_window"), sw as u32);
     }
-    w.metadata("tokenizer.ggml.model", "gpt2");
-    w.metadata("tokenizer.ggml.pre", "default");
-    w.metadata(
-        "tokenizer.ggml.tokens",
-        GgufValue::Array(byte_vocab().into_iter().map(GgufValue::String).collect()),
-    );
-    w.metadata(
-        "tokenizer.ggml.token_type",
-        GgufValue::Array((0..spec.vocab).map(|_| GgufValue::I32(1)).collect()),
-    );
-    w.metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()));
-    w.metadata("tokenizer.ggml.bos_token_id", 1u32);
-    w.metadata("tokenizer.ggml.eos_token_id", 2u32);
-    w.metadata("tokenizer.ggml.add_bos_token", false);
+    write_gpt2_tokenizer(&mut w, byte_vocab(), spec.vocab);
     w.metadata(
         "tokenizer.chat_template",
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
