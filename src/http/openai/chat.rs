@@ -70,9 +70,8 @@ struct TemplateInput {
     add_generation_prompt: bool,
     /// The template's own variables and the tools, with the request's `chat_template_kwargs`.
     vars: Map<String, Value>,
-    /// The same without the request's `chat_template_kwargs`.
-    plain_vars: Map<String, Value>,
-    has_kwargs: bool,
+    /// The same without the request's `chat_template_kwargs`; `None` when it has none.
+    plain_vars: Option<Map<String, Value>>,
 }
 
 impl TemplateInput {
@@ -95,20 +94,21 @@ impl TemplateInput {
             ChatTemplateError::Render { message, .. } => message,
             other => return OpenAiError::internal(other.to_string()),
         };
+        let plain = self.plain_vars.as_ref().unwrap_or(&self.vars);
         let probe = [ChatMessage {
             role: "user".into(),
             content: "Hello".into(),
             ..ChatMessage::default()
         }];
         if template
-            .render_with_context(&probe, self.add_generation_prompt, &self.plain_vars)
+            .render_with_context(&probe, self.add_generation_prompt, plain)
             .is_err()
         {
             return OpenAiError::internal(format!("chat template render error: {message}"));
         }
-        let kwargs_to_blame = self.has_kwargs
+        let kwargs_to_blame = self.plain_vars.is_some()
             && template
-                .render_with_context(&self.messages, self.add_generation_prompt, &self.plain_vars)
+                .render_with_context(&self.messages, self.add_generation_prompt, plain)
                 .is_ok();
         if kwargs_to_blame {
             OpenAiError::invalid(
@@ -135,8 +135,7 @@ pub async fn chat_completions(
     drop(body);
 
     let (template, mut vars) = chat_template(&app, meta);
-    let mut plain_vars = vars.clone();
-    let has_kwargs = !request.template_kwargs.is_empty();
+    let mut plain_vars = (!request.template_kwargs.is_empty()).then(|| vars.clone());
     vars.extend(request.template_kwargs);
     let mut messages = request.messages;
     if ToolFormat::detect(template.source()) == ToolFormat::Mistral {
@@ -149,8 +148,11 @@ pub async fn chat_completions(
         .map(|_| ToolFormat::detect(template.source()));
     if let (Some(tools), Some(format)) = (&request.tools, tool_format) {
         if format.renders_tools() {
-            vars.insert("tools".into(), template_tools(&tools.tools));
-            plain_vars.insert("tools".into(), template_tools(&tools.tools));
+            let value = template_tools(&tools.tools);
+            if let Some(plain) = &mut plain_vars {
+                plain.insert("tools".into(), value.clone());
+            }
+            vars.insert("tools".into(), value);
         } else {
             tools::generic_conversation(&mut messages, &tools.tools, template.source());
         }
@@ -187,7 +189,6 @@ pub async fn chat_completions(
         add_generation_prompt: request.add_generation_prompt,
         vars,
         plain_vars,
-        has_kwargs,
     };
     let (prompt_tokens, opens_thinking) = off_the_runtime(input_bytes, move || {
         let text = input.render(&template)?;
