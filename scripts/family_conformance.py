@@ -37,8 +37,8 @@ DEFAULT_BIN = os.environ.get(
         "~/.cache/llamacpp-ref/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
     ),
 )
-FAMILIES = ["llama", "qwen2", "phi3", "gemma2", "gemma3", "llama-q8_0", "gemma2-q8_0",
-            "gemma3-q8_0"]
+FAMILIES = ["llama", "qwen2", "phi3", "gemma2", "gemma3", "mixtral", "qwen2moe", "qwen3moe",
+            "phi3-longrope", "llama-q8_0", "gemma2-q8_0", "gemma3-q8_0", "qwen3moe-q8_0"]
 VOCAB = 256
 N_PREDICT = 24
 TOP = 8

@@ -17,17 +17,21 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::conformance_rule::{LOGPROB_TOLERANCE, Outcome, compare, ids};
-use common::families::{Family, FamilyModel, write_family_gguf};
+use common::families::{Family, FamilyModel, fnv1a, reference, write_family_gguf};
+use common::hf_twin::write_hf_twin;
 use common::tiny_models::TempDir;
 use llm_worker_rbee::generation::FinishReason;
 use llm_worker_rbee::kernels::ThreadPool;
-use llm_worker_rbee::model::config::ModelConfig;
+use llm_worker_rbee::model::config::{Architecture, ModelConfig, RopeScaling};
 use llm_worker_rbee::model::decoder::{
     AttentionPath, Decoder, DecoderOptions, ForwardItem, SequenceCache,
 };
 use llm_worker_rbee::model::gguf::GgufFile;
 use llm_worker_rbee::model::weights::WeightStore;
 use serde_json::Value;
+
+/// The context llama-server ran the references with.
+const SERVED_CONTEXT: usize = 512;
 
 /// The tiny vocabulary's end-of-generation token (its EOS), as llama.cpp stops on it.
 const EOS: u32 = 2;
@@ -48,23 +52,11 @@ fn write_family_ggufs() {
     }
 }
 
-fn reference(model: FamilyModel) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/families")
-        .join(format!("{}.json", model.name()));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (scripts/family_conformance.py writes it)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("reference JSON")
-}
-
 fn decoder(path: &Path, options: DecoderOptions) -> Decoder {
     let file = GgufFile::open(path).expect("open gguf");
     let cfg = ModelConfig::from_gguf(&file).expect("gguf config");
-    let context = cfg.max_position_embeddings;
+    // The references' server context (`-c 512`): LongRoPE picks its factors from it.
+    let context = SERVED_CONTEXT.min(cfg.max_position_embeddings);
     Decoder::load_with(
         cfg,
         &WeightStore::Gguf(Arc::new(file)),
@@ -255,13 +247,6 @@ fn family_matches_llama_cpp(model: FamilyModel) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// FNV-1a over the file: the references name the file they were made from.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 #[test]
 fn llama_matches_llama_cpp() {
     family_matches_llama_cpp(FamilyModel::f32(Family::Llama));
@@ -303,4 +288,207 @@ fn gemma2_q8_0_matches_llama_cpp() {
 #[test]
 fn gemma3_q8_0_matches_llama_cpp() {
     family_matches_llama_cpp(FamilyModel::q8_0(Family::Gemma3));
+}
+
+/// Mixtral: a llama file with experts, two of four per token, their weights renormalized.
+#[test]
+fn mixtral_matches_llama_cpp() {
+    family_matches_llama_cpp(FamilyModel::f32(Family::Mixtral));
+}
+
+/// Qwen2-MoE: the routed experts' weights as the softmax gives them, plus the shared expert
+/// gated by a sigmoid.
+#[test]
+fn qwen2moe_matches_llama_cpp() {
+    family_matches_llama_cpp(FamilyModel::f32(Family::Qwen2Moe));
+}
+
+#[test]
+fn qwen3moe_matches_llama_cpp() {
+    family_matches_llama_cpp(FamilyModel::f32(Family::Qwen3Moe));
+}
+
+/// The experts' stacked matrices in Q8_0, read in place by our kernels.
+#[test]
+fn qwen3moe_q8_0_matches_llama_cpp() {
+    family_matches_llama_cpp(FamilyModel::q8_0(Family::Qwen3Moe));
+}
+
+/// LongRoPE's long factors and attention factor, with partial rotary embeddings.
+#[test]
+fn phi3_longrope_matches_llama_cpp() {
+    family_matches_llama_cpp(FamilyModel::f32(Family::Phi3LongRope));
+}
+
+// The safetensors twins: each F32 family's GGUF converted back into the Hugging Face checkpoint
+// llama.cpp's converter would have made it from ([`common::hf_twin`]), loaded through
+// `config.json` and `model.safetensors`, must compute what the GGUF computes. Gemma 2 and 3 are
+// left out: `ModelConfig::from_hf_json` refuses them (they load from GGUF only). The Q8_0 files
+// have no exact safetensors twin.
+
+/// Greedy steps each reference prompt runs in the twin comparison.
+const TWIN_STEPS: usize = 6;
+
+/// The largest |Δ log-probability| allowed between a GGUF and its twin, over the whole
+/// vocabulary at every step, when attention keeps its keys and values in f32 Candle tensors
+/// ([`AttentionPath::Device`]). Both decoders then run the same Candle code on the same f32
+/// weights: the Qwen and Phi-3 twins measure 0 (bit for bit). The `llama` twins (Llama,
+/// Mixtral) differ in summation order only: their q/k dimensions are the GGUF's permuted back
+/// and rotated as pairs (i, i + d/2) where the GGUF's pairs are (2i, 2i + 1); that measures
+/// 1.4e-5.
+const TWIN_TOLERANCE_F32_KV: f64 = 1e-4;
+
+/// The same on the CPU worker's path ([`AttentionPath::Host`]): the GGUF's matrices through our
+/// kernels, the twin's through Candle's matmul (it has no in-place matrices), and keys and
+/// values rounded to f16 in the host cache, where a summation-order difference of one f32 ulp
+/// can flip a value by one f16 ulp (2^-11). The GGUF's own two paths differ by as much; the
+/// twins measure up to 2.6e-3. A wrong weight, rope or routing moves log-probabilities by
+/// tenths.
+const TWIN_TOLERANCE_F16_KV: f64 = 1e-2;
+
+/// The twin checkpoint, on the attention path `attention`, as a worker serves it on the CPU.
+fn twin_decoder(dir: &Path, attention: AttentionPath) -> Decoder {
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    let cfg = ModelConfig::from_hf_json(&text, "config.json").expect("twin config");
+    let store = WeightStore::open_safetensors(dir, &[dir.join("model.safetensors")])
+        .expect("open safetensors");
+    let context = SERVED_CONTEXT.min(cfg.max_position_embeddings);
+    let decoder = Decoder::load_with(
+        cfg,
+        &store,
+        &Device::Cpu,
+        context,
+        DecoderOptions {
+            cpu_pool: Some(Arc::new(ThreadPool::new(2))),
+            attention: Some(attention),
+            ..DecoderOptions::default()
+        },
+    )
+    .expect("load safetensors twin");
+    assert!(!decoder.uses_cpu_path(), "{}", decoder.compute_path());
+    decoder
+}
+
+/// The twin's configuration is the GGUF's, but for what the formats say differently: the rope
+/// pairs (the `llama` weights were permuted for them instead), Mixtral's name (a `llama` GGUF
+/// with experts) and LongRoPE's factors (tensors in the GGUF, read at load).
+fn assert_twin_config(name: &str, gguf: &Path, twin_dir: &Path) {
+    let file = GgufFile::open(gguf).expect("open gguf");
+    let mut expected = ModelConfig::from_gguf(&file).expect("gguf config");
+    let text = std::fs::read_to_string(twin_dir.join("config.json")).expect("config.json");
+    let twin = ModelConfig::from_hf_json(&text, "config.json").expect("twin config");
+    expected.rope_style = twin.rope_style;
+    if expected.architecture == Architecture::Llama && expected.moe.is_some() {
+        expected.architecture = Architecture::Mixtral;
+    }
+    if matches!(twin.rope_scaling, RopeScaling::LongRope { .. }) {
+        expected.rope_scaling = twin.rope_scaling.clone();
+    }
+    assert_eq!(
+        expected, twin,
+        "{name}: the twin's config.json reads differently"
+    );
+}
+
+/// One family: the GGUF on each of its paths against the twin on the same attention path, all
+/// of the family's reference prompts batched, [`TWIN_STEPS`] greedy steps: the same tokens, and
+/// log-probabilities within the path's tolerance.
+fn family_twin_matches_gguf(family: Family) {
+    let model = FamilyModel::f32(family);
+    let name = model.name();
+    let reference = reference(model);
+    let cases = reference["cases"].as_array().expect("cases");
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    assert!(!prompts.is_empty());
+    let dir = TempDir::new(&format!("{name}-twin"));
+    let path = dir.path().join(format!("{name}.gguf"));
+    write_family_gguf(model, &path).expect("write gguf");
+    let twin_dir = dir.path().join("hf");
+    write_hf_twin(&path, &twin_dir).expect("convert to safetensors");
+    assert_twin_config(&name, &path, &twin_dir);
+    let mut failures = Vec::new();
+    for (path_name, gguf) in decoders(&path) {
+        let attention = gguf.attention_path();
+        let tolerance = match attention {
+            AttentionPath::Host => TWIN_TOLERANCE_F16_KV,
+            AttentionPath::Device => TWIN_TOLERANCE_F32_KV,
+        };
+        let twin = twin_decoder(&twin_dir, attention);
+        let want = greedy(&gguf, &prompts, TWIN_STEPS);
+        let got = greedy(&twin, &prompts, TWIN_STEPS);
+        let mut max_delta = 0f64;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            if w.tokens != g.tokens {
+                failures.push(format!(
+                    "{name} gguf {path_name} case {i}: twin generated {:?}, gguf {:?}",
+                    g.tokens, w.tokens
+                ));
+                continue;
+            }
+            for (step, (lw, lg)) in w.logprobs.iter().zip(&g.logprobs).enumerate() {
+                let (id, delta) = lw
+                    .iter()
+                    .zip(lg)
+                    .map(|(a, b)| (a - b).abs())
+                    .enumerate()
+                    .fold(
+                        (0, 0f64),
+                        |best, (id, d)| if d > best.1 { (id, d) } else { best },
+                    );
+                if delta > tolerance {
+                    failures.push(format!(
+                        "{name} gguf {path_name} case {i} step {step}: token {id} logprob \
+                         {:.6} in the twin, {:.6} in the gguf",
+                        lg[id], lw[id]
+                    ));
+                }
+                max_delta = max_delta.max(delta);
+            }
+        }
+        eprintln!(
+            "{name}: twin vs gguf {path_name} ({attention:?} attention): max |dlogprob| \
+             {max_delta:.2e} (tolerance {tolerance:.0e}) over {} prompts x {TWIN_STEPS} steps",
+            prompts.len()
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn llama_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Llama);
+}
+
+#[test]
+fn qwen2_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Qwen2);
+}
+
+#[test]
+fn phi3_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Phi3);
+}
+
+/// Mixtral's `block_sparse_moe` names, its q/k rows permuted back as for llama.
+#[test]
+fn mixtral_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Mixtral);
+}
+
+/// Qwen2-MoE's `mlp.experts.E.*`, its shared expert and the `(1, hidden)` shared-expert gate.
+#[test]
+fn qwen2moe_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Qwen2Moe);
+}
+
+#[test]
+fn qwen3moe_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Qwen3Moe);
+}
+
+/// LongRoPE from `rope_scaling`, the rotary share from `partial_rotary_factor`, the attention
+/// factor derived from the two contexts as the converter derived the GGUF's.
+#[test]
+fn phi3_longrope_safetensors_twin_matches_gguf() {
+    family_twin_matches_gguf(Family::Phi3LongRope);
 }

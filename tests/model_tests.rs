@@ -633,16 +633,25 @@ fn unsupported_tensor_types_and_architectures_are_named() {
         .expect_err("safetensors gemma");
     assert!(err.to_string().contains("gemma2"), "{err}");
 
-    // A Phi-3 long-context GGUF (LongRoPE factors as tensors) is refused, not run without them.
-    let t = tiny(Arch::Phi3);
-    let mut w = gguf_writer(&t.spec, &random_weights(&t.spec, 3), None);
-    let half = t.spec.head_dim / 2;
-    w.tensor_f32("rope_factors_long.weight", &[half], &vec![1.5; half]);
-    w.tensor_f32("rope_factors_short.weight", &[half], &vec![1.0; half]);
-    w.write(&p).expect("write");
-    let file = GgufFile::open(&p).expect("open");
-    let err = ModelConfig::from_gguf(&file).expect_err("longrope");
-    assert!(err.to_string().contains("LongRoPE"), "{err}");
+    // LongRoPE factors are read for Phi-3 (tests/families.rs runs them against llama.cpp); in a
+    // file of another architecture, whose llama.cpp graph ignores them, they are refused rather
+    // than silently dropped.
+    for (arch, accepted) in [(Arch::Phi3, true), (Arch::Llama, false)] {
+        let t = tiny(arch);
+        let mut w = gguf_writer(&t.spec, &random_weights(&t.spec, 3), None);
+        let half = t.spec.head_dim / 2;
+        w.tensor_f32("rope_factors_long.weight", &[half], &vec![1.5; half]);
+        w.tensor_f32("rope_factors_short.weight", &[half], &vec![1.0; half]);
+        w.write(&p).expect("write");
+        let file = GgufFile::open(&p).expect("open");
+        match ModelConfig::from_gguf(&file) {
+            Ok(_) => assert!(accepted, "{arch:?}: LongRoPE factors accepted"),
+            Err(err) => {
+                assert!(!accepted, "{arch:?}: {err}");
+                assert!(err.to_string().contains("rope_factors_"), "{err}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! One configuration covers the llama family and its relatives: what differs between Llama,
 //! Mistral, SmolLM, Qwen2/2.5, Qwen3, Phi-3 and Gemma 2/3 is a handful of flags (rope layout and
 //! scaling, biases, q/k norm, fused projections, tied embeddings, sliding window and the layers
-//! it applies to, Gemma's embedding scale, query scale, soft caps and GeGLU). A GGUF's keys are
+//! it applies to, Gemma's embedding scale, query scale, soft caps and GeGLU). The
+//! mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) are the same decoder with
+//! [`MoeConfig`] in place of the dense feed-forward block. A GGUF's keys are
 //! read per family as llama.cpp reads them: a key llama.cpp ignores for a family (Phi-3's
 //! `attention.sliding_window`) is ignored here too. Structural flags that
 //! the weights themselves reveal (biases, q/k norm, fused projections, a separate LM head) are
@@ -28,6 +30,12 @@ pub enum Architecture {
     /// Gemma 3 (text): Gemma 2's block with q/k norms, sliding window on 5 of every 6 layers,
     /// their own rope base, no attention soft-capping.
     Gemma3,
+    /// Mixtral from a Hugging Face checkpoint (a GGUF writes it as `llama` with experts).
+    Mixtral,
+    /// Qwen2's attention (biases) with experts and a gated shared expert.
+    Qwen2Moe,
+    /// Qwen3's attention (q/k norms) with experts.
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -41,6 +49,9 @@ impl Architecture {
             "phi3" => Self::Phi3,
             "gemma2" => Self::Gemma2,
             "gemma3" => Self::Gemma3,
+            "mixtral" => Self::Mixtral,
+            "qwen2moe" | "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3moe" | "qwen3_moe" => Self::Qwen3Moe,
             _ => return None,
         })
     }
@@ -54,10 +65,14 @@ impl Architecture {
             Self::Phi3 => "phi3",
             Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2moe",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
+    pub const SUPPORTED: &'static str =
+        "llama, mistral, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, phi3, gemma2, gemma3";
 
     fn is_gemma(self) -> bool {
         matches!(self, Self::Gemma2 | Self::Gemma3)
@@ -73,6 +88,9 @@ pub enum RopeStyle {
     /// Pairs (i, i + d/2): GPT-NeoX style, used by Hugging Face weights and by GGUF qwen2/qwen3/phi3.
     HalfSplit,
 }
+
+/// The most experts a layer may have (llama.cpp's limit).
+pub const MAX_EXPERTS: usize = 512;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -90,6 +108,13 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors, as GGUF stores them in `rope_freqs.weight`.
     FreqFactors(Vec<f32>),
+    /// Phi-3's LongRoPE: per-frequency divisors for contexts up to the original one, and others
+    /// beyond it. Which set applies is decided once for the serving context
+    /// ([`ModelConfig::resolve_rope`]), as llama.cpp decides it per context.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+    },
 }
 
 /// The feed-forward block's gate activation.
@@ -99,6 +124,22 @@ pub enum FfnActivation {
     Silu,
     /// GeGLU with the tanh approximation of GELU (Gemma), computed as ggml does.
     GeluTanh,
+}
+
+/// A mixture-of-experts feed-forward block: a router picks `experts_used` of `experts` per token,
+/// and the token's output is the weighted sum of those experts' SwiGLU outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub experts_used: usize,
+    /// Each expert's intermediate size.
+    pub expert_ff: usize,
+    /// The chosen experts' softmax probabilities are rescaled to sum to 1 (Mixtral, Qwen3-MoE),
+    /// or used as they are (Qwen2-MoE).
+    pub normalize_weights: bool,
+    /// The intermediate size of a shared expert that every token goes through, its output gated
+    /// by `sigmoid(x · w)` (Qwen2-MoE).
+    pub shared_expert_ff: Option<usize>,
 }
 
 /// The rope of the sliding-window layers where it differs from the other layers' (Gemma 3:
@@ -123,6 +164,14 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_style: RopeStyle,
     pub rope_scaling: RopeScaling,
+    /// Leading dimensions of each head that rotate (the rest pass through): `head_dim` unless
+    /// the model has partial rotary embeddings (Phi-4-mini: 3/4).
+    pub rope_dims: usize,
+    /// Multiplies the rotated dimensions of queries and keys (LongRoPE's attention factor).
+    pub rope_attn_factor: f32,
+    /// The context the rope was trained for before extension: a serving context above it picks
+    /// LongRoPE's long factors (`rope.scaling.original_context_length`).
+    pub rope_original_context: usize,
     /// The context length the model was trained for.
     pub max_position_embeddings: usize,
     /// Tokens a sliding-window layer lets a position see, itself included.
@@ -140,6 +189,8 @@ pub struct ModelConfig {
     /// Logits become `cap * tanh(logit / cap)` (Gemma 2).
     pub final_logit_softcap: Option<f32>,
     pub ffn_activation: FfnActivation,
+    /// Experts in place of the dense feed-forward block.
+    pub moe: Option<MoeConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,20 +244,63 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!("head dimension {} is odd", self.head_dim)));
         }
+        if self.rope_dims == 0
+            || self.rope_dims > self.head_dim
+            || !self.rope_dims.is_multiple_of(2)
+        {
+            return Err(invalid(format!(
+                "rope dimension {} is not an even number in 1..={}",
+                self.rope_dims, self.head_dim
+            )));
+        }
+        if !(self.rope_attn_factor.is_finite() && self.rope_attn_factor > 0.0) {
+            return Err(invalid(format!(
+                "rope attention factor {} is not positive",
+                self.rope_attn_factor
+            )));
+        }
+        if let Some(moe) = &self.moe {
+            if moe.experts == 0 || moe.experts_used == 0 || moe.experts_used > moe.experts {
+                return Err(invalid(format!(
+                    "{} experts used of {}: need 1..={} of at least one",
+                    moe.experts_used, moe.experts, moe.experts
+                )));
+            }
+            // A count from the file: bounded before anything is sized by it.
+            if moe.experts > MAX_EXPERTS {
+                return Err(invalid(format!(
+                    "{} experts: at most {MAX_EXPERTS} are supported",
+                    moe.experts
+                )));
+            }
+            if moe.expert_ff == 0 || moe.shared_expert_ff == Some(0) {
+                return Err(invalid("an expert's feed-forward length is 0".into()));
+            }
+        }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(invalid(format!(
                 "rope base {} is not positive",
                 self.rope_theta
             )));
         }
-        if let RopeScaling::FreqFactors(f) = &self.rope_scaling
-            && f.len() != self.head_dim / 2
-        {
-            return Err(invalid(format!(
-                "rope_freqs has {} entries, expected head_dim/2 = {}",
-                f.len(),
-                self.head_dim / 2
-            )));
+        let factor_sets: &[&Vec<f32>] = match &self.rope_scaling {
+            RopeScaling::FreqFactors(f) => &[f],
+            RopeScaling::LongRope { short, long } => &[short, long],
+            _ => &[],
+        };
+        for f in factor_sets {
+            if f.len() != self.rope_dims / 2 {
+                return Err(invalid(format!(
+                    "{} rope frequency factors, expected rope dimension / 2 = {}",
+                    f.len(),
+                    self.rope_dims / 2
+                )));
+            }
+            if let Some(bad) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return Err(invalid(format!(
+                    "rope frequency factor {bad} is not positive"
+                )));
+            }
         }
         Ok(())
     }
@@ -237,16 +331,9 @@ impl ModelConfig {
             Some(d) => d,
             None => hidden_size / num_heads,
         };
-        if let Some(rope_dims) = file.get_usize(&key("rope.dimension_count"))?
-            && rope_dims != head_dim
-        {
-            return Err(ConfigError::Invalid {
-                source_name,
-                problem: format!(
-                    "partial rotary embeddings (rope dimension {rope_dims} < head dimension {head_dim}) are not supported"
-                ),
-            });
-        }
+        let rope_dims = file
+            .get_usize(&key("rope.dimension_count"))?
+            .unwrap_or(head_dim);
         let vocab_size = match file.get_usize(&key("vocab_size"))? {
             Some(v) => v,
             None => file
@@ -266,35 +353,43 @@ impl ModelConfig {
                 });
             }
         };
-        // Phi-3's long-context variants (LongRoPE) store per-frequency factors as tensors and
-        // scale attention; running them without would be silently wrong at every position.
-        if let Some(name) = file
-            .tensor_names()
-            .find(|n| n.starts_with("rope_factors_long") || n.starts_with("rope_factors_short"))
+        // The LongRoPE factors (`rope_factors_long/short.weight`) are tensors, chosen by the
+        // decoder from the serving context; llama.cpp's Phi-3 is the only graph that reads them.
+        if architecture != Architecture::Phi3
+            && let Some(name) = file
+                .tensor_names()
+                .find(|n| n.starts_with("rope_factors_long") || n.starts_with("rope_factors_short"))
         {
             return Err(ConfigError::Invalid {
                 source_name,
                 problem: format!(
-                    "LongRoPE (tensor {name}, Phi-3 long-context models) is not supported"
+                    "tensor {name} (LongRoPE) is read for phi3 only, not for {arch_name}"
                 ),
             });
         }
         let rope_style = match architecture {
-            Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
+            Architecture::Llama | Architecture::Mistral | Architecture::Mixtral => {
+                RopeStyle::Interleaved
+            }
             Architecture::Qwen2
             | Architecture::Qwen3
             | Architecture::Phi3
             | Architecture::Gemma2
-            | Architecture::Gemma3 => RopeStyle::HalfSplit,
+            | Architecture::Gemma3
+            | Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe => RopeStyle::HalfSplit,
         };
         let num_layers = file.require_usize(&key("block_count"))?;
         let rms_norm_eps = file
             .get_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
+        let intermediate_size = file.require_usize(&key("feed_forward_length"))?;
+        let max_position_embeddings = file.get_usize(&key("context_length"))?.unwrap_or(2048);
+        let moe = Self::read_moe_gguf(file, architecture, arch_name, intermediate_size)?;
         let mut cfg = Self {
             architecture,
             hidden_size,
-            intermediate_size: file.require_usize(&key("feed_forward_length"))?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads,
@@ -304,7 +399,14 @@ impl ModelConfig {
             rope_theta: file.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_style,
             rope_scaling,
-            max_position_embeddings: file.get_usize(&key("context_length"))?.unwrap_or(2048),
+            rope_dims,
+            rope_attn_factor: file
+                .get_f64(&key("rope.scaling.attn_factor"))?
+                .map_or(1.0, |f| f as f32),
+            rope_original_context: file
+                .get_usize(&key("rope.scaling.original_context_length"))?
+                .unwrap_or(max_position_embeddings),
+            max_position_embeddings,
             // llama.cpp reads `{arch}.attention.sliding_window` only for the families whose
             // graphs use it (below). For llama, qwen2, qwen3 and phi3 it ignores the key:
             // Phi-3's converter writes 2047 or 262144 there, which llama.cpp deliberately does
@@ -317,12 +419,70 @@ impl ModelConfig {
             attn_logit_softcap: None,
             final_logit_softcap: None,
             ffn_activation: FfnActivation::Silu,
+            moe,
         };
         if architecture.is_gemma() {
             cfg.read_gemma_gguf(file, arch_name)?;
         }
         cfg.validate(&source_name)?;
         Ok(cfg)
+    }
+
+    /// The experts, read as llama.cpp reads them: `{arch}.expert_count` > 0 makes a llama file a
+    /// Mixtral; the Qwen MoE families require it. Each expert's intermediate size is
+    /// `expert_feed_forward_length`, else `feed_forward_length / expert_used_count` (Qwen) or
+    /// `feed_forward_length` (Mixtral). How the chosen experts are weighted is fixed per family
+    /// in llama.cpp's graphs, not read from the file.
+    fn read_moe_gguf(
+        file: &GgufFile,
+        architecture: Architecture,
+        arch_name: &str,
+        ff: usize,
+    ) -> Result<Option<MoeConfig>, ConfigError> {
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let experts = file.get_usize(&key("expert_count"))?.unwrap_or(0);
+        let qwen = matches!(
+            architecture,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        );
+        if experts == 0 && !qwen {
+            return Ok(None);
+        }
+        let invalid = |problem: String| ConfigError::Invalid {
+            source_name: file.path().display().to_string(),
+            problem,
+        };
+        if !matches!(architecture, Architecture::Llama) && !qwen {
+            return Err(invalid(format!(
+                "{arch_name} with experts ({experts}) is not supported"
+            )));
+        }
+        let experts_used = file.get_usize(&key("expert_used_count"))?.unwrap_or(0);
+        if experts == 0 || experts_used == 0 {
+            return Err(invalid(format!(
+                "{arch_name} needs expert_count and expert_used_count > 0 (found {experts} and {experts_used})"
+            )));
+        }
+        let expert_ff = match file.get_usize(&key("expert_feed_forward_length"))? {
+            Some(n) if n > 0 => n,
+            _ if qwen => ff / experts_used,
+            _ => ff,
+        };
+        let shared_expert_ff = match architecture {
+            Architecture::Qwen2Moe => Some(
+                file.get_usize(&key("expert_shared_feed_forward_length"))?
+                    .filter(|&n| n > 0)
+                    .unwrap_or(ff),
+            ),
+            _ => None,
+        };
+        Ok(Some(MoeConfig {
+            experts,
+            experts_used,
+            expert_ff,
+            normalize_weights: architecture != Architecture::Qwen2Moe,
+            shared_expert_ff,
+        }))
     }
 
     /// Gemma 2 and 3's keys, read as llama.cpp's `llama_model_gemma2/3::load_arch_hparams` reads
@@ -392,6 +552,19 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Picks LongRoPE's factors for a serving context of `context_length` positions: the long
+    /// ones when it exceeds the original context (llama.cpp's `get_rope_factors`).
+    pub fn resolve_rope(&mut self, context_length: usize) {
+        if let RopeScaling::LongRope { short, long } = &self.rope_scaling {
+            let factors = if context_length > self.rope_original_context {
+                long.clone()
+            } else {
+                short.clone()
+            };
+            self.rope_scaling = RopeScaling::FreqFactors(factors);
+        }
+    }
+
     /// Whether layer `layer` attends through the sliding window, and its size.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         let w = self.sliding_window?;
@@ -436,13 +609,23 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if let Some(p) = raw.partial_rotary_factor
-            && p != 1.0
-        {
-            return Err(invalid(format!(
-                "partial_rotary_factor {p} is not supported"
-            )));
-        }
+        // As the GGUF converter computes `rope.dimension_count`.
+        let rope_dims = match raw.partial_rotary_factor {
+            Some(p) if p != 1.0 => {
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(invalid(format!(
+                        "partial_rotary_factor {p} is not in (0, 1]"
+                    )));
+                }
+                (p * raw.hidden_size as f64) as usize / raw.num_attention_heads
+            }
+            _ => head_dim,
+        };
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
+        let rope_original_context = raw
+            .original_max_position_embeddings
+            .unwrap_or(max_position_embeddings);
+        let mut rope_attn_factor = 1f32;
         let rope_scaling = match &raw.rope_scaling {
             None => RopeScaling::None,
             Some(s) => {
@@ -452,6 +635,26 @@ impl ModelConfig {
                     "linear" => RopeScaling::Linear {
                         factor: s.factor.unwrap_or(1.0),
                     },
+                    "longrope" | "su" if architecture == Architecture::Phi3 => {
+                        let (Some(short), Some(long)) = (&s.short_factor, &s.long_factor) else {
+                            return Err(invalid(
+                                "rope_scaling longrope needs short_factor and long_factor".into(),
+                            ));
+                        };
+                        // As the GGUF converter writes `rope.scaling.attn_factor`.
+                        let scale = max_position_embeddings as f64 / rope_original_context as f64;
+                        rope_attn_factor = match s.attention_factor {
+                            Some(f) => f as f32,
+                            None if scale > 1.0 => (1.0
+                                + scale.ln() / (rope_original_context as f64).ln())
+                            .sqrt() as f32,
+                            None => 1.0,
+                        };
+                        RopeScaling::LongRope {
+                            short: short.clone(),
+                            long: long.clone(),
+                        }
+                    }
                     "llama3" => RopeScaling::Llama3 {
                         factor: s.factor.unwrap_or(8.0),
                         low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
@@ -470,7 +673,10 @@ impl ModelConfig {
         };
         let sliding_window = match architecture {
             // Qwen2 configs carry a window but only apply it when use_sliding_window is set.
-            Architecture::Qwen2 | Architecture::Qwen3 => {
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe => {
                 if raw.use_sliding_window.unwrap_or(false) {
                     raw.sliding_window
                 } else {
@@ -483,6 +689,7 @@ impl ModelConfig {
             _ => raw.sliding_window,
         }
         .filter(|&w| w > 0);
+        let moe = raw.moe(architecture).map_err(invalid)?;
         let cfg = Self {
             architecture,
             hidden_size: raw.hidden_size,
@@ -496,7 +703,10 @@ impl ModelConfig {
             rope_theta: raw.rope_theta.unwrap_or(10_000.0),
             rope_style: RopeStyle::HalfSplit,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            rope_dims,
+            rope_attn_factor,
+            rope_original_context,
+            max_position_embeddings,
             sliding_window,
             sliding_window_layers: Vec::new(),
             swa_rope: None,
@@ -505,6 +715,7 @@ impl ModelConfig {
             attn_logit_softcap: None,
             final_logit_softcap: None,
             ffn_activation: FfnActivation::Silu,
+            moe,
         };
         cfg.validate(source_name)?;
         Ok(cfg)
@@ -528,6 +739,58 @@ struct HfConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+    /// Mixtral's expert count.
+    num_local_experts: Option<usize>,
+    /// Qwen MoE's expert count.
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+}
+
+impl HfConfig {
+    /// The experts of a Mixtral or Qwen MoE checkpoint. Layers without experts (a
+    /// `decoder_sparse_step` above 1, `mlp_only_layers`) are refused rather than misread: the
+    /// published checkpoints put experts in every layer.
+    fn moe(&self, architecture: Architecture) -> Result<Option<MoeConfig>, String> {
+        let experts = match architecture {
+            Architecture::Mixtral => self.num_local_experts,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe => self.num_experts,
+            _ => return Ok(None),
+        }
+        .ok_or("the expert count (num_local_experts or num_experts) is missing")?;
+        if self.decoder_sparse_step.unwrap_or(1) != 1 || !self.mlp_only_layers.is_empty() {
+            return Err(
+                "layers without experts (decoder_sparse_step, mlp_only_layers) are not supported"
+                    .into(),
+            );
+        }
+        let qwen = architecture != Architecture::Mixtral;
+        Ok(Some(MoeConfig {
+            experts,
+            experts_used: self.num_experts_per_tok.unwrap_or(2),
+            expert_ff: match (qwen, self.moe_intermediate_size) {
+                (true, Some(n)) => n,
+                _ => self.intermediate_size,
+            },
+            // llama.cpp fixes these per family; the checkpoints say the same.
+            normalize_weights: self
+                .norm_topk_prob
+                .unwrap_or(architecture != Architecture::Qwen2Moe),
+            shared_expert_ff: match architecture {
+                Architecture::Qwen2Moe => Some(
+                    self.shared_expert_intermediate_size
+                        .unwrap_or(self.intermediate_size),
+                ),
+                _ => None,
+            },
+        }))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -539,4 +802,113 @@ struct HfRopeScaling {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    short_factor: Option<Vec<f32>>,
+    long_factor: Option<Vec<f32>>,
+    attention_factor: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hf(extra: &str) -> Result<ModelConfig, ConfigError> {
+        let text = format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                "max_position_embeddings": 4096, {extra}}}"#
+        );
+        ModelConfig::from_hf_json(&text, "test")
+    }
+
+    #[test]
+    fn hugging_face_expert_configs_follow_each_family() {
+        let mixtral =
+            hf(r#""model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2"#)
+                .unwrap();
+        let moe = mixtral.moe.unwrap();
+        assert_eq!((moe.experts, moe.experts_used, moe.expert_ff), (8, 2, 128));
+        assert!(moe.normalize_weights && moe.shared_expert_ff.is_none());
+
+        let qwen2 = hf(
+            r#""model_type": "qwen2_moe", "num_experts": 60, "num_experts_per_tok": 4,
+                         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 256,
+                         "norm_topk_prob": false"#,
+        )
+        .unwrap();
+        let moe = qwen2.moe.unwrap();
+        assert_eq!(qwen2.architecture, Architecture::Qwen2Moe);
+        assert_eq!((moe.experts, moe.experts_used, moe.expert_ff), (60, 4, 32));
+        assert_eq!(moe.shared_expert_ff, Some(256));
+        assert!(!moe.normalize_weights);
+
+        let qwen3 = hf(
+            r#""model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8,
+                         "moe_intermediate_size": 48, "norm_topk_prob": true"#,
+        )
+        .unwrap();
+        assert!(qwen3.moe.unwrap().normalize_weights);
+        assert!(hf(r#""model_type": "llama""#).unwrap().moe.is_none());
+    }
+
+    #[test]
+    fn expert_configs_that_would_be_misread_are_refused() {
+        for extra in [
+            // Layers without experts.
+            r#""model_type": "qwen3_moe", "num_experts": 8, "decoder_sparse_step": 2"#,
+            r#""model_type": "qwen2_moe", "num_experts": 8, "mlp_only_layers": [0]"#,
+            // More experts per token than there are.
+            r#""model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3"#,
+            // A count nothing should be sized by.
+            r#""model_type": "mixtral", "num_local_experts": 100000, "num_experts_per_tok": 2"#,
+            // No count at all.
+            r#""model_type": "qwen3_moe""#,
+        ] {
+            let err = hf(extra).unwrap_err().to_string();
+            assert!(err.contains("test:"), "{extra}: {err}");
+        }
+    }
+
+    /// Phi-3 LongRoPE: the factors from the config, the attention factor as the GGUF converter
+    /// computes it, and the short factors up to the original context, the long ones beyond.
+    #[test]
+    fn longrope_resolves_by_the_serving_context() {
+        let short: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let long: Vec<f32> = (0..8).map(|i| 1.0 + i as f32).collect();
+        let extra = format!(
+            r#""model_type": "phi3", "original_max_position_embeddings": 1024,
+               "partial_rotary_factor": 1.0,
+               "rope_scaling": {{"type": "longrope", "short_factor": {short:?}, "long_factor": {long:?}}}"#
+        );
+        let cfg = hf(&extra).unwrap();
+        let want = (1.0 + 4f64.ln() / 1024f64.ln()).sqrt() as f32;
+        assert!((cfg.rope_attn_factor - want).abs() < 1e-6);
+        let mut at_original = cfg.clone();
+        at_original.resolve_rope(1024);
+        assert_eq!(at_original.rope_scaling, RopeScaling::FreqFactors(short));
+        let mut beyond = cfg;
+        beyond.resolve_rope(1025);
+        assert_eq!(beyond.rope_scaling, RopeScaling::FreqFactors(long));
+        // Factors for the wrong number of rotated pairs.
+        let bad = r#""model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}"#;
+        assert!(
+            hf(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("rope frequency factors")
+        );
+    }
+
+    #[test]
+    fn partial_rotary_factor_gives_the_rotated_dimensions() {
+        let cfg = hf(r#""model_type": "phi3", "partial_rotary_factor": 0.75"#).unwrap();
+        assert_eq!((cfg.head_dim, cfg.rope_dims), (16, 12));
+        for bad in ["0.0", "1.5", "-0.5"] {
+            assert!(
+                hf(&format!(
+                    r#""model_type": "phi3", "partial_rotary_factor": {bad}"#
+                ))
+                .is_err()
+            );
+        }
+    }
 }

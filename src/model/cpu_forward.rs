@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::attention::{self, AttentionShape, SpanAttention};
 use super::config::FfnActivation;
+use super::moe::Routes;
 use super::rope::Rope;
 use super::vecmath::{gelu_mul, silu_mul};
 use super::weights::MappedMatrix;
@@ -42,6 +43,31 @@ pub(super) enum CpuGateUp {
     Fused(MappedMatrix),
 }
 
+/// One expert's SwiGLU block, its matrices in place in the GGUF map (an expert's rows are a
+/// byte range of the stacked tensor).
+pub(super) struct CpuExpert {
+    pub gate: MappedMatrix,
+    pub up: MappedMatrix,
+    pub down: MappedMatrix,
+}
+
+pub(super) struct CpuMoe {
+    pub router: MappedMatrix,
+    pub experts: Vec<CpuExpert>,
+    /// Qwen2-MoE's shared expert and the vector whose `sigmoid(x · w)` gates it.
+    pub shared: Option<(CpuExpert, Vec<f32>)>,
+    pub experts_used: usize,
+    pub normalize_weights: bool,
+}
+
+pub(super) enum CpuFfn {
+    Dense {
+        gate_up: CpuGateUp,
+        down: MappedMatrix,
+    },
+    Experts(Box<CpuMoe>),
+}
+
 pub(super) struct CpuLayer {
     pub attn_norm: Vec<f32>,
     pub qkv: CpuQkv,
@@ -50,8 +76,7 @@ pub(super) struct CpuLayer {
     pub o: MappedMatrix,
     pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
-    pub gate_up: CpuGateUp,
-    pub down: MappedMatrix,
+    pub ffn: CpuFfn,
     pub post_ffn_norm: Option<Vec<f32>>,
     /// This layer's attention (its window, score scale and soft cap).
     pub attention: AttentionShape,
@@ -91,6 +116,10 @@ pub(super) struct Buffers {
     gate: Vec<f32>,
     up: Vec<f32>,
     gate_up: Vec<f32>,
+    /// The experts' router logits, the rows routed to one expert, and that expert's output.
+    router: Vec<f32>,
+    expert_x: Vec<f32>,
+    expert_y: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     cos_swa: Vec<f32>,
@@ -200,7 +229,7 @@ impl CpuModel {
             if let Some(w) = &layer.k_norm {
                 rms_norm_rows_in_place(k, w, self.eps);
             }
-            let half = sh.head_dim / 2;
+            let half = rope.half();
             let (cos_all, sin_all, rope) = match rope_swa {
                 Some(r) if layer.swa_rope => (&b.cos_swa, &b.sin_swa, r),
                 _ => (&b.cos, &b.sin, rope),
@@ -273,43 +302,49 @@ impl CpuModel {
                 self.eps,
                 resize(&mut b.h, n * hsz),
             );
-            let h = &b.h[..n * hsz];
             let ff = self.intermediate;
-            match &layer.gate_up {
-                CpuGateUp::Separate { gate, up } => {
-                    let (gm, um) = (gate.matrix(), up.matrix());
-                    kernels::matmul_many(
+            match &layer.ffn {
+                CpuFfn::Dense { gate_up, down } => {
+                    let h = &b.h[..n * hsz];
+                    match gate_up {
+                        CpuGateUp::Separate { gate, up } => {
+                            let (gm, um) = (gate.matrix(), up.matrix());
+                            kernels::matmul_many(
+                                pool,
+                                &mut [
+                                    (&gm, resize(&mut b.gate, n * ff)),
+                                    (&um, resize(&mut b.up, n * ff)),
+                                ],
+                                h,
+                                n,
+                                &mut b.scratch,
+                            )?;
+                            self.activate(&mut b.gate[..n * ff], &b.up[..n * ff]);
+                        }
+                        CpuGateUp::Fused(m) => {
+                            let gu = resize(&mut b.gate_up, n * 2 * ff);
+                            kernels::matmul(pool, &m.matrix(), h, n, gu, &mut b.scratch)?;
+                            let gate = resize(&mut b.gate, n * ff);
+                            for (r, row) in b.gate_up.chunks(2 * ff).take(n).enumerate() {
+                                let (g, u) = row.split_at(ff);
+                                gate[r * ff..(r + 1) * ff].copy_from_slice(g);
+                                self.activate(&mut gate[r * ff..(r + 1) * ff], u);
+                            }
+                        }
+                    }
+                    let proj = resize(&mut b.proj, n * hsz);
+                    kernels::matmul(
                         pool,
-                        &mut [
-                            (&gm, resize(&mut b.gate, n * ff)),
-                            (&um, resize(&mut b.up, n * ff)),
-                        ],
-                        h,
+                        &down.matrix(),
+                        &b.gate[..n * ff],
                         n,
+                        proj,
                         &mut b.scratch,
                     )?;
-                    self.activate(&mut b.gate[..n * ff], &b.up[..n * ff]);
                 }
-                CpuGateUp::Fused(m) => {
-                    let gu = resize(&mut b.gate_up, n * 2 * ff);
-                    kernels::matmul(pool, &m.matrix(), h, n, gu, &mut b.scratch)?;
-                    let gate = resize(&mut b.gate, n * ff);
-                    for (r, row) in b.gate_up.chunks(2 * ff).take(n).enumerate() {
-                        let (g, u) = row.split_at(ff);
-                        gate[r * ff..(r + 1) * ff].copy_from_slice(g);
-                        self.activate(&mut gate[r * ff..(r + 1) * ff], u);
-                    }
-                }
+                CpuFfn::Experts(moe) => self.experts(moe, b, n)?,
             }
-            let proj = resize(&mut b.proj, n * hsz);
-            kernels::matmul(
-                pool,
-                &layer.down.matrix(),
-                &b.gate[..n * ff],
-                n,
-                proj,
-                &mut b.scratch,
-            )?;
+            let proj = &mut b.proj[..n * hsz];
             if let Some(w) = &layer.post_ffn_norm {
                 rms_norm_rows_in_place(proj, w, self.eps);
             }
@@ -335,6 +370,144 @@ impl CpuModel {
             logits.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
         }
         Ok(logits.chunks(head.rows).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The experts' output for the `n` normed rows in `b.h`, into `b.proj`: the rows routed to
+    /// an expert are gathered and go through it together (one pass over its weights), and its
+    /// weighted outputs are added into their rows; then the shared expert, gated per row.
+    fn experts(&self, moe: &CpuMoe, b: &mut Buffers, n: usize) -> Result<(), KernelError> {
+        let hsz = self.hidden;
+        let n_experts = moe.experts.len();
+        kernels::matmul(
+            &self.pool,
+            &moe.router.matrix(),
+            &b.h[..n * hsz],
+            n,
+            resize(&mut b.router, n * n_experts),
+            &mut b.scratch,
+        )?;
+        let routes = Routes::new(
+            &b.router[..n * n_experts],
+            n_experts,
+            moe.experts_used,
+            moe.normalize_weights,
+        );
+        resize(&mut b.proj, n * hsz).fill(0.0);
+        if n == 1 {
+            self.experts_one_row(moe, &routes, b)?;
+        } else {
+            self.experts_grouped(moe, &routes, b)?;
+        }
+        if let Some((shared, gate)) = &moe.shared {
+            resize(&mut b.expert_x, n * hsz).copy_from_slice(&b.h[..n * hsz]);
+            self.expert_rows(shared, b, n)?;
+            for r in 0..n {
+                let row = r * hsz..(r + 1) * hsz;
+                let logit: f32 = b.h[row.clone()].iter().zip(gate).map(|(x, w)| x * w).sum();
+                let g = 1.0 / (1.0 + (-logit).exp());
+                for (o, &v) in b.proj[row.clone()].iter_mut().zip(&b.expert_y[row]) {
+                    *o += g * v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Several rows: each active expert runs once on the rows routed to it.
+    fn experts_grouped(
+        &self,
+        moe: &CpuMoe,
+        routes: &Routes,
+        b: &mut Buffers,
+    ) -> Result<(), KernelError> {
+        let hsz = self.hidden;
+        for (e, routed) in routes.active() {
+            let m = routed.len();
+            let x = resize(&mut b.expert_x, m * hsz);
+            for (j, &(r, _)) in routed.iter().enumerate() {
+                x[j * hsz..(j + 1) * hsz].copy_from_slice(&b.h[r * hsz..(r + 1) * hsz]);
+            }
+            self.expert_rows(&moe.experts[e], b, m)?;
+            for (j, &(r, w)) in routed.iter().enumerate() {
+                let y = &b.expert_y[j * hsz..(j + 1) * hsz];
+                for (o, &v) in b.proj[r * hsz..(r + 1) * hsz].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One row (a single sequence decoding): every chosen expert reads the same input, so all
+    /// their gate and up projections go to the pool in one dispatch, the input quantized once.
+    fn experts_one_row(
+        &self,
+        moe: &CpuMoe,
+        routes: &Routes,
+        b: &mut Buffers,
+    ) -> Result<(), KernelError> {
+        let hsz = self.hidden;
+        let chosen: Vec<(usize, f32)> = routes.active().map(|(e, r)| (e, r[0].1)).collect();
+        let Some(ff) = chosen.first().map(|&(e, _)| moe.experts[e].gate.rows()) else {
+            return Ok(());
+        };
+        let k = chosen.len();
+        let matrices: Vec<_> = chosen
+            .iter()
+            .flat_map(|&(e, _)| [moe.experts[e].gate.matrix(), moe.experts[e].up.matrix()])
+            .collect();
+        {
+            let outs = resize(&mut b.gate_up, 2 * k * ff).chunks_mut(ff);
+            let mut jobs: Vec<_> = matrices.iter().zip(outs).collect();
+            kernels::matmul_many(&self.pool, &mut jobs, &b.h[..hsz], 1, &mut b.scratch)?;
+        }
+        for (j, &(e, w)) in chosen.iter().enumerate() {
+            let gu = &mut b.gate_up[2 * j * ff..(2 * j + 2) * ff];
+            let (g, u) = gu.split_at_mut(ff);
+            silu_mul(g, u);
+            kernels::matmul(
+                &self.pool,
+                &moe.experts[e].down.matrix(),
+                g,
+                1,
+                resize(&mut b.expert_y, hsz),
+                &mut b.scratch,
+            )?;
+            for (o, &v) in b.proj[..hsz].iter_mut().zip(&b.expert_y[..hsz]) {
+                *o += w * v;
+            }
+        }
+        Ok(())
+    }
+
+    /// One expert's SwiGLU block on the `m` rows in `b.expert_x`, into `b.expert_y`.
+    fn expert_rows(
+        &self,
+        expert: &CpuExpert,
+        b: &mut Buffers,
+        m: usize,
+    ) -> Result<(), KernelError> {
+        let ff = expert.gate.rows();
+        let (gm, um) = (expert.gate.matrix(), expert.up.matrix());
+        kernels::matmul_many(
+            &self.pool,
+            &mut [
+                (&gm, resize(&mut b.gate, m * ff)),
+                (&um, resize(&mut b.up, m * ff)),
+            ],
+            &b.expert_x[..m * self.hidden],
+            m,
+            &mut b.scratch,
+        )?;
+        silu_mul(&mut b.gate[..m * ff], &b.up[..m * ff]);
+        kernels::matmul(
+            &self.pool,
+            &expert.down.matrix(),
+            &b.gate[..m * ff],
+            m,
+            resize(&mut b.expert_y, m * self.hidden),
+            &mut b.scratch,
+        )
     }
 
     /// `gate = act(gate) * up`.

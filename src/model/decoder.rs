@@ -1,11 +1,13 @@
 //! The transformer decoder: one configurable implementation for the llama family and its
-//! relatives (Llama 2/3.x, Mistral, SmolLM, TinyLlama, Qwen2/2.5, Qwen3, Phi-3, Gemma 2 and 3).
+//! relatives (Llama 2/3.x, Mistral, SmolLM, TinyLlama, Qwen2/2.5, Qwen3, Phi-3, Gemma 2 and 3),
+//! and the mixture-of-experts ones (Mixtral, Qwen2-MoE, Qwen3-MoE).
 //!
 //! References: Meta's Llama reference model (RMSNorm, rotary embeddings, SwiGLU, grouped-query
 //! attention), Hugging Face transformers' `modeling_llama`, `modeling_qwen2`, `modeling_qwen3`
 //! and `modeling_phi3` for the per-architecture differences, and llama.cpp's GGUF tensor naming;
 //! for Gemma 2 and 3, llama.cpp's `src/models/gemma2.cpp` and `gemma3.cpp` (what the converter
-//! stores, the query scale, the soft caps, which layers slide and with which rope).
+//! stores, the query scale, the soft caps, which layers slide and with which rope); for the
+//! experts, llama.cpp's `build_moe_ffn` and its Qwen2-MoE graph (the gated shared expert).
 //!
 //! [`Decoder::forward`] takes several sequences at once, each at its own absolute position with
 //! its own [`SequenceCache`]: the rows of all sequences go through every projection together
@@ -20,9 +22,12 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::ModelError;
 use super::attention::{self, AttentionShape, HostKv, SpanAttention};
-use super::config::{FfnActivation, ModelConfig, RopeScaling};
-use super::cpu_forward::{CpuGateUp, CpuLayer, CpuModel, CpuQkv, CpuSpan, Projection};
+use super::config::{FfnActivation, ModelConfig, MoeConfig, RopeScaling};
+use super::cpu_forward::{
+    CpuExpert, CpuFfn, CpuGateUp, CpuLayer, CpuModel, CpuMoe, CpuQkv, CpuSpan, Projection,
+};
 use super::gguf::GgmlType;
+use super::moe::Routes;
 use super::rope::Rope;
 use super::weights::{DenseDType, LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
 use crate::kernels::{self, ActivationScratch, KernelPath, ThreadPool, WeightType};
@@ -173,6 +178,35 @@ enum GateUpProjection {
     Fused(Linear),
 }
 
+/// One expert: a SwiGLU feed-forward block of its own.
+struct Expert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Expert {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let act = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        self.down.forward(&act)
+    }
+}
+
+struct MoeBlock {
+    router: Linear,
+    experts: Vec<Expert>,
+    /// Qwen2-MoE's shared expert and its gate vector, `(hidden, 1)`.
+    shared: Option<(Expert, Tensor)>,
+}
+
+enum FeedForward {
+    Dense {
+        gate_up: GateUpProjection,
+        down: Linear,
+    },
+    Experts(Box<MoeBlock>),
+}
+
 struct Layer {
     attn_norm: RmsNorm,
     qkv: QkvProjection,
@@ -181,8 +215,7 @@ struct Layer {
     o: Linear,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate_up: GateUpProjection,
-    down: Linear,
+    ffn: FeedForward,
     post_ffn_norm: Option<RmsNorm>,
 }
 
@@ -391,7 +424,7 @@ impl ComputePath {
         match store {
             WeightStore::Gguf(file) => {
                 for info in file.tensor_names().filter_map(|n| file.tensor_info(n)) {
-                    let mapped = in_place && info.dims.len() == 2 && kernel_reads(info.ty);
+                    let mapped = in_place && info.dims.len() >= 2 && kernel_reads(info.ty);
                     add(ggml_type_name(info.ty), forward_on_kernels || mapped);
                 }
             }
@@ -489,15 +522,105 @@ fn candle_path_reason(
     let WeightStore::Gguf(file) = store else {
         return Some(CandlePathReason::Safetensors);
     };
-    // Every matrix the decoder multiplies (the two-dimensional tensors) must be of a type our
-    // kernels read; vectors (norms, biases) are converted to f32 whatever their type.
+    // Every matrix the decoder multiplies (the two-dimensional tensors, and the experts' stacks
+    // of them) must be of a type our kernels read; vectors (norms, biases) are converted to f32
+    // whatever their type.
     file.tensor_names()
         .filter_map(|n| file.tensor_info(n))
-        .find(|info| info.dims.len() == 2 && !kernel_reads(info.ty))
+        .find(|info| info.dims.len() >= 2 && !kernel_reads(info.ty))
         .map(|info| CandlePathReason::UnsupportedTensorType {
             tensor: info.name.clone(),
             dtype: ggml_type_name(info.ty).to_string(),
         })
+}
+
+/// Layer `layer`'s router, experts and shared expert.
+#[allow(clippy::too_many_arguments)]
+fn load_experts(
+    store: &WeightStore,
+    layer: usize,
+    moe: &MoeConfig,
+    h: usize,
+    device: &Device,
+    dense: DenseDType,
+    in_place: bool,
+    pool: Option<&Arc<ThreadPool>>,
+) -> Result<MoeBlock, ModelError> {
+    let w = |lw: LayerWeight| WeightName::Layer(layer, lw);
+    let source = store.source_name();
+    let linear = |raw: RawWeight, what: String| {
+        Linear::new(raw, None, pool).map_err(|e| ModelError::Load {
+            source_name: source.clone(),
+            tensor: what,
+            message: e.to_string(),
+        })
+    };
+    let router = store.require_matrix(
+        w(LayerWeight::Router),
+        &[moe.experts, h],
+        device,
+        dense,
+        in_place,
+    )?;
+    let router = linear(router, format!("{:?}", w(LayerWeight::Router)))?;
+    let ff = moe.expert_ff;
+    let stacked = |which: LayerWeight, rows: usize, cols: usize| {
+        store.require_experts(
+            layer,
+            which,
+            moe.experts,
+            rows,
+            cols,
+            device,
+            dense,
+            in_place,
+        )
+    };
+    let gates = stacked(LayerWeight::ExpertGate, ff, h)?;
+    let ups = stacked(LayerWeight::ExpertUp, ff, h)?;
+    let downs = stacked(LayerWeight::ExpertDown, h, ff)?;
+    let mut experts = Vec::new();
+    for (e, ((gate, up), down)) in gates.into_iter().zip(ups).zip(downs).enumerate() {
+        experts.push(Expert {
+            gate: linear(gate, format!("layer {layer} expert {e} gate"))?,
+            up: linear(up, format!("layer {layer} expert {e} up"))?,
+            down: linear(down, format!("layer {layer} expert {e} down"))?,
+        });
+    }
+    let shared = match moe.shared_expert_ff {
+        None => None,
+        Some(sff) => {
+            let matrix =
+                |lw: LayerWeight, rows: usize, cols: usize| -> Result<Linear, ModelError> {
+                    let raw =
+                        store.require_matrix(w(lw), &[rows, cols], device, dense, in_place)?;
+                    linear(raw, format!("{:?}", w(lw)))
+                };
+            let expert = Expert {
+                gate: matrix(LayerWeight::SharedGate, sff, h)?,
+                up: matrix(LayerWeight::SharedUp, sff, h)?,
+                down: matrix(LayerWeight::SharedDown, h, sff)?,
+            };
+            // A vector in GGUF, a one-row matrix in the checkpoint.
+            let shape: &[usize] = if store.is_gguf() { &[h] } else { &[1, h] };
+            let name = w(LayerWeight::SharedExpertGateInp);
+            let gate = store
+                .require(name, shape, device, DenseDType::Exactly(DType::F32))?
+                .to_dense_f32(device)
+                .and_then(|t| t.reshape((h, 1)))
+                .map_err(|e| ModelError::Load {
+                    source_name: source.clone(),
+                    tensor: format!("{name:?}"),
+                    message: e.to_string(),
+                })?;
+            Some((expert, gate))
+        }
+    };
+    Ok(MoeBlock {
+        router,
+        experts,
+        shared,
+    })
 }
 
 /// Why [`Decoder::cpu_model`] built no CPU model.
@@ -711,18 +834,27 @@ impl Decoder {
         };
 
         let mut cfg = cfg;
-        if let Some(raw) = store.load(
-            WeightName::RopeFreqs,
-            &[hd / 2],
-            device,
-            DenseDType::Exactly(DType::F32),
-        )? {
-            let factors = raw
-                .to_dense_f32(device)
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(candle_err("rope_freqs".into()))?;
-            cfg.rope_scaling = RopeScaling::FreqFactors(factors);
+        let rope_pairs = cfg.rope_dims / 2;
+        let factors = |name: WeightName| -> Result<Option<Vec<f32>>, ModelError> {
+            store
+                .load(name, &[rope_pairs], device, DenseDType::Exactly(DType::F32))?
+                .map(|raw| {
+                    raw.to_dense_f32(device)
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(candle_err(format!("{name:?}")))
+                })
+                .transpose()
+        };
+        if let Some(f) = factors(WeightName::RopeFreqs)? {
+            cfg.rope_scaling = RopeScaling::FreqFactors(f);
+        } else if let (Some(long), Some(short)) = (
+            factors(WeightName::RopeFactorsLong)?,
+            factors(WeightName::RopeFactorsShort)?,
+        ) {
+            cfg.rope_scaling = RopeScaling::LongRope { short, long };
         }
+        let context_length = context_length.min(cfg.max_position_embeddings).max(1);
+        cfg.resolve_rope(context_length);
 
         // The layer count comes from the file: grow as layers are found rather than reserve
         // for it, so a corrupt count is a missing tensor, not a huge allocation.
@@ -767,13 +899,33 @@ impl Decoder {
                 true => norm(w(lw), h).map(Some),
                 false => Ok(None),
             };
-            let gate_up = if store.contains(w(LayerWeight::Gate)) {
-                GateUpProjection::Separate {
-                    gate: linear(w(LayerWeight::Gate), ff, h, None)?,
-                    up: linear(w(LayerWeight::Up), ff, h, None)?,
-                }
-            } else {
-                GateUpProjection::Fused(linear(w(LayerWeight::GateUp), 2 * ff, h, None)?)
+            let ffn = match &cfg.moe {
+                Some(moe) => FeedForward::Experts(Box::new(load_experts(
+                    store,
+                    i,
+                    moe,
+                    h,
+                    device,
+                    dense,
+                    in_place,
+                    cpu_pool.as_ref(),
+                )?)),
+                None if store.contains(w(LayerWeight::Gate)) => FeedForward::Dense {
+                    gate_up: GateUpProjection::Separate {
+                        gate: linear(w(LayerWeight::Gate), ff, h, None)?,
+                        up: linear(w(LayerWeight::Up), ff, h, None)?,
+                    },
+                    down: linear(w(LayerWeight::Down), h, ff, None)?,
+                },
+                None => FeedForward::Dense {
+                    gate_up: GateUpProjection::Fused(linear(
+                        w(LayerWeight::GateUp),
+                        2 * ff,
+                        h,
+                        None,
+                    )?),
+                    down: linear(w(LayerWeight::Down), h, ff, None)?,
+                },
             };
             layers.push(Layer {
                 attn_norm: norm(w(LayerWeight::AttnNorm), h)?,
@@ -783,15 +935,13 @@ impl Decoder {
                 o: linear(w(LayerWeight::O), h, nh * hd, None)?,
                 post_attn_norm: optional_norm(LayerWeight::PostAttnNorm)?,
                 ffn_norm: norm(w(LayerWeight::FfnNorm), h)?,
-                gate_up,
-                down: linear(w(LayerWeight::Down), h, ff, None)?,
+                ffn,
                 post_ffn_norm: optional_norm(LayerWeight::PostFfnNorm)?,
             });
         }
         let output_norm = norm(WeightName::OutputNorm, h)?;
         let rope = Rope::new(&cfg);
         let rope_swa = Rope::for_swa_layers(&cfg);
-        let context_length = context_length.min(cfg.max_position_embeddings).max(1);
         let mut decoder = Self {
             cfg,
             device: device.clone(),
@@ -878,17 +1028,52 @@ impl Decoder {
                 },
                 QkvProjection::Fused(l) => CpuQkv::Fused(projection(l, role(LayerWeight::Qkv))?),
             };
-            let gate_up = match &layer.gate_up {
-                GateUpProjection::Separate { gate, up } => CpuGateUp::Separate {
-                    gate: mapped(gate, role(LayerWeight::Gate))?,
-                    up: mapped(up, role(LayerWeight::Up))?,
+            let expert = |x: &Expert, lw: LayerWeight| -> Result<CpuExpert, NoCpuModel> {
+                Ok(CpuExpert {
+                    gate: mapped(&x.gate, role(lw))?,
+                    up: mapped(&x.up, role(lw))?,
+                    down: mapped(&x.down, role(lw))?,
+                })
+            };
+            let ffn = match &layer.ffn {
+                FeedForward::Dense { gate_up, down } => CpuFfn::Dense {
+                    gate_up: match gate_up {
+                        GateUpProjection::Separate { gate, up } => CpuGateUp::Separate {
+                            gate: mapped(gate, role(LayerWeight::Gate))?,
+                            up: mapped(up, role(LayerWeight::Up))?,
+                        },
+                        GateUpProjection::Fused(l) => {
+                            CpuGateUp::Fused(mapped(l, role(LayerWeight::GateUp))?)
+                        }
+                    },
+                    down: mapped(down, role(LayerWeight::Down))?,
                 },
-                GateUpProjection::Fused(l) => {
-                    CpuGateUp::Fused(mapped(l, role(LayerWeight::GateUp))?)
+                FeedForward::Experts(block) => {
+                    let Some(moe) = &self.cfg.moe else {
+                        return Err(CandlePathReason::MatrixNotInMap {
+                            role: "experts without an expert configuration".into(),
+                        }
+                        .into());
+                    };
+                    CpuFfn::Experts(Box::new(CpuMoe {
+                        router: mapped(&block.router, role(LayerWeight::Router))?,
+                        experts: block
+                            .experts
+                            .iter()
+                            .map(|x| expert(x, LayerWeight::ExpertGate))
+                            .collect::<Result<_, _>>()?,
+                        shared: match &block.shared {
+                            Some((x, gate)) => {
+                                Some((expert(x, LayerWeight::SharedGate)?, vector(gate)?))
+                            }
+                            None => None,
+                        },
+                        experts_used: moe.experts_used,
+                        normalize_weights: moe.normalize_weights,
+                    }))
                 }
             };
             let o = mapped(&layer.o, role(LayerWeight::O))?;
-            let down = mapped(&layer.down, role(LayerWeight::Down))?;
             if layer.o.bias.is_some() {
                 return Err(CandlePathReason::Bias {
                     role: format!("{:?}", role(LayerWeight::O)),
@@ -915,8 +1100,7 @@ impl Decoder {
                     .map(|n| vector(&n.weight))
                     .transpose()?,
                 ffn_norm: vector(&layer.ffn_norm.weight)?,
-                gate_up,
-                down,
+                ffn,
                 post_ffn_norm: layer
                     .post_ffn_norm
                     .as_ref()
@@ -1382,23 +1566,67 @@ impl Decoder {
         let x = (x + attn)?;
 
         let h = layer.ffn_norm.forward(&x)?;
-        let (gate, up) = match &layer.gate_up {
-            GateUpProjection::Separate { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
-            GateUpProjection::Fused(gu) => {
-                let y = gu.forward(&h)?;
-                let ff = cfg.intermediate_size;
-                (y.narrow(1, 0, ff)?, y.narrow(1, ff, ff)?)
+        let mut ffn = match &layer.ffn {
+            FeedForward::Dense { gate_up, down } => {
+                let (gate, up) = match gate_up {
+                    GateUpProjection::Separate { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
+                    GateUpProjection::Fused(gu) => {
+                        let y = gu.forward(&h)?;
+                        let ff = cfg.intermediate_size;
+                        (y.narrow(1, 0, ff)?, y.narrow(1, ff, ff)?)
+                    }
+                };
+                let act = match cfg.ffn_activation {
+                    FfnActivation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+                    FfnActivation::GeluTanh => (gate.gelu()? * up)?,
+                };
+                down.forward(&act)?
             }
+            FeedForward::Experts(block) => self.experts_forward(block, &h)?,
         };
-        let act = match cfg.ffn_activation {
-            FfnActivation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
-            FfnActivation::GeluTanh => (gate.gelu()? * up)?,
-        };
-        let mut ffn = layer.down.forward(&act)?;
         if let Some(n) = &layer.post_ffn_norm {
             ffn = n.forward(&ffn)?;
         }
         x + ffn
+    }
+
+    /// The experts' output for `h` (`rows × hidden`): each expert runs once on the rows routed
+    /// to it, its outputs weighted and added into their rows; then the shared expert, gated.
+    fn experts_forward(&self, block: &MoeBlock, h: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(moe) = &self.cfg.moe else {
+            candle_core::bail!("an expert layer in a model without experts");
+        };
+        let rows = h.dim(0)?;
+        let logits = block
+            .router
+            .forward(h)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let routes = Routes::new(
+            &logits,
+            moe.experts,
+            moe.experts_used,
+            moe.normalize_weights,
+        );
+        let mut out = Tensor::zeros((rows, self.cfg.hidden_size), DType::F32, h.device())?;
+        for (e, routed) in routes.active() {
+            let ids: Vec<u32> = routed.iter().map(|&(r, _)| r as u32).collect();
+            let weights: Vec<f32> = routed.iter().map(|&(_, w)| w).collect();
+            let ids = Tensor::new(ids.as_slice(), h.device())?;
+            let weights = Tensor::from_vec(weights, (routed.len(), 1), h.device())?;
+            let y = block.experts[e]
+                .forward(&h.index_select(&ids, 0)?)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&weights)?;
+            out = out.index_add(&ids, &y, 0)?;
+        }
+        if let Some((shared, gate)) = &block.shared {
+            let g = candle_nn::ops::sigmoid(&h.to_dtype(DType::F32)?.matmul(gate)?)?;
+            let y = shared.forward(h)?.to_dtype(DType::F32)?.broadcast_mul(&g)?;
+            out = (out + y)?;
+        }
+        Ok(out)
     }
 
     /// CPU attention: every span's keys and values go into its f16 cache, then all spans' rows

@@ -19,6 +19,7 @@ pub mod detokenizer;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod load;
+mod moe;
 pub mod reasoning;
 pub mod rope;
 pub mod tokenizer;

@@ -14,12 +14,15 @@ use candle_core::{Device, Tensor};
 use super::config::{ModelConfig, RopeScaling, RopeStyle};
 
 pub struct Rope {
-    /// `base^(-2 / head_dim)`, in f32.
+    /// `base^(-2 / rope_dims)`, in f32.
     theta_scale: f32,
     /// Per-pair divisors of the angle (1 unless the model scales its frequencies).
     freq_factors: Vec<f32>,
     /// Multiplies every angle (linear scaling: 1 / factor).
     freq_scale: f32,
+    /// Multiplies cos and sin, so the rotated dimensions of queries and keys (ggml's `mscale`,
+    /// LongRoPE's attention factor).
+    mscale: f32,
     pub style: RopeStyle,
 }
 
@@ -36,14 +39,16 @@ impl Rope {
     }
 
     fn with_base(cfg: &ModelConfig, rope_theta: f64, scaling: &RopeScaling) -> Self {
-        let half = cfg.head_dim / 2;
-        let d = cfg.head_dim as f64;
+        let half = cfg.rope_dims / 2;
+        let d = cfg.rope_dims as f64;
         let mut freq_factors = vec![1f32; half];
         let mut freq_scale = 1f32;
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => freq_scale = (1.0 / factor) as f32,
             RopeScaling::FreqFactors(f) => freq_factors.copy_from_slice(&f[..half]),
+            // Resolved by the decoder for its context; unresolved, the original context's.
+            RopeScaling::LongRope { short, .. } => freq_factors.copy_from_slice(&short[..half]),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -67,14 +72,15 @@ impl Rope {
             }
         }
         Self {
-            theta_scale: (rope_theta as f32).powf(-2.0 / cfg.head_dim as f32),
+            theta_scale: (rope_theta as f32).powf(-2.0 / cfg.rope_dims as f32),
             freq_factors,
             freq_scale,
+            mscale: cfg.rope_attn_factor,
             style: cfg.rope_style,
         }
     }
 
-    /// Pairs per head.
+    /// Rotated pairs per head.
     pub fn half(&self) -> usize {
         self.freq_factors.len()
     }
@@ -87,8 +93,8 @@ impl Rope {
             let mut theta = p as f32;
             for &ff in &self.freq_factors {
                 let angle = self.freq_scale * (theta / ff);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.mscale);
+                sin.push(angle.sin() * self.mscale);
                 theta *= self.theta_scale;
             }
         }
@@ -109,8 +115,25 @@ impl Rope {
         ))
     }
 
-    /// `x`: `(rows, heads, head_dim)` tensor → rotated, same shape.
+    /// `x`: `(rows, heads, head_dim)` tensor → rotated, same shape. With partial rotary
+    /// embeddings only each head's first `2 * half` dimensions rotate.
     pub fn apply_tensor(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (_, _, head_dim) = x.dims3()?;
+        let rotated = 2 * self.half();
+        if rotated < head_dim {
+            let head = self.apply_tensor_full(&x.narrow(2, 0, rotated)?, cos, sin)?;
+            let tail = x.narrow(2, rotated, head_dim - rotated)?;
+            return Tensor::cat(&[&head, &tail], 2);
+        }
+        self.apply_tensor_full(x, cos, sin)
+    }
+
+    fn apply_tensor_full(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -126,9 +149,10 @@ impl Rope {
         y.reshape((rows, heads, head_dim))
     }
 
-    /// Rotates every head of one row in place (`cos`/`sin`: that row's `half` values).
+    /// Rotates every head of one row in place (`cos`/`sin`: that row's `half` values); with
+    /// partial rotary embeddings each head's dimensions past `2 * half` are left as they are.
     pub fn rotate_row(&self, row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-        let half = head_dim / 2;
+        let half = self.half();
         for head in row.chunks_mut(head_dim) {
             for i in 0..half {
                 let (a, b) = match self.style {
@@ -162,6 +186,9 @@ mod tests {
             rope_theta: 10_000.0,
             rope_style: RopeStyle::HalfSplit,
             rope_scaling: scaling,
+            rope_dims: 64,
+            rope_attn_factor: 1.0,
+            rope_original_context: 128,
             max_position_embeddings: 128,
             sliding_window: None,
             sliding_window_layers: Vec::new(),
@@ -171,6 +198,7 @@ mod tests {
             attn_logit_softcap: None,
             final_logit_softcap: None,
             ffn_activation: crate::model::config::FfnActivation::Silu,
+            moe: None,
         }
     }
 
@@ -206,6 +234,42 @@ mod tests {
         Rope::new(&cfg(RopeScaling::None)).tables(&[3], &mut c2, &mut s2);
         for (a, b) in s1.iter().zip(&s2) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// Partial rotary embeddings (Phi-4-mini): the first `rope_dims` of each head rotate, with
+    /// angles from a base over `rope_dims`, the rest pass through; the attention factor scales
+    /// the rotated part only. Both the row and the tensor forms.
+    #[test]
+    fn partial_rotary_rotates_the_leading_dimensions_and_scales_them() {
+        let mut c = cfg(RopeScaling::None);
+        c.num_heads = 2;
+        c.rope_dims = 16;
+        c.rope_attn_factor = 1.5;
+        let rope = Rope::new(&c);
+        assert_eq!(rope.half(), 8);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        rope.tables(&[5], &mut cos, &mut sin);
+        let angle = 5.0 * 10_000f64.powf(-2.0 / 16.0);
+        assert!((f64::from(cos[1]) - 1.5 * angle.cos()).abs() < 1e-5);
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut row = x.clone();
+        rope.rotate_row(&mut row, 64, &cos, &sin);
+        for head in 0..2 {
+            let (a, b) = (head * 64, head * 64 + 8);
+            let want_a = x[a] * cos[0] - x[b] * sin[0];
+            assert!((row[a] - want_a).abs() < 1e-6);
+            assert_eq!(
+                row[head * 64 + 16..(head + 1) * 64],
+                x[head * 64 + 16..(head + 1) * 64]
+            );
+        }
+        let (ct, st) = rope.tensors(&[5], &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(x, (1, 2, 64), &Device::Cpu).unwrap();
+        let y = rope.apply_tensor(&t, &ct, &st).unwrap();
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for (u, v) in y.iter().zip(&row) {
+            assert!((u - v).abs() < 1e-5);
         }
     }
 

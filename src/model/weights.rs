@@ -23,6 +23,9 @@ pub enum WeightName {
     Output,
     /// Per-frequency rope divisors (GGUF only).
     RopeFreqs,
+    /// LongRoPE's divisors beyond the original context, and within it (GGUF only).
+    RopeFactorsLong,
+    RopeFactorsShort,
     Layer(usize, LayerWeight),
 }
 
@@ -49,6 +52,18 @@ pub enum LayerWeight {
     Up,
     GateUp,
     Down,
+    /// The experts' router, `(experts, hidden)`.
+    Router,
+    /// Every expert's gate, up and down projections, stacked (`(experts, rows, cols)` in GGUF,
+    /// one tensor per expert in safetensors; see [`WeightStore::require_experts`]).
+    ExpertGate,
+    ExpertUp,
+    ExpertDown,
+    /// The shared expert's gate vector (`sigmoid(x · w)` scales its output) and projections.
+    SharedExpertGateInp,
+    SharedGate,
+    SharedUp,
+    SharedDown,
 }
 
 impl WeightName {
@@ -59,6 +74,8 @@ impl WeightName {
             Self::OutputNorm => "output_norm.weight".into(),
             Self::Output => "output.weight".into(),
             Self::RopeFreqs => "rope_freqs.weight".into(),
+            Self::RopeFactorsLong => "rope_factors_long.weight".into(),
+            Self::RopeFactorsShort => "rope_factors_short.weight".into(),
             Self::Layer(i, w) => {
                 let suffix = match w {
                     L::AttnNorm => "attn_norm.weight",
@@ -80,10 +97,44 @@ impl WeightName {
                     // llama.cpp stores Phi-3's fused gate+up projection as ffn_up.
                     L::Up | L::GateUp => "ffn_up.weight",
                     L::Down => "ffn_down.weight",
+                    L::Router => "ffn_gate_inp.weight",
+                    L::ExpertGate => "ffn_gate_exps.weight",
+                    L::ExpertUp => "ffn_up_exps.weight",
+                    L::ExpertDown => "ffn_down_exps.weight",
+                    L::SharedExpertGateInp => "ffn_gate_inp_shexp.weight",
+                    L::SharedGate => "ffn_gate_shexp.weight",
+                    L::SharedUp => "ffn_up_shexp.weight",
+                    L::SharedDown => "ffn_down_shexp.weight",
                 };
                 format!("blk.{i}.{suffix}")
             }
         }
+    }
+
+    /// The Hugging Face names, the first found wins (Mixtral names its blocks apart from Qwen's
+    /// MoE). Experts are one tensor each: see [`Self::hf_expert_names`].
+    fn hf_names(self) -> Vec<String> {
+        use LayerWeight as L;
+        match self {
+            Self::Layer(i, L::Router) => vec![
+                format!("model.layers.{i}.mlp.gate.weight"),
+                format!("model.layers.{i}.block_sparse_moe.gate.weight"),
+            ],
+            _ => self.hf_name().into_iter().collect(),
+        }
+    }
+
+    /// Expert `e`'s tensor names for a stacked expert role.
+    fn hf_expert_names(layer: usize, which: LayerWeight, e: usize) -> Vec<String> {
+        let (qwen, mixtral) = match which {
+            LayerWeight::ExpertGate => ("gate_proj", "w1"),
+            LayerWeight::ExpertUp => ("up_proj", "w3"),
+            _ => ("down_proj", "w2"),
+        };
+        vec![
+            format!("model.layers.{layer}.mlp.experts.{e}.{qwen}.weight"),
+            format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{mixtral}.weight"),
+        ]
     }
 
     fn hf_name(self) -> Option<String> {
@@ -92,7 +143,7 @@ impl WeightName {
             Self::TokenEmbedding => "model.embed_tokens.weight".into(),
             Self::OutputNorm => "model.norm.weight".into(),
             Self::Output => "lm_head.weight".into(),
-            Self::RopeFreqs => return None,
+            Self::RopeFreqs | Self::RopeFactorsLong | Self::RopeFactorsShort => return None,
             Self::Layer(i, w) => {
                 let suffix = match w {
                     L::AttnNorm => "input_layernorm.weight",
@@ -114,6 +165,14 @@ impl WeightName {
                     L::Up => "mlp.up_proj.weight",
                     L::GateUp => "mlp.gate_up_proj.weight",
                     L::Down => "mlp.down_proj.weight",
+                    L::Router => "mlp.gate.weight",
+                    // One tensor per expert (`hf_expert_names`).
+                    L::ExpertGate | L::ExpertUp | L::ExpertDown => return None,
+                    // `(1, hidden)` in the checkpoint.
+                    L::SharedExpertGateInp => "mlp.shared_expert_gate.weight",
+                    L::SharedGate => "mlp.shared_expert.gate_proj.weight",
+                    L::SharedUp => "mlp.shared_expert.up_proj.weight",
+                    L::SharedDown => "mlp.shared_expert.down_proj.weight",
                 };
                 format!("model.layers.{i}.{suffix}")
             }
@@ -203,6 +262,31 @@ impl RawWeight {
     }
 }
 
+/// A GGUF tensor's bytes as a weight: quantized blocks stay quantized, float types become dense
+/// tensors of `dense_dtype`.
+fn gguf_raw(
+    ty: GgmlType,
+    bytes: &[u8],
+    shape: &[usize],
+    device: &Device,
+    dense_dtype: DenseDType,
+) -> candle_core::Result<RawWeight> {
+    let q = qtensor_from_ggml(ty.to_candle(), bytes, shape.to_vec(), device)?;
+    if ty.is_quantized() {
+        return Ok(RawWeight::Quantized(Arc::new(q)));
+    }
+    let stored = match ty {
+        GgmlType::F16 => DType::F16,
+        GgmlType::BF16 => DType::BF16,
+        _ => DType::F32,
+    };
+    let t = q
+        .dequantize(device)?
+        .to_dtype(dense_dtype.for_stored(stored))?
+        .reshape(shape)?;
+    Ok(RawWeight::Dense(t))
+}
+
 /// The dtype dense (unquantized) matrices are kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenseDType {
@@ -259,8 +343,19 @@ impl WeightStore {
     fn file_name(&self, name: WeightName) -> Option<String> {
         match self {
             Self::Gguf(_) => Some(name.gguf_name()),
-            Self::Safetensors { .. } => name.hf_name(),
+            Self::Safetensors { tensors, .. } => {
+                let names = name.hf_names();
+                names
+                    .iter()
+                    .find(|n| tensors.get(n).is_ok())
+                    .or(names.first())
+                    .cloned()
+            }
         }
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Self::Gguf(_))
     }
 
     pub fn contains(&self, name: WeightName) -> bool {
@@ -285,6 +380,16 @@ impl WeightStore {
         let Some(file_name) = self.file_name(name) else {
             return Ok(None);
         };
+        self.load_named(file_name, expected_shape, device, dense_dtype)
+    }
+
+    fn load_named(
+        &self,
+        file_name: String,
+        expected_shape: &[usize],
+        device: &Device,
+        dense_dtype: DenseDType,
+    ) -> Result<Option<RawWeight>, ModelError> {
         let source = self.source_name();
         let shape_error = |got: Vec<usize>| ModelError::ShapeMismatch {
             source_name: source.clone(),
@@ -306,24 +411,15 @@ impl WeightStore {
                 if shape != expected_shape {
                     return Err(shape_error(shape));
                 }
-                let bytes = file.tensor_bytes(info);
-                let q = qtensor_from_ggml(info.ty.to_candle(), bytes, shape.clone(), device)
-                    .map_err(runtime)?;
-                if info.ty.is_quantized() {
-                    Ok(Some(RawWeight::Quantized(Arc::new(q))))
-                } else {
-                    let stored = match info.ty {
-                        GgmlType::F16 => DType::F16,
-                        GgmlType::BF16 => DType::BF16,
-                        _ => DType::F32,
-                    };
-                    let t = q
-                        .dequantize(device)
-                        .and_then(|t| t.to_dtype(dense_dtype.for_stored(stored)))
-                        .and_then(|t| t.reshape(expected_shape))
-                        .map_err(runtime)?;
-                    Ok(Some(RawWeight::Dense(t)))
-                }
+                gguf_raw(
+                    info.ty,
+                    file.tensor_bytes(info),
+                    &shape,
+                    device,
+                    dense_dtype,
+                )
+                .map(Some)
+                .map_err(runtime)
             }
             Self::Safetensors { tensors, .. } => {
                 let view = match tensors.get(&file_name) {
@@ -387,6 +483,95 @@ impl WeightStore {
             })));
         }
         self.load(name, expected_shape, device, dense_dtype)
+    }
+
+    /// Every expert's matrix of a stacked expert role (`rows × cols` each), in place when
+    /// `in_place` and the type is one our kernels read. A GGUF stores them as one
+    /// `(experts, rows, cols)` tensor whose experts are consecutive byte ranges; a safetensors
+    /// checkpoint as one tensor per expert.
+    #[allow(clippy::too_many_arguments)]
+    pub fn require_experts(
+        &self,
+        layer: usize,
+        which: LayerWeight,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+        dense_dtype: DenseDType,
+        in_place: bool,
+    ) -> Result<Vec<RawWeight>, ModelError> {
+        let name = WeightName::Layer(layer, which);
+        let source = self.source_name();
+        match self {
+            Self::Gguf(file) => {
+                let file_name = name.gguf_name();
+                let info = file
+                    .tensor_info(&file_name)
+                    .ok_or_else(|| self.missing(name))?;
+                let shape = info.shape();
+                if shape != [experts, rows, cols] {
+                    return Err(ModelError::ShapeMismatch {
+                        source_name: source,
+                        tensor: file_name,
+                        expected: vec![experts, rows, cols],
+                        got: shape,
+                    });
+                }
+                // The shape matched, so the byte count splits evenly by expert.
+                let per_expert = info.n_bytes / experts;
+                let bytes = file.tensor_bytes(info);
+                let mut out = Vec::new();
+                for e in 0..experts {
+                    let raw = match kernel_type(info.ty).filter(|_| in_place) {
+                        Some(ty) => RawWeight::Mapped(MappedMatrix {
+                            file: file.clone(),
+                            offset: info.offset + e * per_expert,
+                            len: per_expert,
+                            ty,
+                            rows,
+                            cols,
+                        }),
+                        None => gguf_raw(
+                            info.ty,
+                            &bytes[e * per_expert..(e + 1) * per_expert],
+                            &[rows, cols],
+                            device,
+                            dense_dtype,
+                        )
+                        .map_err(|err| ModelError::Load {
+                            source_name: source.clone(),
+                            tensor: format!("{file_name} (expert {e})"),
+                            message: err.to_string(),
+                        })?,
+                    };
+                    out.push(raw);
+                }
+                Ok(out)
+            }
+            Self::Safetensors { tensors, .. } => {
+                let mut out = Vec::new();
+                for e in 0..experts {
+                    let names = WeightName::hf_expert_names(layer, which, e);
+                    let file_name = names
+                        .iter()
+                        .find(|n| tensors.get(n).is_ok())
+                        .ok_or_else(|| ModelError::MissingTensor {
+                            source_name: source.clone(),
+                            tensor: names[0].clone(),
+                        })?
+                        .clone();
+                    let raw = self
+                        .load_named(file_name.clone(), &[rows, cols], device, dense_dtype)?
+                        .ok_or_else(|| ModelError::MissingTensor {
+                            source_name: source.clone(),
+                            tensor: file_name,
+                        })?;
+                    out.push(raw);
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Like [`Self::load`], but the weight must exist.

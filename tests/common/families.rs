@@ -12,6 +12,8 @@
 
 use std::path::Path;
 
+use serde_json::Value;
+
 use super::gguf_writer::GgufWriter;
 use super::tiny_models::{byte_level_char, write_gpt2_tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -27,18 +29,32 @@ pub enum Family {
     Phi3,
     Gemma2,
     Gemma3,
+    /// A `llama` file with experts: 4, 2 per token, weights renormalized.
+    Mixtral,
+    /// Qwen2's biases, 4 experts (2 per token, weights as routed) and a gated shared expert.
+    Qwen2Moe,
+    /// Qwen3's q/k norms, 8 experts, 2 per token, weights renormalized.
+    Qwen3Moe,
+    /// Phi-3 with LongRoPE factors (the long ones apply: the served context, 512, exceeds the
+    /// original 256), its attention factor, and partial rotary embeddings (48 of 64 dimensions,
+    /// as Phi-4-mini rotates 3/4).
+    Phi3LongRope,
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 9] = [
         Family::Llama,
         Family::Qwen2,
         Family::Phi3,
         Family::Gemma2,
         Family::Gemma3,
+        Family::Mixtral,
+        Family::Qwen2Moe,
+        Family::Qwen3Moe,
+        Family::Phi3LongRope,
     ];
 
-    /// The GGUF architecture, also the name of the family's reference file.
+    /// The name of the family's reference file.
     pub fn name(self) -> &'static str {
         match self {
             Family::Llama => "llama",
@@ -46,6 +62,29 @@ impl Family {
             Family::Phi3 => "phi3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2moe",
+            Family::Qwen3Moe => "qwen3moe",
+            Family::Phi3LongRope => "phi3-longrope",
+        }
+    }
+
+    /// The GGUF architecture.
+    pub fn arch(self) -> &'static str {
+        match self {
+            Family::Mixtral => "llama",
+            Family::Phi3LongRope => "phi3",
+            other => other.name(),
+        }
+    }
+
+    /// `(experts, used per token, each expert's intermediate size)`.
+    pub fn experts(self) -> Option<(usize, usize, usize)> {
+        match self {
+            Family::Mixtral => Some((4, 2, 256)),
+            Family::Qwen2Moe => Some((4, 2, 96)),
+            Family::Qwen3Moe => Some((8, 2, 96)),
+            _ => None,
         }
     }
 
@@ -66,17 +105,22 @@ pub struct FamilyModel {
 }
 
 impl FamilyModel {
-    /// Every family in F32; llama and the Gemmas again in Q8_0 (our quantized kernels on their
-    /// shapes).
-    pub const ALL: [FamilyModel; 8] = [
+    /// Every family in F32; llama, the Gemmas and Qwen3-MoE again in Q8_0 (our quantized
+    /// kernels on their shapes, the experts' stacks among them).
+    pub const ALL: [FamilyModel; 13] = [
         Self::f32(Family::Llama),
         Self::f32(Family::Qwen2),
         Self::f32(Family::Phi3),
         Self::f32(Family::Gemma2),
         Self::f32(Family::Gemma3),
+        Self::f32(Family::Mixtral),
+        Self::f32(Family::Qwen2Moe),
+        Self::f32(Family::Qwen3Moe),
+        Self::f32(Family::Phi3LongRope),
         Self::q8_0(Family::Llama),
         Self::q8_0(Family::Gemma2),
         Self::q8_0(Family::Gemma3),
+        Self::q8_0(Family::Qwen3Moe),
     ];
 
     pub const fn f32(family: Family) -> Self {
@@ -112,7 +156,7 @@ struct Shape {
 
 fn shape(family: Family) -> Shape {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Phi3 => Shape {
+        Family::Llama | Family::Qwen2 | Family::Phi3 | Family::Phi3LongRope => Shape {
             hidden: 256,
             ff: 512,
             layers: 2,
@@ -130,6 +174,15 @@ fn shape(family: Family) -> Shape {
             heads: 4,
             kv_heads: 2,
             head_dim: 96,
+            vocab: 256,
+        },
+        Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => Shape {
+            hidden: 128,
+            ff: 256,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
             vocab: 256,
         },
         // Six layers: the default pattern slides on layers 0-4 and attends globally on 5.
@@ -150,7 +203,7 @@ pub fn sliding_window(family: Family) -> Option<usize> {
     match family {
         Family::Phi3 => Some(16),
         Family::Gemma2 | Family::Gemma3 => Some(8),
-        Family::Llama | Family::Qwen2 => None,
+        _ => None,
     }
 }
 
@@ -180,12 +233,14 @@ impl Weights {
     }
 
     /// An F32 tensor of `mean + std * N(0, 1)`; `shape` row-major (outermost first).
-    /// Matrices are stored as Q8_0 in a Q8_0 file (vectors stay F32, as llama.cpp keeps them).
+    /// Matrices (and the experts' stacks of them) are stored as Q8_0 in a Q8_0 file, except the
+    /// router, which llama-quantize leaves alone; vectors stay F32, as llama.cpp keeps them.
     fn tensor(&mut self, name: &str, shape: &[usize], std: f32, mean: f32) {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| mean + std * self.gaussian()).collect();
-        if self.q8_0 && shape.len() == 2 {
-            let t = Tensor::from_vec(values, shape, &Device::Cpu).expect("tensor");
+        if self.q8_0 && shape.len() >= 2 && !name.contains("ffn_gate_inp") {
+            let cols = shape[shape.len() - 1];
+            let t = Tensor::from_vec(values, (n / cols, cols), &Device::Cpu).expect("tensor");
             let q = QTensor::quantize(&t, GgmlDType::Q8_0).expect("quantize");
             let bytes = q.data().expect("data").into_owned();
             self.w.tensor(name, shape, GgmlType::Q8_0, bytes);
@@ -210,10 +265,44 @@ impl Weights {
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) {
         self.tensor(name, &[rows, cols], 1.0 / (cols as f32).sqrt(), 0.0);
     }
+
+    /// `experts` projections `rows × cols`, stacked as llama.cpp stores them.
+    fn experts(&mut self, name: &str, experts: usize, rows: usize, cols: usize) {
+        self.tensor(
+            name,
+            &[experts, rows, cols],
+            1.0 / (cols as f32).sqrt(),
+            0.0,
+        );
+    }
 }
+
+/// The rotated dimensions of each 64-wide head in the LongRoPE file.
+const ROTARY_DIMS_LONGROPE: usize = 48;
 
 /// The spread of the logits: the LM head's rows have this norm over √hidden.
 const LOGIT_SCALE: f32 = 4.0;
+
+/// llama.cpp's reference for a test model (`tests/data/families/<name>.json`).
+pub fn reference(model: FamilyModel) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/families")
+        .join(format!("{}.json", model.name()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (scripts/family_conformance.py writes it)",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// FNV-1a over the file: the references name the file they were made from.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 
 /// Writes the test model to `path`.
 pub fn write_family_gguf(model: FamilyModel, path: &Path) -> std::io::Result<()> {
@@ -223,7 +312,7 @@ pub fn write_family_gguf(model: FamilyModel, path: &Path) -> std::io::Result<()>
 pub fn family_writer(model: FamilyModel) -> GgufWriter {
     let family = model.family;
     let s = shape(family);
-    let arch = family.name();
+    let arch = family.arch();
     let mut w = GgufWriter::new();
     let k = |key: &str| format!("{arch}.{key}");
     w.metadata("general.architecture", arch);
@@ -250,6 +339,23 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
         Family::Phi3 => {
             w.metadata(&k("rope.freq_base"), 10_000f32);
         }
+        Family::Phi3LongRope => {
+            // As the converter writes a 128k Phi-3: the trained context, the original one, and
+            // sqrt(1 + ln(scale) / ln(original)) for the attention factor.
+            w.metadata(&k("rope.freq_base"), 10_000f32);
+            w.metadata(&k("context_length"), 1024u32);
+            w.metadata(&k("rope.scaling.original_context_length"), 256u32);
+            let scale = 1024f64 / 256.0;
+            let attn = (1.0 + scale.ln() / 256f64.ln()).sqrt();
+            w.metadata(&k("rope.scaling.attn_factor"), attn as f32);
+            w.metadata(&k("rope.dimension_count"), ROTARY_DIMS_LONGROPE as u32);
+        }
+        Family::Mixtral => {
+            w.metadata(&k("rope.freq_base"), 1_000_000f32);
+        }
+        Family::Qwen2Moe | Family::Qwen3Moe => {
+            w.metadata(&k("rope.freq_base"), 1_000_000f32);
+        }
         Family::Gemma2 => {
             w.metadata(&k("rope.freq_base"), 10_000f32);
             // Gemma 2 has 50 and 30; this small model's scores and logits are a few units,
@@ -268,6 +374,16 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
     if let Some(window) = sliding_window(family) {
         w.metadata(&k("attention.sliding_window"), window as u32);
     }
+    if let Some((experts, used, expert_ff)) = family.experts() {
+        w.metadata(&k("expert_count"), experts as u32);
+        w.metadata(&k("expert_used_count"), used as u32);
+        if family != Family::Mixtral {
+            w.metadata(&k("expert_feed_forward_length"), expert_ff as u32);
+        }
+        if family == Family::Qwen2Moe {
+            w.metadata(&k("expert_shared_feed_forward_length"), s.ff as u32);
+        }
+    }
     write_gpt2_tokenizer(&mut w, vocab(), s.vocab);
 
     let mut t = Weights {
@@ -278,6 +394,16 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
     let (h, ff, hd) = (s.hidden, s.ff, s.head_dim);
     let (q_rows, kv_rows) = (s.heads * hd, s.kv_heads * hd);
     let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    let phi3 = matches!(family, Family::Phi3 | Family::Phi3LongRope);
+    if family == Family::Phi3LongRope {
+        // Short factors near 1, long ones growing with the pair's wavelength, as the published
+        // files have them.
+        let pairs = ROTARY_DIMS_LONGROPE / 2;
+        let short: Vec<f32> = (0..pairs).map(|i| 1.0 + 0.05 * i as f32).collect();
+        let long: Vec<f32> = (0..pairs).map(|i| 1.0 + 1.5 * i as f32).collect();
+        t.w.tensor_f32("rope_factors_short.weight", &[pairs], &short);
+        t.w.tensor_f32("rope_factors_long.weight", &[pairs], &long);
+    }
     if gemma {
         // Tied: the embedding is also the LM head. Gemma multiplies the input by √hidden.
         t.tensor(
@@ -292,19 +418,19 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
     for i in 0..s.layers {
         let p = |n: &str| format!("blk.{i}.{n}");
         t.norm(&p("attn_norm.weight"), h);
-        if family == Family::Phi3 {
+        if phi3 {
             t.matrix(&p("attn_qkv.weight"), q_rows + 2 * kv_rows, h);
         } else {
             t.matrix(&p("attn_q.weight"), q_rows, h);
             t.matrix(&p("attn_k.weight"), kv_rows, h);
             t.matrix(&p("attn_v.weight"), kv_rows, h);
         }
-        if family == Family::Qwen2 {
+        if matches!(family, Family::Qwen2 | Family::Qwen2Moe) {
             t.tensor(&p("attn_q.bias"), &[q_rows], 0.1, 0.0);
             t.tensor(&p("attn_k.bias"), &[kv_rows], 0.1, 0.0);
             t.tensor(&p("attn_v.bias"), &[kv_rows], 0.1, 0.0);
         }
-        if family == Family::Gemma3 {
+        if matches!(family, Family::Gemma3 | Family::Qwen3Moe) {
             t.norm(&p("attn_q_norm.weight"), hd);
             t.norm(&p("attn_k_norm.weight"), hd);
         }
@@ -313,13 +439,30 @@ pub fn family_writer(model: FamilyModel) -> GgufWriter {
             t.post_norm(&p("post_attention_norm.weight"), h);
         }
         t.norm(&p("ffn_norm.weight"), h);
-        if family == Family::Phi3 {
+        if let Some((experts, _, eff)) = family.experts() {
+            t.matrix(&p("ffn_gate_inp.weight"), experts, h);
+            t.experts(&p("ffn_gate_exps.weight"), experts, eff, h);
+            t.experts(&p("ffn_up_exps.weight"), experts, eff, h);
+            t.experts(&p("ffn_down_exps.weight"), experts, h, eff);
+            if family == Family::Qwen2Moe {
+                t.tensor(
+                    &p("ffn_gate_inp_shexp.weight"),
+                    &[h],
+                    1.0 / (h as f32).sqrt(),
+                    0.0,
+                );
+                t.matrix(&p("ffn_gate_shexp.weight"), ff, h);
+                t.matrix(&p("ffn_up_shexp.weight"), ff, h);
+                t.matrix(&p("ffn_down_shexp.weight"), h, ff);
+            }
+        } else if phi3 {
             t.matrix(&p("ffn_up.weight"), 2 * ff, h);
+            t.matrix(&p("ffn_down.weight"), h, ff);
         } else {
             t.matrix(&p("ffn_gate.weight"), ff, h);
             t.matrix(&p("ffn_up.weight"), ff, h);
+            t.matrix(&p("ffn_down.weight"), h, ff);
         }
-        t.matrix(&p("ffn_down.weight"), h, ff);
         if gemma {
             t.post_norm(&p("post_ffw_norm.weight"), h);
         }

@@ -17,6 +17,7 @@ pub mod default_model;
 pub mod fake_backend;
 pub mod families;
 pub mod gguf_writer;
+pub mod hf_twin;
 pub mod job_api;
 pub mod process;
 pub mod sse;
