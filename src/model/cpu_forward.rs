@@ -393,11 +393,7 @@ impl CpuModel {
             moe.normalize_weights,
         );
         resize(&mut b.proj, n * hsz).fill(0.0);
-        if n == 1 {
-            self.experts_one_row(moe, &routes, b)?;
-        } else {
-            self.experts_grouped(moe, &routes, b)?;
-        }
+        self.experts_grouped(moe, &routes, b)?;
         if let Some((shared, gate)) = &moe.shared {
             resize(&mut b.expert_x, n * hsz).copy_from_slice(&b.h[..n * hsz]);
             self.expert_rows(shared, b, n)?;
@@ -433,48 +429,6 @@ impl CpuModel {
                 for (o, &v) in b.proj[r * hsz..(r + 1) * hsz].iter_mut().zip(y) {
                     *o += w * v;
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// One row (a single sequence decoding): every chosen expert reads the same input, so all
-    /// their gate and up projections go to the pool in one dispatch, the input quantized once.
-    fn experts_one_row(
-        &self,
-        moe: &CpuMoe,
-        routes: &Routes,
-        b: &mut Buffers,
-    ) -> Result<(), KernelError> {
-        let hsz = self.hidden;
-        let chosen: Vec<(usize, f32)> = routes.active().map(|(e, r)| (e, r[0].1)).collect();
-        let Some(ff) = chosen.first().map(|&(e, _)| moe.experts[e].gate.rows()) else {
-            return Ok(());
-        };
-        let k = chosen.len();
-        let matrices: Vec<_> = chosen
-            .iter()
-            .flat_map(|&(e, _)| [moe.experts[e].gate.matrix(), moe.experts[e].up.matrix()])
-            .collect();
-        {
-            let outs = resize(&mut b.gate_up, 2 * k * ff).chunks_mut(ff);
-            let mut jobs: Vec<_> = matrices.iter().zip(outs).collect();
-            kernels::matmul_many(&self.pool, &mut jobs, &b.h[..hsz], 1, &mut b.scratch)?;
-        }
-        for (j, &(e, w)) in chosen.iter().enumerate() {
-            let gu = &mut b.gate_up[2 * j * ff..(2 * j + 2) * ff];
-            let (g, u) = gu.split_at_mut(ff);
-            silu_mul(g, u);
-            kernels::matmul(
-                &self.pool,
-                &moe.experts[e].down.matrix(),
-                g,
-                1,
-                resize(&mut b.expert_y, hsz),
-                &mut b.scratch,
-            )?;
-            for (o, &v) in b.proj[..hsz].iter_mut().zip(&b.expert_y[..hsz]) {
-                *o += w * v;
             }
         }
         Ok(())
