@@ -626,12 +626,18 @@ fn unsupported_tensor_types_and_architectures_are_named() {
         .expect_err("unsupported arch");
     assert!(err.to_string().contains("\"mamba\""), "{err}");
 
-    // Gemma loads from GGUF only: a safetensors Gemma is refused by name, not misread as llama.
+    // An unknown model_type in config.json is refused by name, not misread as llama; so is
+    // Gemma 3's multimodal config (only its text model, gemma3_text, is read).
     let mut cfg_json = TinySpec::new(Arch::Llama).config_json();
-    cfg_json["model_type"] = "gemma2".into();
+    cfg_json["model_type"] = "mamba".into();
     let err = ModelConfig::from_hf_json(&cfg_json.to_string(), "config.json")
-        .expect_err("safetensors gemma");
-    assert!(err.to_string().contains("gemma2"), "{err}");
+        .expect_err("unknown model_type");
+    assert!(err.to_string().contains("\"mamba\""), "{err}");
+    cfg_json["model_type"] = "gemma3".into();
+    cfg_json["text_config"] = serde_json::json!({});
+    let err = ModelConfig::from_hf_json(&cfg_json.to_string(), "config.json")
+        .expect_err("multimodal gemma3");
+    assert!(err.to_string().contains("gemma3_text"), "{err}");
 
     // LongRoPE factors are read for Phi-3 (tests/families.rs runs them against llama.cpp); in a
     // file of another architecture, whose llama.cpp graph ignores them, they are refused rather

@@ -586,23 +586,32 @@ impl ModelConfig {
             source_name: source_name.to_string(),
             message: e.to_string(),
         };
-        let raw: HfConfig = serde_json::from_str(text).map_err(json_err)?;
-        let model_type = raw.model_type.clone().unwrap_or_default();
-        let architecture = Architecture::from_name(&model_type).ok_or_else(|| {
-            ConfigError::UnsupportedArchitecture {
-                source_name: source_name.to_string(),
-                name: model_type.clone(),
-            }
-        })?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(json_err)?;
         let invalid = |problem: String| ConfigError::Invalid {
             source_name: source_name.to_string(),
             problem,
         };
-        if architecture.is_gemma() {
-            return Err(invalid(format!(
-                "{model_type} is supported from GGUF files only, not from safetensors"
-            )));
+        // Gemma 3's multimodal checkpoints nest the text model's config (and name its weights
+        // apart); only the text model's own checkpoint (`gemma3_text`) is read.
+        if value.get("model_type").and_then(|v| v.as_str()) == Some("gemma3")
+            && value.get("text_config").is_some()
+        {
+            return Err(invalid(
+                "gemma3 with a text_config (the multimodal checkpoint) is not supported; \
+                 the text-only gemma3_text checkpoint is"
+                    .into(),
+            ));
         }
+        let raw: HfConfig = serde_json::from_value(value).map_err(json_err)?;
+        let model_type = raw.model_type.clone().unwrap_or_default();
+        let architecture = match model_type.as_str() {
+            "gemma3_text" => Some(Architecture::Gemma3),
+            name => Architecture::from_name(name),
+        }
+        .ok_or_else(|| ConfigError::UnsupportedArchitecture {
+            source_name: source_name.to_string(),
+            name: model_type.clone(),
+        })?;
         if raw.num_attention_heads == 0 {
             return Err(invalid("num_attention_heads is 0".into()));
         }
@@ -690,7 +699,7 @@ impl ModelConfig {
         }
         .filter(|&w| w > 0);
         let moe = raw.moe(architecture).map_err(invalid)?;
-        let cfg = Self {
+        let mut cfg = Self {
             architecture,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -717,9 +726,95 @@ impl ModelConfig {
             ffn_activation: FfnActivation::Silu,
             moe,
         };
+        if architecture.is_gemma() {
+            cfg.read_gemma_hf(&raw).map_err(invalid)?;
+        }
         cfg.validate(source_name)?;
         Ok(cfg)
     }
+
+    /// Gemma 2 and 3's keys in a Hugging Face `config.json`, read as transformers'
+    /// `modeling_gemma2.py` / `modeling_gemma3.py` use them; for the checkpoints llama.cpp
+    /// converts, this is what [`Self::read_gemma_gguf`] reads from the GGUF. The norms' `1 +`
+    /// is added when the weights load (the checkpoint stores `w`, the GGUF `1 + w`).
+    fn read_gemma_hf(&mut self, raw: &HfConfig) -> Result<(), String> {
+        let activation = raw
+            .hidden_activation
+            .as_deref()
+            .or(raw.hidden_act.as_deref());
+        match activation {
+            None | Some("gelu_pytorch_tanh" | "gelu_tanh" | "gelu") => {}
+            Some(other) => return Err(format!("hidden_activation {other:?} is not supported")),
+        }
+        // Which layers slide: `layer_types` if given, else every other layer from the first
+        // (Gemma 2) or `n - 1` of every `n` (Gemma 3, `sliding_window_pattern`, default 6).
+        let layers = |n: usize| -> Result<Vec<bool>, String> {
+            if let Some(types) = &raw.layer_types {
+                if types.len() != self.num_layers {
+                    return Err(format!(
+                        "{} layer_types for {} layers",
+                        types.len(),
+                        self.num_layers
+                    ));
+                }
+                return types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(format!("layer type {other:?} is not supported")),
+                    })
+                    .collect();
+            }
+            Ok((0..self.num_layers)
+                .map(|l| n == 0 || l % n < n - 1)
+                .collect())
+        };
+        let cap = |v: Option<Option<f64>>, default: Option<f64>| {
+            v.unwrap_or(default).filter(|&c| c != 0.0).map(|c| c as f32)
+        };
+        self.swa_rope = None;
+        match self.architecture {
+            Architecture::Gemma2 => {
+                self.sliding_window = Some(raw.sliding_window.unwrap_or(4096)).filter(|&w| w > 0);
+                self.sliding_window_layers = layers(2)?;
+                self.attn_logit_softcap = cap(raw.attn_logit_softcapping, Some(50.0));
+                self.final_logit_softcap = cap(raw.final_logit_softcapping, Some(30.0));
+            }
+            Architecture::Gemma3 => {
+                self.sliding_window = raw.sliding_window.filter(|&w| w > 0);
+                if self.sliding_window.is_some() {
+                    self.sliding_window_layers = layers(raw.sliding_window_pattern.unwrap_or(6))?;
+                    self.swa_rope = Some(SwaRope {
+                        theta: raw.rope_local_base_freq.unwrap_or(10_000.0),
+                        scaling: RopeScaling::None,
+                    });
+                }
+                self.attn_logit_softcap = cap(raw.attn_logit_softcapping, None);
+                self.final_logit_softcap = cap(raw.final_logit_softcapping, None);
+            }
+            _ => {}
+        }
+        self.embedding_scale = Some((self.hidden_size as f32).sqrt());
+        // Queries are scaled by `query_pre_attn_scalar^-0.5` (the 27B models: hidden / heads,
+        // which llama.cpp knows by their layer count).
+        let scalar = raw.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        if !(scalar.is_finite() && scalar > 0.0) {
+            return Err(format!("query_pre_attn_scalar {scalar} is not positive"));
+        }
+        self.attention_scale = Some(1.0 / (scalar as f32).sqrt());
+        self.ffn_activation = FfnActivation::GeluTanh;
+        Ok(())
+    }
+}
+
+/// A key that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
@@ -751,6 +846,22 @@ struct HfConfig {
     decoder_sparse_step: Option<usize>,
     #[serde(default)]
     mlp_only_layers: Vec<usize>,
+    /// Gemma: queries are scaled by its inverse square root.
+    query_pre_attn_scalar: Option<f64>,
+    /// Gemma: absent, `null` (no cap) or the cap.
+    #[serde(default, deserialize_with = "present")]
+    attn_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    final_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 3: `n - 1` of every `n` layers slide.
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    /// Each layer's attention: `sliding_attention` or `full_attention`.
+    layer_types: Option<Vec<String>>,
+    /// Gemma 3: the sliding layers' rope base.
+    rope_local_base_freq: Option<f64>,
+    hidden_activation: Option<String>,
+    hidden_act: Option<String>,
 }
 
 impl HfConfig {
@@ -896,6 +1007,45 @@ mod tests {
                 .to_string()
                 .contains("rope frequency factors")
         );
+    }
+
+    /// Gemma's keys: the query scale, soft caps (absent: the defaults, `null`: none), the
+    /// sliding layers from the pattern or `layer_types`, and Gemma 3's local rope base.
+    #[test]
+    fn hugging_face_gemma_configs() {
+        let g2 = hf(
+            r#""model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 144,
+                       "sliding_window": 8, "hidden_activation": "gelu_pytorch_tanh""#,
+        )
+        .unwrap();
+        assert_eq!(g2.attention_scale, Some(1.0 / 12.0));
+        assert_eq!(
+            (g2.attn_logit_softcap, g2.final_logit_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(g2.sliding_window_layers, [true, false]);
+        assert_eq!(g2.embedding_scale, Some(8.0));
+        assert!(g2.swa_rope.is_none());
+        let g2 = hf(r#""model_type": "gemma2", "attn_logit_softcapping": null,
+                       "final_logit_softcapping": null"#)
+        .unwrap();
+        assert_eq!(
+            (g2.attn_logit_softcap, g2.final_logit_softcap),
+            (None, None)
+        );
+
+        let g3 = hf(r#""model_type": "gemma3_text", "sliding_window": 512,
+                       "layer_types": ["full_attention", "sliding_attention"],
+                       "rope_local_base_freq": 20000.0, "final_logit_softcapping": null"#)
+        .unwrap();
+        assert_eq!(g3.architecture, Architecture::Gemma3);
+        assert_eq!(g3.sliding_window_layers, [false, true]);
+        assert_eq!(g3.swa_rope.as_ref().map(|r| r.theta), Some(20000.0));
+        assert_eq!(
+            (g3.attn_logit_softcap, g3.final_logit_softcap),
+            (None, None)
+        );
+        assert!(hf(r#""model_type": "gemma3_text", "hidden_activation": "silu""#).is_err());
     }
 
     #[test]

@@ -781,14 +781,20 @@ impl Decoder {
             }
         };
         let eps = cfg.rms_norm_eps as f32;
+        // Gemma normalizes by `1 + w`: the GGUF converter stored the sum, a Hugging Face
+        // checkpoint stores `w`, so the sum is taken here.
+        let norm_offset = !store.is_gguf()
+            && matches!(
+                cfg.architecture,
+                super::config::Architecture::Gemma2 | super::config::Architecture::Gemma3
+            );
         let norm = |name: WeightName, size: usize| -> Result<RmsNorm, ModelError> {
             let w = store.require(name, &[size], device, DenseDType::Exactly(DType::F32))?;
-            Ok(RmsNorm {
-                weight: w
-                    .to_dense_f32(device)
-                    .map_err(candle_err(format!("{name:?}")))?,
-                eps,
-            })
+            let weight = w
+                .to_dense_f32(device)
+                .and_then(|w| if norm_offset { w + 1.0 } else { Ok(w) })
+                .map_err(candle_err(format!("{name:?}")))?;
+            Ok(RmsNorm { weight, eps })
         };
         let vector = |name: WeightName, size: usize| -> Result<Option<Tensor>, ModelError> {
             store

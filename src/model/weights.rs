@@ -112,16 +112,32 @@ impl WeightName {
     }
 
     /// The Hugging Face names, the first found wins (Mixtral names its blocks apart from Qwen's
-    /// MoE). Experts are one tensor each: see [`Self::hf_expert_names`].
-    fn hf_names(self) -> Vec<String> {
+    /// MoE). Experts are one tensor each: see [`Self::hf_expert_names`]. `gemma_norms`: the
+    /// layer has Gemma's four norms (see [`Self::hf_gemma_norm`]).
+    fn hf_names(self, gemma_norms: bool) -> Vec<String> {
         use LayerWeight as L;
         match self {
             Self::Layer(i, L::Router) => vec![
                 format!("model.layers.{i}.mlp.gate.weight"),
                 format!("model.layers.{i}.block_sparse_moe.gate.weight"),
             ],
+            Self::Layer(i, w @ (L::FfnNorm | L::PostAttnNorm | L::PostFfnNorm)) if gemma_norms => {
+                vec![Self::hf_gemma_norm(i, w)]
+            }
             _ => self.hf_name().into_iter().collect(),
         }
+    }
+
+    /// Gemma's layer norms. Its `post_attention_layernorm` normalizes the attention output
+    /// (llama's same-named norm is the FFN's input norm); the FFN's input norm is
+    /// `pre_feedforward_layernorm`. A layer holding that name has Gemma's layout.
+    fn hf_gemma_norm(layer: usize, which: LayerWeight) -> String {
+        let suffix = match which {
+            LayerWeight::PostAttnNorm => "post_attention_layernorm",
+            LayerWeight::PostFfnNorm => "post_feedforward_layernorm",
+            _ => "pre_feedforward_layernorm",
+        };
+        format!("model.layers.{layer}.{suffix}.weight")
     }
 
     /// Expert `e`'s tensor names for a stacked expert role.
@@ -159,7 +175,7 @@ impl WeightName {
                     L::QNorm => "self_attn.q_norm.weight",
                     L::KNorm => "self_attn.k_norm.weight",
                     L::FfnNorm => "post_attention_layernorm.weight",
-                    // Gemma loads from GGUF only (its Hugging Face names reuse the ones above).
+                    // Gemma's layout only (`hf_gemma_norm`): a llama layer has no such norms.
                     L::PostAttnNorm | L::PostFfnNorm => return None,
                     L::Gate => "mlp.gate_proj.weight",
                     L::Up => "mlp.up_proj.weight",
@@ -344,7 +360,13 @@ impl WeightStore {
         match self {
             Self::Gguf(_) => Some(name.gguf_name()),
             Self::Safetensors { tensors, .. } => {
-                let names = name.hf_names();
+                let gemma_norms = match name {
+                    WeightName::Layer(i, _) => tensors
+                        .get(&WeightName::hf_gemma_norm(i, LayerWeight::FfnNorm))
+                        .is_ok(),
+                    _ => false,
+                };
+                let names = name.hf_names(gemma_norms);
                 names
                     .iter()
                     .find(|n| tensors.get(n).is_ok())

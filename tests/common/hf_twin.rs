@@ -16,8 +16,13 @@
 //!   dimensions into `partial_rotary_factor`, as the converter computes them
 //!   (`int(partial_rotary_factor * hidden) // heads`).
 //!
-//! Only F32 files are converted: a quantized tensor has no exact safetensors twin. Gemma is
-//! refused too: the decoder loads Gemma 2 and 3 from GGUF only.
+//! - Gemma's norms (every one: the layers', the final one, Gemma 3's q/k norms) were stored as
+//!   `1 + w`; the 1 is taken off again (exactly: the weights are near 1). Its layer norms take
+//!   Gemma's names (`post_attention_layernorm` is the attention output's norm there,
+//!   `pre_feedforward_layernorm` the FFN's input norm), and its keys (the query scale, soft
+//!   caps, sliding pattern, the sliding layers' rope base) go back into `config.json`.
+//!
+//! Only F32 files are converted: a quantized tensor has no exact safetensors twin.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -83,6 +88,8 @@ fn model_type(arch: &str, experts: usize) -> Result<&'static str, String> {
         "phi3" => "phi3",
         "qwen2moe" => "qwen2_moe",
         "qwen3moe" => "qwen3_moe",
+        "gemma2" => "gemma2",
+        "gemma3" => "gemma3_text",
         other => return Err(format!("no Hugging Face twin for architecture {other:?}")),
     })
 }
@@ -236,6 +243,66 @@ pub fn hf_twin(path: &Path) -> Result<HfTwin, String> {
         }
     }
 
+    if arch.starts_with("gemma") {
+        // As llama.cpp (after gemma_pytorch) scales queries: by hidden / heads for the 27B
+        // models, known by their layer count, else by the head size.
+        let layers = usize_key("block_count")?;
+        let is_27b = matches!((arch, layers), ("gemma2", 46) | ("gemma3", 62));
+        let scalar = if is_27b { hidden / heads } else { head_dim };
+        set(&mut config, "query_pre_attn_scalar", json!(scalar));
+        set(&mut config, "hidden_activation", json!("gelu_pytorch_tanh"));
+        let window = file
+            .get_usize(&key("attention.sliding_window"))
+            .map_err(err)?;
+        if file
+            .get(&key("attention.sliding_window_pattern"))
+            .and_then(|v| v.as_array())
+            .is_some()
+        {
+            return Err("a per-layer sliding_window_pattern has no twin here".into());
+        }
+        let pattern = file
+            .get_usize(&key("attention.sliding_window_pattern"))
+            .map_err(err)?;
+        let swa_base = f64_key("rope.freq_base_swa")?;
+        if arch == "gemma2" {
+            set(&mut config, "sliding_window", json!(window.unwrap_or(4096)));
+            if pattern.is_some_and(|n| n != 2) || swa_base.is_some() {
+                return Err("a Gemma 2 sliding pattern or rope other than 2, none".into());
+            }
+            let cap = |k: &str, default: f64| -> Result<f64, String> {
+                Ok(f64_key(k)?.unwrap_or(default))
+            };
+            set(
+                &mut config,
+                "attn_logit_softcapping",
+                json!(cap("attn_logit_softcapping", 50.0)?),
+            );
+            set(
+                &mut config,
+                "final_logit_softcapping",
+                json!(cap("final_logit_softcapping", 30.0)?),
+            );
+        } else {
+            set(
+                &mut config,
+                "sliding_window_pattern",
+                json!(pattern.unwrap_or(6)),
+            );
+            set(
+                &mut config,
+                "rope_local_base_freq",
+                json!(swa_base.unwrap_or(10_000.0)),
+            );
+            set(&mut config, "attn_logit_softcapping", Value::Null);
+            set(
+                &mut config,
+                "final_logit_softcapping",
+                json!(f64_key("final_logit_softcapping")?.filter(|&c| c != 0.0)),
+            );
+        }
+    }
+
     let dims = Dims {
         hidden,
         heads,
@@ -292,6 +359,11 @@ fn hf_tensors(
         "output.weight" => Some("lm_head.weight"),
         _ => None,
     };
+    let gemma = model_type.starts_with("gemma");
+    if gemma && name.ends_with("norm.weight") {
+        // The converter's `norm_shift`: every Gemma norm was stored as `1 + w`.
+        t.values.iter_mut().for_each(|v| *v -= 1.0);
+    }
     if let Some(hf) = top {
         return Ok(vec![(hf.to_string(), t)]);
     }
@@ -323,6 +395,9 @@ fn hf_tensors(
         "attn_output.weight" => one("self_attn.o_proj.weight", t),
         "attn_q_norm.weight" => one("self_attn.q_norm.weight", t),
         "attn_k_norm.weight" => one("self_attn.k_norm.weight", t),
+        "post_attention_norm.weight" if gemma => one("post_attention_layernorm.weight", t),
+        "ffn_norm.weight" if gemma => one("pre_feedforward_layernorm.weight", t),
+        "post_ffw_norm.weight" if gemma => one("post_feedforward_layernorm.weight", t),
         "ffn_norm.weight" => one("post_attention_layernorm.weight", t),
         "ffn_gate.weight" => one("mlp.gate_proj.weight", t),
         // Phi-3's fused gate and up projection, gate rows first, is stored as `ffn_up`.
