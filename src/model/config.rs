@@ -214,6 +214,41 @@ pub enum ConfigError {
     },
 }
 
+/// The base of the readers' struct literals: the llama family's flags (no window, no Gemma
+/// scales or caps, SwiGLU, no experts) and zero sizes, which [`ModelConfig::validate`] rejects,
+/// so a reader must set every size.
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            vocab_size: 0,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::HalfSplit,
+            rope_scaling: RopeScaling::None,
+            rope_dims: 0,
+            rope_attn_factor: 1.0,
+            rope_original_context: 0,
+            max_position_embeddings: 0,
+            sliding_window: None,
+            sliding_window_layers: Vec::new(),
+            swa_rope: None,
+            embedding_scale: None,
+            attention_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            ffn_activation: FfnActivation::Silu,
+            moe: None,
+        }
+    }
+}
+
 impl ModelConfig {
     /// Checks the relations the decoder relies on.
     pub fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
@@ -407,19 +442,13 @@ impl ModelConfig {
                 .get_usize(&key("rope.scaling.original_context_length"))?
                 .unwrap_or(max_position_embeddings),
             max_position_embeddings,
+            moe,
             // llama.cpp reads `{arch}.attention.sliding_window` only for the families whose
             // graphs use it (below). For llama, qwen2, qwen3 and phi3 it ignores the key:
             // Phi-3's converter writes 2047 or 262144 there, which llama.cpp deliberately does
             // not apply, and llama.cpp's Mistral (a `llama` GGUF) attends to the whole context.
-            sliding_window: None,
-            sliding_window_layers: Vec::new(),
-            swa_rope: None,
-            embedding_scale: None,
-            attention_scale: None,
-            attn_logit_softcap: None,
-            final_logit_softcap: None,
-            ffn_activation: FfnActivation::Silu,
-            moe,
+            // The other family flags are Gemma's, set below.
+            ..Self::default()
         };
         if architecture.is_gemma() {
             cfg.read_gemma_gguf(file, arch_name)?;
@@ -717,14 +746,8 @@ impl ModelConfig {
             rope_original_context,
             max_position_embeddings,
             sliding_window,
-            sliding_window_layers: Vec::new(),
-            swa_rope: None,
-            embedding_scale: None,
-            attention_scale: None,
-            attn_logit_softcap: None,
-            final_logit_softcap: None,
-            ffn_activation: FfnActivation::Silu,
             moe,
+            ..Self::default()
         };
         if architecture.is_gemma() {
             cfg.read_gemma_hf(&raw).map_err(invalid)?;

@@ -123,30 +123,25 @@ impl Rope {
         cos: &Tensor,
         sin: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let (_, _, head_dim) = x.dims3()?;
-        let rotated = 2 * self.half();
-        if rotated < head_dim {
-            let head = self.apply_tensor_full(&x.narrow(2, 0, rotated)?, cos, sin)?;
-            let tail = x.narrow(2, rotated, head_dim - rotated)?;
-            return Tensor::cat(&[&head, &tail], 2);
-        }
-        self.apply_tensor_full(x, cos, sin)
-    }
-
-    fn apply_tensor_full(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> candle_core::Result<Tensor> {
         let (rows, heads, head_dim) = x.dims3()?;
+        let rotated = 2 * self.half();
+        let head = if rotated < head_dim {
+            x.narrow(2, 0, rotated)?
+        } else {
+            x.clone()
+        };
         // Each row is its own "batch" entry so that it gets its own position's cos/sin.
-        let x4 = x.contiguous()?.reshape((rows, heads, 1, head_dim))?;
+        let x4 = head.contiguous()?.reshape((rows, heads, 1, rotated))?;
         let y = match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x4, cos, sin)?,
             RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x4, cos, sin)?,
-        };
-        y.reshape((rows, heads, head_dim))
+        }
+        .reshape((rows, heads, rotated))?;
+        if rotated < head_dim {
+            Tensor::cat(&[&y, &x.narrow(2, rotated, head_dim - rotated)?], 2)
+        } else {
+            Ok(y)
+        }
     }
 
     /// Rotates every head of one row in place (`cos`/`sin`: that row's `half` values); with
@@ -170,11 +165,9 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Architecture;
 
     fn cfg(scaling: RopeScaling) -> ModelConfig {
         ModelConfig {
-            architecture: Architecture::Llama,
             hidden_size: 64,
             intermediate_size: 128,
             num_layers: 1,
@@ -182,23 +175,11 @@ mod tests {
             num_kv_heads: 1,
             head_dim: 64,
             vocab_size: 10,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_style: RopeStyle::HalfSplit,
             rope_scaling: scaling,
             rope_dims: 64,
-            rope_attn_factor: 1.0,
             rope_original_context: 128,
             max_position_embeddings: 128,
-            sliding_window: None,
-            sliding_window_layers: Vec::new(),
-            swa_rope: None,
-            embedding_scale: None,
-            attention_scale: None,
-            attn_logit_softcap: None,
-            final_logit_softcap: None,
-            ffn_activation: crate::model::config::FfnActivation::Silu,
-            moe: None,
+            ..ModelConfig::default()
         }
     }
 
