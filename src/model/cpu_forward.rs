@@ -307,20 +307,14 @@ impl CpuModel {
                 CpuFfn::Dense { gate_up, down } => {
                     let h = &b.h[..n * hsz];
                     match gate_up {
-                        CpuGateUp::Separate { gate, up } => {
-                            let (gm, um) = (gate.matrix(), up.matrix());
-                            kernels::matmul_many(
-                                pool,
-                                &mut [
-                                    (&gm, resize(&mut b.gate, n * ff)),
-                                    (&um, resize(&mut b.up, n * ff)),
-                                ],
-                                h,
-                                n,
-                                &mut b.scratch,
-                            )?;
-                            self.activate(&mut b.gate[..n * ff], &b.up[..n * ff]);
-                        }
+                        CpuGateUp::Separate { gate, up } => self.gated_rows(
+                            [gate, up, down],
+                            h,
+                            n,
+                            [&mut b.gate, &mut b.up],
+                            &mut b.proj,
+                            &mut b.scratch,
+                        )?,
                         CpuGateUp::Fused(m) => {
                             let gu = resize(&mut b.gate_up, n * 2 * ff);
                             kernels::matmul(pool, &m.matrix(), h, n, gu, &mut b.scratch)?;
@@ -330,17 +324,17 @@ impl CpuModel {
                                 gate[r * ff..(r + 1) * ff].copy_from_slice(g);
                                 self.activate(&mut gate[r * ff..(r + 1) * ff], u);
                             }
+                            let proj = resize(&mut b.proj, n * hsz);
+                            kernels::matmul(
+                                pool,
+                                &down.matrix(),
+                                &b.gate[..n * ff],
+                                n,
+                                proj,
+                                &mut b.scratch,
+                            )?;
                         }
                     }
-                    let proj = resize(&mut b.proj, n * hsz);
-                    kernels::matmul(
-                        pool,
-                        &down.matrix(),
-                        &b.gate[..n * ff],
-                        n,
-                        proj,
-                        &mut b.scratch,
-                    )?;
                 }
                 CpuFfn::Experts(moe) => self.experts(moe, b, n)?,
             }
@@ -393,10 +387,37 @@ impl CpuModel {
             moe.normalize_weights,
         );
         resize(&mut b.proj, n * hsz).fill(0.0);
-        self.experts_grouped(moe, &routes, b)?;
+        for (e, routed) in routes.active() {
+            let m = routed.len();
+            let x = resize(&mut b.expert_x, m * hsz);
+            for (j, &(r, _)) in routed.iter().enumerate() {
+                x[j * hsz..(j + 1) * hsz].copy_from_slice(&b.h[r * hsz..(r + 1) * hsz]);
+            }
+            let expert = &moe.experts[e];
+            self.gated_rows(
+                [&expert.gate, &expert.up, &expert.down],
+                &b.expert_x[..m * hsz],
+                m,
+                [&mut b.gate, &mut b.up],
+                &mut b.expert_y,
+                &mut b.scratch,
+            )?;
+            for (j, &(r, w)) in routed.iter().enumerate() {
+                let y = &b.expert_y[j * hsz..(j + 1) * hsz];
+                for (o, &v) in b.proj[r * hsz..(r + 1) * hsz].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+        }
         if let Some((shared, gate)) = &moe.shared {
-            resize(&mut b.expert_x, n * hsz).copy_from_slice(&b.h[..n * hsz]);
-            self.expert_rows(shared, b, n)?;
+            self.gated_rows(
+                [&shared.gate, &shared.up, &shared.down],
+                &b.h[..n * hsz],
+                n,
+                [&mut b.gate, &mut b.up],
+                &mut b.expert_y,
+                &mut b.scratch,
+            )?;
             for r in 0..n {
                 let row = r * hsz..(r + 1) * hsz;
                 let logit: f32 = b.h[row.clone()].iter().zip(gate).map(|(x, w)| x * w).sum();
@@ -409,58 +430,34 @@ impl CpuModel {
         Ok(())
     }
 
-    /// Several rows: each active expert runs once on the rows routed to it.
-    fn experts_grouped(
+    /// `out = down(act(gate · x) * up · x)` for the `m` rows of `x`: a dense feed-forward
+    /// block or one expert; `g` and `u` receive the gate and up projections.
+    fn gated_rows(
         &self,
-        moe: &CpuMoe,
-        routes: &Routes,
-        b: &mut Buffers,
-    ) -> Result<(), KernelError> {
-        let hsz = self.hidden;
-        for (e, routed) in routes.active() {
-            let m = routed.len();
-            let x = resize(&mut b.expert_x, m * hsz);
-            for (j, &(r, _)) in routed.iter().enumerate() {
-                x[j * hsz..(j + 1) * hsz].copy_from_slice(&b.h[r * hsz..(r + 1) * hsz]);
-            }
-            self.expert_rows(&moe.experts[e], b, m)?;
-            for (j, &(r, w)) in routed.iter().enumerate() {
-                let y = &b.expert_y[j * hsz..(j + 1) * hsz];
-                for (o, &v) in b.proj[r * hsz..(r + 1) * hsz].iter_mut().zip(y) {
-                    *o += w * v;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One expert's SwiGLU block on the `m` rows in `b.expert_x`, into `b.expert_y`.
-    fn expert_rows(
-        &self,
-        expert: &CpuExpert,
-        b: &mut Buffers,
+        [gate, up, down]: [&MappedMatrix; 3],
+        x: &[f32],
         m: usize,
+        [g, u]: [&mut Vec<f32>; 2],
+        out: &mut Vec<f32>,
+        scratch: &mut ActivationScratch,
     ) -> Result<(), KernelError> {
-        let ff = expert.gate.rows();
-        let (gm, um) = (expert.gate.matrix(), expert.up.matrix());
+        let ff = gate.rows();
+        let (gm, um) = (gate.matrix(), up.matrix());
         kernels::matmul_many(
             &self.pool,
-            &mut [
-                (&gm, resize(&mut b.gate, m * ff)),
-                (&um, resize(&mut b.up, m * ff)),
-            ],
-            &b.expert_x[..m * self.hidden],
+            &mut [(&gm, resize(g, m * ff)), (&um, resize(u, m * ff))],
+            x,
             m,
-            &mut b.scratch,
+            scratch,
         )?;
-        silu_mul(&mut b.gate[..m * ff], &b.up[..m * ff]);
+        self.activate(&mut g[..m * ff], &u[..m * ff]);
         kernels::matmul(
             &self.pool,
-            &expert.down.matrix(),
-            &b.gate[..m * ff],
+            &down.matrix(),
+            &g[..m * ff],
             m,
-            resize(&mut b.expert_y, m * self.hidden),
-            &mut b.scratch,
+            resize(out, m * self.hidden),
+            scratch,
         )
     }
 
