@@ -281,6 +281,10 @@ async fn context_errors_name_where_max_tokens_came_from() {
     let v: Value = r.json().await.unwrap();
     let message = v["error"]["message"].as_str().unwrap();
     assert!(!message.contains("integer"), "{message}");
+    assert!(
+        message.contains("18446744073709551615 for the completion"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

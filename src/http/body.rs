@@ -33,11 +33,28 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         match serde_json::from_slice(&bytes) {
             Ok(Value::Object(map)) => Ok(Self(map)),
             Ok(_) => Err(ApiError::bad_body("the request body must be a JSON object")),
-            Err(e) => Err(ApiError::bad_body(format!(
-                "the request body is not valid JSON: {e}"
-            ))),
+            Err(e) => Err(ApiError::bad_body(json_error_message(&e))),
         }
     }
+}
+
+/// serde_json names an unpaired UTF-16 surrogate escape (`"\ud800"`) by the parser state it
+/// stopped in ("unexpected end of hex escape", "lone leading surrogate" for a trailing one);
+/// these are its only sources, so both are said as what the client sent.
+fn json_error_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("unexpected end of hex escape")
+        || text.starts_with("lone leading surrogate")
+    {
+        return format!(
+            "the request body is not valid JSON: an unpaired UTF-16 surrogate escape \\uD800 to \\uDFFF \
+             at line {} column {} (a string holds Unicode characters; one beyond U+FFFF is \
+             written as a pair of escapes, high then low)",
+            e.line(),
+            e.column()
+        );
+    }
+    format!("the request body is not valid JSON: {e}")
 }
 
 /// `application/json`, optionally with parameters (`; charset=utf-8`), or any `+json` type.
@@ -56,4 +73,34 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
         .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: &str) -> String {
+        let e = serde_json::from_str::<Value>(body).expect_err("not JSON");
+        json_error_message(&e)
+    }
+
+    #[test]
+    fn an_unpaired_surrogate_is_named_as_such() {
+        for body in [
+            r#"{"a": "\ud800"}"#,
+            r#"{"a": "\ud800x"}"#,
+            r#"{"a": "\ud800\n"}"#,
+            r#"{"a": "\ud800\u0041"}"#,
+            r#"{"a": "\udc00"}"#,
+        ] {
+            let m = message(body);
+            assert!(m.contains("unpaired UTF-16 surrogate"), "{body}: {m}");
+            assert!(m.contains("line 1 column"), "{body}: {m}");
+        }
+        // A pair is a character; other errors keep serde_json's words.
+        assert!(serde_json::from_str::<Value>(r#"{"a": "\ud83d\ude00"}"#).is_ok());
+        let m = message(r#"{"a": "\u12"}"#);
+        assert!(!m.contains("surrogate"), "{m}");
+        assert!(message("{").contains("EOF while parsing"));
+    }
 }

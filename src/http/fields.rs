@@ -245,8 +245,12 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A count of at least 1 (`max_tokens`, `max_completion_tokens`).
+    /// A count of at least 1 (`max_tokens`, `max_completion_tokens`). Counts beyond `i64`
+    /// keep their value, so that a refusal names the number the client sent.
     pub fn count(&mut self, name: &str) -> Option<usize> {
+        if let Some(n) = self.get(name)?.as_u64().filter(|&n| n >= 1) {
+            return Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
         match self.int(name)? {
             n if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
             _ => {

@@ -215,7 +215,7 @@ pub fn resolve_max_tokens(
                 "This model's maximum context length is {context_length} tokens. However, you \
                  requested {} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} for \
                  the completion). Please reduce the length of the {prompt_param} or max_tokens.",
-                prompt_tokens.saturating_add(max_tokens)
+                prompt_tokens as u128 + max_tokens as u128
             ),
         ),
         ContextFitError::NoRoom { .. } => OpenAiError::context_length_exceeded(
