@@ -1,8 +1,10 @@
 //! [`JsonObject`]: the request body as a JSON object, with the body-level errors (415, 413,
-//! malformed JSON) mapped to [`ApiError`] here rather than to axum's plain-text rejections.
+//! malformed JSON) mapped to [`ApiError`] here rather than to axum's plain-text rejections;
+//! [`path_text`]: a route's path parameter, for each API to refuse in its own shape.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde_json::{Map, Value};
 
@@ -35,6 +37,16 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             Ok(_) => Err(ApiError::bad_body("the request body must be a JSON object")),
             Err(e) => Err(ApiError::bad_body(json_error_message(&e))),
         }
+    }
+}
+
+/// The route's one path parameter as text, or axum's reason why it is not (it is not UTF-8
+/// once percent-decoded): each API turns the reason into a 400 in its own shape rather than
+/// axum's plain-text rejection.
+pub async fn path_text<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, String> {
+    match Path::<String>::from_request_parts(parts, state).await {
+        Ok(Path(text)) => Ok(text),
+        Err(rejection) => Err(rejection.body_text()),
     }
 }
 

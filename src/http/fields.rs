@@ -12,8 +12,9 @@
 use serde_json::{Map, Value};
 
 use super::error::FieldError;
-use crate::generation::SamplingParams;
+use super::structured::Requested;
 use crate::generation::rng::random_seed;
+use crate::generation::{GenerationParams, SamplingParams};
 use crate::jobs::ServedModel;
 
 /// The most alternatives a token's log-probabilities may list.
@@ -151,6 +152,32 @@ impl<'a> Fields<'a> {
             }
         };
         (cache_prompt, salt)
+    }
+
+    /// The engine's parameters from what the API read its own way, completed by the fields
+    /// both read last: the output constraint (returned apart: it is compiled later) and the
+    /// cache policy.
+    pub fn generation_params(
+        &mut self,
+        sampling: SamplingParams,
+        max_tokens: usize,
+        stop: Vec<String>,
+        ignore_eos: bool,
+        logprobs: Option<usize>,
+    ) -> (GenerationParams, Option<Requested>) {
+        let constraint = self.constraint();
+        let (cache_prompt, cache_salt) = self.cache_policy();
+        let params = GenerationParams {
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos,
+            logprobs,
+            constraint: None,
+            cache_prompt,
+            cache_salt,
+        };
+        (params, constraint)
     }
 
     /// How many broken rules were found so far.
@@ -375,6 +402,21 @@ impl<'a> Fields<'a> {
         }
         out
     }
+}
+
+/// Reads a test body (a JSON object) with `read` as the OpenAI readers do; what it read, and
+/// every broken rule it found.
+#[cfg(test)]
+pub fn read_openai<T>(
+    body: Value,
+    read: impl FnOnce(&mut Fields<'_>) -> T,
+) -> (T, Vec<FieldError>) {
+    let Value::Object(map) = body else {
+        panic!("test bodies are objects")
+    };
+    let mut f = Fields::new(&map, Dialect::OpenAi);
+    let out = read(&mut f);
+    (out, f.into_errors())
 }
 
 #[cfg(test)]

@@ -1,15 +1,15 @@
 //! The rbee job routes: create, stream, status and cancel.
 
-use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::{Extension, Json};
 use serde::Serialize;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::JsonObject;
+use super::body::{JsonObject, path_text};
 use super::error::{ApiError, FieldError};
 use super::fields::Rules;
 use super::sse::{StreamContext, job_event_stream};
@@ -22,7 +22,8 @@ use crate::timestamp::rfc3339;
 
 /// Which route family a request came through; it decides the `sse_url`, whether the queen's
 /// flat body (no `operation`) is accepted, and whether the stream carries `queued` events
-/// (`/v1/inference` is the queen's door and speaks only rbee's `InferenceEvent` types).
+/// (`/v1/inference` is the queen's door and speaks only rbee's `InferenceEvent` types). The
+/// router gives it to [`create`] and [`stream`] as an extension.
 #[derive(Debug, Clone, Copy)]
 pub enum Door {
     Jobs,
@@ -30,7 +31,10 @@ pub enum Door {
 }
 
 impl Door {
-    fn prefix(self) -> &'static str {
+    pub const ALL: [Self; 2] = [Self::Jobs, Self::Inference];
+
+    /// Where the door's routes are.
+    pub fn prefix(self) -> &'static str {
         match self {
             Self::Jobs => "/v1/jobs",
             Self::Inference => "/v1/inference",
@@ -58,36 +62,20 @@ pub struct JobStatus {
     pub queue_position: Option<usize>,
 }
 
-pub async fn create_job(
+pub async fn create(
     State(app): State<AppState>,
     caller: Caller,
+    Extension(door): Extension<Door>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<JobCreated>, ApiError> {
-    create(&app, caller, &body, Door::Jobs).await
-}
-
-pub async fn create_inference(
-    State(app): State<AppState>,
-    caller: Caller,
-    JsonObject(body): JsonObject,
-) -> Result<Json<JobCreated>, ApiError> {
-    create(&app, caller, &body, Door::Inference).await
-}
-
-async fn create(
-    app: &AppState,
-    caller: Caller,
-    body: &serde_json::Map<String, serde_json::Value>,
-    door: Door,
-) -> Result<Json<JobCreated>, ApiError> {
-    let served = pipeline::served(app)?;
+    let served = pipeline::served(&app)?;
     let context_length = served.meta.context_length;
     let rules = JobRules {
         model: Rules::of(served),
         operation_required: matches!(door, Door::Jobs),
     };
     let mut errors = Vec::new();
-    let draft = parse_job_request(body, &rules, &mut errors);
+    let draft = parse_job_request(&body, &rules, &mut errors);
     let mut prompt_tokens = Vec::new();
     if !draft.prompt.is_empty() {
         match pipeline::tokenize_prompt(served.meta.tokenizer.clone(), draft.prompt.clone()).await?
@@ -123,7 +111,7 @@ async fn create(
         return Err(ApiError::invalid(errors));
     }
     let (record, _) = pipeline::submit(
-        app,
+        &app,
         Submission {
             api: JobApi::Rbee,
             owner: caller.0,
@@ -174,32 +162,14 @@ pub async fn cancel_job(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn stream_job(
+pub async fn stream(
     State(app): State<AppState>,
     caller: Caller,
+    Extension(door): Extension<Door>,
     JobIdPath(id): JobIdPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    stream(&app, &caller, id, &headers, Door::Jobs)
-}
-
-pub async fn stream_inference(
-    State(app): State<AppState>,
-    caller: Caller,
-    JobIdPath(id): JobIdPath,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    stream(&app, &caller, id, &headers, Door::Inference)
-}
-
-fn stream(
-    app: &AppState,
-    caller: &Caller,
-    id: String,
-    headers: &HeaderMap,
-    door: Door,
-) -> Result<Response, ApiError> {
-    let after = last_event_id(headers)?;
+    let after = last_event_id(&headers)?;
     let record = app
         .registry
         .get(&caller.0, &id)
@@ -221,7 +191,7 @@ fn stream(
         queue_events: matches!(door, Door::Jobs),
     };
     Ok(pipeline::sse_response(
-        app,
+        &app,
         job_event_stream(record, after, ctx),
     ))
 }
@@ -257,12 +227,11 @@ impl<S: Send + Sync> FromRequestParts<S> for JobIdPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(Self(id)),
-            Err(rejection) => Err(ApiError::invalid(vec![FieldError::new(
+        path_text(parts, state).await.map(Self).map_err(|why| {
+            ApiError::invalid(vec![FieldError::new(
                 "job_id",
-                format!("is not a job id: {}", rejection.body_text()),
-            )])),
-        }
+                format!("is not a job id: {why}"),
+            )])
+        })
     }
 }

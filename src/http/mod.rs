@@ -49,11 +49,12 @@ pub mod validation;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler;
 use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 
 pub use auth::ApiAuth;
 pub use error::{ApiError, FieldError};
@@ -137,24 +138,24 @@ pub fn router(state: AppState, auth: ApiAuth) -> Router {
     } else {
         metrics_route
     };
-    let protected = Router::new()
-        .route("/info", get(health::info))
-        .route("/v1/jobs", post(jobs::create_job))
-        .route("/v1/inference", post(jobs::create_inference))
-        .route(
-            "/v1/jobs/{id}",
-            get(jobs::job_status).delete(jobs::cancel_job),
-        )
-        .route(
-            "/v1/inference/{id}",
-            get(jobs::job_status).delete(jobs::cancel_job),
-        )
-        .route("/v1/jobs/{id}/stream", get(jobs::stream_job))
-        .route("/v1/inference/{id}/stream", get(jobs::stream_inference))
-        .route_layer(axum::middleware::from_fn_with_state(
-            auth.clone(),
-            auth::require_token,
-        ));
+    let mut protected = Router::new().route("/info", get(health::info));
+    for door in jobs::Door::ALL {
+        let prefix = door.prefix();
+        protected = protected
+            .route(prefix, post(jobs::create.layer(Extension(door))))
+            .route(
+                &format!("{prefix}/{{id}}"),
+                get(jobs::job_status).delete(jobs::cancel_job),
+            )
+            .route(
+                &format!("{prefix}/{{id}}/stream"),
+                get(jobs::stream.layer(Extension(door))),
+            );
+    }
+    let protected = protected.route_layer(axum::middleware::from_fn_with_state(
+        auth.clone(),
+        auth::require_token,
+    ));
     Router::new()
         .route("/health", get(health::health))
         .route("/", get(health::health))

@@ -343,19 +343,13 @@ pub async fn compile(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::{Map, json};
+    use serde_json::json;
 
     use super::*;
-    use crate::http::fields::Dialect;
+    use crate::http::fields::read_openai;
 
     fn read(body: Value) -> (Option<Requested>, Vec<FieldError>) {
-        let Value::Object(map) = body else {
-            panic!("test bodies are objects")
-        };
-        let map: Map<String, Value> = map;
-        let mut f = Fields::new(&map, Dialect::OpenAi);
-        let c = f.constraint();
-        (c, f.into_errors())
+        read_openai(body, |f| f.constraint())
     }
 
     fn spec(body: Value) -> ConstraintSpec {

@@ -121,8 +121,8 @@ pub fn parse_job_request(
     let stop = f.stop_strings();
     let logprobs = logprobs(&mut f);
     let ignore_eos = f.boolean("ignore_eos").unwrap_or(false);
-    let constraint = f.constraint();
-    let (cache_prompt, cache_salt) = f.cache_policy();
+    let (params, constraint) =
+        f.generation_params(sampling, max_tokens, stop, ignore_eos, logprobs);
 
     if let Some(model) = f.string("model")
         && model != rules.model.model_id
@@ -138,16 +138,7 @@ pub fn parse_job_request(
     JobDraft {
         job_id,
         prompt,
-        params: GenerationParams {
-            sampling,
-            max_tokens,
-            stop,
-            ignore_eos,
-            logprobs,
-            constraint: None,
-            cache_prompt,
-            cache_salt,
-        },
+        params,
         constraint,
     }
 }

@@ -1,8 +1,10 @@
-//! What both generation endpoints do once their prompt is tokenized: fit `max_tokens` to the
-//! context, submit one job per choice (`n`), and answer with one response or a stream of
-//! chunks. [`AnswerShape`] is all that `chat` and `completions` differ in here: their `object`
-//! names, their choices and their log-probability format; each choice has its own shape (it
-//! knows its `index`).
+//! What both generation endpoints share: [`generate`], the handler both routes run (readiness,
+//! then the body read by the endpoint's [`GenerationRequest`] rules), and, once the endpoint
+//! has tokenized its prompt, [`answer`]: fit `max_tokens` to the context, submit one job per
+//! choice (`n`), and answer with one response or a stream of chunks. [`AnswerShape`] is all
+//! that `chat` and `completions` differ in here: their [`Endpoint`] names, their choices (whose
+//! types name the `object`s) and their log-probability format; each choice has its own shape
+//! (it knows its `index`).
 //!
 //! With `n` > 1, choice `i` is the job seeded with [`choice_seed`]`(seed, i)` (choice 0 with the
 //! request's seed itself), and the choices' jobs read the prompt once: the engine starts the
@@ -13,52 +15,96 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use serde::Serialize;
+use serde_json::{Map, Value};
 
+use super::OpenAiJson;
 use super::error::OpenAiError;
 use super::request::{Common, resolve_max_tokens};
-use super::response::{Completion, ResponseMeta, TokenNamer, Usage, finish_reason};
-use super::run::{ended_error, json_event, response_meta, submit};
+use super::response::{
+    Completion, CompletionChoice, LogprobList, ResponseMeta, TokenNamer, Usage, finish_reason,
+};
+use super::run::{ended_error, json_event, ready, response_meta, submit};
 use crate::engine::EngineEvent;
-use crate::generation::TokenLogprobs;
 use crate::http::AppState;
 use crate::http::auth::Caller;
+use crate::http::fields::Rules;
 use crate::http::pipeline::{event_stream, sse_response};
 use crate::http::structured;
 use crate::jobs::{JobApi, JobFollower, JobRecord, ServedModel, Submission, Timeline};
 use crate::model::tokenizer::TextTokenizer;
 
+/// One generation request on its way: the app, who asked, and the model that serves it.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub app: &'a AppState,
+    pub caller: &'a Caller,
+    pub served: &'a ServedModel,
+}
+
+/// A generation endpoint's request: how its body is read, and how it is answered.
+pub trait GenerationRequest: Sized + Send {
+    fn parse(body: &Map<String, Value>, rules: &Rules<'_>) -> Result<Self, OpenAiError>;
+
+    /// Makes the prompt's tokens and [`answer`]s.
+    fn respond(self, call: Call<'_>) -> impl Future<Output = Result<Response, OpenAiError>> + Send;
+}
+
+/// `POST /v1/chat/completions` and `POST /v1/completions`: the body read by `R`'s rules for the
+/// served model (a 503 while there is none), then answered by `R`.
+pub async fn generate<R: GenerationRequest>(
+    State(app): State<AppState>,
+    caller: Caller,
+    OpenAiJson(body): OpenAiJson,
+) -> Result<Response, OpenAiError> {
+    let served = ready(&app)?;
+    let request = R::parse(&body, &Rules::of(served))?;
+    drop(body);
+    let call = Call {
+        app: &app,
+        caller: &caller,
+        served,
+    };
+    request.respond(call).await
+}
+
+/// What a generation endpoint is called where the two differ.
+pub struct Endpoint {
+    /// Labels the job's metrics.
+    pub api: JobApi,
+    /// The response id's prefix.
+    pub id_prefix: &'static str,
+    /// The parameter that holds the prompt, named in context-length errors.
+    pub prompt_param: &'static str,
+}
+
+impl Endpoint {
+    pub const CHAT: Self = Self {
+        api: JobApi::OpenAiChat,
+        id_prefix: "chatcmpl",
+        prompt_param: "messages",
+    };
+    pub const COMPLETIONS: Self = Self {
+        api: JobApi::OpenAiCompletions,
+        id_prefix: "cmpl",
+        prompt_param: "prompt",
+    };
+}
+
 /// One generation endpoint's answer format.
 pub trait AnswerShape: Send + 'static {
-    /// Labels the job's metrics.
-    const API: JobApi;
-    /// The response id's prefix (`chatcmpl`, `cmpl`).
-    const ID_PREFIX: &'static str;
-    /// The parameter that holds the prompt, named in context-length errors.
-    const PROMPT_PARAM: &'static str;
-    /// The `object` of the whole response.
-    const OBJECT: &'static str;
-    /// The `object` of a stream's chunks.
-    const CHUNK_OBJECT: &'static str;
+    /// [`Endpoint::CHAT`] or [`Endpoint::COMPLETIONS`].
+    const ENDPOINT: Endpoint;
 
     /// A choice of the whole response.
-    type Choice: Serialize;
+    type Choice: CompletionChoice;
     /// A choice of a stream's chunk.
-    type ChunkChoice: Serialize + Send;
+    type ChunkChoice: CompletionChoice + Send;
     /// The log-probabilities of some tokens: one chunk's, or the whole response's.
-    type Logprobs: Default + Send;
-
-    /// Appends one token's log-probabilities.
-    fn push_logprobs(
-        &mut self,
-        logprobs: &mut Self::Logprobs,
-        namer: TokenNamer<'_>,
-        token: u32,
-        lp: &TokenLogprobs,
-    );
+    type Logprobs: LogprobList;
 
     /// The chunk a stream opens with, before any token.
     fn first_chunk(&self) -> Option<Self::ChunkChoice> {
@@ -100,19 +146,22 @@ pub fn choice_seed(seed: u64, i: usize) -> u64 {
 /// Submits one job per choice and answers them: as SSE chunks when the client asked for a
 /// stream, else as one JSON response once every job has finished. `shape(i)` is choice `i`'s.
 pub async fn answer<S: AnswerShape>(
-    app: &AppState,
-    caller: &Caller,
-    served: &ServedModel,
+    call: Call<'_>,
     shape: impl Fn(usize) -> S,
     common: Common,
     prompt_tokens: Vec<u32>,
 ) -> Result<Response, OpenAiError> {
+    let Call {
+        app,
+        caller,
+        served,
+    } = call;
     let mut params = common.params;
     params.max_tokens = resolve_max_tokens(
         common.max_tokens,
         prompt_tokens.len(),
         served.meta.context_length,
-        S::PROMPT_PARAM,
+        S::ENDPOINT.prompt_param,
     )?;
     if let Some(requested) = common.constraint {
         params.constraint = Some(
@@ -122,13 +171,13 @@ pub async fn answer<S: AnswerShape>(
         );
     }
     let wants_logprobs = params.logprobs.is_some();
-    let response = response_meta(S::ID_PREFIX, served);
+    let response = response_meta(S::ENDPOINT.id_prefix, served);
     let mut choices = Vec::with_capacity(common.n);
     for i in 0..common.n {
         let mut params = params.clone();
         params.sampling.seed = choice_seed(params.sampling.seed, i);
         let submission = Submission {
-            api: S::API,
+            api: S::ENDPOINT.api,
             owner: caller.0.clone(),
             id: Some(if i == 0 {
                 response.id.clone()
@@ -183,13 +232,14 @@ fn choice_items<S: AnswerShape>(
     mut shape: S,
     namer: Arc<OwnedNamer>,
 ) -> impl Stream<Item = ChoiceItem<S::ChunkChoice>> + Send + 'static {
+    let mut offset = 0;
     let translate =
         move |_id, event: EngineEvent, _timeline: &Timeline| -> Vec<ChoiceItem<S::ChunkChoice>> {
             let item = match event {
                 EngineEvent::Token(step) => {
                     let logprobs = step.logprobs.as_ref().map(|lp| {
                         let mut one = S::Logprobs::default();
-                        shape.push_logprobs(&mut one, namer.namer(), step.token, lp);
+                        one.push(namer.namer(), step.token, lp, &mut offset);
                         one
                     });
                     // Text withheld (an incomplete character, a possible stop string) comes with a
@@ -233,7 +283,7 @@ fn chunks<S: AnswerShape>(
     let chunk = move |response: &ResponseMeta,
                       choices: Vec<S::ChunkChoice>,
                       usage: Option<Option<Usage>>| {
-        json_event(&Completion::new(response, S::CHUNK_OBJECT, choices, usage))
+        json_event(&Completion::new(response, choices, usage))
     };
     let n = choices.len();
     let first: Vec<Event> = choices
@@ -334,13 +384,7 @@ async fn whole<S: AnswerShape>(
         usage = add_choice(usage, i == 0, tokens_in, tokens_out, cached);
         out.push(choice);
     }
-    Ok(Json(Completion::new(
-        &response,
-        S::OBJECT,
-        out,
-        Some(Some(usage)),
-    ))
-    .into_response())
+    Ok(Json(Completion::new(&response, out, Some(Some(usage)))).into_response())
 }
 
 /// One choice's whole answer, and its (prompt, completion, cached) token counts.
@@ -352,6 +396,7 @@ async fn one_choice<S: AnswerShape>(
 ) -> Result<(S::Choice, (usize, usize, usize)), OpenAiError> {
     let mut text = String::new();
     let mut logprobs = S::Logprobs::default();
+    let mut offset = 0;
     loop {
         let events = job.next_batch().await;
         if events.is_empty() {
@@ -362,7 +407,7 @@ async fn one_choice<S: AnswerShape>(
                 EngineEvent::Token(step) => {
                     text.push_str(&step.text);
                     if let Some(lp) = &step.logprobs {
-                        shape.push_logprobs(&mut logprobs, namer.namer(), step.token, lp);
+                        logprobs.push(namer.namer(), step.token, lp, &mut offset);
                     }
                 }
                 EngineEvent::Finished(summary) => {

@@ -4,27 +4,23 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::State;
 use axum::response::Response;
 use serde_json::{Map, Value};
 
-use super::OpenAiJson;
-use super::answer::{AnswerShape, answer};
+use super::answer::{AnswerShape, Call, Endpoint, GenerationRequest, answer};
 use super::error::OpenAiError;
-use super::request::parse_chat;
+use super::request::{ChatRequest, parse_chat};
 use super::response::{
     AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Delta, FunctionCall, FunctionDelta,
-    TokenNamer, ToolCallDelta, ToolCallOut, chat_token_logprob,
+    ToolCallDelta, ToolCallOut,
 };
-use super::run::{off_the_runtime, ready};
+use super::run::off_the_runtime;
 use super::tools::{self, template_tools};
 use crate::engine::ModelMeta;
-use crate::generation::{ConstraintSpec, TokenLogprobs};
+use crate::generation::ConstraintSpec;
 use crate::http::AppState;
-use crate::http::auth::Caller;
 use crate::http::fields::Rules;
 use crate::http::structured::Requested;
-use crate::jobs::JobApi;
 use crate::model::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 use crate::model::reasoning::{
     ReasoningDelta, ReasoningStream, prompt_opens_thinking, split_reasoning, template_thinks,
@@ -124,85 +120,86 @@ impl TemplateInput {
     }
 }
 
-pub async fn chat_completions(
-    State(app): State<AppState>,
-    caller: Caller,
-    OpenAiJson(body): OpenAiJson,
-) -> Result<Response, OpenAiError> {
-    let served = ready(&app)?;
-    let meta = &served.meta;
-    let request = parse_chat(&body, &Rules::of(served))?;
-    drop(body);
-
-    let (template, mut vars) = chat_template(&app, meta);
-    let mut plain_vars = (!request.template_kwargs.is_empty()).then(|| vars.clone());
-    vars.extend(request.template_kwargs);
-    let mut messages = request.messages;
-    if ToolFormat::detect(template.source()) == ToolFormat::Mistral {
-        tools::mistral_call_ids(&mut messages);
+impl GenerationRequest for ChatRequest {
+    fn parse(body: &Map<String, Value>, rules: &Rules<'_>) -> Result<Self, OpenAiError> {
+        parse_chat(body, rules)
     }
-    let mut common = request.common;
-    let tool_format = request
-        .tools
-        .as_ref()
-        .map(|_| ToolFormat::detect(template.source()));
-    if let (Some(tools), Some(format)) = (&request.tools, tool_format) {
-        if format.renders_tools() {
-            let value = template_tools(&tools.tools);
-            if let Some(plain) = &mut plain_vars {
-                plain.insert("tools".into(), value.clone());
-            }
-            vars.insert("tools".into(), value);
-        } else {
-            tools::generic_conversation(&mut messages, &tools.tools, template.source());
+
+    /// Renders the messages (and tools) with the chat template and tokenizes them.
+    async fn respond(self, call: Call<'_>) -> Result<Response, OpenAiError> {
+        let meta = &call.served.meta;
+        let (template, mut vars) = chat_template(call.app, meta);
+        let mut plain_vars = (!self.template_kwargs.is_empty()).then(|| vars.clone());
+        vars.extend(self.template_kwargs);
+        let mut messages = self.messages;
+        if ToolFormat::detect(template.source()) == ToolFormat::Mistral {
+            tools::mistral_call_ids(&mut messages);
         }
-        // A forced call is constrained to the tools' schemas; in the generic format the
-        // model's free choice is constrained too (a call list or a response, as llama.cpp
-        // does), unless the request constrains its output itself.
-        let grammar = match &tools.forced {
-            Some(forced) => Some(tool_call_grammar(
-                format,
-                &tools.tools,
-                forced,
-                tools.parallel,
-            )),
-            None if format == ToolFormat::Generic && common.constraint.is_none() => {
-                Some(generic_auto_grammar(&tools.tools, tools.parallel))
+        let mut common = self.common;
+        let tool_format = self
+            .tools
+            .as_ref()
+            .map(|_| ToolFormat::detect(template.source()));
+        if let (Some(tools), Some(format)) = (&self.tools, tool_format) {
+            if format.renders_tools() {
+                let value = template_tools(&tools.tools);
+                if let Some(plain) = &mut plain_vars {
+                    plain.insert("tools".into(), value.clone());
+                }
+                vars.insert("tools".into(), value);
+            } else {
+                tools::generic_conversation(&mut messages, &tools.tools, template.source());
             }
-            None => None,
+            // A forced call is constrained to the tools' schemas; in the generic format the
+            // model's free choice is constrained too (a call list or a response, as llama.cpp
+            // does), unless the request constrains its output itself.
+            let grammar = match &tools.forced {
+                Some(forced) => Some(tool_call_grammar(
+                    format,
+                    &tools.tools,
+                    forced,
+                    tools.parallel,
+                )),
+                None if format == ToolFormat::Generic && common.constraint.is_none() => {
+                    Some(generic_auto_grammar(&tools.tools, tools.parallel))
+                }
+                None => None,
+            };
+            if let Some(grammar) = grammar {
+                common.constraint = Some(Requested {
+                    field: "tool_choice".into(),
+                    spec: ConstraintSpec::Lark(grammar),
+                });
+            }
+        }
+        let thinks = !self.reasoning_inline && template_thinks(template.source());
+        // A grammar starts at the first generated token: the reply cannot be inside thinking.
+        let constrained = common.constraint.is_some();
+
+        let input_bytes = messages.iter().map(|m| m.content.len()).sum();
+        let tokenizer = meta.tokenizer.clone();
+        let input = TemplateInput {
+            messages,
+            add_generation_prompt: self.add_generation_prompt,
+            vars,
+            plain_vars,
         };
-        if let Some(grammar) = grammar {
-            common.constraint = Some(Requested {
-                field: "tool_choice".into(),
-                spec: ConstraintSpec::Lark(grammar),
-            });
-        }
+        let (prompt_tokens, opens_thinking) = off_the_runtime(input_bytes, move || {
+            let text = input.render(&template)?;
+            // The template writes any BOS itself, as transformers' apply_chat_template expects.
+            let tokens = tokenizer
+                .encode_with_special(&text, true, false)
+                .map_err(|e| {
+                    OpenAiError::invalid("messages", format!("cannot be tokenized: {e}"))
+                })?;
+            Ok::<_, OpenAiError>((tokens, prompt_opens_thinking(&text)))
+        })
+        .await??;
+
+        let thinking = thinks.then_some(opens_thinking && !constrained);
+        let shape = |index| Chat::new(index, thinking, tool_format);
+        answer(call, shape, common, prompt_tokens).await
     }
-    let thinks = !request.reasoning_inline && template_thinks(template.source());
-    // A grammar starts at the first generated token: the reply cannot be inside thinking.
-    let constrained = common.constraint.is_some();
-
-    let input_bytes = messages.iter().map(|m| m.content.len()).sum();
-    let tokenizer = meta.tokenizer.clone();
-    let input = TemplateInput {
-        messages,
-        add_generation_prompt: request.add_generation_prompt,
-        vars,
-        plain_vars,
-    };
-    let (prompt_tokens, opens_thinking) = off_the_runtime(input_bytes, move || {
-        let text = input.render(&template)?;
-        // The template writes any BOS itself, as transformers' apply_chat_template expects.
-        let tokens = tokenizer
-            .encode_with_special(&text, true, false)
-            .map_err(|e| OpenAiError::invalid("messages", format!("cannot be tokenized: {e}")))?;
-        Ok::<_, OpenAiError>((tokens, prompt_opens_thinking(&text)))
-    })
-    .await??;
-
-    let thinking = thinks.then_some(opens_thinking && !constrained);
-    let shape = |index| Chat::new(index, thinking, tool_format);
-    answer(&app, &caller, served, shape, common, prompt_tokens).await
 }
 
 /// The chat answer: `chat.completion`, or `chat.completion.chunk`s that open with the
@@ -313,25 +310,11 @@ impl Chat {
 }
 
 impl AnswerShape for Chat {
-    const API: JobApi = JobApi::OpenAiChat;
-    const ID_PREFIX: &'static str = "chatcmpl";
-    const PROMPT_PARAM: &'static str = "messages";
-    const OBJECT: &'static str = "chat.completion";
-    const CHUNK_OBJECT: &'static str = "chat.completion.chunk";
+    const ENDPOINT: Endpoint = Endpoint::CHAT;
 
     type Choice = ChatChoice;
     type ChunkChoice = ChunkChoice;
     type Logprobs = ChatLogprobs;
-
-    fn push_logprobs(
-        &mut self,
-        logprobs: &mut ChatLogprobs,
-        namer: TokenNamer<'_>,
-        token: u32,
-        lp: &TokenLogprobs,
-    ) {
-        logprobs.content.push(chat_token_logprob(namer, token, lp));
-    }
 
     fn first_chunk(&self) -> Option<ChunkChoice> {
         Some(ChunkChoice {
@@ -341,8 +324,7 @@ impl AnswerShape for Chat {
                 content: Some(String::new()),
                 ..Delta::default()
             },
-            logprobs: None,
-            finish_reason: None,
+            ..ChunkChoice::default()
         })
     }
 
@@ -366,15 +348,13 @@ impl AnswerShape for Chat {
             out.push(ChunkChoice {
                 index: self.index,
                 delta: rest,
-                logprobs: None,
-                finish_reason: None,
+                ..ChunkChoice::default()
             });
         }
         out.push(ChunkChoice {
             index: self.index,
-            delta: Delta::default(),
-            logprobs: None,
             finish_reason: Some(self.finish_reason(!self.call_ids.is_empty(), finish_reason)),
+            ..ChunkChoice::default()
         });
         out
     }

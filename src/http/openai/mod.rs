@@ -6,9 +6,10 @@
 //!   llama-server/vLLM extensions, unsupported features refused by name).
 //! - [`response`]: response, chunk and log-probability shapes.
 //! - [`run`]: submitting a job, following its events, cancelling it when the client leaves.
-//! - [`answer`]: what both generation handlers share from a tokenized prompt to the answer,
-//!   whole or streamed.
-//! - [`chat`], [`completions`], [`models`]: the handlers.
+//! - [`answer`]: what both generation endpoints share: their one handler, and the way from a
+//!   tokenized prompt to the answer, whole or streamed.
+//! - [`chat`], [`completions`]: how each makes its prompt and shapes its choices;
+//!   [`models`]: the model routes.
 //! - [`error`]: errors as `{"error":{"message","type","param","code"}}`.
 //!
 //! | method | path | |
@@ -42,6 +43,9 @@ use serde_json::{Map, Value};
 
 pub use error::OpenAiError;
 
+use answer::generate;
+use request::{ChatRequest, CompletionRequest};
+
 use super::body::JsonObject;
 use super::{ApiAuth, ApiError, AppState, tokenize};
 
@@ -49,8 +53,8 @@ use super::{ApiAuth, ApiError, AppState, tokenize};
 /// OpenAI's error shape).
 pub fn router(auth: Arc<ApiAuth>) -> Router<AppState> {
     Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(generate::<ChatRequest>))
+        .route("/v1/completions", post(generate::<CompletionRequest>))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/tokenize", post(tokenize::tokenize))

@@ -3,13 +3,14 @@
 use std::time::UNIX_EPOCH;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 
 use super::error::OpenAiError;
 use super::response::{ModelCard, ModelList};
 use super::run::ready;
 use crate::http::AppState;
+use crate::http::body::path_text;
 use crate::jobs::ServedModel;
 
 fn card(app: &AppState, served: &ServedModel) -> ModelCard {
@@ -56,12 +57,9 @@ impl<S: Send + Sync> FromRequestParts<S> for ModelIdPath {
     type Rejection = OpenAiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, OpenAiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(id)) => Ok(Self(id)),
-            Err(rejection) => Err(OpenAiError::invalid(
-                "model",
-                format!("is not a model id: {}", rejection.body_text()),
-            )),
-        }
+        path_text(parts, state)
+            .await
+            .map(Self)
+            .map_err(|why| OpenAiError::invalid("model", format!("is not a model id: {why}")))
     }
 }

@@ -103,59 +103,58 @@ pub fn parse_chat(
     body: &Map<String, Value>,
     rules: &Rules<'_>,
 ) -> Result<ChatRequest, OpenAiError> {
-    check_model(body, rules.model_id)?;
-    let mut f = Fields::new(body, Dialect::OpenAi);
-    let messages = f.messages();
-    refuse_chat_features(&mut f);
-    let logprobs = match (f.boolean("logprobs"), f.get("top_logprobs")) {
-        (Some(true), None) => Some(0),
-        (Some(true), Some(_)) => f.alternatives("top_logprobs"),
-        (_, Some(_)) => {
-            if f.alternatives("top_logprobs").is_some_and(|n| n > 0) {
-                f.fail("top_logprobs", "requires `logprobs: true`");
+    read_body(body, rules, |f| {
+        let messages = f.messages();
+        refuse_chat_features(f);
+        let logprobs = match (f.boolean("logprobs"), f.get("top_logprobs")) {
+            (Some(true), None) => Some(0),
+            (Some(true), Some(_)) => f.alternatives("top_logprobs"),
+            (_, Some(_)) => {
+                if f.alternatives("top_logprobs").is_some_and(|n| n > 0) {
+                    f.fail("top_logprobs", "requires `logprobs: true`");
+                }
+                None
             }
-            None
-        }
-        (_, None) => None,
-    };
-    let common = f.common(rules, logprobs);
-    let tools = f.tools();
-    if let (Some(t), Some(c)) = (&tools, &common.constraint)
-        && t.forced.is_some()
-    {
-        f.fail(
-            "tool_choice",
-            format!("a forced tool call cannot be combined with {}", c.field),
-        );
-    }
-    let reasoning_inline = match f.string("reasoning_format") {
-        None | Some("auto" | "deepseek" | "deepseek-legacy") => false,
-        Some("none") => true,
-        Some(other) => {
+            (_, None) => None,
+        };
+        let common = f.common(rules, logprobs);
+        let tools = f.tools();
+        if let (Some(t), Some(c)) = (&tools, &common.constraint)
+            && t.forced.is_some()
+        {
             f.fail(
-                "reasoning_format",
-                format!("unknown format `{other}` (auto, deepseek, none)"),
+                "tool_choice",
+                format!("a forced tool call cannot be combined with {}", c.field),
             );
-            false
         }
-    };
-    let add_generation_prompt = f.boolean("add_generation_prompt").unwrap_or(true);
-    let template_kwargs = match f.get("chat_template_kwargs") {
-        None => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => {
-            f.fail("chat_template_kwargs", "must be an object");
-            Map::new()
+        let reasoning_inline = match f.string("reasoning_format") {
+            None | Some("auto" | "deepseek" | "deepseek-legacy") => false,
+            Some("none") => true,
+            Some(other) => {
+                f.fail(
+                    "reasoning_format",
+                    format!("unknown format `{other}` (auto, deepseek, none)"),
+                );
+                false
+            }
+        };
+        let add_generation_prompt = f.boolean("add_generation_prompt").unwrap_or(true);
+        let template_kwargs = match f.get("chat_template_kwargs") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => {
+                f.fail("chat_template_kwargs", "must be an object");
+                Map::new()
+            }
+        };
+        ChatRequest {
+            common,
+            messages,
+            add_generation_prompt,
+            template_kwargs,
+            tools,
+            reasoning_inline,
         }
-    };
-    finish(f)?;
-    Ok(ChatRequest {
-        common,
-        messages,
-        add_generation_prompt,
-        template_kwargs,
-        tools,
-        reasoning_inline,
     })
 }
 
@@ -164,28 +163,27 @@ pub fn parse_completion(
     body: &Map<String, Value>,
     rules: &Rules<'_>,
 ) -> Result<CompletionRequest, OpenAiError> {
-    check_model(body, rules.model_id)?;
-    let mut f = Fields::new(body, Dialect::OpenAi);
-    let prompt = f.prompt(rules.vocab_size);
-    if f.boolean("echo") == Some(true) {
-        f.unsupported("echo", "echoing the prompt is not supported");
-    }
-    match f.get("suffix") {
-        None => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(_) => f.unsupported("suffix", "insertion (suffix) is not supported"),
-    }
-    match f.int("best_of") {
-        None | Some(1) => {}
-        Some(_) => f.unsupported("best_of", "only best_of = 1 is supported"),
-    }
-    let logprobs = match f.get("logprobs") {
-        None => None,
-        Some(_) => f.alternatives("logprobs"),
-    };
-    let common = f.common(rules, logprobs);
-    finish(f)?;
-    Ok(CompletionRequest { common, prompt })
+    read_body(body, rules, |f| {
+        let prompt = f.prompt(rules.vocab_size);
+        if f.boolean("echo") == Some(true) {
+            f.unsupported("echo", "echoing the prompt is not supported");
+        }
+        match f.get("suffix") {
+            None => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(_) => f.unsupported("suffix", "insertion (suffix) is not supported"),
+        }
+        match f.int("best_of") {
+            None | Some(1) => {}
+            Some(_) => f.unsupported("best_of", "only best_of = 1 is supported"),
+        }
+        let logprobs = match f.get("logprobs") {
+            None => None,
+            Some(_) => f.alternatives("logprobs"),
+        };
+        let common = f.common(rules, logprobs);
+        CompletionRequest { common, prompt }
+    })
 }
 
 /// 404 unless `model` is absent or names the served model. Absent is accepted (curl users,
@@ -249,13 +247,20 @@ fn refuse_chat_features(f: &mut Fields<'_>) {
     }
 }
 
-/// A 400 naming every broken rule the reader found, if any.
-fn finish(f: Fields<'_>) -> Result<(), OpenAiError> {
+/// Reads a body with `read` once its `model` passed [`check_model`]; a 400 naming every broken
+/// rule `read` found, if any.
+fn read_body<T>(
+    body: &Map<String, Value>,
+    rules: &Rules<'_>,
+    read: impl FnOnce(&mut Fields<'_>) -> T,
+) -> Result<T, OpenAiError> {
+    check_model(body, rules.model_id)?;
+    let mut f = Fields::new(body, Dialect::OpenAi);
+    let request = read(&mut f);
     if f.has_errors() {
-        Err(OpenAiError::from_problems(&f.into_errors()))
-    } else {
-        Ok(())
+        return Err(OpenAiError::from_problems(&f.into_errors()));
     }
+    Ok(request)
 }
 
 /// The OpenAI readers for what only this API has.
@@ -306,24 +311,20 @@ impl Fields<'_> {
             }
         };
         let tokens_as_ids = self.boolean("return_tokens_as_token_ids").unwrap_or(false);
-        let constraint = self.constraint();
-        let (cache_prompt, cache_salt) = self.cache_policy();
+        let (params, constraint) = self.generation_params(
+            sampling,
+            max_tokens.unwrap_or(1),
+            stop,
+            ignore_eos,
+            logprobs,
+        );
         if let Some(user) = self.get("user")
             && !user.is_string()
         {
             self.fail("user", "must be a string");
         }
         Common {
-            params: GenerationParams {
-                sampling,
-                max_tokens: max_tokens.unwrap_or(1),
-                stop,
-                ignore_eos,
-                logprobs,
-                constraint: None,
-                cache_prompt,
-                cache_salt,
-            },
+            params,
             max_tokens,
             stream,
             include_usage: stream && include_usage,

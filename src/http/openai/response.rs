@@ -54,6 +54,21 @@ pub struct ResponseMeta {
     pub system_fingerprint: String,
 }
 
+/// A choice of a [`Completion`]; its type decides the completion's `object`.
+pub trait CompletionChoice: Serialize {
+    const OBJECT: &'static str;
+}
+
+impl CompletionChoice for ChatChoice {
+    const OBJECT: &'static str = "chat.completion";
+}
+impl CompletionChoice for ChunkChoice {
+    const OBJECT: &'static str = "chat.completion.chunk";
+}
+impl CompletionChoice for TextChoice {
+    const OBJECT: &'static str = "text_completion";
+}
+
 /// A `chat.completion`, `chat.completion.chunk` or `text_completion` object: what every
 /// response and chunk of one request repeats, around its choices.
 #[derive(Debug, Serialize)]
@@ -70,16 +85,11 @@ pub struct Completion<'a, C> {
     pub usage: Option<Option<Usage>>,
 }
 
-impl<'a, C> Completion<'a, C> {
-    pub fn new(
-        meta: &'a ResponseMeta,
-        object: &'static str,
-        choices: Vec<C>,
-        usage: Option<Option<Usage>>,
-    ) -> Self {
+impl<'a, C: CompletionChoice> Completion<'a, C> {
+    pub fn new(meta: &'a ResponseMeta, choices: Vec<C>, usage: Option<Option<Usage>>) -> Self {
         Self {
             id: &meta.id,
-            object,
+            object: C::OBJECT,
             created: meta.created,
             model: &meta.model,
             system_fingerprint: &meta.system_fingerprint,
@@ -148,7 +158,8 @@ pub struct FunctionDelta {
     pub arguments: String,
 }
 
-#[derive(Debug, Serialize)]
+/// A chunk's choice; its defaults are a chunk that says nothing and has not finished.
+#[derive(Debug, Default, Serialize)]
 pub struct ChunkChoice {
     pub index: usize,
     pub delta: Delta,
@@ -182,16 +193,17 @@ pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
+/// The sampled token's entry, then its most likely alternatives in the same form.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct ChatTokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-    pub top_logprobs: Vec<TopLogprob>,
+    #[serde(flatten)]
+    pub sampled: NamedLogprob,
+    pub top_logprobs: Vec<NamedLogprob>,
 }
 
+/// A token as the chat format lists it: its text, log-probability and raw bytes.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct TopLogprob {
+pub struct NamedLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
@@ -272,42 +284,39 @@ fn finite(logprob: f32) -> f32 {
     }
 }
 
-/// One chat `logprobs.content` entry.
-pub fn chat_token_logprob(
-    namer: TokenNamer<'_>,
-    token: u32,
-    lp: &TokenLogprobs,
-) -> ChatTokenLogprob {
-    let (text, bytes) = namer.name(token);
-    ChatTokenLogprob {
-        token: text,
-        logprob: finite(lp.logprob),
-        bytes,
-        top_logprobs: lp
-            .top
-            .iter()
-            .map(|&(id, logprob)| {
-                let (token, bytes) = namer.name(id);
-                TopLogprob {
-                    token,
-                    logprob: finite(logprob),
-                    bytes,
-                }
-            })
-            .collect(),
+/// A log-probability format's list of tokens: one chunk's, or a whole answer's.
+pub trait LogprobList: Default + Send {
+    /// Appends one token. `offset` is the completion's length in characters before it; a
+    /// format that reports offsets advances it past the token.
+    fn push(&mut self, namer: TokenNamer<'_>, token: u32, lp: &TokenLogprobs, offset: &mut usize);
+}
+
+impl NamedLogprob {
+    fn new(namer: TokenNamer<'_>, token: u32, logprob: f32) -> Self {
+        let (token, bytes) = namer.name(token);
+        Self {
+            token,
+            logprob: finite(logprob),
+            bytes,
+        }
     }
 }
 
-impl CompletionLogprobs {
-    /// Appends one token; `offset` is the completion's length in characters before it, and is
-    /// advanced past the token.
-    pub fn push(
-        &mut self,
-        namer: TokenNamer<'_>,
-        token: u32,
-        lp: &TokenLogprobs,
-        offset: &mut usize,
-    ) {
+impl LogprobList for ChatLogprobs {
+    fn push(&mut self, namer: TokenNamer<'_>, token: u32, lp: &TokenLogprobs, _: &mut usize) {
+        self.content.push(ChatTokenLogprob {
+            sampled: NamedLogprob::new(namer, token, lp.logprob),
+            top_logprobs: lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| NamedLogprob::new(namer, id, logprob))
+                .collect(),
+        });
+    }
+}
+
+impl LogprobList for CompletionLogprobs {
+    fn push(&mut self, namer: TokenNamer<'_>, token: u32, lp: &TokenLogprobs, offset: &mut usize) {
         let (text, _) = namer.name(token);
         let mut top = Map::new();
         for &(id, logprob) in &lp.top {

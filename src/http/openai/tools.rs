@@ -287,20 +287,12 @@ pub fn mistral_call_ids(messages: &mut [ChatMessage]) {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Map;
-
     use super::*;
     use crate::http::error::FieldError;
-    use crate::http::fields::Dialect;
+    use crate::http::fields::read_openai;
 
     fn read(body: Value) -> (Option<ToolRequest>, Vec<FieldError>) {
-        let Value::Object(map) = body else {
-            panic!("test bodies are objects")
-        };
-        let map: Map<String, Value> = map;
-        let mut f = Fields::new(&map, Dialect::OpenAi);
-        let t = f.tools();
-        (t, f.into_errors())
+        read_openai(body, |f| f.tools())
     }
 
     fn weather() -> Value {
