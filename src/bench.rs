@@ -1,6 +1,6 @@
 //! The `bench` measurement, in llama-bench's shape: prompt processing (`pp N`: one forward over
 //! an N-token prompt) and text generation (`tg N`: N single-token forwards from an empty
-//! context), each repeated and reported as mean ± standard deviation tokens/s, plus peak RSS.
+//! context; `tg NxS`: S sequences decoding together, one forward of S rows per step), each repeated and reported as mean ± standard deviation tokens/s, plus peak RSS.
 //!
 //! It drives the backend's batched forward directly with random token ids (as llama-bench
 //! does), so it measures the model code, not sampling or HTTP.
@@ -14,6 +14,9 @@ use crate::generation::rng::Rng;
 pub struct BenchConfig {
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Sequences decoding together in the generation test (one forward per step for all);
+    /// reported as `tgNxS`, aggregate tokens/s.
+    pub gen_streams: usize,
     pub repetitions: usize,
     /// Prompt tokens per forward (llama-bench's `-b`/`-ub`).
     pub batch_size: usize,
@@ -60,66 +63,104 @@ pub fn run<B: InferenceBackend>(
 ) -> Result<Vec<BenchResult>, String> {
     let vocab = backend.meta().vocab_size;
     let mut rng = Rng::new(1);
-    let mut seq = 0u64;
     let mut results = Vec::new();
-    let mut next_seq = || {
-        seq += 1;
-        SeqId(seq)
+    let mut timer = Timer {
+        repetitions: config.repetitions,
+        seq: 0,
     };
     if config.prompt_tokens > 0 {
-        let mut samples = Vec::new();
-        for rep in 0..=config.repetitions {
+        let samples = timer.run(backend, 1, config.prompt_tokens, |backend, ids| {
             let tokens = random_tokens(&mut rng, config.prompt_tokens, vocab);
-            let id = next_seq();
-            let start = Instant::now();
             for chunk in tokens.chunks(config.batch_size.max(1)) {
                 backend
                     .forward(&[BatchItem {
-                        seq: id,
+                        seq: ids[0],
                         tokens: chunk,
                         logit_rows: 1,
                     }])
                     .map_err(|e| e.to_string())?;
             }
-            let secs = start.elapsed().as_secs_f64();
-            backend.release(id);
-            if rep > 0 {
-                samples.push(config.prompt_tokens as f64 / secs);
-            }
-        }
+            Ok(())
+        })?;
         results.push(BenchResult {
             test: format!("pp{}", config.prompt_tokens),
             tokens_per_second: samples,
         });
     }
     if config.gen_tokens > 0 {
-        let mut samples = Vec::new();
-        for rep in 0..=config.repetitions {
-            let id = next_seq();
-            let mut token = random_tokens(&mut rng, 1, vocab)[0];
-            let start = Instant::now();
-            for _ in 0..config.gen_tokens {
-                backend
-                    .forward(&[BatchItem {
-                        seq: id,
-                        tokens: &[token],
-                        logit_rows: 1,
-                    }])
-                    .map_err(|e| e.to_string())?;
-                token = (token + 1) % vocab as u32;
-            }
-            let secs = start.elapsed().as_secs_f64();
-            backend.release(id);
-            if rep > 0 {
-                samples.push(config.gen_tokens as f64 / secs);
-            }
-        }
+        let streams = config.gen_streams.max(1);
+        let samples = timer.run(
+            backend,
+            streams,
+            config.gen_tokens * streams,
+            |backend, ids| {
+                let mut tokens = random_tokens(&mut rng, ids.len(), vocab);
+                for _ in 0..config.gen_tokens {
+                    let items: Vec<BatchItem<'_>> = ids
+                        .iter()
+                        .zip(&tokens)
+                        .map(|(&seq, token)| BatchItem {
+                            seq,
+                            tokens: std::slice::from_ref(token),
+                            logit_rows: 1,
+                        })
+                        .collect();
+                    backend.forward(&items).map_err(|e| e.to_string())?;
+                    for token in &mut tokens {
+                        *token = (*token + 1) % vocab as u32;
+                    }
+                }
+                Ok(())
+            },
+        )?;
         results.push(BenchResult {
-            test: format!("tg{}", config.gen_tokens),
+            test: if streams == 1 {
+                format!("tg{}", config.gen_tokens)
+            } else {
+                format!("tg{}x{streams}", config.gen_tokens)
+            },
             tokens_per_second: samples,
         });
     }
     Ok(results)
+}
+
+/// Times the repetitions of one test, each on fresh sequences released afterwards.
+struct Timer {
+    repetitions: usize,
+    seq: u64,
+}
+
+impl Timer {
+    /// One warm-up and `repetitions` timed runs of `body` over `streams` new sequences; each
+    /// timed run gives `tokens` per its seconds.
+    fn run<B: InferenceBackend>(
+        &mut self,
+        backend: &mut B,
+        streams: usize,
+        tokens: usize,
+        mut body: impl FnMut(&mut B, &[SeqId]) -> Result<(), String>,
+    ) -> Result<Vec<f64>, String> {
+        let mut samples = Vec::new();
+        for rep in 0..=self.repetitions {
+            let ids: Vec<SeqId> = (0..streams)
+                .map(|_| {
+                    self.seq += 1;
+                    SeqId(self.seq)
+                })
+                .collect();
+            let start = Instant::now();
+            body(backend, &ids)?;
+            let secs = start.elapsed().as_secs_f64();
+            for &id in &ids {
+                backend.release(id);
+            }
+            if rep > 0 {
+                samples.push(tokens as f64 / secs);
+            }
+        }
+        Ok(samples)
+    }
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.

@@ -11,18 +11,18 @@ use llm_worker_rbee::model::LoadOptions;
 use llm_worker_rbee::setup_worker_with_backend;
 use serde_json::{Value, json};
 
-/// The tiny Llama's one matrix stored as Q3_K (a type our CPU kernels do not read) in the
-/// mixed file; the others are Q8_0.
-const SLOW_TENSOR: &str = "blk.0.attn_q.weight";
+/// The tiny Llama's one matrix stored in another type in the mixed files; the others are Q8_0.
+const MIXED_TENSOR: &str = "blk.0.attn_q.weight";
 
-/// `/info` of a worker serving the GGUF at `path`.
-async fn info_of(path: &std::path::Path) -> Value {
+/// `/info` of a worker serving the GGUF at `path`, with our CPU kernels on or off.
+async fn info_of(path: &std::path::Path, cpu_kernels: bool) -> Value {
     let path = path.to_path_buf();
     let backend = tokio::task::spawn_blocking(move || {
         CandleInferenceBackend::load(
             &path,
             &LoadOptions {
                 threads: Some(1),
+                cpu_kernels,
                 ..LoadOptions::default()
             },
         )
@@ -45,11 +45,11 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     let matrices = weights.iter().filter(|w| w.shape.len() == 2).count();
     let vectors = weights.len() - matrices;
     let dir = TempDir::new("compute-path");
-    let write = |name: &str, slow: GgmlDType| {
+    let write = |name: &str, mixed: GgmlDType| {
         let path = dir.path().join(name);
         gguf_writer_with(&spec, &weights, |tensor| {
-            Some(if tensor == SLOW_TENSOR {
-                slow
+            Some(if tensor == MIXED_TENSOR {
+                mixed
             } else {
                 GgmlDType::Q8_0
             })
@@ -60,7 +60,7 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     };
     let kernels = llm_worker_rbee::kernels::detect().to_string();
 
-    let info = info_of(&write("q8_0.gguf", GgmlDType::Q8_0)).await;
+    let info = info_of(&write("q8_0.gguf", GgmlDType::Q8_0), true).await;
     assert_eq!(
         info["compute"],
         json!({
@@ -75,24 +75,45 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
         "{info}"
     );
 
-    let info = info_of(&write("q3_k.gguf", GgmlDType::Q3K)).await;
+    // Every type llama-quantize mixes in (and BF16) is read by the kernels: each is listed
+    // under its own name, on their path.
+    for (dtype, name) in [
+        (GgmlDType::Q3K, "Q3_K"),
+        (GgmlDType::Q2K, "Q2_K"),
+        (GgmlDType::BF16, "BF16"),
+    ] {
+        let info = info_of(&write(&format!("{name}.gguf"), dtype), true).await;
+        assert_eq!(
+            info["compute"],
+            json!({
+                "path": "cpu-kernels",
+                "reason": null,
+                "tensor_types": {
+                    name: {"count": 1, "path": "cpu-kernels"},
+                    "Q8_0": {"count": matrices - 1, "path": "cpu-kernels"},
+                    "F32": {"count": vectors, "path": "cpu-kernels"},
+                },
+                "cpu_kernels": kernels,
+            }),
+            "{info}"
+        );
+    }
+
+    // Candle's path: the reason, and every tensor type on it.
+    let info = info_of(&write("q3_k.gguf", GgmlDType::Q3K), false).await;
     let compute = &info["compute"];
     assert_eq!(compute["path"], "candle", "{info}");
     let reason = compute["reason"].as_str().expect("a reason");
-    assert!(
-        reason.contains(SLOW_TENSOR) && reason.contains("Q3_K"),
-        "{reason}"
-    );
+    assert!(reason.contains("turned off"), "{reason}");
     assert_eq!(
         compute["tensor_types"],
         json!({
             "Q3_K": {"count": 1, "path": "candle"},
-            "Q8_0": {"count": matrices - 1, "path": "cpu-kernels"},
+            "Q8_0": {"count": matrices - 1, "path": "candle"},
             "F32": {"count": vectors, "path": "candle"},
         }),
         "{info}"
     );
-    assert_eq!(compute["cpu_kernels"], kernels.as_str());
 }
 
 #[tokio::test]

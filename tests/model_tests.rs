@@ -1112,17 +1112,17 @@ fn generation_config_eos_token_ids_join_the_end_of_generation_set() {
     }
 }
 
-/// The one matrix of [`mixed_gguf`] stored as Q3_K, a type our CPU kernels do not read.
-const SLOW_TENSOR: &str = "blk.1.attn_v.weight";
+/// The one matrix of [`mixed_gguf`] stored in another type than the others' Q8_0.
+const MIXED_TENSOR: &str = "blk.1.attn_v.weight";
 
-/// `t`'s weights as a Q8_0 GGUF, with [`SLOW_TENSOR`] as `slow` when given.
-fn mixed_gguf(t: &Tiny, slow: Option<GgmlDType>) -> std::path::PathBuf {
+/// `t`'s weights as a Q8_0 GGUF, with [`MIXED_TENSOR`] as `mixed` when given.
+fn mixed_gguf(t: &Tiny, mixed: Option<GgmlDType>) -> std::path::PathBuf {
     let path = t.hf_dir.with_file_name(format!(
         "mixed-{}.gguf",
-        slow.map_or("none".into(), |q| format!("{q:?}"))
+        mixed.map_or("none".into(), |q| format!("{q:?}"))
     ));
-    let quant = |name: &str| match slow {
-        Some(q) if name == SLOW_TENSOR => Some(q),
+    let quant = |name: &str| match mixed {
+        Some(q) if name == MIXED_TENSOR => Some(q),
         _ => Some(GgmlDType::Q8_0),
     };
     gguf_writer_with(&t.spec, &t.weights, quant)
@@ -1131,13 +1131,22 @@ fn mixed_gguf(t: &Tiny, slow: Option<GgmlDType>) -> std::path::PathBuf {
     path
 }
 
-/// A log buffer shared with a `tracing` subscriber.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+thread_local! {
+    /// Where this thread's log lines go while [`with_logs`] runs.
+    static CAPTURE: std::cell::RefCell<Option<Arc<std::sync::Mutex<Vec<u8>>>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
-impl std::io::Write for LogBuffer {
+/// The writer of the one global subscriber: the calling thread's capture buffer, if any.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        CAPTURE.with_borrow(|c| {
+            if let Some(c) = c {
+                c.lock().expect("log buffer").extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
 
@@ -1146,18 +1155,25 @@ impl std::io::Write for LogBuffer {
     }
 }
 
-/// Runs `f` with a subscriber, for this thread only, that writes info and above into a buffer;
-/// returns `f`'s result and the log's lines.
+/// Runs `f` with this thread's info-and-above log lines captured; returns `f`'s result and
+/// the lines. One global subscriber serves every thread: a per-thread scoped one
+/// (`with_default`) can miss events when another test thread, without it, reaches the same
+/// call site first and `tracing` caches that the site is never enabled.
 fn with_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
-    let buffer = LogBuffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(buffer.0.lock().expect("log buffer").clone()).expect("utf-8");
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(|| ThreadCapture)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+    });
+    let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+    CAPTURE.with_borrow_mut(|c| *c = Some(buffer.clone()));
+    let out = f();
+    CAPTURE.with_borrow_mut(|c| *c = None);
+    let text = String::from_utf8(buffer.lock().expect("log buffer").clone()).expect("utf-8");
     (out, text.lines().map(str::to_string).collect())
 }
 
@@ -1169,7 +1185,7 @@ fn tensor_type<'a>(types: &'a [TensorTypeUse], dtype: &str) -> &'a TensorTypeUse
 }
 
 #[test]
-fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which() {
+fn the_compute_path_says_which_path_runs_and_why() {
     use llm_worker_rbee::model::{LoadOptions, load_model};
     let t = tiny(Arch::Llama);
     let matrices = t.weights.iter().filter(|w| w.shape.len() == 2).count();
@@ -1209,54 +1225,35 @@ fn a_tensor_type_the_cpu_kernels_lack_sends_the_model_to_candle_and_says_which()
         info[0]
     );
 
-    // One Q3_K matrix: the model still loads and runs, on Candle's path, and says which tensor.
+    // Every GGUF type the loader reads is one the kernels read too, so a file that mixes them
+    // stays on the kernels' path and lists each type there (a matrix of a type they did not
+    // read would send the whole forward to Candle with a warning naming it).
+    for (dtype, name) in [
+        (GgmlDType::Q3K, "Q3_K"),
+        (GgmlDType::Q2K, "Q2_K"),
+        (GgmlDType::BF16, "BF16"),
+    ] {
+        let path = mixed_gguf(&t, Some(dtype));
+        let (model, logs) = with_logs(|| load_model(&path, &LoadOptions::default()));
+        let model = model.expect("load");
+        let compute = model.decoder.compute_path();
+        assert_eq!(compute.forward, ForwardPath::CpuKernels, "{name}");
+        let mixed = tensor_type(&compute.tensor_types, name);
+        assert_eq!(
+            (mixed.count, mixed.cpu_kernels, mixed.path()),
+            (1, 1, "cpu-kernels")
+        );
+        let q8 = tensor_type(&compute.tensor_types, "Q8_0");
+        assert_eq!((q8.count, q8.path()), (matrices - 1, "cpu-kernels"));
+        assert!(!logs.iter().any(|l| l.contains(" WARN ")), "{logs:#?}");
+        assert!(
+            logs.iter().any(|l| l.contains(" INFO ")
+                && l.contains("compute path: cpu-kernels;")
+                && l.contains(&format!("{name}×1 cpu-kernels"))),
+            "{logs:#?}"
+        );
+    }
     let path = mixed_gguf(&t, Some(GgmlDType::Q3K));
-    let (model, logs) = with_logs(|| load_model(&path, &LoadOptions::default()));
-    let model = model.expect("load");
-    assert!(!model.decoder.uses_cpu_path());
-    let compute = model.decoder.compute_path();
-    assert_eq!(
-        compute.forward,
-        ForwardPath::Candle(CandlePathReason::UnsupportedTensorType {
-            tensor: SLOW_TENSOR.into(),
-            dtype: "Q3_K".into(),
-        })
-    );
-    assert_eq!(compute.path_name(), "candle");
-    let reason = compute.reason().expect("reason").to_string();
-    assert!(
-        reason.contains(SLOW_TENSOR) && reason.contains("Q3_K"),
-        "{reason}"
-    );
-    // The other matrices are still multiplied by our kernels inside Candle's forward; the
-    // norms are Candle tensors.
-    let q3 = tensor_type(&compute.tensor_types, "Q3_K");
-    assert_eq!((q3.count, q3.path()), (1, "candle"));
-    let q8 = tensor_type(&compute.tensor_types, "Q8_0");
-    assert_eq!((q8.count, q8.path()), (matrices - 1, "cpu-kernels"));
-    assert_eq!(tensor_type(&compute.tensor_types, "F32").path(), "candle");
-    let warnings: Vec<_> = logs.iter().filter(|l| l.contains(" WARN ")).collect();
-    assert_eq!(warnings.len(), 1, "{logs:#?}");
-    assert!(
-        warnings[0].contains(SLOW_TENSOR) && warnings[0].contains("Q3_K"),
-        "{}",
-        warnings[0]
-    );
-    assert!(
-        logs.iter().any(|l| l.contains(" INFO ")
-            && l.contains("compute path: candle (")
-            && l.contains("Q3_K×1 candle")),
-        "{logs:#?}"
-    );
-    let logits = run(&model.decoder);
-    assert!(logits.iter().flatten().all(|l| l.is_finite()));
-    // Against the same file wholly on Candle's kernels (see the quantized test's tolerance).
-    assert_close(
-        "Q3_K among Q8_0 vs Candle's kernels",
-        &logits,
-        &run(&gguf_decoder_with(&path, None)),
-        1e-2,
-    );
 
     // Paths chosen by the device or the options are reasons too, but no warning.
     let (decoders, logs) = with_logs(|| {
@@ -1333,4 +1330,48 @@ fn q5_0_and_q5_1_matrices_run_on_the_cpu_kernels() {
         1e-2,
     );
     assert_close("Q5_0/Q5_1 vs f32", &ours, &run(&t.hf_decoder()), 0.12);
+}
+
+/// llama-quantize's Q2_K and Q3_K_M files store most matrices as Q2_K and Q3_K; BF16 is the
+/// dense type of many converted checkpoints. A GGUF of those runs on our CPU kernels, every
+/// matrix read in place, close to Candle's own kernels on the same file.
+#[test]
+fn q2_k_q3_k_and_bf16_matrices_run_on_the_cpu_kernels() {
+    let t = tiny(Arch::Llama);
+    let path = t.hf_dir.with_file_name("model-q2k-q3k-bf16.gguf");
+    // Attention matrices Q3_K, feed-forward Q2_K, embeddings and output BF16.
+    let quant = |name: &str| {
+        Some(if name.contains("attn_") {
+            GgmlDType::Q3K
+        } else if name.contains("ffn_") {
+            GgmlDType::Q2K
+        } else {
+            GgmlDType::BF16
+        })
+    };
+    gguf_writer_with(&t.spec, &t.weights, quant)
+        .write(&path)
+        .expect("write gguf");
+    let decoder = gguf_decoder(&path);
+    assert!(decoder.uses_cpu_path());
+    let compute = decoder.compute_path();
+    assert_eq!(compute.forward, ForwardPath::CpuKernels);
+    for dtype in ["Q3_K", "Q2_K", "BF16"] {
+        let ty = tensor_type(&compute.tensor_types, dtype);
+        assert!(ty.count > 0, "{dtype}");
+        assert_eq!(
+            (ty.cpu_kernels, ty.path()),
+            (ty.count, "cpu-kernels"),
+            "{dtype}"
+        );
+    }
+    let ours = run(&decoder);
+    assert!(ours.iter().flatten().all(|l| l.is_finite()));
+    // Same activation-rounding difference as in `quantized_gguf_agrees_with_candle_quantized_llama`.
+    assert_close(
+        "Q2_K/Q3_K/BF16 kernels vs Candle's",
+        &ours,
+        &run(&gguf_decoder_with(&path, None)),
+        1e-2,
+    );
 }

@@ -45,6 +45,10 @@ struct Args {
     /// Sequences decoding at once for `--structured`.
     #[arg(long, default_value_t = 8)]
     streams: usize,
+    /// Sequences decoding together in the generation test (batched decode, aggregate
+    /// tokens/s, reported as `tgNxS`; llama-bench has no such test, so no ratio).
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    gen_streams: usize,
     /// Measure speculative decoding (prompt lookup, up to N draft tokens) against plain
     /// decoding, single stream, `-n` tokens.
     #[arg(long, value_name = "N")]
@@ -111,6 +115,7 @@ fn main() {
     let config = BenchConfig {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        gen_streams: args.gen_streams,
         repetitions: args.repetitions.max(1),
         batch_size: args.batch_size,
     };

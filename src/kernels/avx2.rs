@@ -10,9 +10,12 @@
 //!   `ggml_vec_dot_q5_1_q8_1`.
 //! - Q8_0: `maddubs(|w|, sign(y, w))`. Q5_0 the same on its signed quants `q − 16` (the nibbles
 //!   OR `0xF0` where the fifth bit is clear), exactly ggml's x86 `ggml_vec_dot_q5_0_q8_0`.
-//! - Q4_K / Q5_K / Q6_K: the 6/8-bit sub-block scales multiply the i16 pair sums inside
-//!   `vpmaddwd`, so one float FMA per 256 weights; mins (and Q6_K's `-32`) come from the Q8_K
-//!   block sums.
+//! - Q2_K / Q3_K / Q4_K / Q5_K / Q6_K: the 4/6/8-bit sub-block scales multiply the i16 pair sums
+//!   inside `vpmaddwd`, so one float FMA per 256 weights; mins (and Q3_K's `-4`, Q6_K's `-32`)
+//!   come from the Q8_K block sums. Q3_K's quants are used unsigned (`q + 4`, 0..7), which
+//!   needs one `vpmaddubsw` per 32 weights where ggml's x86 `ggml_vec_dot_q3_K_q8_K` spends two
+//!   (low bits and high bits apart); the integer super-block sum is the same.
+//! - F32 / F16 / BF16: f32 FMAs on the f32 activations (BF16 widened by a 16-bit shift).
 
 // Register tiles index several fixed-size arrays with the same row/column counters.
 #![allow(clippy::needless_range_loop)]
@@ -21,9 +24,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::formats::{
+    Q2K_BYTES, Q2K_D, Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES,
     Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
     Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
-    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, round_f16, unpack_scales_mins_k4,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, q3k_scale_words, round_f16, unpack_scales_mins_k4,
 };
 use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
@@ -87,8 +91,11 @@ pub(crate) unsafe fn compute(
         WeightType::Q4K => (1, pick_k::<false>),
         WeightType::Q5K => (1, pick_k::<true>),
         WeightType::Q6K => (1, pick_q6k),
-        WeightType::F32 => (1, pick_dense::<false>),
-        WeightType::F16 => (1, pick_dense::<true>),
+        WeightType::Q2K => (1, pick_q2k),
+        WeightType::Q3K => (1, pick_q3k),
+        WeightType::F32 => (1, pick_dense::<DENSE_F32>),
+        WeightType::F16 => (1, pick_dense::<DENSE_F16>),
+        WeightType::BF16 => (1, pick_dense::<DENSE_BF16>),
     };
     let mut i = a.start;
     while i < a.end {
@@ -149,8 +156,21 @@ fn pick_q6k(mr: usize, _nr: usize) -> TileFn {
     pick_mr!(mr, tile_q6k)
 }
 
-fn pick_dense<const F16: bool>(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_dense, F16)
+fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_q2k)
+}
+
+fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_q3k)
+}
+
+/// Element formats of [`tile_dense`].
+const DENSE_F32: u8 = 0;
+const DENSE_F16: u8 = 1;
+const DENSE_BF16: u8 = 2;
+
+fn pick_dense<const FMT: u8>(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_dense, FMT)
 }
 
 /// GEMV software prefetch. A tile's weight rows are one contiguous range that it consumes
@@ -385,39 +405,190 @@ fn word_splat(k: usize) -> __m256i {
     _mm256_set1_epi16(((lo + 1) << 8) | lo)
 }
 
-/// Q4_K (`FIVE = false`) and Q5_K (`FIVE = true`) × Q8_K, one weight row.
+/// How the K-quant tiles add i16 pair sums times their sub-block scales to i32 sums: AVX2's
+/// `vpmaddwd` then `vpaddd`, or one AVX-512 VNNI `vpdpwssd` (`avx512`). Both give the same
+/// integers, so the tiles built on either give the same floats.
+pub(super) trait ScaledSum {
+    /// `sum + madd(pairs, scales)`, lane by lane.
+    ///
+    /// # Safety
+    /// Inlined into a function that enables the instructions used.
+    unsafe fn add(sum: __m256i, pairs: __m256i, scales: __m256i) -> __m256i;
+}
+
+/// [`ScaledSum`] with AVX2 instructions.
+pub(super) struct Madd;
+
+impl ScaledSum for Madd {
+    #[inline(always)]
+    unsafe fn add(sum: __m256i, pairs: __m256i, scales: __m256i) -> __m256i {
+        // SAFETY: AVX2 is the caller's contract.
+        unsafe { _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, scales)) }
+    }
+}
+
+/// The K-quant tiles of one instruction set: `tile_k` (Q4_K, `FIVE`: Q5_K), `tile_q6k`,
+/// `tile_q2k` and `tile_q3k`, each `MR ≤ 8` activation rows × one weight row (a `TileFn`): the
+/// shared bodies below compiled with `$features` (at least AVX2, FMA, F16C), their scaled sums
+/// done by `$sum`.
+macro_rules! k_tiles {
+    ($features:literal, $sum:ty) => {
+        /// Q4_K (`FIVE = false`) and Q5_K × Q8_K, one weight row.
+        ///
+        /// # Safety
+        /// As `avx2::tile_k_rows`.
+        #[target_feature(enable = $features)]
+        unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
+            t: &TileArgs,
+            i0: usize,
+            j0: usize,
+            out: OutPtr,
+        ) {
+            debug_assert_eq!(NR, 1);
+            // SAFETY: forwarded contract, with the features enabled here.
+            unsafe { super::avx2::tile_k_rows::<MR, FIVE, $sum>(t, i0, j0, out) }
+        }
+
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q6k, tile_q6k_rows, "Q6_K");
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q2k_rows, "Q2_K");
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q3k_rows, "Q3_K");
+    };
+    (@one $features:literal, $sum:ty, $name:ident, $body:ident, $ty:literal) => {
+        #[doc = concat!($ty, " × Q8_K, one weight row.")]
+        ///
+        /// # Safety
+        /// As `avx2::tile_k_rows`.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const MR: usize, const NR: usize>(
+            t: &TileArgs,
+            i0: usize,
+            j0: usize,
+            out: OutPtr,
+        ) {
+            debug_assert_eq!(NR, 1);
+            // SAFETY: forwarded contract, with the features enabled here.
+            unsafe { super::avx2::$body::<MR, $sum>(t, i0, j0, out) }
+        }
+    };
+}
+pub(super) use k_tiles;
+
+k_tiles!("avx2,fma,f16c", Madd);
+
+/// The activation rows of a K-quant tile, Q8_K: per super-block 256 quants, a `d` and 16 block
+/// sums.
+struct KRows<const MR: usize> {
+    y: [*const i8; MR],
+    bsums: [*const i16; MR],
+    /// `d` of the first row's 4-row group (groups of 4 rows are interleaved per block).
+    d: *const f32,
+    nb: usize,
+}
+
+impl<const MR: usize> KRows<MR> {
+    /// # Safety
+    /// Rows `i0..i0 + MR` exist in `t`; `i0` is a multiple of 4.
+    #[inline(always)]
+    unsafe fn new(t: &TileArgs, i0: usize) -> Self {
+        // SAFETY: the offsets stay inside the activation buffers for existing rows.
+        unsafe {
+            KRows {
+                y: std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols)),
+                bsums: std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16)),
+                d: t.d.add(i0 / GROUP * t.nb * GROUP),
+                nb: t.nb,
+            }
+        }
+    }
+
+    /// Row `i`'s `d` of super-block `b`.
+    #[inline(always)]
+    unsafe fn d(&self, b: usize, i: usize) -> f32 {
+        // SAFETY: `b < nb`, `i < MR` (the caller's).
+        unsafe {
+            *self
+                .d
+                .add(i / GROUP * self.nb * GROUP + b * GROUP + i % GROUP)
+        }
+    }
+
+    /// Row `i`'s 16 block sums of super-block `b`.
+    #[inline(always)]
+    unsafe fn bsums(&self, b: usize, i: usize) -> __m256i {
+        // SAFETY: as in `d`; AVX2 is the caller's contract.
+        unsafe { _mm256_loadu_si256(self.bsums[i].add(b * 16) as *const __m256i) }
+    }
+
+    /// One run of 32 unpacked weight quants `q` (0..127) against every row's 32 activation
+    /// quants at `off` of super-block `b`: `sums[i] = S::add(sums[i], maddubs(q, y_i), scales)`.
+    #[inline(always)]
+    unsafe fn dot<S: ScaledSum>(
+        &self,
+        sums: &mut [__m256i; MR],
+        b: usize,
+        off: usize,
+        q: __m256i,
+        scales: __m256i,
+    ) {
+        for i in 0..MR {
+            // SAFETY: as in `d`, `off + 32 ≤ 256`; AVX2 is the caller's contract.
+            unsafe {
+                let y = _mm256_loadu_si256(self.y[i].add(b * QK_K + off) as *const __m256i);
+                sums[i] = S::add(sums[i], _mm256_maddubs_epi16(q, y), scales);
+            }
+        }
+    }
+}
+
+/// The frame of every K-quant tile (a macro, not a function taking a closure: a closure would
+/// not be compiled with the caller's CPU features, and its intrinsics would not inline): weight
+/// row `j0`'s super-blocks of `bytes` each, in order (prefetched ahead for GEMV), `$body` run
+/// for each with `$blk` (its bytes), `$b` (its index), `$rows` (the activation rows) and `$acc`
+/// (the rows' float sums), then each row's total ([`hsum`]) written out. Used inside `unsafe`,
+/// in a body generic over `MR` (the rows, `≤ 8`).
+macro_rules! k_frame {
+    ($t:expr, $i0:expr, $j0:expr, $out:expr, $bytes:expr, |$blk:ident, $b:ident, $rows:ident, $acc:ident| $body:block) => {{
+        let (t, i0, j0, out, bytes): (&TileArgs, usize, usize, OutPtr, usize) =
+            ($t, $i0, $j0, $out, $bytes);
+        let $rows = KRows::<MR>::new(t, i0);
+        let mut $acc = [_mm256_setzero_ps(); MR];
+        let wrow = t.w.add(j0 * t.rb);
+        let mut pf = Prefetch::new(wrow, t.rb);
+        for $b in 0..t.nb {
+            let $blk = wrow.add($b * bytes);
+            if MR == 1 {
+                pf.upto($blk.wrapping_add(bytes));
+            }
+            $body
+        }
+        for (i, a) in $acc.iter().enumerate() {
+            out.write(i0 + i, j0, hsum(*a));
+        }
+    }};
+}
+
+/// The Q4_K/Q5_K tile body (see [`k_tiles`]).
 ///
 /// # Safety
-/// As [`tile_q4`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
+/// As [`tile_q4`] for `MR ≤ 8` rows, inlined into a function that enables AVX2, FMA, F16C and
+/// what `S` uses.
+#[inline(always)]
+pub(super) unsafe fn tile_k_rows<const MR: usize, const FIVE: bool, S: ScaledSum>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    debug_assert_eq!(NR, 1);
     let (bb, sc_off, qs_off) = if FIVE {
         (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
     } else {
         (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
     };
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m1 = _mm256_set1_epi8(0x01);
-    let mut acc = [_mm256_setzero_ps(); MR];
-    // SAFETY: as in `tile_q4`; a super-block is `bb` bytes with the fields at the offsets of
-    // `formats`, activation super-block b is 256 quants at b·256 and 16 sums at (row·nb + b)·16.
+    // SAFETY: a super-block is `bb` bytes with the fields at the offsets of `formats`; the
+    // rest is the caller's contract.
     unsafe {
-        let wrow = t.w.add(j0 * t.rb);
-        let mut pf = Prefetch::new(wrow, t.rb);
-        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
-        let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
-        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
-        for b in 0..t.nb {
-            let blk = wrow.add(b * bb);
-            if MR == 1 {
-                pf.upto(blk.wrapping_add(bb));
-            }
+        let (m4, m1) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x01));
+        k_frame!(t, i0, j0, out, bb, |blk, b, rows, acc| {
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 blk as *const i32,
             )));
@@ -447,18 +618,12 @@ unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
                 }
                 let sl = _mm256_shuffle_epi8(scales, word_splat(2 * c));
                 let sh = _mm256_shuffle_epi8(scales, word_splat(2 * c + 1));
-                for i in 0..MR {
-                    let y = yrow[i].add(b * QK_K + 64 * c);
-                    let ylo = _mm256_loadu_si256(y as *const __m256i);
-                    let yhi = _mm256_loadu_si256(y.add(32) as *const __m256i);
-                    let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), sl);
-                    let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), sh);
-                    isum[i] = _mm256_add_epi32(isum[i], _mm256_add_epi32(pl, ph));
-                }
+                rows.dot::<S>(&mut isum, b, 64 * c, lo, sl);
+                rows.dot::<S>(&mut isum, b, 64 * c + 32, hi, sh);
             }
             for i in 0..MR {
-                let dy = *dbase.add(b * GROUP + i);
-                let bs = _mm256_loadu_si256(bsrow[i].add(b * 16) as *const __m256i);
+                let dy = rows.d(b, i);
+                let bs = rows.bsums(b, i);
                 let bs32 = _mm_hadd_epi16(
                     _mm256_castsi256_si128(bs),
                     _mm256_extracti128_si256::<1>(bs),
@@ -469,40 +634,25 @@ unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
                 let mterm = _mm256_set_m128(_mm_setzero_ps(), msum);
                 acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), mterm, acc[i]);
             }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            out.write(i0 + i, j0, hsum(*a));
-        }
+        })
     }
 }
 
-/// Q6_K × Q8_K, one weight row.
+/// The Q6_K tile body (see [`k_tiles`]).
 ///
 /// # Safety
-/// As [`tile_q4`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q6k<const MR: usize, const NR: usize>(
+/// As [`tile_k_rows`].
+#[inline(always)]
+pub(super) unsafe fn tile_q6k_rows<const MR: usize, S: ScaledSum>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    debug_assert_eq!(NR, 1);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(0x03);
-    let mut acc = [_mm256_setzero_ps(); MR];
-    // SAFETY: as in `tile_k` with the Q6_K field offsets.
+    // SAFETY: as in `tile_k_rows` with the Q6_K field offsets.
     unsafe {
-        let wrow = t.w.add(j0 * t.rb);
-        let mut pf = Prefetch::new(wrow, t.rb);
-        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
-        let bsrow: [*const i16; MR] = std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16));
-        let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
-        for b in 0..t.nb {
-            let blk = wrow.add(b * Q6K_BYTES);
-            if MR == 1 {
-                pf.upto(blk.wrapping_add(Q6K_BYTES));
-            }
+        let (m4, m3) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+        k_frame!(t, i0, j0, out, Q6K_BYTES, |blk, b, rows, acc| {
             let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                 blk.add(Q6K_D) as *const u16,
             ) as i32)));
@@ -536,74 +686,148 @@ unsafe fn tile_q6k<const MR: usize, const NR: usize>(
                 ];
                 for (c, qc) in q.iter().enumerate() {
                     // Quants 0..16 of this run use scale 8n+2c, quants 16..32 scale 8n+2c+1.
-                    let lo = (4 * c) as i8;
-                    let ctrl = _mm256_setr_epi8(
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo,
-                        lo + 1,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                        lo + 2,
-                        lo + 3,
-                    );
-                    let st = _mm256_shuffle_epi8(scn, ctrl);
-                    for i in 0..MR {
-                        let y = _mm256_loadu_si256(
-                            yrow[i].add(b * QK_K + 128 * n + 32 * c) as *const __m256i
-                        );
-                        isum[i] = _mm256_add_epi32(
-                            isum[i],
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(*qc, y), st),
-                        );
-                    }
+                    let st = _mm256_shuffle_epi8(scn, sub_block_pair_splat(c));
+                    rows.dot::<S>(&mut isum, b, 128 * n + 32 * c, *qc, st);
                 }
             }
             for i in 0..MR {
-                let dy = *dbase.add(b * GROUP + i);
+                let dy = rows.d(b, i);
                 // Quants are stored +32: subtract 32 · Σ_g scale_g · bsum_g.
-                let bs = _mm256_loadu_si256(bsrow[i].add(b * 16) as *const __m256i);
-                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc_all, bs));
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc_all, rows.bsums(b, i)));
                 let s = _mm256_sub_epi32(isum[i], off);
                 acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
             }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            out.write(i0 + i, j0, hsum(*a));
-        }
+        })
     }
 }
 
-/// F32 (`F16 = false`) and F16 weights × f32 activations, one weight row.
+/// `vpshufb` control for 8 i16 scales broadcast to both 128-bit halves: every i16 lane of the
+/// low half gets scale `2c`, of the high half scale `2c + 1`. Those are the scales of the two
+/// 16-weight sub-blocks of the `c`-th (0..4) run of 32 weights of a Q2_K/Q3_K half super-block
+/// (and of a Q6_K half super-block's scales).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn sub_block_pair_splat(c: usize) -> __m256i {
+    let word = |k: usize| (((2 * k + 1) << 8) | (2 * k)) as i16;
+    _mm256_set_m128i(_mm_set1_epi16(word(2 * c + 1)), _mm_set1_epi16(word(2 * c)))
+}
+
+/// The Q2_K tile body (see [`k_tiles`]), ggml's x86 `ggml_vec_dot_q2_K_q8_K`.
+///
+/// # Safety
+/// As [`tile_k_rows`].
+#[inline(always)]
+pub(super) unsafe fn tile_q2k_rows<const MR: usize, S: ScaledSum>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    // SAFETY: as in `tile_k_rows` with the Q2_K field offsets.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m4 = _mm_set1_epi8(0x0F);
+        k_frame!(t, i0, j0, out, Q2K_BYTES, |blk, b, rows, acc| {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk.add(Q2K_D) as *const i32
+            )));
+            let (dw, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let packed = _mm_loadu_si128(blk.add(Q2K_SCALES) as *const __m128i);
+            let scales = _mm256_cvtepu8_epi16(_mm_and_si128(packed, m4));
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
+            let mut isum = [_mm256_setzero_si256(); MR];
+            for n in 0..2 {
+                let sc = half_scales(scales, n);
+                let mut bits = _mm256_loadu_si256(blk.add(Q2K_QS + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let q = _mm256_and_si256(bits, m3);
+                    bits = _mm256_srli_epi16::<2>(bits);
+                    let st = _mm256_shuffle_epi8(sc, sub_block_pair_splat(c));
+                    rows.dot::<S>(&mut isum, b, 128 * n + 32 * c, q, st);
+                }
+            }
+            for i in 0..MR {
+                let dy = rows.d(b, i);
+                let msum = _mm256_madd_epi16(mins, rows.bsums(b, i));
+                acc[i] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
+                acc[i] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), _mm256_cvtepi32_ps(msum), acc[i]);
+            }
+        })
+    }
+}
+
+/// Scales 8n..8n+8 of 16 i16 scales, in both 128-bit halves (for [`sub_block_pair_splat`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn half_scales(scales: __m256i, n: usize) -> __m256i {
+    if n == 0 {
+        _mm256_permute2x128_si256::<0x00>(scales, scales)
+    } else {
+        _mm256_permute2x128_si256::<0x11>(scales, scales)
+    }
+}
+
+/// The Q3_K tile body (see [`k_tiles`]). The quants enter `vpmaddubsw` as `q + 4` (low bits OR
+/// third bit·4, 0..7); `4·Σ_g scale_g·bsum_g` is subtracted per super-block.
+///
+/// # Safety
+/// As [`tile_k_rows`].
+#[inline(always)]
+pub(super) unsafe fn tile_q3k_rows<const MR: usize, S: ScaledSum>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    // SAFETY: as in `tile_k_rows` with the Q3_K field offsets.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m1 = _mm256_set1_epi8(1);
+        k_frame!(t, i0, j0, out, Q3K_BYTES, |blk, b, rows, acc| {
+            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk.add(Q3K_D) as *const u16,
+            ) as i32)));
+            // In registers, as ggml does: through memory the 16 bytes would wait on a store.
+            let sw = q3k_scale_words(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
+            let sc8 = _mm_sub_epi8(
+                _mm_set_epi32(sw[3] as i32, sw[2] as i32, sw[1] as i32, sw[0] as i32),
+                _mm_set1_epi8(32),
+            );
+            let scales = _mm256_cvtepi8_epi16(sc8);
+            // Bit 4n + c of hmask byte l is the third bit of quant 128n + 32c + l.
+            let mut hbits = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
+            let mut isum = [_mm256_setzero_si256(); MR];
+            for n in 0..2 {
+                let sc = half_scales(scales, n);
+                let mut bits = _mm256_loadu_si256(blk.add(Q3K_QS + 32 * n) as *const __m256i);
+                for c in 0..4 {
+                    let high = _mm256_slli_epi16::<2>(_mm256_and_si256(hbits, m1));
+                    let q = _mm256_or_si256(_mm256_and_si256(bits, m3), high);
+                    bits = _mm256_srli_epi16::<2>(bits);
+                    hbits = _mm256_srli_epi16::<1>(hbits);
+                    let st = _mm256_shuffle_epi8(sc, sub_block_pair_splat(c));
+                    rows.dot::<S>(&mut isum, b, 128 * n + 32 * c, q, st);
+                }
+            }
+            for i in 0..MR {
+                let dy = rows.d(b, i);
+                let off = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, rows.bsums(b, i)));
+                let s = _mm256_sub_epi32(isum[i], off);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
+            }
+        })
+    }
+}
+
+/// F32, F16 and BF16 weights (`FMT`: [`DENSE_F32`], [`DENSE_F16`], [`DENSE_BF16`]) × f32
+/// activations, one weight row.
 ///
 /// # Safety
 /// As [`tile_q4`]; `t.x` holds `m × cols` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
+unsafe fn tile_dense<const MR: usize, const NR: usize, const FMT: u8>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
@@ -612,21 +836,22 @@ unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
     debug_assert_eq!(NR, 1);
     let mut acc = [_mm256_setzero_ps(); MR];
     let mut tail = [0f32; MR];
-    // SAFETY: weight row j0 has `cols` elements of 4 (F32) or 2 (F16) bytes; activation rows
+    // SAFETY: weight row j0 has `cols` elements of 4 (F32) or 2 (F16, BF16) bytes; activation rows
     // i0..i0+MR have `cols` floats; vector loads stop at the last full 8.
     unsafe {
         let wrow = t.w.add(j0 * t.rb);
         let mut pf = Prefetch::new(wrow, t.rb);
         let xrow: [*const f32; MR] = std::array::from_fn(|i| t.x.add((i0 + i) * t.cols));
         let full = t.cols / 8 * 8;
-        let load_w = |k: usize| {
-            if F16 {
-                _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i))
-            } else {
-                _mm256_loadu_ps(wrow.add(4 * k) as *const f32)
+        let load_w = |k: usize| match FMT {
+            DENSE_F16 => _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i)),
+            DENSE_BF16 => {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
             }
+            _ => _mm256_loadu_ps(wrow.add(4 * k) as *const f32),
         };
-        let esize = if F16 { 2 } else { 4 };
+        let esize = if FMT == DENSE_F32 { 4 } else { 2 };
         let mut k = 0;
         while k < full {
             if MR == 1 {
@@ -639,11 +864,15 @@ unsafe fn tile_dense<const MR: usize, const NR: usize, const F16: bool>(
             k += 8;
         }
         for k in full..t.cols {
-            let wv = if F16 {
-                half::f16::from_bits(std::ptr::read_unaligned(wrow.add(2 * k) as *const u16))
-                    .to_f32()
-            } else {
-                std::ptr::read_unaligned(wrow.add(4 * k) as *const f32)
+            let wv = match FMT {
+                DENSE_F16 => {
+                    half::f16::from_bits(std::ptr::read_unaligned(wrow.add(2 * k) as *const u16))
+                        .to_f32()
+                }
+                DENSE_BF16 => f32::from_bits(
+                    (std::ptr::read_unaligned(wrow.add(2 * k) as *const u16) as u32) << 16,
+                ),
+                _ => std::ptr::read_unaligned(wrow.add(4 * k) as *const f32),
             };
             for i in 0..MR {
                 tail[i] += wv * *xrow[i].add(k);

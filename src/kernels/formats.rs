@@ -15,6 +15,8 @@ pub(crate) const Q4_1_BYTES: usize = 20;
 pub(crate) const Q5_0_BYTES: usize = 22;
 pub(crate) const Q5_1_BYTES: usize = 24;
 pub(crate) const Q8_0_BYTES: usize = 34;
+pub(crate) const Q2K_BYTES: usize = 84;
+pub(crate) const Q3K_BYTES: usize = 110;
 pub(crate) const Q4K_BYTES: usize = 144;
 pub(crate) const Q5K_BYTES: usize = 176;
 pub(crate) const Q6K_BYTES: usize = 210;
@@ -26,6 +28,14 @@ pub(crate) const Q5_1_QH: usize = 4;
 pub(crate) const Q5_1_QS: usize = 8;
 
 // Field offsets inside the K-quant super-blocks.
+pub(crate) const Q2K_SCALES: usize = 0;
+pub(crate) const Q2K_QS: usize = 16;
+pub(crate) const Q2K_D: usize = 80;
+pub(crate) const Q2K_DMIN: usize = 82;
+pub(crate) const Q3K_HMASK: usize = 0;
+pub(crate) const Q3K_QS: usize = 32;
+pub(crate) const Q3K_SCALES: usize = 96;
+pub(crate) const Q3K_D: usize = 108;
 pub(crate) const Q4K_SCALES: usize = 4;
 pub(crate) const Q4K_QS: usize = 16;
 pub(crate) const Q5K_SCALES: usize = 4;
@@ -83,6 +93,61 @@ pub(crate) fn unpack_scales_mins_k4(q: &[u8]) -> [u8; 16] {
     out
 }
 
+/// The 16 6-bit scales (0..63, stored +32) of a Q3_K super-block from its 12 packed bytes, as
+/// four little-endian words of four scales, unpacked as ggml's `dequantize_row_q3_K` does
+/// (kmask1/kmask2 on 32-bit words): scale `k` has its low 4 bits in a nibble of byte `k % 8`
+/// (low nibble for `k < 8`) and its high 2 bits in byte `8 + k % 4`, bits `2·(k / 4)..`.
+#[inline]
+pub(crate) fn q3k_scale_words(q: &[u8]) -> [u32; 4] {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let w = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (a0, a1, t) = (w(0), w(1), w(2));
+    [
+        (a0 & KMASK2) | ((t & KMASK1) << 4),
+        (a1 & KMASK2) | (((t >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((t >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((t >> 6) & KMASK1) << 4),
+    ]
+}
+
+/// The 16 signed scales (−32..31) of a Q3_K super-block ([`q3k_scale_words`] − 32).
+#[inline]
+pub(crate) fn q3k_scales(q: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (o, word) in out.chunks_exact_mut(4).zip(q3k_scale_words(q)) {
+        for (o, b) in o.iter_mut().zip(word.to_le_bytes()) {
+            *o = b as i8 - 32;
+        }
+    }
+    out
+}
+
+/// The 3-bit quant (−4..3) at position `p` (0..256) of a Q3_K super-block, as ggml lays it out:
+/// `p = 128·n + 32·j + l` takes bits `2j..2j+2` of `qs[32·n + l]`, and its third bit is bit
+/// `4n + j` of `hmask[l]`; a clear bit means −4.
+#[inline]
+pub(crate) fn q3k_quant(blk: &[u8], p: usize) -> i32 {
+    let (n, j, l) = (p / 128, (p % 128) / 32, p % 32);
+    let low = (blk[Q3K_QS + 32 * n + l] >> (2 * j)) & 3;
+    let high = (blk[Q3K_HMASK + l] >> (4 * n + j)) & 1;
+    low as i32 - if high == 0 { 4 } else { 0 }
+}
+
+/// The 2-bit quant (0..3) at position `p` of a Q2_K super-block (same packing as Q3_K's low bits).
+#[inline]
+pub(crate) fn q2k_quant(blk: &[u8], p: usize) -> i32 {
+    let (n, j, l) = (p / 128, (p % 128) / 32, p % 32);
+    ((blk[Q2K_QS + 32 * n + l] >> (2 * j)) & 3) as i32
+}
+
+/// Reads the little-endian bf16 at `b[off..off + 2]` as f32 (its bits are the top half of the
+/// f32's).
+#[inline]
+pub(crate) fn bf16_at(b: &[u8], off: usize) -> f32 {
+    f32::from_bits((u16::from_le_bytes([b[off], b[off + 1]]) as u32) << 16)
+}
+
 /// The 5-bit quants (0..32) of one Q5_0/Q5_1 block, in weight order: weight `j < 16` is the low
 /// nibble of byte `j` of `qs`, weight `j + 16` its high nibble, and bit `j` of the little-endian
 /// `qh` is weight `j`'s fifth bit (ggml `dequantize_row_q5_0`).
@@ -108,6 +173,11 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
         WeightType::F16 => {
             for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
                 *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        WeightType::BF16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = bf16_at(c, 0);
             }
         }
         WeightType::Q4_0 => {
@@ -155,6 +225,34 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 let d = f16_at(b, 0);
                 for j in 0..QK {
                     y[j] = (b[2 + j] as i8) as f32 * d;
+                }
+            }
+        }
+        WeightType::Q2K => {
+            // ggml `dequantize_row_q2_K`: per 16 weights dl = d·scale, ml = dmin·min.
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q2K_BYTES)) {
+                let d = f16_at(b, Q2K_D);
+                let dmin = f16_at(b, Q2K_DMIN);
+                for (g, y) in y.chunks_exact_mut(16).enumerate() {
+                    let sc = b[Q2K_SCALES + g];
+                    let dl = d * (sc & 0xF) as f32;
+                    let ml = dmin * (sc >> 4) as f32;
+                    for (k, y) in y.iter_mut().enumerate() {
+                        *y = dl * q2k_quant(b, 16 * g + k) as f32 - ml;
+                    }
+                }
+            }
+        }
+        WeightType::Q3K => {
+            // ggml `dequantize_row_q3_K`: per 16 weights dl = d·(scale − 32).
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q3K_BYTES)) {
+                let d = f16_at(b, Q3K_D);
+                let sc = q3k_scales(&b[Q3K_SCALES..Q3K_SCALES + 12]);
+                for (g, y) in y.chunks_exact_mut(16).enumerate() {
+                    let dl = d * sc[g] as f32;
+                    for (k, y) in y.iter_mut().enumerate() {
+                        *y = dl * q3k_quant(b, 16 * g + k) as f32;
+                    }
                 }
             }
         }
@@ -244,6 +342,21 @@ mod tests {
     }
 
     #[test]
+    fn q3k_scales_follow_the_documented_bit_layout() {
+        let mut rng = Rng::new(8);
+        for _ in 0..2000 {
+            let mut q = [0u8; 12];
+            rng.fill_bytes(&mut q);
+            let sc = q3k_scales(&q);
+            for (k, &s) in sc.iter().enumerate() {
+                let low = if k < 8 { q[k] & 0xF } else { q[k - 8] >> 4 };
+                let high = (q[8 + k % 4] >> (2 * (k / 4))) & 3;
+                assert_eq!(s as i32, (low | (high << 4)) as i32 - 32, "scale {k}");
+            }
+        }
+    }
+
+    #[test]
     fn block_sizes_match_ggml() {
         // sizeof(block_*) in ggml-common.h.
         assert_eq!(WeightType::Q4_0.row_bytes(64), 36);
@@ -254,6 +367,9 @@ mod tests {
         assert_eq!(WeightType::Q4K.block_bytes(), 2 + 2 + 12 + 128);
         assert_eq!(WeightType::Q5K.block_bytes(), 2 + 2 + 12 + 32 + 128);
         assert_eq!(WeightType::Q6K.block_bytes(), 128 + 64 + 16 + 2);
+        assert_eq!(WeightType::Q2K.block_bytes(), 16 + 64 + 2 + 2);
+        assert_eq!(WeightType::Q3K.block_bytes(), 32 + 64 + 12 + 2);
+        assert_eq!(WeightType::BF16.row_bytes(10), 20);
         assert_eq!(WeightType::F16.row_bytes(10), 20);
     }
 

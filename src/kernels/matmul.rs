@@ -230,6 +230,7 @@ unsafe fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::formats;
     use crate::kernels::testutil::{self, Rng};
     use crate::kernels::{WeightType, detect};
 
@@ -371,8 +372,11 @@ mod tests {
             WeightType::Q4_0,
             WeightType::Q4_1,
             WeightType::Q8_0,
+            WeightType::Q2K,
+            WeightType::Q3K,
             WeightType::Q4K,
             WeightType::Q6K,
+            WeightType::BF16,
         ] {
             let (rows, cols, m) = (300, 512, 70);
             let data = testutil::random_weights(&mut rng, ty, rows, cols);
@@ -461,10 +465,10 @@ mod tests {
             Err(KernelError::RowOutOfRange { row: 2, rows: 2 })
         ));
         assert!(crate::kernels::dequantize_row(&w, 0, &mut row[..31]).is_err());
-        // Q2_K (ggml type 10) is not read by the kernels.
+        // Q8_K (ggml type 15, only ever activations) is not read by the kernels.
         assert!(matches!(
-            WeightType::from_ggml_type_id(10),
-            Err(KernelError::UnsupportedType(10))
+            WeightType::from_ggml_type_id(15),
+            Err(KernelError::UnsupportedType(15))
         ));
         for ty in WeightType::ALL {
             assert_eq!(WeightType::from_ggml_type_id(ty.ggml_type_id()), Ok(ty));
@@ -504,67 +508,84 @@ mod tests {
         }
     }
 
-    /// Q5_0/Q5_1 blocks as Candle's quantizer (ggml's reference `quantize_row_q5_*`) writes them
-    /// from random f32 rows: our `dequantize_row` is bit-identical to Candle's dequantization,
-    /// and every path's matmul is within the activation-quantization bound of Candle's f32
-    /// matmul on those dequantized weights.
-    #[test]
-    fn q5_blocks_from_candle_dequantize_identically_and_multiply_within_bound() {
-        use candle_core::quantized::{GgmlDType, QTensor};
+    /// Blocks of `ty` as Candle's quantizer (ggml's reference `quantize_row_*`) writes them from
+    /// random f32 rows: our `dequantize_row` is bit-identical to Candle's dequantization, and
+    /// every path's matmul is within the activation-quantization bound of Candle's f32 matmul
+    /// on those dequantized weights.
+    fn check_against_candle(
+        ty: WeightType,
+        dtype: candle_core::quantized::GgmlDType,
+        shapes: &[(usize, usize)],
+        rng: &mut Rng,
+    ) {
+        use candle_core::quantized::QTensor;
         use candle_core::{Device, Tensor};
-        let mut rng = Rng::new(55);
         let pools = [ThreadPool::new(1), ThreadPool::new(2)];
-        for (ty, dtype) in [
-            (WeightType::Q5_0, GgmlDType::Q5_0),
-            (WeightType::Q5_1, GgmlDType::Q5_1),
-        ] {
-            for &(rows, cols) in &[(1usize, 32usize), (7, 64), (33, 96), (65, 896)] {
-                let wf: Vec<f32> = (0..rows * cols).map(|_| 0.05 * rng.activation()).collect();
-                let wt = Tensor::from_vec(wf, (rows, cols), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&wt, dtype).unwrap();
-                let data = q.data().unwrap().into_owned();
-                let deq = q.dequantize(&Device::Cpu).unwrap();
-                let want: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
-                let w = QMatrix::new(ty, rows, cols, &data).unwrap();
-                let mut row = vec![f32::NAN; cols];
-                for r in 0..rows {
-                    crate::kernels::dequantize_row(&w, r, &mut row).unwrap();
-                    for (c, (a, b)) in row.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{ty} row {r} col {c}: {a} vs {b}");
-                    }
+        for &(rows, cols) in shapes {
+            let wf: Vec<f32> = (0..rows * cols).map(|_| 0.05 * rng.activation()).collect();
+            let wt = Tensor::from_vec(wf, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let data = q.data().unwrap().into_owned();
+            let deq = q.dequantize(&Device::Cpu).unwrap();
+            let want: Vec<f32> = deq.flatten_all().unwrap().to_vec1().unwrap();
+            let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let mut row = vec![f32::NAN; cols];
+            for r in 0..rows {
+                crate::kernels::dequantize_row(&w, r, &mut row).unwrap();
+                for (c, (a, b)) in row.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} row {r} col {c}: {a} vs {b}");
                 }
-                for m in [1usize, 2, 5, 17] {
-                    let x = testutil::random_activations(&mut rng, m * cols);
-                    let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-                    let candle: Vec<f32> = xt
-                        .matmul(&deq.t().unwrap())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    for path in paths() {
-                        for pool in &pools {
-                            let got = run(path, pool, &w, &x, m);
-                            for i in 0..m {
-                                for j in 0..rows {
-                                    let k = i * rows + j;
-                                    let bound =
-                                        testutil::quantization_bound(ty, &w, &want, &x, i, j);
-                                    assert!(
-                                        (got[k] - candle[k]).abs() <= bound,
-                                        "{ty} {path} t={} m={m} {rows}x{cols} ({i},{j}): {} vs Candle {} (bound {bound})",
-                                        pool.n_threads(),
-                                        got[k],
-                                        candle[k]
-                                    );
-                                }
+            }
+            for m in [1usize, 2, 5, 17] {
+                let x = testutil::random_activations(rng, m * cols);
+                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+                let candle: Vec<f32> = xt
+                    .matmul(&deq.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for path in paths() {
+                    for pool in &pools {
+                        let got = run(path, pool, &w, &x, m);
+                        for i in 0..m {
+                            for j in 0..rows {
+                                let k = i * rows + j;
+                                let bound = testutil::quantization_bound(ty, &w, &want, &x, i, j);
+                                assert!(
+                                    (got[k] - candle[k]).abs() <= bound,
+                                    "{ty} {path} t={} m={m} {rows}x{cols} ({i},{j}): {} vs Candle {} (bound {bound})",
+                                    pool.n_threads(),
+                                    got[k],
+                                    candle[k]
+                                );
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn q5_blocks_from_candle_dequantize_identically_and_multiply_within_bound() {
+        use candle_core::quantized::GgmlDType;
+        let mut rng = Rng::new(55);
+        let shapes = [(1usize, 32usize), (7, 64), (33, 96), (65, 896)];
+        check_against_candle(WeightType::Q5_0, GgmlDType::Q5_0, &shapes, &mut rng);
+        check_against_candle(WeightType::Q5_1, GgmlDType::Q5_1, &shapes, &mut rng);
+    }
+
+    #[test]
+    fn q2k_q3k_bf16_from_candle_dequantize_identically_and_multiply_within_bound() {
+        use candle_core::quantized::GgmlDType;
+        let mut rng = Rng::new(56);
+        let shapes = [(1usize, 256usize), (7, 512), (33, 768), (65, 1024)];
+        check_against_candle(WeightType::Q3K, GgmlDType::Q3K, &shapes, &mut rng);
+        check_against_candle(WeightType::Q2K, GgmlDType::Q2K, &shapes, &mut rng);
+        let dense = [(1usize, 1usize), (7, 33), (33, 100), (65, 576)];
+        check_against_candle(WeightType::BF16, GgmlDType::BF16, &dense, &mut rng);
     }
 
     /// Extreme Q5 operands: every quant 0 or 31 (all nibbles and fifth bits clear or set) and
@@ -613,6 +634,57 @@ mod tests {
         }
     }
 
+    /// Extreme Q2_K/Q3_K operands: every quant at its smallest or largest (all low bits and
+    /// third bits clear or set), every scale and min at 0 or 15 (Q3_K's 6-bit scales at −32 or
+    /// 31), and activation super-blocks of ±127 quants, on every path against the scalar
+    /// reference.
+    #[test]
+    fn q2k_q3k_extreme_values_match_scalar() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols, m) = (9, 512, 6);
+        let mut x = vec![0f32; m * cols];
+        for (k, v) in x.iter_mut().enumerate() {
+            *v = match (k / 256 + k / cols) % 3 {
+                0 => -3.0,
+                1 => 2.5,
+                _ => (k % 7) as f32 - 3.0,
+            };
+        }
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        for ty in [WeightType::Q2K, WeightType::Q3K] {
+            for fill in [0x00u8, 0xFF, 0x55, 0xAA, 0x0F, 0xF0] {
+                let mut data = vec![fill; rows * ty.row_bytes(cols)];
+                for (n, blk) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+                    let d = f16(0.001 * (1 + n % 3) as f32);
+                    if ty == WeightType::Q2K {
+                        blk[formats::Q2K_D..formats::Q2K_D + 2].copy_from_slice(&d);
+                        blk[formats::Q2K_DMIN..formats::Q2K_DMIN + 2].copy_from_slice(&f16(0.0007));
+                    } else {
+                        blk[formats::Q3K_D..formats::Q3K_D + 2].copy_from_slice(&d);
+                    }
+                }
+                let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+                let wf = testutil::dequantize_all(&w);
+                let reference = run(KernelPath::Scalar, &pool, &w, &x, m);
+                for path in paths().into_iter().skip(1) {
+                    for mm in [1, m] {
+                        let got = run(path, &pool, &w, &x[..mm * cols], mm);
+                        for i in 0..mm {
+                            for j in 0..rows {
+                                let tol = 1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;
+                                let (g, e) = (got[i * rows + j], reference[i * rows + j]);
+                                assert!(
+                                    (g - e).abs() <= tol,
+                                    "{ty} {path} fill {fill:#x} ({i},{j}): {g} vs {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Throughput of Q5_0 and Q5_1 against Q4_0, Q4_1 and Q8_0 on Qwen2.5-0.5B's feed-forward
     /// shapes, for one activation row (GEMV: weight bytes/s) and 512 (a prefill batch), on
     /// every SIMD path. The types take turns, best of 5 rounds each, so that other load on the
@@ -621,10 +693,6 @@ mod tests {
     #[test]
     #[ignore = "timing, run by hand"]
     fn q5_throughput_against_q4_and_q8_0() {
-        let mut rng = Rng::new(3);
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let pool = ThreadPool::new(threads);
-        eprintln!("{threads} threads");
         let types = [
             WeightType::Q4_0,
             WeightType::Q5_0,
@@ -632,17 +700,44 @@ mod tests {
             WeightType::Q4_1,
             WeightType::Q5_1,
         ];
-        for (rows, cols) in [(896usize, 4864usize), (4864, 896)] {
+        throughput(&types, &[(896, 4864), (4864, 896)], &[1, 512]);
+    }
+
+    /// Throughput of Q2_K and Q3_K against Q4_K and Q6_K, and of BF16 against F16, on
+    /// Llama-3.2-1B's feed-forward shapes, as [`q5_throughput_against_q4_and_q8_0`]. By hand:
+    /// `cargo test --lib k_quant_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, run by hand"]
+    fn k_quant_throughput_q2k_q3k_against_q4k_q6k() {
+        let types = [
+            WeightType::Q2K,
+            WeightType::Q3K,
+            WeightType::Q4K,
+            WeightType::Q6K,
+            WeightType::F16,
+            WeightType::BF16,
+        ];
+        throughput(&types, &[(8192, 2048), (2048, 8192)], &[1, 128]);
+    }
+
+    /// Best-of-5 times of `matmul` for each type in turn, for each shape and m, on every SIMD
+    /// path.
+    fn throughput(types: &[WeightType], shapes: &[(usize, usize)], ms: &[usize]) {
+        let mut rng = Rng::new(3);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let pool = ThreadPool::new(threads);
+        eprintln!("{threads} threads");
+        for &(rows, cols) in shapes {
             let datas: Vec<Vec<u8>> = types
                 .iter()
                 .map(|&ty| testutil::random_weights(&mut rng, ty, rows, cols))
                 .collect();
-            for m in [1usize, 512] {
+            for &m in ms {
                 let x = testutil::random_activations(&mut rng, m * cols);
                 let mut out = vec![0f32; m * rows];
                 let mut scratch = ActivationScratch::default();
                 for path in paths().into_iter().filter(|p| *p != KernelPath::Scalar) {
-                    let mut best = [f64::INFINITY; 5];
+                    let mut best = vec![f64::INFINITY; types.len()];
                     for _round in 0..5 {
                         for (k, (&ty, data)) in types.iter().zip(&datas).enumerate() {
                             let w = QMatrix::new(ty, rows, cols, data).unwrap();

@@ -2,7 +2,8 @@
 //!
 //! References (layouts and arithmetic follow these exactly so that results match llama.cpp):
 //! - ggml `ggml-common.h`: `block_q4_0`, `block_q4_1`, `block_q5_0`, `block_q5_1`, `block_q8_0`,
-//!   `block_q8_1`, `block_q4_K`, `block_q5_K`, `block_q6_K`, `block_q8_K`.
+//!   `block_q8_1`, `block_q2_K`, `block_q3_K`, `block_q4_K`, `block_q5_K`, `block_q6_K`,
+//!   `block_q8_K`.
 //! - ggml `ggml-quants.c`: `dequantize_row_*`, `quantize_row_q8_K_ref`, `get_scale_min_k4`.
 //! - ggml `ggml-cpu/arch/x86/quants.c`: `quantize_row_q8_0` / `quantize_row_q8_1` (the
 //!   rounding actually used on x86) and the `ggml_vec_dot_*` kernels.
@@ -19,15 +20,17 @@
 //! | Q5_0 | 32  | 22  | f16 d; 4 B qh (u32, bit j: weight j's 5th bit); nibbles as Q4_0 (w = d·(q−16)) |
 //! | Q5_1 | 32  | 24  | f16 d; f16 m; 4 B qh; 16 B nibbles (w = d·q + m) |
 //! | Q8_0 | 32  | 34  | f16 d; 32 × i8 (w = d·q) |
+//! | Q2_K | 256 | 84  | 16 B scales (low nibble scale, high nibble min); 64 B 2-bit quants; f16 d; f16 dmin (w = d·sc·q − dmin·min) |
+//! | Q3_K | 256 | 110 | 32 B hmask (3rd bits); 64 B 2-bit low bits; 12 B packed 6-bit scales; f16 d (w = d·(sc−32)·(q−4)) |
 //! | Q4_K | 256 | 144 | f16 d; f16 dmin; 12 B packed 6-bit scales/mins; 128 B nibbles |
 //! | Q5_K | 256 | 176 | f16 d; f16 dmin; 12 B scales/mins; 32 B high bits; 128 B nibbles |
 //! | Q6_K | 256 | 210 | 128 B low nibbles; 64 B high 2-bit pairs; 16 × i8 scales; f16 d |
-//! | F32 / F16 | 1 | 4 / 2 | dense |
+//! | F32 / F16 / BF16 | 1 | 4 / 2 / 2 | dense |
 //!
 //! # Activations
 //! Like ggml, the f32 activations are quantized once per matmul (Q8_0 for Q4_0, Q5_0 and Q8_0
 //! weights, Q8_1 for Q4_1 and Q5_1, Q8_K for the K-quants) and the dot products run on integers,
-//! with one float multiply-add per block. F32/F16 weights use the f32 activations directly.
+//! with one float multiply-add per block. F32/F16/BF16 weights use the f32 activations directly.
 //!
 //! # Kernel paths
 //! [`KernelPath::Scalar`] is the reference (the spec); [`KernelPath::Avx2`] is picked at run
@@ -88,11 +91,14 @@ pub use quantize::ActivationScratch;
 pub enum WeightType {
     F32,
     F16,
+    BF16,
     Q4_0,
     Q4_1,
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -100,14 +106,17 @@ pub enum WeightType {
 
 impl WeightType {
     /// All supported types.
-    pub const ALL: [WeightType; 10] = [
+    pub const ALL: [WeightType; 13] = [
         WeightType::F32,
         WeightType::F16,
+        WeightType::BF16,
         WeightType::Q4_0,
         WeightType::Q4_1,
         WeightType::Q5_0,
         WeightType::Q5_1,
         WeightType::Q8_0,
+        WeightType::Q2K,
+        WeightType::Q3K,
         WeightType::Q4K,
         WeightType::Q5K,
         WeightType::Q6K,
@@ -116,13 +125,17 @@ impl WeightType {
     /// Number of weights per block.
     pub fn block_size(self) -> usize {
         match self {
-            WeightType::F32 | WeightType::F16 => 1,
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
             WeightType::Q4_0
             | WeightType::Q4_1
             | WeightType::Q5_0
             | WeightType::Q5_1
             | WeightType::Q8_0 => formats::QK,
-            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => formats::QK_K,
+            WeightType::Q2K
+            | WeightType::Q3K
+            | WeightType::Q4K
+            | WeightType::Q5K
+            | WeightType::Q6K => formats::QK_K,
         }
     }
 
@@ -130,12 +143,14 @@ impl WeightType {
     pub fn block_bytes(self) -> usize {
         match self {
             WeightType::F32 => 4,
-            WeightType::F16 => 2,
+            WeightType::F16 | WeightType::BF16 => 2,
             WeightType::Q4_0 => formats::Q4_0_BYTES,
             WeightType::Q4_1 => formats::Q4_1_BYTES,
             WeightType::Q5_0 => formats::Q5_0_BYTES,
             WeightType::Q5_1 => formats::Q5_1_BYTES,
             WeightType::Q8_0 => formats::Q8_0_BYTES,
+            WeightType::Q2K => formats::Q2K_BYTES,
+            WeightType::Q3K => formats::Q3K_BYTES,
             WeightType::Q4K => formats::Q4K_BYTES,
             WeightType::Q5K => formats::Q5K_BYTES,
             WeightType::Q6K => formats::Q6K_BYTES,
@@ -157,9 +172,12 @@ impl WeightType {
             6 => WeightType::Q5_0,
             7 => WeightType::Q5_1,
             8 => WeightType::Q8_0,
+            10 => WeightType::Q2K,
+            11 => WeightType::Q3K,
             12 => WeightType::Q4K,
             13 => WeightType::Q5K,
             14 => WeightType::Q6K,
+            30 => WeightType::BF16,
             other => return Err(KernelError::UnsupportedType(other)),
         })
     }
@@ -174,9 +192,12 @@ impl WeightType {
             WeightType::Q5_0 => 6,
             WeightType::Q5_1 => 7,
             WeightType::Q8_0 => 8,
+            WeightType::Q2K => 10,
+            WeightType::Q3K => 11,
             WeightType::Q4K => 12,
             WeightType::Q5K => 13,
             WeightType::Q6K => 14,
+            WeightType::BF16 => 30,
         }
     }
 }
@@ -186,11 +207,14 @@ impl fmt::Display for WeightType {
         let name = match self {
             WeightType::F32 => "F32",
             WeightType::F16 => "F16",
+            WeightType::BF16 => "BF16",
             WeightType::Q4_0 => "Q4_0",
             WeightType::Q4_1 => "Q4_1",
             WeightType::Q5_0 => "Q5_0",
             WeightType::Q5_1 => "Q5_1",
             WeightType::Q8_0 => "Q8_0",
+            WeightType::Q2K => "Q2_K",
+            WeightType::Q3K => "Q3_K",
             WeightType::Q4K => "Q4_K",
             WeightType::Q5K => "Q5_K",
             WeightType::Q6K => "Q6_K",

@@ -16,9 +16,10 @@ use std::arch::aarch64::*;
 use super::neon_emu::*;
 
 use super::formats::{
-    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
-    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
-    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
+    self, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS,
+    Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH,
+    Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D,
+    Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -134,6 +135,24 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                 }
                 s
             }
+            WeightType::BF16 => {
+                let x = &acts.x[i * cols..(i + 1) * cols];
+                let mut acc = vdupq_n_f32(0.0);
+                let full = cols / 4 * 4;
+                let mut wbuf = [0f32; 4];
+                for k in (0..full).step_by(4) {
+                    for (l, v) in wbuf.iter_mut().enumerate() {
+                        *v = formats::bf16_at(wr, 2 * (k + l));
+                    }
+                    let xv = &x[k..k + 4];
+                    acc = vfmaq_f32(acc, vld1q_f32(wbuf.as_ptr()), vld1q_f32(xv.as_ptr()));
+                }
+                let mut s = vaddvq_f32(acc);
+                for (k, xv) in x.iter().enumerate().skip(full) {
+                    s += xv * formats::bf16_at(wr, 2 * k);
+                }
+                s
+            }
             WeightType::Q4_0 | WeightType::Q4_1 => {
                 let q41 = ty == WeightType::Q4_1;
                 let (bb, qoff) = if q41 {
@@ -205,6 +224,63 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                     let hi = vreinterpretq_s8_u8(load_u8(blk, 18));
                     let isum = dot32(lo, hi, &qs[b * QK..]);
                     sumf += isum as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
+                }
+                sumf
+            }
+            WeightType::Q2K | WeightType::Q3K => {
+                // Quant p = 128n + 32c + l: bits 2c of byte 32n + l of the 2-bit field; Q3_K's
+                // third bit is bit 4n + c of hmask byte l (clear: −4).
+                let three = ty == WeightType::Q3K;
+                let (bb, qs_off) = if three {
+                    (Q3K_BYTES, Q3K_QS)
+                } else {
+                    (Q2K_BYTES, Q2K_QS)
+                };
+                let (m3, m1, four) = (vdupq_n_u8(3), vdupq_n_u8(1), vdupq_n_s8(4));
+                let mut sumf = 0f32;
+                for (b, blk) in wr.chunks_exact(bb).enumerate() {
+                    let y = &qs[b * QK_K..(b + 1) * QK_K];
+                    let scales: [i32; 16] = if three {
+                        formats::q3k_scales(&blk[Q3K_SCALES..Q3K_SCALES + 12]).map(i32::from)
+                    } else {
+                        std::array::from_fn(|g| (blk[Q2K_SCALES + g] & 0xF) as i32)
+                    };
+                    let mut isum = 0i32;
+                    for half in 0..2 {
+                        let mut hm = if three {
+                            load_u8(blk, Q3K_HMASK + 16 * half)
+                        } else {
+                            vdupq_n_u8(0)
+                        };
+                        for n in 0..2 {
+                            let mut bits = load_u8(blk, qs_off + 32 * n + 16 * half);
+                            for c in 0..4 {
+                                let low = vandq_u8(bits, m3);
+                                bits = vshrq_n_u8::<2>(bits);
+                                let q = if three {
+                                    let q = vorrq_u8(low, vshlq_n_u8::<2>(vandq_u8(hm, m1)));
+                                    hm = vshrq_n_u8::<1>(hm);
+                                    vsubq_s8(vreinterpretq_s8_u8(q), four)
+                                } else {
+                                    vreinterpretq_s8_u8(low)
+                                };
+                                let p = 128 * n + 32 * c + 16 * half;
+                                let d16 = vaddvq_s32(dot16(vdupq_n_s32(0), q, load_i8(y, p)));
+                                isum += scales[p / 16] * d16;
+                            }
+                        }
+                    }
+                    let dy = acts.d[acts.scale_index(i, b)];
+                    if three {
+                        sumf += f16_at(blk, Q3K_D) * dy * isum as f32;
+                    } else {
+                        let bsums = &acts.bsums[(i * acts.nb + b) * 16..(i * acts.nb + b + 1) * 16];
+                        let msum: i32 = (0..16)
+                            .map(|g| (blk[Q2K_SCALES + g] >> 4) as i32 * bsums[g] as i32)
+                            .sum();
+                        sumf += dy * f16_at(blk, Q2K_D) * isum as f32
+                            - dy * f16_at(blk, Q2K_DMIN) * msum as f32;
+                    }
                 }
                 sumf
             }
@@ -331,7 +407,7 @@ mod tests {
         let pool = ThreadPool::new(1);
         for ty in WeightType::ALL {
             for &(rows, cols, m) in &[(3usize, 256usize, 2usize), (5, 512, 3), (1, 1536, 1)] {
-                let cols = if matches!(ty, WeightType::F32 | WeightType::F16) {
+                let cols = if matches!(ty, WeightType::F32 | WeightType::F16 | WeightType::BF16) {
                     cols + 3
                 } else {
                     cols

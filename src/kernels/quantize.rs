@@ -19,7 +19,7 @@ pub(crate) const GROUP: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ActKind {
-    /// f32 activations used as they are (F32/F16 weights).
+    /// f32 activations used as they are (F32/F16/BF16 weights).
     F32,
     /// Q8_0; `s` holds `d·Σq` (exact in f32), used to fold Q4_0's `-8` offset.
     Q8_0,
@@ -32,10 +32,14 @@ pub(crate) enum ActKind {
 impl ActKind {
     pub(crate) fn for_weights(ty: WeightType) -> ActKind {
         match ty {
-            WeightType::F32 | WeightType::F16 => ActKind::F32,
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActKind::F32,
             WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActKind::Q8_0,
             WeightType::Q4_1 | WeightType::Q5_1 => ActKind::Q8_1,
-            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActKind::Q8K,
+            WeightType::Q2K
+            | WeightType::Q3K
+            | WeightType::Q4K
+            | WeightType::Q5K
+            | WeightType::Q6K => ActKind::Q8K,
         }
     }
 

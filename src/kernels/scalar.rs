@@ -2,14 +2,15 @@
 //!
 //! Each dot product follows ggml's generic `ggml_vec_dot_*` (integer sums within a block,
 //! one float multiply per block): Q4_0·Q8_0, Q4_1·Q8_1, Q5_0·Q8_0, Q5_1·Q8_1, Q8_0·Q8_0,
-//! Q4_K/Q5_K/Q6_K·Q8_K.
+//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K·Q8_K.
 
 use std::ops::Range;
 
 use super::formats::{
-    self, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
-    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
-    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
+    self, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_SCALES, Q4_0_BYTES,
+    Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH,
+    Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES,
+    Q8_0_BYTES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -58,6 +59,13 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
             x.iter()
                 .zip(wr.chunks_exact(2))
                 .map(|(a, c)| a * half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .sum()
+        }
+        WeightType::BF16 => {
+            let x = &acts.x[i * cols..(i + 1) * cols];
+            x.iter()
+                .zip(wr.chunks_exact(2))
+                .map(|(a, c)| a * formats::bf16_at(c, 0))
                 .sum()
         }
         WeightType::Q4_0 => {
@@ -119,6 +127,47 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                     .map(|j| (blk[2 + j] as i8) as i32 * y[j] as i32)
                     .sum();
                 sumf += sumi as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
+            }
+            sumf
+        }
+        WeightType::Q2K => {
+            // ggml `ggml_vec_dot_q2_K_q8_K`: Σ scale·(q·y) and Σ min·bsum as integers per
+            // super-block, then d·d_y·Σ − dmin·d_y·Σ.
+            let mut sumf = 0f32;
+            for (b, blk) in wr.chunks_exact(Q2K_BYTES).enumerate() {
+                let y = &qs[b * QK_K..(b + 1) * QK_K];
+                let bsums = &acts.bsums[(i * acts.nb + b) * 16..(i * acts.nb + b + 1) * 16];
+                let mut isum = 0i32;
+                let mut msum = 0i32;
+                for g in 0..16 {
+                    let sc = blk[Q2K_SCALES + g];
+                    let dot: i32 = (16 * g..16 * g + 16)
+                        .map(|p| formats::q2k_quant(blk, p) * y[p] as i32)
+                        .sum();
+                    isum += (sc & 0xF) as i32 * dot;
+                    msum += (sc >> 4) as i32 * bsums[g] as i32;
+                }
+                let dy = acts.d[acts.scale_index(i, b)];
+                sumf += dy * f16_at(blk, Q2K_D) * isum as f32
+                    - dy * f16_at(blk, Q2K_DMIN) * msum as f32;
+            }
+            sumf
+        }
+        WeightType::Q3K => {
+            // ggml `ggml_vec_dot_q3_K_q8_K`: Σ (scale − 32)·(q·y) as an integer per super-block,
+            // then d·d_y·Σ.
+            let mut sumf = 0f32;
+            for (b, blk) in wr.chunks_exact(Q3K_BYTES).enumerate() {
+                let y = &qs[b * QK_K..(b + 1) * QK_K];
+                let sc = formats::q3k_scales(&blk[Q3K_SCALES..Q3K_SCALES + 12]);
+                let mut isum = 0i32;
+                for (g, &s) in sc.iter().enumerate() {
+                    let dot: i32 = (16 * g..16 * g + 16)
+                        .map(|p| formats::q3k_quant(blk, p) * y[p] as i32)
+                        .sum();
+                    isum += s as i32 * dot;
+                }
+                sumf += f16_at(blk, Q3K_D) * acts.d[acts.scale_index(i, b)] * isum as f32;
             }
             sumf
         }

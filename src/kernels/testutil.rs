@@ -66,6 +66,12 @@ pub(crate) fn random_weights(rng: &mut Rng, ty: WeightType, rows: usize, cols: u
                 put_f16(c, 0, rng.uniform(-0.1, 0.1));
             }
         }
+        WeightType::BF16 => {
+            for c in data.chunks_exact_mut(2) {
+                let bits = (half::bf16::from_f32(rng.uniform(-0.1, 0.1)).to_bits()).to_le_bytes();
+                c.copy_from_slice(&bits);
+            }
+        }
         WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => {
             for b in data.chunks_exact_mut(ty.block_bytes()) {
                 put_f16(b, 0, rng.uniform(-0.02, 0.02));
@@ -82,6 +88,19 @@ pub(crate) fn random_weights(rng: &mut Rng, ty: WeightType, rows: usize, cols: u
             for b in data.chunks_exact_mut(ty.block_bytes()) {
                 put_f16(b, 0, rng.uniform(0.0, 0.002));
                 put_f16(b, 2, rng.uniform(0.0, 0.002));
+            }
+        }
+        WeightType::Q2K => {
+            // Random scale bytes cover every 4-bit scale and min.
+            for b in data.chunks_exact_mut(ty.block_bytes()) {
+                put_f16(b, formats::Q2K_D, rng.uniform(0.0, 0.004));
+                put_f16(b, formats::Q2K_DMIN, rng.uniform(0.0, 0.004));
+            }
+        }
+        WeightType::Q3K => {
+            // Random scale bytes cover every 6-bit scale.
+            for b in data.chunks_exact_mut(ty.block_bytes()) {
+                put_f16(b, formats::Q3K_D, rng.uniform(-0.001, 0.001));
             }
         }
         WeightType::Q6K => {
@@ -130,13 +149,15 @@ pub(crate) fn naive_matmul(wf: &[f32], rows: usize, cols: usize, x: &[f32], m: u
 /// Activation block size for a weight type (what the activations are quantized with).
 pub(crate) fn act_block(ty: WeightType) -> usize {
     match ty {
-        WeightType::F32 | WeightType::F16 => 0,
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => 0,
         WeightType::Q4_0
         | WeightType::Q4_1
         | WeightType::Q5_0
         | WeightType::Q5_1
         | WeightType::Q8_0 => QK,
-        WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
+        WeightType::Q2K | WeightType::Q3K | WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+            QK_K
+        }
     }
 }
 
@@ -165,7 +186,7 @@ pub(crate) fn quantization_bound(
         .sum();
     let bs = act_block(ty);
     if bs == 0 {
-        // F32/F16: only rounding of f32 accumulation (F16 weights are exact in f32).
+        // F32/F16/BF16: only rounding of f32 accumulation (F16/BF16 weights are exact in f32).
         return (2e-6 * mag + 1e-6) as f32;
     }
     let offset = block_offsets(w, j);
@@ -181,13 +202,14 @@ pub(crate) fn quantization_bound(
 }
 
 /// Per activation block, the magnitude of the weight offset folded into the dot product
-/// (Q4_1/Q5_1 `m`, Q4_0 `8d`, K-quant `dmin·min`, Q6_K `32·d·scale`), used for error bounds.
+/// (Q4_1/Q5_1 `m`, Q4_0 `8d`, K-quant `dmin·min`, Q3_K `4·d·scale`, Q6_K `32·d·scale`), used
+/// for error bounds.
 pub(crate) fn block_offsets(w: &QMatrix, row: usize) -> Vec<f32> {
     let rb = w.row_bytes();
     let r = &w.data[row * rb..(row + 1) * rb];
     let bb = w.ty.block_bytes();
     match w.ty {
-        WeightType::F32 | WeightType::F16 => vec![],
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => vec![],
         // Q5_0's quants are signed (q − 16), nothing is folded.
         WeightType::Q8_0 | WeightType::Q5_0 => vec![0.0; w.cols / QK],
         WeightType::Q4_0 => r
@@ -201,6 +223,15 @@ pub(crate) fn block_offsets(w: &QMatrix, row: usize) -> Vec<f32> {
         WeightType::Q4K | WeightType::Q5K => r
             .chunks_exact(bb)
             .map(|b| formats::f16_at(b, 2).abs() * 63.0)
+            .collect(),
+        WeightType::Q2K => r
+            .chunks_exact(bb)
+            .map(|b| formats::f16_at(b, formats::Q2K_DMIN).abs() * 15.0)
+            .collect(),
+        // The kernels take the third bit's −4 out through the block sums.
+        WeightType::Q3K => r
+            .chunks_exact(bb)
+            .map(|b| formats::f16_at(b, formats::Q3K_D).abs() * 4.0 * 32.0)
             .collect(),
         WeightType::Q6K => r
             .chunks_exact(bb)

@@ -243,12 +243,14 @@ fn kernel_type(ty: GgmlType) -> Option<WeightType> {
         GgmlType::Q5_0 => WeightType::Q5_0,
         GgmlType::Q5_1 => WeightType::Q5_1,
         GgmlType::Q8_0 => WeightType::Q8_0,
+        GgmlType::Q2K => WeightType::Q2K,
+        GgmlType::Q3K => WeightType::Q3K,
         GgmlType::Q4K => WeightType::Q4K,
         GgmlType::Q5K => WeightType::Q5K,
         GgmlType::Q6K => WeightType::Q6K,
         GgmlType::F16 => WeightType::F16,
+        GgmlType::BF16 => WeightType::BF16,
         GgmlType::F32 => WeightType::F32,
-        _ => return None,
     })
 }
 
