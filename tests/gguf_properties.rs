@@ -22,8 +22,9 @@ use common::gguf_writer::GgufWriter;
 use common::tiny_models::{
     Arch, TempDir, TinySpec, byte_vocab, gguf_writer, random_weights, write_gpt2_tokenizer,
 };
+use llm_worker_rbee::kernels::WeightType;
 use llm_worker_rbee::model::config::ModelConfig;
-use llm_worker_rbee::model::gguf::{GgmlType, GgufFile, GgufValue};
+use llm_worker_rbee::model::gguf::{GgufFile, GgufValue};
 use llm_worker_rbee::model::tokenizer::TextTokenizer;
 use llm_worker_rbee::model::{LoadOptions, load_model};
 use proptest::prelude::*;
@@ -161,9 +162,9 @@ fn metadata_rich_gguf() -> Vec<u8> {
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",
     );
     w.tensor_f32("token_embd.weight", &[4, 8], &[0.5; 32]);
-    w.tensor("norm.f16", &[16], GgmlType::F16, vec![0; 32]);
-    w.tensor("q8.weight", &[2, 32], GgmlType::Q8_0, vec![0; 68]);
-    w.tensor("cube.weight", &[2, 2, 2, 2], GgmlType::F32, vec![0; 64]);
+    w.tensor("norm.f16", &[16], WeightType::F16, vec![0; 32]);
+    w.tensor("q8.weight", &[2, 32], WeightType::Q8_0, vec![0; 68]);
+    w.tensor("cube.weight", &[2, 2, 2, 2], WeightType::F32, vec![0; 64]);
     w.to_bytes()
 }
 

@@ -593,7 +593,7 @@ fn unsupported_tensor_types_and_architectures_are_named() {
     w.tensor(
         "blk.0.attn_q.weight",
         &[256],
-        llm_worker_rbee::model::gguf::GgmlType::F32,
+        llm_worker_rbee::kernels::WeightType::F32,
         vec![0; 1024],
     );
     let mut bytes = w.to_bytes();

@@ -26,11 +26,10 @@ use super::config::{FfnActivation, ModelConfig, MoeConfig, RopeScaling};
 use super::cpu_forward::{
     CpuExpert, CpuFfn, CpuGateUp, CpuLayer, CpuModel, CpuMoe, CpuQkv, CpuSpan, Projection,
 };
-use super::gguf::GgmlType;
 use super::moe::Routes;
 use super::rope::Rope;
 use super::weights::{DenseDType, LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
-use crate::kernels::{self, ActivationScratch, KernelPath, ThreadPool, WeightType};
+use crate::kernels::{self, ActivationScratch, KernelPath, ThreadPool};
 
 thread_local! {
     /// Quantized activations, reused across matmuls (the engine thread is the only caller).
@@ -279,9 +278,6 @@ pub enum CandlePathReason {
     KernelsDisabled,
     /// Safetensors weights: dense tensors, which our kernels do not read in place.
     Safetensors,
-    /// A GGUF matrix of a type our kernels do not read: Candle multiplies it, and so the whole
-    /// forward runs on Candle tensors.
-    UnsupportedTensorType { tensor: String, dtype: String },
     /// A matrix was built outside the GGUF map although every matrix's type is one our kernels
     /// read (the loader and this check disagree; `role` is the weight's role).
     MatrixNotInMap { role: String },
@@ -293,10 +289,7 @@ impl CandlePathReason {
     /// A reason that comes from the weights rather than from the device or the options: on the
     /// CPU it costs most of the speed without anyone having asked for it.
     pub fn is_unexpected(&self) -> bool {
-        matches!(
-            self,
-            Self::UnsupportedTensorType { .. } | Self::MatrixNotInMap { .. } | Self::Bias { .. }
-        )
+        matches!(self, Self::MatrixNotInMap { .. } | Self::Bias { .. })
     }
 }
 
@@ -310,10 +303,6 @@ impl std::fmt::Display for CandlePathReason {
             Self::KernelsDisabled => f.write_str("the CPU kernels are turned off"),
             Self::Safetensors => f.write_str(
                 "safetensors weights are dense tensors; the CPU kernels read GGUF matrices",
-            ),
-            Self::UnsupportedTensorType { tensor, dtype } => write!(
-                f,
-                "tensor {tensor} is {dtype}, a type the CPU kernels do not read"
             ),
             Self::MatrixNotInMap { role } => {
                 write!(f, "matrix {role} is not read in place from the GGUF map")
@@ -424,8 +413,8 @@ impl ComputePath {
         match store {
             WeightStore::Gguf(file) => {
                 for info in file.tensor_names().filter_map(|n| file.tensor_info(n)) {
-                    let mapped = in_place && info.dims.len() >= 2 && kernel_reads(info.ty);
-                    add(ggml_type_name(info.ty), forward_on_kernels || mapped);
+                    let mapped = in_place && info.dims.len() >= 2;
+                    add(&info.ty.to_string(), forward_on_kernels || mapped);
                 }
             }
             WeightStore::Safetensors { tensors, .. } => {
@@ -472,31 +461,6 @@ impl std::fmt::Display for ComputePath {
     }
 }
 
-/// Whether our CPU kernels read a GGUF type in place (the same list [`WeightStore::load_in_place`]
-/// keeps in the map).
-fn kernel_reads(ty: GgmlType) -> bool {
-    WeightType::from_ggml_type_id(ty.id()).is_ok()
-}
-
-/// ggml's name for a type.
-fn ggml_type_name(ty: GgmlType) -> &'static str {
-    match ty {
-        GgmlType::F32 => "F32",
-        GgmlType::F16 => "F16",
-        GgmlType::BF16 => "BF16",
-        GgmlType::Q4_0 => "Q4_0",
-        GgmlType::Q4_1 => "Q4_1",
-        GgmlType::Q5_0 => "Q5_0",
-        GgmlType::Q5_1 => "Q5_1",
-        GgmlType::Q8_0 => "Q8_0",
-        GgmlType::Q2K => "Q2_K",
-        GgmlType::Q3K => "Q3_K",
-        GgmlType::Q4K => "Q4_K",
-        GgmlType::Q5K => "Q5_K",
-        GgmlType::Q6K => "Q6_K",
-    }
-}
-
 /// The first reason, from the device, the options and the weights, for the forward to run on
 /// Candle tensors; `None` when our CPU kernels can run all of it.
 fn candle_path_reason(
@@ -519,19 +483,11 @@ fn candle_path_reason(
     if !has_pool {
         return Some(CandlePathReason::KernelsDisabled);
     }
-    let WeightStore::Gguf(file) = store else {
+    if !matches!(store, WeightStore::Gguf(_)) {
         return Some(CandlePathReason::Safetensors);
-    };
-    // Every matrix the decoder multiplies (the two-dimensional tensors, and the experts' stacks
-    // of them) must be of a type our kernels read; vectors (norms, biases) are converted to f32
-    // whatever their type.
-    file.tensor_names()
-        .filter_map(|n| file.tensor_info(n))
-        .find(|info| info.dims.len() >= 2 && !kernel_reads(info.ty))
-        .map(|info| CandlePathReason::UnsupportedTensorType {
-            tensor: info.name.clone(),
-            dtype: ggml_type_name(info.ty).to_string(),
-        })
+    }
+    // Every tensor type the GGUF reader accepts is one our kernels read (`gguf::ggml_type`).
+    None
 }
 
 /// Layer `layer`'s router, experts and shared expert.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::gguf_tokenizer::GgufVocab;
+use crate::kernels::WeightType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -52,121 +53,44 @@ pub enum GgufError {
     },
 }
 
-/// A GGUF tensor element type, as numbered by ggml.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
+/// ggml's type number as a type the loader reads: exactly the types our kernels read
+/// ([`WeightType`]). `Err` names the types we know but do not load.
+fn ggml_type(id: u32) -> Result<WeightType, &'static str> {
+    if let Ok(ty) = WeightType::from_ggml_type_id(id) {
+        return Ok(ty);
+    }
+    Err(match id {
+        9 => "Q8_1",
+        15 => "Q8_K",
+        16..=23 | 29 => "IQ (importance-matrix) quantization",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        34 | 35 => "TQ (ternary) quantization",
+        39 => "MXFP4",
+        _ => "unknown",
+    })
 }
 
-impl GgmlType {
-    /// Maps ggml's type number; `Err` carries a name for the types we know but do not load.
-    fn from_id(id: u32) -> Result<Self, &'static str> {
-        Ok(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            9 => return Err("Q8_1"),
-            15 => return Err("Q8_K"),
-            16..=23 | 29 => return Err("IQ (importance-matrix) quantization"),
-            24 => return Err("I8"),
-            25 => return Err("I16"),
-            26 => return Err("I32"),
-            27 => return Err("I64"),
-            28 => return Err("F64"),
-            34 | 35 => return Err("TQ (ternary) quantization"),
-            39 => return Err("MXFP4"),
-            _ => return Err("unknown"),
-        })
-    }
-
-    pub fn id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q5_0 => 6,
-            Self::Q5_1 => 7,
-            Self::Q8_0 => 8,
-            Self::Q2K => 10,
-            Self::Q3K => 11,
-            Self::Q4K => 12,
-            Self::Q5K => 13,
-            Self::Q6K => 14,
-            Self::BF16 => 30,
-        }
-    }
-
-    /// Elements per block.
-    pub fn block_size(self) -> usize {
-        match self {
-            Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q5_1 => 24,
-            Self::Q8_0 => 34,
-            Self::Q2K => 84,
-            Self::Q3K => 110,
-            Self::Q4K => 144,
-            Self::Q5K => 176,
-            Self::Q6K => 210,
-        }
-    }
-
-    pub fn is_quantized(self) -> bool {
-        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
-    }
-
-    pub fn to_candle(self) -> candle_core::quantized::GgmlDType {
-        use candle_core::quantized::GgmlDType as C;
-        match self {
-            Self::F32 => C::F32,
-            Self::F16 => C::F16,
-            Self::BF16 => C::BF16,
-            Self::Q4_0 => C::Q4_0,
-            Self::Q4_1 => C::Q4_1,
-            Self::Q5_0 => C::Q5_0,
-            Self::Q5_1 => C::Q5_1,
-            Self::Q8_0 => C::Q8_0,
-            Self::Q2K => C::Q2K,
-            Self::Q3K => C::Q3K,
-            Self::Q4K => C::Q4K,
-            Self::Q5K => C::Q5K,
-            Self::Q6K => C::Q6K,
-        }
+/// Candle's name for a type (for Candle's path).
+pub fn candle_dtype(ty: WeightType) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType as C;
+    match ty {
+        WeightType::F32 => C::F32,
+        WeightType::F16 => C::F16,
+        WeightType::BF16 => C::BF16,
+        WeightType::Q4_0 => C::Q4_0,
+        WeightType::Q4_1 => C::Q4_1,
+        WeightType::Q5_0 => C::Q5_0,
+        WeightType::Q5_1 => C::Q5_1,
+        WeightType::Q8_0 => C::Q8_0,
+        WeightType::Q2K => C::Q2K,
+        WeightType::Q3K => C::Q3K,
+        WeightType::Q4K => C::Q4K,
+        WeightType::Q5K => C::Q5K,
+        WeightType::Q6K => C::Q6K,
     }
 }
 
@@ -250,7 +174,7 @@ pub struct GgufTensorInfo {
     pub name: String,
     /// ggml order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<usize>,
-    pub ty: GgmlType,
+    pub ty: WeightType,
     /// Absolute byte offset in the file.
     pub offset: usize,
     pub n_bytes: usize,
@@ -362,13 +286,11 @@ impl GgufFile {
                 dims.push(d);
             }
             let type_id = r.u32("tensor type")?;
-            let ty = GgmlType::from_id(type_id).map_err(|type_name| {
-                GgufError::UnsupportedTensorType {
-                    path: path.clone(),
-                    name: name.clone(),
-                    type_id,
-                    type_name,
-                }
+            let ty = ggml_type(type_id).map_err(|type_name| GgufError::UnsupportedTensorType {
+                path: path.clone(),
+                name: name.clone(),
+                type_id,
+                type_name,
             })?;
             let rel_offset = r.u64("tensor offset")?;
             infos.push((name, dims, ty, rel_offset));

@@ -12,7 +12,7 @@ use candle_core::quantized::{QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
-use super::gguf::{GgmlType, GgufFile};
+use super::gguf::{GgufFile, candle_dtype};
 use crate::kernels::{self, QMatrix, WeightType};
 
 /// The role of a weight in the decoder.
@@ -235,25 +235,6 @@ impl MappedMatrix {
     }
 }
 
-/// The GGUF types our CPU kernels read directly.
-fn kernel_type(ty: GgmlType) -> Option<WeightType> {
-    Some(match ty {
-        GgmlType::Q4_0 => WeightType::Q4_0,
-        GgmlType::Q4_1 => WeightType::Q4_1,
-        GgmlType::Q5_0 => WeightType::Q5_0,
-        GgmlType::Q5_1 => WeightType::Q5_1,
-        GgmlType::Q8_0 => WeightType::Q8_0,
-        GgmlType::Q2K => WeightType::Q2K,
-        GgmlType::Q3K => WeightType::Q3K,
-        GgmlType::Q4K => WeightType::Q4K,
-        GgmlType::Q5K => WeightType::Q5K,
-        GgmlType::Q6K => WeightType::Q6K,
-        GgmlType::F16 => WeightType::F16,
-        GgmlType::BF16 => WeightType::BF16,
-        GgmlType::F32 => WeightType::F32,
-    })
-}
-
 impl RawWeight {
     pub fn shape(&self) -> Vec<usize> {
         match self {
@@ -283,19 +264,19 @@ impl RawWeight {
 /// A GGUF tensor's bytes as a weight: quantized blocks stay quantized, float types become dense
 /// tensors of `dense_dtype`.
 fn gguf_raw(
-    ty: GgmlType,
+    ty: WeightType,
     bytes: &[u8],
     shape: &[usize],
     device: &Device,
     dense_dtype: DenseDType,
 ) -> candle_core::Result<RawWeight> {
-    let q = qtensor_from_ggml(ty.to_candle(), bytes, shape.to_vec(), device)?;
-    if ty.is_quantized() {
+    let q = qtensor_from_ggml(candle_dtype(ty), bytes, shape.to_vec(), device)?;
+    if ty.block_size() > 1 {
         return Ok(RawWeight::Quantized(Arc::new(q)));
     }
     let stored = match ty {
-        GgmlType::F16 => DType::F16,
-        GgmlType::BF16 => DType::BF16,
+        WeightType::F16 => DType::F16,
+        WeightType::BF16 => DType::BF16,
         _ => DType::F32,
     };
     let t = q
@@ -486,8 +467,8 @@ impl WeightStore {
     ) -> Result<Option<RawWeight>, ModelError> {
         if let (Self::Gguf(file), [rows, cols]) = (self, expected_shape)
             && let Some(info) = file.tensor_info(&name.gguf_name())
-            && let Some(ty) = kernel_type(info.ty)
         {
+            let ty = info.ty;
             let shape = info.shape();
             if shape != expected_shape {
                 return Err(ModelError::ShapeMismatch {
@@ -547,7 +528,7 @@ impl WeightStore {
                 let bytes = file.tensor_bytes(info);
                 let mut out = Vec::new();
                 for e in 0..experts {
-                    let raw = match kernel_type(info.ty).filter(|_| in_place) {
+                    let raw = match Some(info.ty).filter(|_| in_place) {
                         Some(ty) => RawWeight::Mapped(MappedMatrix {
                             file: file.clone(),
                             offset: info.offset + e * per_expert,

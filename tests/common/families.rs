@@ -19,7 +19,7 @@ use super::tiny_models::{byte_level_char, write_gpt2_tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
-use llm_worker_rbee::model::gguf::GgmlType;
+use llm_worker_rbee::kernels::WeightType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -243,7 +243,7 @@ impl Weights {
             let t = Tensor::from_vec(values, (n / cols, cols), &Device::Cpu).expect("tensor");
             let q = QTensor::quantize(&t, GgmlDType::Q8_0).expect("quantize");
             let bytes = q.data().expect("data").into_owned();
-            self.w.tensor(name, shape, GgmlType::Q8_0, bytes);
+            self.w.tensor(name, shape, WeightType::Q8_0, bytes);
         } else {
             self.w.tensor_f32(name, shape, &values);
         }

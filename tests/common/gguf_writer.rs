@@ -6,7 +6,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
+use llm_worker_rbee::kernels::WeightType;
+use llm_worker_rbee::model::gguf::GgufValue;
 
 const ALIGNMENT: usize = 32;
 
@@ -20,7 +21,7 @@ struct PendingTensor {
     name: String,
     /// Row-major shape (outermost first).
     shape: Vec<usize>,
-    ty: GgmlType,
+    ty: WeightType,
     data: Vec<u8>,
 }
 
@@ -44,7 +45,7 @@ impl GgufWriter {
         &mut self,
         name: &str,
         shape: &[usize],
-        ty: GgmlType,
+        ty: WeightType,
         data: Vec<u8>,
     ) -> &mut Self {
         self.tensors.push(PendingTensor {
@@ -59,7 +60,7 @@ impl GgufWriter {
     /// Adds an F32 tensor from values.
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensor(name, shape, GgmlType::F32, data)
+        self.tensor(name, shape, WeightType::F32, data)
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -81,7 +82,7 @@ impl GgufWriter {
             for d in t.shape.iter().rev() {
                 out.extend_from_slice(&(*d as u64).to_le_bytes());
             }
-            out.extend_from_slice(&t.ty.id().to_le_bytes());
+            out.extend_from_slice(&t.ty.ggml_type_id().to_le_bytes());
             out.extend_from_slice(&(offset as u64).to_le_bytes());
             offsets.push(offset);
             offset = (offset + t.data.len()).div_ceil(ALIGNMENT) * ALIGNMENT;

@@ -27,7 +27,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use llm_worker_rbee::model::gguf::{GgmlType, GgufFile};
+use llm_worker_rbee::kernels::WeightType;
+use llm_worker_rbee::model::gguf::GgufFile;
 use serde_json::{Value, json};
 
 /// One tensor of the checkpoint: its shape (outermost first) and its values.
@@ -333,7 +334,7 @@ fn f32_values(
     file: &GgufFile,
     info: &llm_worker_rbee::model::gguf::GgufTensorInfo,
 ) -> Result<Vec<f32>, String> {
-    if info.ty != GgmlType::F32 {
+    if info.ty != WeightType::F32 {
         return Err(format!(
             "{} is {:?}: only F32 tensors have an exact twin",
             info.name, info.ty

@@ -10,7 +10,8 @@ use super::gguf_writer::GgufWriter;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
-use llm_worker_rbee::model::gguf::{GgmlType, GgufValue};
+use llm_worker_rbee::kernels::WeightType;
+use llm_worker_rbee::model::gguf::GgufValue;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -570,21 +571,21 @@ pub fn gguf_writer_with(
     w
 }
 
-pub fn ggml_type(q: GgmlDType) -> GgmlType {
+pub fn ggml_type(q: GgmlDType) -> WeightType {
     match q {
-        GgmlDType::F32 => GgmlType::F32,
-        GgmlDType::F16 => GgmlType::F16,
-        GgmlDType::BF16 => GgmlType::BF16,
-        GgmlDType::Q4_0 => GgmlType::Q4_0,
-        GgmlDType::Q4_1 => GgmlType::Q4_1,
-        GgmlDType::Q5_0 => GgmlType::Q5_0,
-        GgmlDType::Q5_1 => GgmlType::Q5_1,
-        GgmlDType::Q8_0 => GgmlType::Q8_0,
-        GgmlDType::Q2K => GgmlType::Q2K,
-        GgmlDType::Q3K => GgmlType::Q3K,
-        GgmlDType::Q4K => GgmlType::Q4K,
-        GgmlDType::Q5K => GgmlType::Q5K,
-        GgmlDType::Q6K => GgmlType::Q6K,
+        GgmlDType::F32 => WeightType::F32,
+        GgmlDType::F16 => WeightType::F16,
+        GgmlDType::BF16 => WeightType::BF16,
+        GgmlDType::Q4_0 => WeightType::Q4_0,
+        GgmlDType::Q4_1 => WeightType::Q4_1,
+        GgmlDType::Q5_0 => WeightType::Q5_0,
+        GgmlDType::Q5_1 => WeightType::Q5_1,
+        GgmlDType::Q8_0 => WeightType::Q8_0,
+        GgmlDType::Q2K => WeightType::Q2K,
+        GgmlDType::Q3K => WeightType::Q3K,
+        GgmlDType::Q4K => WeightType::Q4K,
+        GgmlDType::Q5K => WeightType::Q5K,
+        GgmlDType::Q6K => WeightType::Q6K,
         other => panic!("no GGUF type for {other:?}"),
     }
 }
