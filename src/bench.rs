@@ -5,10 +5,12 @@
 //! It drives the backend's batched forward directly with random token ids (as llama-bench
 //! does), so it measures the model code, not sampling or HTTP.
 
+use std::path::Path;
 use std::time::Instant;
 
 use crate::engine::{BatchItem, InferenceBackend, SeqId};
 use crate::generation::rng::Rng;
+use crate::model::gguf::GgufFile;
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -169,6 +171,73 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Weight bytes one decode step reads from a GGUF file: every tensor, less the token embedding
+/// where the file has a separate output matrix (a lookup reads one row of it), and each
+/// expert tensor only in the share of experts a token uses. `None` for other formats.
+pub fn decode_weight_bytes(path: &Path) -> Option<u64> {
+    let file = GgufFile::open(path).ok()?;
+    let arch = file.get_str("general.architecture").ok()??.to_string();
+    let experts = file.get_usize(&format!("{arch}.expert_count")).ok()?;
+    let used = file.get_usize(&format!("{arch}.expert_used_count")).ok()?;
+    let tied = file.tensor_info("output.weight").is_none();
+    let mut bytes = 0f64;
+    for name in file.tensor_names() {
+        let info = file.tensor_info(name)?;
+        let share = match (experts, used) {
+            (Some(e), Some(u)) if e > 0 && name.contains("_exps.") => u as f64 / e as f64,
+            _ if name == "token_embd.weight" && !tied => 0.0,
+            _ => 1.0,
+        };
+        bytes += info.n_bytes as f64 * share;
+    }
+    Some(bytes as u64)
+}
+
+/// The memory-bandwidth bound of a decode on this machine: `threads` threads summing the
+/// mapped model file (in the page cache once the model has run), each a contiguous share; the
+/// best of three passes, bytes per second. A decode step cannot read its weights faster.
+pub fn bandwidth_probe(path: &Path, threads: usize) -> Option<f64> {
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: read-only map of a model file that nothing writes while the bench runs (as the
+    // loader's own map).
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let bytes: &[u8] = &map;
+    let share = bytes.len().div_ceil(threads.max(1)).next_multiple_of(64);
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let sum = std::thread::scope(|s| {
+            let parts: Vec<_> = bytes
+                .chunks(share)
+                .map(|part| s.spawn(move || sum_words(part)))
+                .collect();
+            parts
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Some(bytes.len() as f64 / best)
+}
+
+/// Wrapping sum of the little-endian u64 words of `bytes` (eight running sums per 64-byte line,
+/// so the loop is bound by loads, not by one addition chain).
+fn sum_words(bytes: &[u8]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut lines = bytes.chunks_exact(64);
+    for line in &mut lines {
+        for (a, word) in acc.iter_mut().zip(line.chunks_exact(8)) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            *a = a.wrapping_add(u64::from_le_bytes(w));
+        }
+    }
+    let tail = lines.remainder().iter().map(|&b| u64::from(b)).sum::<u64>();
+    acc.iter().fold(tail, |s, &a| s.wrapping_add(a))
 }
 
 /// What `--structured` measures: grammar compile times, the per-token mask time, and the

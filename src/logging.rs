@@ -15,6 +15,11 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// Lines the writer holds before it drops new ones. The channel's slots are allocated and
+/// touched up front (32 bytes each), so tracing-appender's default of 128,000 lines would be
+/// 4 MB of resident memory for a log that writes a few lines per request.
+const BUFFERED_LINES: usize = 8192;
+
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -37,6 +42,7 @@ pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -682,14 +682,19 @@ mod tests {
         e
     }
 
+    /// `m` rendered with `readings`, parsed.
+    fn scrape(m: &WorkerMetrics, readings: &GaugeReadings) -> Exposition {
+        parse(&m.render(readings).unwrap())
+    }
+
     #[test]
     fn every_family_parses_once_with_a_valid_name() {
         // `parse` checks every name, label and TYPE line, and that no family comes twice (a
         // series built at render time never shadows a registered one).
         let m = WorkerMetrics::new();
-        parse(&m.render(&GaugeReadings::default()).unwrap());
+        scrape(&m, &GaugeReadings::default());
         m.set_info("tiny", "cpu:0", "0.1.0");
-        let e = parse(&m.render(&loaded(GaugeReadings::default())).unwrap());
+        let e = scrape(&m, &loaded(GaugeReadings::default()));
         assert!(e.types.contains_key("rbee_worker_info"));
         assert!(e.types.contains_key("vllm:cache_config_info"));
     }
@@ -705,21 +710,18 @@ mod tests {
 
     #[test]
     fn the_vllm_series_mirror_ours_with_their_types_and_model_name() {
-        let m = WorkerMetrics::new();
-        let e = parse(
-            &m.render(&GaugeReadings {
-                running: 3,
-                waiting: 5,
-                kv_positions: 512,
-                kv_cache_dtype: "f16",
-                prefix_cache_queries: 40,
-                prefix_cache_hits: 30,
-                prefix_cache_bytes: 1000,
-                prefix_cache_budget: 4096,
-                ..loaded(GaugeReadings::default())
-            })
-            .unwrap(),
-        );
+        let readings = GaugeReadings {
+            running: 3,
+            waiting: 5,
+            kv_positions: 512,
+            kv_cache_dtype: "f16",
+            prefix_cache_queries: 40,
+            prefix_cache_hits: 30,
+            prefix_cache_bytes: 1000,
+            prefix_cache_budget: 4096,
+            ..loaded(GaugeReadings::default())
+        };
+        let e = scrape(&WorkerMetrics::new(), &readings);
         let model = r#"{model_name="org/tiny"}"#;
         for (vllm, ours, kind, want) in [
             ("num_requests_running", "num_requests_running", "gauge", 3.0),
@@ -768,14 +770,11 @@ mod tests {
 
     #[test]
     fn before_a_model_the_vllm_series_have_no_label_and_no_cache_config() {
-        let m = WorkerMetrics::new();
-        let e = parse(
-            &m.render(&GaugeReadings {
-                waiting: 2,
-                ..GaugeReadings::default()
-            })
-            .unwrap(),
-        );
+        let readings = GaugeReadings {
+            waiting: 2,
+            ..GaugeReadings::default()
+        };
+        let e = scrape(&WorkerMetrics::new(), &readings);
         assert_eq!(e.samples["vllm:num_requests_waiting"], 2.0);
         assert_eq!(e.samples["vllm:kv_cache_usage_perc"], 0.0);
         assert!(!e.types.contains_key("vllm:cache_config_info"));
@@ -792,7 +791,7 @@ mod tests {
                 model_name: "tiny".into(),
                 ..GaugeReadings::from_engine(stats, 100)
             };
-            let e = parse(&m.render(&readings).unwrap());
+            let e = scrape(&m, &readings);
             (readings, e)
         };
         let (r, e) = scrape(&stats);

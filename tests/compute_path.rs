@@ -3,10 +3,10 @@
 
 mod common;
 
-use candle_core::quantized::GgmlDType;
-use common::tiny_models::{Arch, TempDir, TinySpec, gguf_writer_with, random_weights};
+use common::tiny_models::{Arch, TempDir, TinySpec, gguf_writer_typed, random_weights};
 use common::worker::{Setup, TestWorker, serve};
 use llm_worker_rbee::backend::CandleInferenceBackend;
+use llm_worker_rbee::kernels::WeightType;
 use llm_worker_rbee::model::LoadOptions;
 use llm_worker_rbee::setup_worker_with_backend;
 use serde_json::{Value, json};
@@ -45,13 +45,13 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     let matrices = weights.iter().filter(|w| w.shape.len() == 2).count();
     let vectors = weights.len() - matrices;
     let dir = TempDir::new("compute-path");
-    let write = |name: &str, mixed: GgmlDType| {
+    let write = |name: &str, mixed: WeightType| {
         let path = dir.path().join(name);
-        gguf_writer_with(&spec, &weights, |tensor| {
+        gguf_writer_typed(&spec, &weights, |tensor| {
             Some(if tensor == MIXED_TENSOR {
                 mixed
             } else {
-                GgmlDType::Q8_0
+                WeightType::Q8_0
             })
         })
         .write(&path)
@@ -60,7 +60,7 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     };
     let kernels = llm_worker_rbee::kernels::detect().to_string();
 
-    let info = info_of(&write("q8_0.gguf", GgmlDType::Q8_0), true).await;
+    let info = info_of(&write("q8_0.gguf", WeightType::Q8_0), true).await;
     assert_eq!(
         info["compute"],
         json!({
@@ -78,9 +78,11 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     // Every type llama-quantize mixes in (and BF16) is read by the kernels: each is listed
     // under its own name, on their path.
     for (dtype, name) in [
-        (GgmlDType::Q3K, "Q3_K"),
-        (GgmlDType::Q2K, "Q2_K"),
-        (GgmlDType::BF16, "BF16"),
+        (WeightType::Q3K, "Q3_K"),
+        (WeightType::Q2K, "Q2_K"),
+        (WeightType::BF16, "BF16"),
+        (WeightType::IQ4NL, "IQ4_NL"),
+        (WeightType::IQ4XS, "IQ4_XS"),
     ] {
         let info = info_of(&write(&format!("{name}.gguf"), dtype), true).await;
         assert_eq!(
@@ -100,7 +102,7 @@ async fn info_reports_the_compute_path_and_every_tensor_type() {
     }
 
     // Candle's path: the reason, and every tensor type on it.
-    let info = info_of(&write("q3_k.gguf", GgmlDType::Q3K), false).await;
+    let info = info_of(&write("q3_k.gguf", WeightType::Q3K), false).await;
     let compute = &info["compute"];
     assert_eq!(compute["path"], "candle", "{info}");
     let reason = compute["reason"].as_str().expect("a reason");

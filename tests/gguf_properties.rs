@@ -465,3 +465,74 @@ fn the_allocator_counts_the_peak() {
     let (kept, peak) = measure(|| std::hint::black_box(vec![1u8; 1 << 20]));
     assert!(peak >= (1 << 20) - slack && kept.len() == 1 << 20, "{peak}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// What a loaded model keeps
+
+/// The loader takes the tokenizer's lists out of the parsed metadata instead of copying them:
+/// kept, a 150k vocabulary's strings stay on the heap beside the tokenizer built from them.
+#[test]
+fn take_vocab_moves_the_tokenizer_lists_out_of_the_metadata() {
+    let _serial = one_at_a_time();
+    let dir = TempDir::new("gguf-props-take-vocab");
+    let path = dir.path().join("vocab.gguf");
+    std::fs::write(&path, metadata_rich_gguf()).expect("write");
+    let mut file = GgufFile::open(&path).expect("open");
+    let copied = file.vocab().expect("vocab");
+    let taken = file.take_vocab().expect("take_vocab");
+    assert_eq!(taken.tokens, copied.tokens);
+    assert_eq!(taken.merges, copied.merges);
+    assert_eq!(taken.token_types, copied.token_types);
+    assert_eq!(taken.scores, copied.scores);
+    assert_eq!(taken.model, copied.model);
+    assert_eq!(taken.eos_token_id, copied.eos_token_id);
+    for key in [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.scores",
+    ] {
+        assert!(file.get(key).is_none(), "{key} is still held");
+    }
+    assert!(file.get("tokenizer.ggml.model").is_some());
+    assert!(file.get("general.architecture").is_some());
+}
+
+/// A matrix used in place holds the memory map, not the parsed file: the metadata goes when
+/// the loader's store does, and the weights still read.
+#[test]
+fn a_mapped_matrix_keeps_the_map_not_the_parsed_file() {
+    use candle_core::{DType, Device};
+    use llm_worker_rbee::model::weights::{
+        DenseDType, Placement, RawWeight, WeightName, WeightStore,
+    };
+    let _serial = one_at_a_time();
+    let dir = TempDir::new("gguf-props-mapped");
+    let path = dir.path().join("mapped.gguf");
+    std::fs::write(&path, metadata_rich_gguf()).expect("write");
+    let file = std::sync::Arc::new(GgufFile::open(&path).expect("open"));
+    let parsed = std::sync::Arc::downgrade(&file);
+    let shape = file
+        .tensor_info("token_embd.weight")
+        .expect("embedding")
+        .shape();
+    let store = WeightStore::Gguf(file);
+    let at = Placement {
+        device: &Device::Cpu,
+        dense: DenseDType::Exactly(DType::F32),
+        in_place: true,
+    };
+    let weight = store
+        .load(WeightName::TokenEmbedding, &shape, at)
+        .expect("load")
+        .expect("present");
+    assert!(matches!(weight, RawWeight::Mapped(_)));
+    drop(store);
+    assert!(
+        parsed.upgrade().is_none(),
+        "the parsed file outlived its store"
+    );
+    let values = weight.to_dense_f32(&Device::Cpu).expect("read");
+    let values: Vec<f32> = values.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(values, vec![0.5; 32]);
+}

@@ -11,10 +11,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::tiny_models::{
-    Arch, NamedWeight, TempDir, TinySpec, gguf_writer, gguf_writer_with, random_weights,
-    write_hf_dir, write_hf_dir_with,
+    Arch, NamedWeight, TempDir, TinySpec, gguf_writer, gguf_writer_typed, gguf_writer_with,
+    random_weights, write_hf_dir, write_hf_dir_with,
 };
-use llm_worker_rbee::kernels::ThreadPool;
+use llm_worker_rbee::kernels::{QMatrix, ThreadPool, WeightType};
 use llm_worker_rbee::model::ModelError;
 use llm_worker_rbee::model::config::ModelConfig;
 use llm_worker_rbee::model::decoder::{
@@ -1294,34 +1294,9 @@ fn the_compute_path_says_which_path_runs_and_why() {
 #[test]
 fn q5_0_and_q5_1_matrices_run_on_the_cpu_kernels() {
     let t = tiny(Arch::Qwen2);
-    let path = t.hf_dir.with_file_name("model-q5.gguf");
     // Attention and embedding matrices Q5_0, the feed-forward ones Q5_1.
-    let q5 = |name: &str| {
-        Some(if name.contains("ffn_") {
-            GgmlDType::Q5_1
-        } else {
-            GgmlDType::Q5_0
-        })
-    };
-    gguf_writer_with(&t.spec, &t.weights, q5)
-        .write(&path)
-        .expect("write gguf");
-    let decoder = gguf_decoder(&path);
-    assert!(decoder.uses_cpu_path());
-    let compute = decoder.compute_path();
-    assert_eq!(compute.forward, ForwardPath::CpuKernels);
-    assert_eq!(compute.path_name(), "cpu-kernels");
-    for dtype in ["Q5_0", "Q5_1"] {
-        let ty = tensor_type(&compute.tensor_types, dtype);
-        assert!(ty.count > 0, "{dtype}");
-        assert_eq!(
-            (ty.cpu_kernels, ty.path()),
-            (ty.count, "cpu-kernels"),
-            "{dtype}"
-        );
-    }
-    let ours = run(&decoder);
-    assert!(ours.iter().flatten().all(|l| l.is_finite()));
+    let types = [WeightType::Q5_0, WeightType::Q5_1, WeightType::Q5_0];
+    let (path, ours) = run_typed_on_kernels(&t, "model-q5.gguf", types);
     // Same activation-rounding difference as in `quantized_gguf_agrees_with_candle_quantized_llama`.
     assert_close(
         "Q5_0/Q5_1 kernels vs Candle's",
@@ -1338,35 +1313,9 @@ fn q5_0_and_q5_1_matrices_run_on_the_cpu_kernels() {
 #[test]
 fn q2_k_q3_k_and_bf16_matrices_run_on_the_cpu_kernels() {
     let t = tiny(Arch::Llama);
-    let path = t.hf_dir.with_file_name("model-q2k-q3k-bf16.gguf");
     // Attention matrices Q3_K, feed-forward Q2_K, embeddings and output BF16.
-    let quant = |name: &str| {
-        Some(if name.contains("attn_") {
-            GgmlDType::Q3K
-        } else if name.contains("ffn_") {
-            GgmlDType::Q2K
-        } else {
-            GgmlDType::BF16
-        })
-    };
-    gguf_writer_with(&t.spec, &t.weights, quant)
-        .write(&path)
-        .expect("write gguf");
-    let decoder = gguf_decoder(&path);
-    assert!(decoder.uses_cpu_path());
-    let compute = decoder.compute_path();
-    assert_eq!(compute.forward, ForwardPath::CpuKernels);
-    for dtype in ["Q3_K", "Q2_K", "BF16"] {
-        let ty = tensor_type(&compute.tensor_types, dtype);
-        assert!(ty.count > 0, "{dtype}");
-        assert_eq!(
-            (ty.cpu_kernels, ty.path()),
-            (ty.count, "cpu-kernels"),
-            "{dtype}"
-        );
-    }
-    let ours = run(&decoder);
-    assert!(ours.iter().flatten().all(|l| l.is_finite()));
+    let types = [WeightType::Q3K, WeightType::Q2K, WeightType::BF16];
+    let (path, ours) = run_typed_on_kernels(&t, "model-q2k-q3k-bf16.gguf", types);
     // Same activation-rounding difference as in `quantized_gguf_agrees_with_candle_quantized_llama`.
     assert_close(
         "Q2_K/Q3_K/BF16 kernels vs Candle's",
@@ -1374,4 +1323,112 @@ fn q2_k_q3_k_and_bf16_matrices_run_on_the_cpu_kernels() {
         &run(&gguf_decoder_with(&path, None)),
         1e-2,
     );
+}
+
+/// llama-quantize's IQ4_XS files store most matrices as IQ4_XS and mix in IQ4_NL (rows that are
+/// not a multiple of 256); Candle has neither type. A GGUF of those runs on our CPU kernels,
+/// every matrix read in place, close to the same file with those matrices stored as F32 of
+/// their dequantized values; with the kernels off it still loads (the IQ4 matrices dequantized
+/// at load for Candle's path) and gives that F32 file's logits.
+#[test]
+fn iq4_nl_and_iq4_xs_matrices_run_on_the_cpu_kernels() {
+    let t = tiny(Arch::Llama);
+    // Attention matrices IQ4_NL, feed-forward IQ4_XS, the embeddings (tied output) Q8_0.
+    let types = [WeightType::IQ4NL, WeightType::IQ4XS, WeightType::Q8_0];
+    let (path, ours) = run_typed_on_kernels(&t, "model-iq4.gguf", types);
+    let twin = t.hf_dir.with_file_name("model-iq4-as-f32.gguf");
+    write_dequantized_iq4(&path, &twin);
+    // The IQ4 matrices see Q8_0/Q8_K-rounded activations, the F32 ones the f32 activations.
+    assert_close(
+        "IQ4 kernels vs the dequantized F32 file",
+        &ours,
+        &run(&gguf_decoder(&twin)),
+        1e-2,
+    );
+
+    // Candle's path: the same dense f32 matrices as the F32 file's, so the same logits.
+    let candle = gguf_decoder_with(&path, None);
+    let compute = candle.compute_path();
+    assert_eq!(compute.reason(), Some(&CandlePathReason::KernelsDisabled));
+    for dtype in ["IQ4_NL", "IQ4_XS"] {
+        assert_eq!(tensor_type(&compute.tensor_types, dtype).path(), "candle");
+    }
+    assert_close(
+        "IQ4 on Candle's path vs the dequantized F32 file",
+        &run(&candle),
+        &run(&gguf_decoder_with(&twin, None)),
+        0.0,
+    );
+}
+
+/// `t`'s weights as the GGUF `file_name` (beside its Hugging Face directory) with its attention
+/// matrices, feed-forward matrices and other matrices (embeddings, output) stored as `types`
+/// says, run on our CPU kernels: the whole forward runs there and every stored type is read in
+/// place. Returns the file and its logits ([`run`]), all finite.
+fn run_typed_on_kernels(
+    t: &Tiny,
+    file_name: &str,
+    types: [WeightType; 3],
+) -> (std::path::PathBuf, Vec<Vec<f32>>) {
+    let [attn, ffn, other] = types;
+    let quant = |name: &str| {
+        Some(if name.contains("attn_") {
+            attn
+        } else if name.contains("ffn_") {
+            ffn
+        } else {
+            other
+        })
+    };
+    let path = t.hf_dir.with_file_name(file_name);
+    gguf_writer_typed(&t.spec, &t.weights, quant)
+        .write(&path)
+        .expect("write gguf");
+    let decoder = gguf_decoder(&path);
+    assert!(decoder.uses_cpu_path());
+    let compute = decoder.compute_path();
+    assert_eq!(compute.forward, ForwardPath::CpuKernels);
+    assert_eq!(compute.path_name(), "cpu-kernels");
+    for ty in types {
+        assert!(tensor_type(&compute.tensor_types, &ty.to_string()).count > 0);
+    }
+    for ty in &compute.tensor_types {
+        assert_eq!(
+            (ty.cpu_kernels, ty.path()),
+            (ty.count, "cpu-kernels"),
+            "{file_name}: {}",
+            ty.dtype
+        );
+    }
+    let logits = run(&decoder);
+    assert!(logits.iter().flatten().all(|l| l.is_finite()));
+    (path, logits)
+}
+
+/// `path`'s GGUF written to `out` with every IQ4_NL and IQ4_XS tensor stored as F32, its values
+/// dequantized by the kernels; everything else as it was.
+fn write_dequantized_iq4(path: &std::path::Path, out: &std::path::Path) {
+    use common::gguf_writer::GgufWriter;
+    let file = GgufFile::open(path).expect("open gguf");
+    let mut w = GgufWriter::new();
+    for (key, value) in file.metadata() {
+        w.metadata(key, value.clone());
+    }
+    for name in file.tensor_names() {
+        let info = file.tensor_info(name).expect("listed tensor");
+        let (shape, bytes) = (info.shape(), file.tensor_bytes(info));
+        if !matches!(info.ty, WeightType::IQ4NL | WeightType::IQ4XS) {
+            w.tensor(name, &shape, info.ty, bytes.to_vec());
+            continue;
+        }
+        let cols = info.dims[0];
+        let m = QMatrix::new(info.ty, bytes.len() / info.ty.row_bytes(cols), cols, bytes)
+            .expect("matrix");
+        let mut values = vec![0f32; m.rows * cols];
+        for (r, row) in values.chunks_exact_mut(cols).enumerate() {
+            llm_worker_rbee::kernels::dequantize_row(&m, r, row).expect("dequantize");
+        }
+        w.tensor_f32(name, &shape, &values);
+    }
+    w.write(out).expect("write gguf");
 }

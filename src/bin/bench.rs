@@ -7,7 +7,9 @@ use std::process::Command;
 
 use clap::Parser;
 use llm_worker_rbee::backend::CandleInferenceBackend;
-use llm_worker_rbee::bench::{BenchConfig, BenchResult, peak_rss_bytes, run};
+use llm_worker_rbee::bench::{
+    BenchConfig, BenchResult, bandwidth_probe, decode_weight_bytes, peak_rss_bytes, run,
+};
 use llm_worker_rbee::engine::InferenceBackend;
 use llm_worker_rbee::model::LoadOptions;
 
@@ -161,6 +163,42 @@ fn main() {
             r.mean(),
             r.std_dev()
         );
+    }
+    bandwidth(&model, &args, &ours, &theirs);
+}
+
+/// Generation as weight bytes per second against the bandwidth probe: how far a decode is from
+/// the memory bound.
+fn bandwidth(model: &std::path::Path, args: &Args, ours: &[BenchResult], theirs: &[BenchResult]) {
+    let (Some(step_bytes), Some(probe)) = (
+        decode_weight_bytes(model),
+        bandwidth_probe(model, args.threads),
+    ) else {
+        return;
+    };
+    println!(
+        "\nbandwidth probe: {:.1} GB/s ({} threads summing the model file); one decode step reads {:.1} MB of weights",
+        probe / 1e9,
+        args.threads,
+        step_bytes as f64 / 1e6
+    );
+    let streams = args.gen_streams.max(1) as f64;
+    for r in ours.iter().filter(|r| r.test.starts_with("tg")) {
+        let rate = |tps: f64| tps / streams * step_bytes as f64;
+        let mut line = format!(
+            "{}: {:.1} GB/s of weights, {:.0}% of the probe",
+            r.test,
+            rate(r.mean()) / 1e9,
+            100.0 * rate(r.mean()) / probe
+        );
+        if let Some(o) = theirs.iter().find(|t| t.test == r.test) {
+            line += &format!(
+                "; llama.cpp {:.1} GB/s, {:.0}%",
+                rate(o.mean()) / 1e9,
+                100.0 * rate(o.mean()) / probe
+            );
+        }
+        println!("{line}");
     }
 }
 

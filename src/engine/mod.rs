@@ -8,10 +8,10 @@
 //! - [`generation_engine`]: the engine thread.
 
 pub mod backend;
-pub mod generation_engine;
+pub(crate) mod generation_engine;
 pub mod job;
 pub mod queue;
-pub mod scheduler;
+pub(crate) mod scheduler;
 
 pub use backend::{BackendError, BatchItem, DraftRequest, InferenceBackend, ModelMeta, SeqId};
 pub use generation_engine::{EngineStats, GenerationEngine};

@@ -9,11 +9,11 @@
 //! - [`constraint`]: structured output — a JSON schema, regex, choice or grammar as a per-token
 //!   mask applied before sampling ([`gbnf`] reads llama.cpp's grammars).
 
-pub mod constraint;
-pub mod gbnf;
+pub(crate) mod constraint;
+pub(crate) mod gbnf;
 pub mod rng;
-pub mod sampler;
-pub mod stop;
+pub(crate) mod sampler;
+pub(crate) mod stop;
 
 use std::sync::Arc;
 
@@ -378,6 +378,15 @@ mod tests {
             SequenceGenerator::new(params, &prompt, self.tokenizer.clone(), eog, ctx)
         }
 
+        /// A greedy generator after a one-token prompt, with one stop string.
+        fn stopping_at(&self, stop: &str, max_tokens: usize) -> SequenceGenerator {
+            let params = GenerationParams {
+                stop: vec![stop.into()],
+                ..GenerationParams::greedy(max_tokens)
+            };
+            self.generator(params, 1, 100)
+        }
+
         /// Greedy logits that pick `token`.
         fn logits(&self, token: u32) -> Vec<f32> {
             let mut l = vec![0.0; self.tokenizer.vocab_size()];
@@ -524,9 +533,7 @@ mod tests {
     #[test]
     fn stop_string_ends_and_is_withheld() {
         let f = Fixture::new();
-        let mut params = GenerationParams::greedy(10);
-        params.stop = vec![" wor".into()];
-        let mut g = f.generator(params, 1, 100);
+        let mut g = f.stopping_at(" wor", 10);
         let steps = f.run(&mut g, &[f.id("hello"), f.id("Ġworld"), f.id("hello")]);
         assert_eq!(steps.len(), 2);
         assert_eq!(
@@ -539,9 +546,7 @@ mod tests {
     #[test]
     fn a_possible_stop_prefix_is_released_when_generation_ends() {
         let f = Fixture::new();
-        let mut params = GenerationParams::greedy(2);
-        params.stop = vec![" world!".into()];
-        let mut g = f.generator(params, 1, 100);
+        let mut g = f.stopping_at(" world!", 2);
         let world = f.id("Ġworld");
         let steps = f.run(&mut g, &[f.id("hello"), world, world]);
         assert_eq!(steps[1].finish, Some(FinishReason::MaxTokens));

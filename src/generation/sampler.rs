@@ -74,10 +74,6 @@ impl Sampler {
         }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token. `logits` is modified in place (bias and penalties); `recent` holds
     /// the tokens so far (prompt then generated), of which the last `repeat_last_n` count.
     pub fn sample(&mut self, logits: &mut [f32], recent: &[u32]) -> u32 {

@@ -14,7 +14,7 @@
 //! - [`openai`]: the OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
 //!   `/v1/models`), same registry and engine, OpenAI's shapes; [`tokenize`]: `/tokenize`,
 //!   `/detokenize`.
-//! - [`timestamp`]: RFC 3339.
+//! - [`crate::timestamp`]: RFC 3339.
 //!
 //! Routes (all but `/health` and `/metrics` require the token when one is configured;
 //! `/metrics` too with `--metrics-auth`):
@@ -40,10 +40,10 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod sse;
-pub mod structured;
-pub mod tokenize;
+pub(crate) mod structured;
+pub(crate) mod tokenize;
 pub mod validation;
 
 use std::sync::Arc;

@@ -8,9 +8,9 @@
 //! - [`registry`]: job id → record, submission into the queue, cancellation, the detach and
 //!   TTL reaper, and the served model with its engine.
 
-pub mod follow;
-pub mod record;
-pub mod registry;
+pub(crate) mod follow;
+pub(crate) mod record;
+pub(crate) mod registry;
 
 pub use crate::metrics::JobApi;
 pub use follow::JobFollower;

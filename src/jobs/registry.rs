@@ -202,10 +202,6 @@ impl JobRegistry {
             stats: engine.stats().clone(),
             engine,
         };
-        let grammars = served.grammars.clone();
-        let _ = std::thread::Builder::new()
-            .name("grammar-trie".into())
-            .spawn(move || grammars.warm());
         self.served
             .set(served)
             .map_err(|_| std::io::Error::other("a model is already being served"))?;
@@ -466,6 +462,7 @@ mod tests {
     use super::*;
     use crate::engine::{BackendError, BatchItem, EngineEvent, SeqId};
     use crate::model::tokenizer::TextTokenizer;
+    use crate::model::tokenizer::tests::bpe_without_merges;
 
     /// Always predicts token 0, a few milliseconds per step, so jobs stay live for a while.
     struct SlowBackend(ModelMeta);
@@ -482,15 +479,8 @@ mod tests {
     }
 
     fn registry(capacity: usize) -> Arc<JobRegistry> {
-        use tokenizers::models::bpe::{BPE, Vocab};
-        let vocab: Vocab = [("a".to_owned(), 0u32), ("b".to_owned(), 1)]
-            .into_iter()
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, vec![])
-            .build()
-            .unwrap();
-        let tokenizer = TextTokenizer::from_tokenizers(tokenizers::Tokenizer::new(bpe)).unwrap();
+        let vocab = bpe_without_merges(&[("a", 0), ("b", 1)]);
+        let tokenizer = TextTokenizer::from_tokenizers(vocab).unwrap();
         let meta = ModelMeta {
             name: "m".into(),
             architecture: "llama".into(),
@@ -543,6 +533,22 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn serving_plain_jobs_builds_no_token_trie() {
+        // The trie costs tens of MB for a large vocabulary: only a constrained request pays.
+        let r = registry(2);
+        let (a, _) = r.submit(job("a")).unwrap();
+        // Some engine steps: a build started at serve time has long finished by then.
+        let start = Instant::now();
+        while a.newest_event_id() < 4 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no tokens");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        r.cancel("", "a", CancelReason::Client).unwrap();
+        wait_terminal(&a);
+        assert!(!r.served().unwrap().grammars.trie_built());
     }
 
     #[test]

@@ -9,12 +9,17 @@
 //! - Q5_1: as Q4_1 with the fifth bits OR-ed in (quants 0..31), as ggml's x86
 //!   `ggml_vec_dot_q5_1_q8_1`.
 //! - Q8_0: `maddubs(|w|, sign(y, w))`. Q5_0 the same on its signed quants `q − 16` (the nibbles
-//!   OR `0xF0` where the fifth bit is clear), exactly ggml's x86 `ggml_vec_dot_q5_0_q8_0`.
+//!   OR `0xF0` where the fifth bit is clear), exactly ggml's x86 `ggml_vec_dot_q5_0_q8_0`;
+//!   IQ4_NL on its levels, the nibbles looked up in `kvalues_iq4nl` by `vpshufb`, as ggml's x86
+//!   `ggml_vec_dot_iq4_nl_q8_0`.
 //! - Q2_K / Q3_K / Q4_K / Q5_K / Q6_K: the 4/6/8-bit sub-block scales multiply the i16 pair sums
 //!   inside `vpmaddwd`, so one float FMA per 256 weights; mins (and Q3_K's `-4`, Q6_K's `-32`)
 //!   come from the Q8_K block sums. Q3_K's quants are used unsigned (`q + 4`, 0..7), which
 //!   needs one `vpmaddubsw` per 32 weights where ggml's x86 `ggml_vec_dot_q3_K_q8_K` spends two
 //!   (low bits and high bits apart); the integer super-block sum is the same.
+//! - IQ4_XS: IQ4_NL's levels, `maddubs(|w|, sign(y, w))` per 32-weight sub-block, whose scale
+//!   `ls − 32` multiplies the pair sums inside `vpmaddwd` as the K-quants' do (ggml's x86
+//!   `ggml_vec_dot_iq4_xs_q8_K`).
 //! - F32 / F16 / BF16: f32 FMAs on the f32 activations (BF16 widened by a 16-bit shift).
 
 // Register tiles index several fixed-size arrays with the same row/column counters.
@@ -24,12 +29,13 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::formats::{
-    Q2K_BYTES, Q2K_D, Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES,
-    Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS,
-    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
-    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, q3k_scale_words, round_f16, unpack_scales_mins_k4,
+    IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, KVALUES_IQ4NL, Q2K_BYTES, Q2K_D, Q2K_QS,
+    Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES,
+    Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES,
+    Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K,
+    iq4xs_scales, q3k_scale_words, round_f16, unpack_scales_mins_k4,
 };
-use super::matmul::OutPtr;
+use super::matmul::{OutPtr, for_each_tile};
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
@@ -86,30 +92,24 @@ pub(crate) unsafe fn compute(
         WeightType::Q4_0 => (if gemv { 4 } else { 1 }, pick_q4::<false, false>),
         WeightType::Q4_1 => (if gemv { 4 } else { 1 }, pick_q4::<true, false>),
         WeightType::Q5_1 => (if gemv { 4 } else { 1 }, pick_q4::<true, true>),
-        WeightType::Q8_0 => (if gemv { 2 } else { 1 }, pick_q8_0::<false>),
-        WeightType::Q5_0 => (if gemv { 4 } else { 1 }, pick_q8_0::<true>),
+        WeightType::Q8_0 => (if gemv { 2 } else { 1 }, pick_q8_0::<SIGNED_Q8_0>),
+        WeightType::Q5_0 => (if gemv { 4 } else { 1 }, pick_q8_0::<SIGNED_Q5_0>),
+        WeightType::IQ4NL => (if gemv { 4 } else { 1 }, pick_q8_0::<SIGNED_IQ4NL>),
         WeightType::Q4K => (1, pick_k::<false>),
         WeightType::Q5K => (1, pick_k::<true>),
         WeightType::Q6K => (1, pick_q6k),
         WeightType::Q2K => (1, pick_q2k),
         WeightType::Q3K => (1, pick_q3k),
+        WeightType::IQ4XS => (1, pick_iq4xs),
         WeightType::F32 => (1, pick_dense::<DENSE_F32>),
         WeightType::F16 => (1, pick_dense::<DENSE_F16>),
         WeightType::BF16 => (1, pick_dense::<DENSE_BF16>),
     };
-    let mut i = a.start;
-    while i < a.end {
-        let mr = (a.end - i).min(GROUP);
-        let mut j = r.start;
-        while j < r.end {
-            let nr = (r.end - j).min(nr_max);
-            // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4, and the
-            // CPU features and output exclusivity are the caller's contract.
-            unsafe { pick(mr, nr)(&t, i, j, out) };
-            j += nr;
-        }
-        i += mr;
-    }
+    for_each_tile(a, r, GROUP, nr_max, |i, mr, j, nr| {
+        // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4, and the
+        // CPU features and output exclusivity are the caller's contract.
+        unsafe { pick(mr, nr)(&t, i, j, out) }
+    });
 }
 
 macro_rules! pick_mr_nr {
@@ -144,8 +144,8 @@ fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
     pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
 }
 
-fn pick_q8_0<const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0, FIVE)
+fn pick_q8_0<const FMT: u8>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0, FMT)
 }
 
 fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
@@ -162,6 +162,10 @@ fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
 
 fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
     pick_mr!(mr, tile_q3k)
+}
+
+fn pick_iq4xs(mr: usize, _nr: usize) -> TileFn {
+    pick_mr!(mr, tile_iq4xs)
 }
 
 /// Element formats of [`tile_dense`].
@@ -331,24 +335,85 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE:
     }
 }
 
-/// Q8_0 (`FIVE = false`) and Q5_0 (`FIVE = true`, signed quants `q − 16`) × Q8_0.
+/// The weight formats of [`tile_q8_0`] (and of `avx512`'s): blocks of 32 signed quants
+/// ([`signed_quants`]) and an f16 `d` at offset 0.
+pub(super) const SIGNED_Q8_0: u8 = 0;
+pub(super) const SIGNED_Q5_0: u8 = 1;
+pub(super) const SIGNED_IQ4NL: u8 = 2;
+
+/// Bytes per block of a [`signed_quants`] format.
+pub(super) const fn signed_block_bytes(fmt: u8) -> usize {
+    match fmt {
+        SIGNED_Q5_0 => Q5_0_BYTES,
+        SIGNED_IQ4NL => IQ4NL_BYTES,
+        _ => Q8_0_BYTES,
+    }
+}
+
+/// The 32 signed quants of the block at `blk` in weight order: Q8_0's bytes, Q5_0's `q − 16`
+/// (the nibbles OR `0xF0` where the fifth bit is clear), IQ4_NL's levels (−127..113).
+///
+/// # Safety
+/// AVX2; `blk` points to a whole block of format `FMT`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn signed_quants<const FMT: u8>(blk: *const u8) -> __m256i {
+    // SAFETY: the block's bytes are readable (caller contract): Q8_0 32 quants at 2; Q5_0 4
+    // bytes of fifth bits at 2 and 16 bytes of nibbles at 6; IQ4_NL 16 bytes of nibbles at 2.
+    unsafe {
+        match FMT {
+            SIGNED_Q5_0 => {
+                let raw = _mm_loadu_si128(blk.add(Q5_0_QS) as *const __m128i);
+                let nib = _mm256_and_si256(
+                    _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw),
+                    _mm256_set1_epi8(0x0F),
+                );
+                // Fifth bit clear: q − 16 = nibble − 16, the nibble with its high bits set.
+                let high = _mm256_set1_epi8(0xF0u8 as i8);
+                let neg = _mm256_andnot_si256(bytes_from_bits(blk.add(Q5_0_QH)), high);
+                _mm256_or_si256(nib, neg)
+            }
+            SIGNED_IQ4NL => iq4_levels(blk.add(IQ4NL_QS)),
+            _ => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+        }
+    }
+}
+
+/// The levels (`kvalues_iq4nl`) of the 16 bytes of IQ4 nibbles at `qs`, in weight order: low
+/// nibbles are weights 0..16, high nibbles 16..32 (one `vpshufb` of the 16-entry table).
+///
+/// # Safety
+/// AVX2; `qs` is valid for 16 bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn iq4_levels(qs: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes (caller contract); the table is 16 bytes.
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+        let raw = _mm_loadu_si128(qs as *const __m128i);
+        let idx = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw),
+            _mm256_set1_epi8(0x0F),
+        );
+        _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), idx)
+    }
+}
+
+/// Q8_0, Q5_0 and IQ4_NL (`FMT`: [`SIGNED_Q8_0`], [`SIGNED_Q5_0`], [`SIGNED_IQ4NL`]) × Q8_0.
 ///
 /// # Safety
 /// As [`tile_q4`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
+unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    let bb = if FIVE { Q5_0_BYTES } else { Q8_0_BYTES };
+    let bb = signed_block_bytes(FMT);
     let ones = _mm256_set1_epi16(1);
-    let mask = _mm256_set1_epi8(0x0F);
-    let high = _mm256_set1_epi8(0xF0u8 as i8);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    // SAFETY: as in `tile_q4` (Q8_0: blocks of 34 bytes, 32 quants at offset 2; Q5_0: blocks of
-    // 22 bytes, 4 bytes of fifth bits at 2 and 16 bytes of nibbles at 6).
+    // SAFETY: as in `tile_q4`, with blocks of `bb` bytes (see `signed_quants`).
     unsafe {
         let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
@@ -367,16 +432,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
                 let raw = std::ptr::read_unaligned(blk as *const u16);
                 let dw = _mm_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(raw as i32)));
                 _mm_storeu_ps(sc[j].as_mut_ptr(), _mm_mul_ps(dw, dx));
-                wq[j] = if FIVE {
-                    let raw = _mm_loadu_si128(blk.add(Q5_0_QS) as *const __m128i);
-                    let nib =
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), mask);
-                    // Fifth bit clear: q − 16 = nibble − 16, the nibble with its high bits set.
-                    let neg = _mm256_andnot_si256(bytes_from_bits(blk.add(Q5_0_QH)), high);
-                    _mm256_or_si256(nib, neg)
-                } else {
-                    _mm256_loadu_si256(blk.add(2) as *const __m256i)
-                };
+                wq[j] = signed_quants::<FMT>(blk);
                 aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
             }
             for i in 0..MR {
@@ -428,9 +484,9 @@ impl ScaledSum for Madd {
 }
 
 /// The K-quant tiles of one instruction set: `tile_k` (Q4_K, `FIVE`: Q5_K), `tile_q6k`,
-/// `tile_q2k` and `tile_q3k`, each `MR ≤ 8` activation rows × one weight row (a `TileFn`): the
-/// shared bodies below compiled with `$features` (at least AVX2, FMA, F16C), their scaled sums
-/// done by `$sum`.
+/// `tile_q2k`, `tile_q3k` and `tile_iq4xs`, each `MR ≤ 8` activation rows × one weight row (a
+/// `TileFn`): the shared bodies below compiled with `$features` (at least AVX2, FMA, F16C), their
+/// scaled sums done by `$sum`.
 macro_rules! k_tiles {
     ($features:literal, $sum:ty) => {
         /// Q4_K (`FIVE = false`) and Q5_K × Q8_K, one weight row.
@@ -452,6 +508,9 @@ macro_rules! k_tiles {
         $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q6k, tile_q6k_rows, "Q6_K");
         $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q2k_rows, "Q2_K");
         $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q3k_rows, "Q3_K");
+        $crate::kernels::avx2::k_tiles!(
+            @one $features, $sum, tile_iq4xs, tile_iq4xs_rows, "IQ4_XS"
+        );
     };
     (@one $features:literal, $sum:ty, $name:ident, $body:ident, $ty:literal) => {
         #[doc = concat!($ty, " × Q8_K, one weight row.")]
@@ -816,6 +875,68 @@ pub(super) unsafe fn tile_q3k_rows<const MR: usize, S: ScaledSum>(
                 let off = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, rows.bsums(b, i)));
                 let s = _mm256_sub_epi32(isum[i], off);
                 acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
+            }
+        })
+    }
+}
+
+impl<const MR: usize> KRows<MR> {
+    /// [`KRows::dot`] for 32 signed weight quants `w` (|w| ≤ 127): `vpmaddubsw` takes `|w|`
+    /// against each row's activations with `w`'s signs (ggml's x86 `mul_add_epi8`), so no pair
+    /// sum saturates (2·127·127 < 2¹⁵).
+    #[inline(always)]
+    unsafe fn dot_signed<S: ScaledSum>(
+        &self,
+        sums: &mut [__m256i; MR],
+        b: usize,
+        off: usize,
+        w: __m256i,
+        scales: __m256i,
+    ) {
+        // SAFETY: as in `dot`; AVX2 is the caller's contract.
+        unsafe {
+            let aw = _mm256_sign_epi8(w, w);
+            for i in 0..MR {
+                let y = _mm256_loadu_si256(self.y[i].add(b * QK_K + off) as *const __m256i);
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w));
+                sums[i] = S::add(sums[i], p, scales);
+            }
+        }
+    }
+}
+
+/// The IQ4_XS tile body (see [`k_tiles`]): per 32-weight sub-block `ib` the levels of its 16
+/// bytes of nibbles ([`iq4_levels`]) against the rows' activations, scaled by `ls − 32` in the
+/// scaled sum; one float FMA per super-block.
+///
+/// # Safety
+/// As [`tile_k_rows`].
+#[inline(always)]
+pub(super) unsafe fn tile_iq4xs_rows<const MR: usize, S: ScaledSum>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    // SAFETY: as in `tile_k_rows` with the IQ4_XS field offsets.
+    unsafe {
+        k_frame!(t, i0, j0, out, IQ4XS_BYTES, |blk, b, rows, acc| {
+            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk as *const u16,
+            ) as i32)));
+            let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
+            let ls = i64::from_le_bytes(ls.map(|v| v as u8));
+            let scales = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(ls)));
+            let mut isum = [_mm256_setzero_si256(); MR];
+            for ib in 0..8 {
+                let w = iq4_levels(blk.add(IQ4XS_QS + 16 * ib));
+                let st = _mm256_shuffle_epi8(scales, word_splat(ib));
+                rows.dot_signed::<S>(&mut isum, b, 32 * ib, w, st);
+            }
+            for i in 0..MR {
+                let dy = rows.d(b, i);
+                acc[i] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
             }
         })
     }

@@ -4,12 +4,13 @@
 //! # Dispatch
 //! | weight type | `m = 1` (GEMV) | `2 ≤ m < 24` | `m ≥ 24` |
 //! |---|---|---|---|
-//! | Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 | AVX2 | 8×2 tiles | wide |
+//! | Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL | AVX2 | 8×2 tiles | wide |
 //! | Q4_K, Q5_K, Q6_K, Q2_K, Q3_K | AVX2 | K tiles | wide |
+//! | IQ4_XS | AVX2 | K tiles | wide |
 //! | F32, F16, BF16 | AVX2 | AVX2 | AVX2 |
 //!
 //! (8×2 tiles: [`tile_q4`], [`tile_q8_0`]; K tiles: `tile_k`, `tile_q6k`, `tile_q2k`,
-//! `tile_q3k` from `avx2::k_tiles`; wide:
+//! `tile_q3k`, `tile_iq4xs` from `avx2::k_tiles`; wide:
 //! [`compute_wide`]. The thresholds are where the wide kernel's per-call weight repack starts
 //! to pay, measured on Zen 4.)
 //!
@@ -27,7 +28,7 @@
 //!
 //! The integers are equal because nothing saturates or wraps:
 //! - AVX2's `vpmaddubsw` saturates its i16 pair sums; there `0 ≤ u ≤ 128` (4-, 5- and 6-bit
-//!   quants, or `|w|` of a Q8_0 or Q5_0 weight, −128 included) and `|v| ≤ 127` (the Q8_0/Q8_1/Q8_K
+//!   quants, or `|w|` of a Q8_0, Q5_0 or IQ4 weight, −128 included) and `|v| ≤ 127` (the Q8_0/Q8_1/Q8_K
 //!   activation quants are rounded from `x·127/amax`, never −128), so a pair sum is at most
 //!   2·128·127 = 32512 < 32767 and `p_l` is the exact dot product of its 4 bytes.
 //! - `vpdpbusd` (not the saturating `vpdpbusds`) adds four u8×i8 products to an i32 with no
@@ -35,8 +36,8 @@
 //!   `w + 128`) or the activations are (`y + 128`), the accumulator starts at the exact
 //!   correction (`−128·Σ` of the other operand's 4 bytes), all within ±2²⁰.
 //! - The K-quant sub-block scales are applied by `vpdpwssd` to the low i16 half of `p_l`
-//!   (|p_l| ≤ 4·63·127 < 2¹⁵, the scale's high half is 0), and the super-block sums stay far
-//!   below 2³¹, as in AVX2.
+//!   (|p_l| ≤ 4·63·127 < 2¹⁵, the scale's high half is 0), IQ4_XS's by `vpmulld` (its |p_l|
+//!   reaches 4·127·127), and the super-block sums stay far below 2³¹, as in AVX2.
 //!
 //! # 8×2 tiles (`2 ≤ m < 24`)
 //! A tile is up to [`MR_MAX`] = 8 activation rows × [`NR_MAX`] = 2 weight rows: 16 ymm
@@ -71,15 +72,18 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::bytes_from_bits;
-use super::avx2::{self, TileArgs, hsum};
-use super::formats::{
-    Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS,
-    Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH,
-    Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D,
-    Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, q3k_scales, unpack_scales_mins_k4,
+use super::avx2::{
+    self, SIGNED_IQ4NL, SIGNED_Q5_0, SIGNED_Q8_0, TileArgs, bytes_from_bits, hsum,
+    signed_block_bytes, signed_quants,
 };
-use super::matmul::OutPtr;
+use super::formats::{
+    IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS, Q2K_SCALES,
+    Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS,
+    Q4K_SCALES, Q5_0_BYTES, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS,
+    Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales,
+    q3k_scales, unpack_scales_mins_k4,
+};
+use super::matmul::{OutPtr, for_each_tile};
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
@@ -130,6 +134,9 @@ pub(crate) unsafe fn compute(
         WeightType::Q5_1 if wide => {
             return unsafe { compute_wide(WideKind::Q5_1, w, acts, a, r, out) };
         }
+        WeightType::IQ4NL if wide => {
+            return unsafe { compute_wide(WideKind::IQ4NL, w, acts, a, r, out) };
+        }
         WeightType::Q4K if acts.m >= WIDE_MIN_M_K => {
             return unsafe { compute_wide(WideKind::Q4K, w, acts, a, r, out) };
         }
@@ -145,11 +152,15 @@ pub(crate) unsafe fn compute(
         WeightType::Q2K if acts.m >= WIDE_MIN_M_K => {
             return unsafe { compute_wide(WideKind::Q2K, w, acts, a, r, out) };
         }
+        WeightType::IQ4XS if acts.m >= WIDE_MIN_M_K => {
+            return unsafe { compute_wide(WideKind::IQ4XS, w, acts, a, r, out) };
+        }
         WeightType::Q4_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<false, false>),
         WeightType::Q4_1 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<true, false>),
         WeightType::Q5_1 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<true, true>),
-        WeightType::Q8_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<false>),
-        WeightType::Q5_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<true>),
+        WeightType::Q8_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<SIGNED_Q8_0>),
+        WeightType::Q5_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<SIGNED_Q5_0>),
+        WeightType::IQ4NL if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<SIGNED_IQ4NL>),
         WeightType::Q4K if acts.m > 1 => (MR_MAX, 1, pick_k::<false>),
         WeightType::Q5K if acts.m > 1 => (MR_MAX, 1, pick_k::<true>),
         // Eight rows of Q6_K's tile run out of registers (slower than four); Q2_K's and Q3_K's
@@ -157,25 +168,18 @@ pub(crate) unsafe fn compute(
         WeightType::Q6K if acts.m > 1 => (GROUP, 1, pick_q6k),
         WeightType::Q2K if acts.m > 1 => (GROUP, 1, pick_q2k),
         WeightType::Q3K if acts.m > 1 => (GROUP, 1, pick_q3k),
+        WeightType::IQ4XS if acts.m > 1 => (MR_MAX, 1, pick_iq4xs),
         // SAFETY: forwarded contract (AVX2/FMA/F16C are part of it).
         _ => return unsafe { avx2::compute(w, acts, a, r, out) },
     };
     debug_assert!(a.start.is_multiple_of(GROUP) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
-    let mut i = a.start;
-    while i < a.end {
-        let mr = (a.end - i).min(mr_max);
-        let mut j = r.start;
-        while j < r.end {
-            let nr = (r.end - j).min(nr_max);
-            // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4 (a.start
-            // is, and every row limit is a multiple of 4); CPU features and output exclusivity are the
-            // caller's contract.
-            unsafe { pick(mr, nr)(&t, i, j, out) };
-            j += nr;
-        }
-        i += mr;
-    }
+    for_each_tile(a, r, mr_max, nr_max, |i, mr, j, nr| {
+        // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4 (a.start
+        // is, and every row limit is a multiple of 4); CPU features and output exclusivity are
+        // the caller's contract.
+        unsafe { pick(mr, nr)(&t, i, j, out) }
+    });
 }
 
 macro_rules! pick_mr_nr {
@@ -205,8 +209,8 @@ fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
     pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
 }
 
-fn pick_q8_0<const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0, FIVE)
+fn pick_q8_0<const FMT: u8>(mr: usize, nr: usize) -> TileFn {
+    pick_mr_nr!(mr, nr, tile_q8_0, FMT)
 }
 
 fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
@@ -223,6 +227,10 @@ fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
 
 fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
     pick_mr_nr!(mr, 1, tile_q3k)
+}
+
+fn pick_iq4xs(mr: usize, _nr: usize) -> TileFn {
+    pick_mr_nr!(mr, 1, tile_iq4xs)
 }
 
 /// [`avx2::ScaledSum`] in one VNNI instruction.
@@ -382,24 +390,23 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE:
     }
 }
 
-/// Q8_0 (`FIVE = false`) and Q5_0 (`FIVE`, signed quants `q − 16`) × Q8_0, `MR ≤ 8` rows ×
-/// `NR ≤ 2` weight rows: `vpdpbusd(−128·Σw, y + 128, w)`.
+/// Q8_0, Q5_0 and IQ4_NL (`FMT`, the signed quants of `avx2::signed_quants`) × Q8_0, `MR ≤ 8`
+/// rows × `NR ≤ 2` weight rows: `vpdpbusd(−128·Σw, y + 128, w)`.
 ///
 /// # Safety
 /// As [`tile_q4`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
+unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    let bb = if FIVE { Q5_0_BYTES } else { Q8_0_BYTES };
+    let bb = signed_block_bytes(FMT);
     let bias = _mm256_set1_epi8(-128);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let mut sc = [[[0f32; MR_MAX]; NR]; CHUNK];
-    // SAFETY: as in `tile_q4` (Q8_0: blocks of 34 bytes, 32 quants at offset 2; Q5_0: blocks of
-    // 22 bytes, fifth bits at 2, nibbles at 6).
+    // SAFETY: as in `tile_q4`, with blocks of `bb` bytes (see `avx2::signed_quants`).
     unsafe {
         let mut wrow = [t.w; NR];
         for j in 0..NR {
@@ -427,11 +434,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
                 let mut wq = [_mm256_setzero_si256(); NR];
                 let mut corr = [_mm256_setzero_si256(); NR];
                 for j in 0..NR {
-                    wq[j] = if FIVE {
-                        q5_0_signed(wrow[j].add(b * bb))
-                    } else {
-                        _mm256_loadu_si256(wrow[j].add(b * bb + 2) as *const __m256i)
-                    };
+                    wq[j] = signed_quants::<FMT>(wrow[j].add(b * bb));
                     // −128·(sum of each 4 weights): cancels the +128 on the activations.
                     let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, wq[j]);
                     corr[j] = _mm256_sub_epi32(_mm256_setzero_si256(), s);
@@ -456,30 +459,6 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FIVE: bool>(
                 out.write(i0 + i, j0 + j, hsum(acc[i][j]));
             }
         }
-    }
-}
-
-/// The 32 quants of the Q5_0 block at `blk` as signed bytes `q − 16`, in weight order (as
-/// `avx2::tile_q8_0` decodes them).
-///
-/// # Safety
-/// AVX2; `blk` points to a whole Q5_0 block.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn q5_0_signed(blk: *const u8) -> __m256i {
-    // SAFETY: the block's 22 bytes are readable (caller contract).
-    unsafe {
-        let raw = _mm_loadu_si128(blk.add(Q5_0_QS) as *const __m128i);
-        let nib = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw),
-            _mm256_set1_epi8(0x0F),
-        );
-        // Fifth bit clear: q − 16 = nibble − 16, the nibble with its high bits set.
-        let neg = _mm256_andnot_si256(
-            bytes_from_bits(blk.add(Q5_0_QH)),
-            _mm256_set1_epi8(0xF0u8 as i8),
-        );
-        _mm256_or_si256(nib, neg)
     }
 }
 
@@ -532,6 +511,8 @@ enum WideKind {
     Q5_0,
     /// Q5_1 (5-bit quants, offset m).
     Q5_1,
+    /// IQ4_NL (its levels stored +128, as Q8_0's quants).
+    IQ4NL,
     /// Q4_K ([`tile_wide_k`]).
     Q4K,
     /// Q5_K ([`tile_wide_k`]).
@@ -542,6 +523,8 @@ enum WideKind {
     Q3K,
     /// Q2_K ([`tile_wide_g16`]).
     Q2K,
+    /// IQ4_XS ([`tile_wide_k`], its levels stored +128).
+    IQ4XS,
 }
 
 /// The wide kernel for many activation rows: lane `k` of a zmm belongs to weight row `j0 + k`
@@ -602,17 +585,29 @@ unsafe fn compute_wide(
             tile_wide::<2, 1>,
             tile_wide::<1, 1>,
         ),
+        WideKind::IQ4NL => (
+            WIDE_LINES,
+            repack::<5>,
+            tile_wide::<2, 2>,
+            tile_wide::<1, 2>,
+        ),
         WideKind::Q4K => (
             WIDE_LINES_K,
             repack_k::<false>,
-            tile_wide_k::<2>,
-            tile_wide_k::<1>,
+            tile_wide_k::<2, false>,
+            tile_wide_k::<1, false>,
         ),
         WideKind::Q5K => (
             WIDE_LINES_K,
             repack_k::<true>,
-            tile_wide_k::<2>,
-            tile_wide_k::<1>,
+            tile_wide_k::<2, false>,
+            tile_wide_k::<1, false>,
+        ),
+        WideKind::IQ4XS => (
+            WIDE_LINES_K,
+            repack_iq4xs,
+            tile_wide_k::<2, true>,
+            tile_wide_k::<1, true>,
         ),
         WideKind::Q6K => (
             WIDE_LINES_Q6K,
@@ -660,10 +655,11 @@ unsafe fn compute_wide(
 }
 
 /// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_0 (`K = 0`),
-/// Q4_1 (1), Q8_0 (2), Q5_0 (3) or Q5_1 (4) matrix into `dst`: for block
+/// Q4_1 (1), Q8_0 (2), Q5_0 (3), Q5_1 (4) or IQ4_NL (5) matrix into `dst`: for block
 /// `b`, lines `10b + l` (l < 8) hold, in their 16 dword lanes, dword `l` of each row's block as
 /// the AVX2 tiles feed it to the integer dot product (Q4, Q5_1: the unpacked quants of
-/// `avx2::tile_q4`'s `q`; Q8_0, Q5_0: the signed quants + 128, as u8); line `10b + 8` holds the
+/// `avx2::tile_q4`'s `q`; Q8_0, Q5_0, IQ4_NL: the signed quants + 128, as u8); line `10b + 8`
+/// holds the
 /// rows' `d` and line `10b + 9` their offset (Q4_1/Q5_1 `m`, Q4_0 `-8·d`) as f32.
 ///
 /// # Safety
@@ -676,12 +672,14 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
         WideKind::Q8_0,
         WideKind::Q5_0,
         WideKind::Q5_1,
+        WideKind::IQ4NL,
     ][K as usize];
     let (bb, qoff) = match kind {
         WideKind::Q4_0 => (Q4_0_BYTES, 2),
         WideKind::Q4_1 => (Q4_1_BYTES, 4),
         WideKind::Q5_0 => (Q5_0_BYTES, Q5_0_QS),
         WideKind::Q5_1 => (Q5_1_BYTES, Q5_1_QS),
+        WideKind::IQ4NL => (IQ4NL_BYTES, IQ4NL_QS),
         _ => (Q8_0_BYTES, 2),
     };
     let bit5 = _mm256_set1_epi8(0x10);
@@ -699,9 +697,11 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
                 let blk = t.w.add((j0 + k) * t.rb + b * bb);
                 d16[k] = std::ptr::read_unaligned(blk as *const u16);
                 let q = if kind == WideKind::Q8_0 {
-                    _mm256_xor_si256(_mm256_loadu_si256(blk.add(qoff) as *const __m256i), bias)
+                    _mm256_xor_si256(signed_quants::<SIGNED_Q8_0>(blk), bias)
                 } else if kind == WideKind::Q5_0 {
-                    _mm256_xor_si256(q5_0_signed(blk), bias)
+                    _mm256_xor_si256(signed_quants::<SIGNED_Q5_0>(blk), bias)
+                } else if kind == WideKind::IQ4NL {
+                    _mm256_xor_si256(signed_quants::<SIGNED_IQ4NL>(blk), bias)
                 } else {
                     if matches!(kind, WideKind::Q4_1 | WideKind::Q5_1) {
                         m16[k] = std::ptr::read_unaligned(blk.add(2) as *const u16);
@@ -718,11 +718,7 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
                         q
                     }
                 };
-                z[k / 2] = if k % 2 == 0 {
-                    _mm512_castsi256_si512(q)
-                } else {
-                    _mm512_inserti64x4::<1>(z[k / 2], q)
-                };
+                put_row(&mut z, k, q);
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
             _mm512_store_ps(line.add(8) as *mut f32, dw);
@@ -740,6 +736,17 @@ unsafe fn repack<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line)
             transpose_store(&z, line);
         }
     }
+}
+
+/// Puts row `k`'s 32 bytes `q` into the row pairs `z` that [`transpose_store`] takes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn put_row(z: &mut [__m512i; WIDE / 2], k: usize, q: __m256i) {
+    z[k / 2] = if k.is_multiple_of(2) {
+        _mm512_castsi256_si512(q)
+    } else {
+        _mm512_inserti64x4::<1>(z[k / 2], q)
+    };
 }
 
 /// Stores the 16 rows of 8 dwords held as row pairs in `z` (`z[p]` = rows 2p, 2p+1) as 8
@@ -931,11 +938,7 @@ unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mu
                         let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
                         q = _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)));
                     }
-                    z[k / 2] = if k % 2 == 0 {
-                        _mm512_castsi256_si512(q)
-                    } else {
-                        _mm512_inserti64x4::<1>(z[k / 2], q)
-                    };
+                    put_row(&mut z, k, q);
                 }
                 transpose_store(&z, line.add(8 * s));
                 _mm512_store_si512(
@@ -966,11 +969,16 @@ unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mu
 /// (|p| ≤ 4·31·127 fits, the scale's high half is 0); `msum_l` is `vpmaddwd(mins, bsums)` of
 /// AVX2 with the pair sums of the bsums distributed.
 ///
+/// `IQ4`: an IQ4_XS group ([`repack_iq4xs`]) with `avx2::tile_iq4xs`'s float operations (the
+/// first FMA only). Its levels are stored +128, so each `p_{s,l}` starts from `−128·Σy` over its
+/// 4 activations, as [`tile_wide`]'s Q8_0, and its scale `ls − 32` is applied by `vpmulld`.
+///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_k`] for this matrix; rows `i0..i0+MR`
-/// exist in the Q8_K activations; the outputs `(i0..i0+MR) × (j0..j0+n)` are ours.
+/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_k`] (`IQ4`: [`repack_iq4xs`]) for this
+/// matrix; rows `i0..i0+MR` exist in the Q8_K activations; the outputs `(i0..i0+MR) ×
+/// (j0..j0+n)` are ours.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_wide_k<const MR: usize>(
+unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
     t: &TileArgs,
     pack: *const Line,
     i0: usize,
@@ -979,6 +987,8 @@ unsafe fn tile_wide_k<const MR: usize>(
     out: OutPtr,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 8]; MR];
+    // IQ4: the −128·Σy start of each (sub-block, dword) of a super-block, per row.
+    let mut start = [[[0i32; 8]; 8]; MR];
     // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
     // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; line 82b + 81 < nb·82 of `pack`.
     unsafe {
@@ -1001,6 +1011,16 @@ unsafe fn tile_wide_k<const MR: usize>(
                 let dy = _mm512_set1_ps(*drow[i].add(b * GROUP));
                 s1[i] = _mm512_mul_ps(dw, dy);
                 s2[i] = _mm512_mul_ps(ndmin, dy);
+                if IQ4 {
+                    let bias = _mm256_set1_epi8(-128);
+                    for s in 0..8 {
+                        let y =
+                            _mm256_loadu_si256(yrow[i].add(b * QK_K + 32 * s) as *const __m256i);
+                        let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias, y);
+                        let neg = _mm256_sub_epi32(_mm256_setzero_si256(), sum);
+                        _mm256_storeu_si256(start[i][s].as_mut_ptr() as *mut __m256i, neg);
+                    }
+                }
             }
             for l in 0..8 {
                 let mut isum = [_mm512_setzero_si512(); MR];
@@ -1011,13 +1031,24 @@ unsafe fn tile_wide_k<const MR: usize>(
                         let y = std::ptr::read_unaligned(
                             yrow[i].add(b * QK_K + 32 * s + 4 * l) as *const i32
                         );
-                        let p =
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_set1_epi32(y));
-                        isum[i] = _mm512_dpwssd_epi32(isum[i], p, sc);
+                        let init = if IQ4 {
+                            _mm512_set1_epi32(start[i][s][l])
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        let p = _mm512_dpbusd_epi32(init, u, _mm512_set1_epi32(y));
+                        isum[i] = if IQ4 {
+                            _mm512_add_epi32(isum[i], _mm512_mullo_epi32(p, sc))
+                        } else {
+                            _mm512_dpwssd_epi32(isum[i], p, sc)
+                        };
                     }
                 }
                 for i in 0..MR {
                     acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(isum[i]), acc[i][l]);
+                    if IQ4 {
+                        continue;
+                    }
                     let msum = if l < 4 {
                         // mins[2l]·(bs[4l] + bs[4l+1]) + mins[2l+1]·(bs[4l+2] + bs[4l+3]).
                         let bs = bsrow[i].add(b * 16 + 4 * l) as *const i32;
@@ -1046,6 +1077,50 @@ unsafe fn tile_wide_k<const MR: usize>(
             for k in 0..n {
                 out.write(i0 + i, j0 + k, v[k]);
             }
+        }
+    }
+}
+
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of an IQ4_XS matrix into
+/// `dst` in [`repack_k`]'s 82 lines per super-block `b`, for [`tile_wide_k`] with `IQ4`:
+/// `8s + l`: dword `l` of each row's 32 levels of sub-block `s` + 128 (as u8, the bytes of
+/// `avx2::iq4_levels`); `64 + s`: its scale `ls − 32` as i32; `80`: `d` as f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack_iq4xs(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let bias = _mm256_set1_epi8(-128);
+    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 82b + 80 is
+    // below nb·82.
+    unsafe {
+        for b in 0..t.nb {
+            let line = dst.add(b * WIDE_LINES_K);
+            let mut d16 = [0u16; WIDE];
+            let mut scales = [[0i32; WIDE]; 8];
+            for k in 0..n {
+                let blk = t.w.add((j0 + k) * t.rb + b * IQ4XS_BYTES);
+                d16[k] = std::ptr::read_unaligned(blk as *const u16);
+                let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
+                for s in 0..8 {
+                    scales[s][k] = ls[s] as i32;
+                }
+            }
+            for s in 0..8 {
+                let mut z = [_mm512_setzero_si512(); WIDE / 2];
+                for k in 0..n {
+                    let blk = t.w.add((j0 + k) * t.rb + b * IQ4XS_BYTES);
+                    let q = _mm256_xor_si256(avx2::iq4_levels(blk.add(IQ4XS_QS + 16 * s)), bias);
+                    put_row(&mut z, k, q);
+                }
+                transpose_store(&z, line.add(8 * s));
+                _mm512_store_si512(
+                    line.add(64 + s) as *mut __m512i,
+                    _mm512_loadu_si512(scales[s].as_ptr() as *const __m512i),
+                );
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            _mm512_store_ps(line.add(80) as *mut f32, dw);
         }
     }
 }
@@ -1099,11 +1174,7 @@ unsafe fn repack_q6k(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
                     let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
                     let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
                     let q = _mm256_or_si256(lo, hi);
-                    z[k / 2] = if k % 2 == 0 {
-                        _mm512_castsi256_si512(q)
-                    } else {
-                        _mm512_inserti64x4::<1>(z[k / 2], q)
-                    };
+                    put_row(&mut z, k, q);
                 }
                 transpose_store(&z, line.add(8 * r));
             }
@@ -1188,11 +1259,7 @@ unsafe fn repack_q23k<const THREE: bool>(t: &TileArgs, j0: usize, n: usize, dst:
                         let h = _mm256_srl_epi16(hm, _mm_cvtsi32_si128(r as i32));
                         q = _mm256_or_si256(q, _mm256_slli_epi16::<2>(_mm256_and_si256(h, m1)));
                     }
-                    z[k / 2] = if k % 2 == 0 {
-                        _mm512_castsi256_si512(q)
-                    } else {
-                        _mm512_inserti64x4::<1>(z[k / 2], q)
-                    };
+                    put_row(&mut z, k, q);
                 }
                 transpose_store(&z, line.add(8 * r));
             }
@@ -1411,9 +1478,10 @@ mod tests {
         }
     }
 
-    /// Extreme integer operands: every quant at its largest (or −128 for Q8_0), every K-quant
-    /// scale and min at its largest (Q6_K: −128 or 127, Q3_K: −32 or 31), and activation
-    /// blocks whose quants are all ±127, where a saturating or wrapping integer step would show.
+    /// Extreme integer operands: every quant at its largest (or −128 for Q8_0, IQ4's levels −127
+    /// and 113), every K-quant scale and min at its largest (Q6_K: −128 or 127, Q3_K and IQ4_XS:
+    /// −32 or 31), and activation blocks whose quants are all ±127, where a saturating or
+    /// wrapping integer step would show.
     #[test]
     fn avx512vnni_matches_avx2_on_extreme_values() {
         if !KernelPath::Avx512Vnni.is_available() {
@@ -1449,6 +1517,8 @@ mod tests {
             WeightType::Q6K,
             WeightType::Q3K,
             WeightType::Q2K,
+            WeightType::IQ4NL,
+            WeightType::IQ4XS,
         ] {
             for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
                 let mut data = vec![fill; rows * ty.row_bytes(cols)];

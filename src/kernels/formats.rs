@@ -4,10 +4,10 @@
 
 use super::WeightType;
 
-/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q8_0/Q8_1
-/// activations).
+/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and the
+/// Q8_0/Q8_1 activations).
 pub(crate) const QK: usize = 32;
-/// Weights per super-block of the K-quants (and the Q8_K activations).
+/// Weights per super-block of the K-quants and IQ4_XS (and the Q8_K activations).
 pub(crate) const QK_K: usize = 256;
 
 pub(crate) const Q4_0_BYTES: usize = 18;
@@ -20,6 +20,8 @@ pub(crate) const Q3K_BYTES: usize = 110;
 pub(crate) const Q4K_BYTES: usize = 144;
 pub(crate) const Q5K_BYTES: usize = 176;
 pub(crate) const Q6K_BYTES: usize = 210;
+pub(crate) const IQ4NL_BYTES: usize = 18;
+pub(crate) const IQ4XS_BYTES: usize = 136;
 
 // Field offsets of Q5_0/Q5_1: the 4 bytes of 5th bits, then the 16 bytes of nibbles.
 pub(crate) const Q5_0_QH: usize = 2;
@@ -45,6 +47,18 @@ pub(crate) const Q6K_QL: usize = 0;
 pub(crate) const Q6K_QH: usize = 128;
 pub(crate) const Q6K_SCALES: usize = 192;
 pub(crate) const Q6K_D: usize = 208;
+
+// IQ4_NL: f16 d, then 16 bytes of nibbles. IQ4_XS: f16 d at 0, then the high 2 bits of the 8
+// sub-block scales (u16), their low 4 bits (4 bytes), and 8 × 16 bytes of nibbles.
+pub(crate) const IQ4NL_QS: usize = 2;
+pub(crate) const IQ4XS_SCALES_H: usize = 2;
+pub(crate) const IQ4XS_SCALES_L: usize = 4;
+pub(crate) const IQ4XS_QS: usize = 8;
+
+/// ggml `kvalues_iq4nl`: the 16 non-linear levels a 4-bit IQ4_NL/IQ4_XS quant indexes.
+pub(crate) const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Reads the little-endian f16 at `b[off..off + 2]` as f32.
 #[inline]
@@ -139,6 +153,29 @@ pub(crate) fn q3k_quant(blk: &[u8], p: usize) -> i32 {
 pub(crate) fn q2k_quant(blk: &[u8], p: usize) -> i32 {
     let (n, j, l) = (p / 128, (p % 128) / 32, p % 32);
     ((blk[Q2K_QS + 32 * n + l] >> (2 * j)) & 3) as i32
+}
+
+/// The 8 signed sub-block scales `ls − 32` (−32..31) of an IQ4_XS super-block: sub-block `ib`
+/// takes its low 4 bits from nibble `ib % 2` of `scales_l[ib / 2]` and its high 2 bits from bits
+/// `2·ib..2·ib + 2` of the little-endian `scales_h` (ggml `dequantize_row_iq4_xs`).
+#[inline]
+pub(crate) fn iq4xs_scales(blk: &[u8]) -> [i8; 8] {
+    let h = u16::from_le_bytes([blk[IQ4XS_SCALES_H], blk[IQ4XS_SCALES_H + 1]]);
+    std::array::from_fn(|ib| {
+        let low = (blk[IQ4XS_SCALES_L + ib / 2] >> (4 * (ib % 2))) & 0xF;
+        let high = ((h >> (2 * ib)) & 3) as u8;
+        (low | (high << 4)) as i8 - 32
+    })
+}
+
+/// The 32 levels of 16 bytes of IQ4 nibbles, in weight order: weight `j < 16` is the low nibble
+/// of byte `j`, weight `j + 16` its high nibble.
+#[inline]
+pub(crate) fn iq4_levels(qs: &[u8]) -> [i8; QK] {
+    std::array::from_fn(|j| {
+        let byte = qs[j % 16];
+        KVALUES_IQ4NL[if j < 16 { byte & 0xF } else { byte >> 4 } as usize]
+    })
 }
 
 /// Reads the little-endian bf16 at `b[off..off + 2]` as f32 (its bits are the top half of the
@@ -318,6 +355,31 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightType::IQ4NL => {
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(IQ4NL_BYTES)) {
+                let d = f16_at(b, 0);
+                for (y, q) in y.iter_mut().zip(iq4_levels(&b[IQ4NL_QS..])) {
+                    *y = d * q as f32;
+                }
+            }
+        }
+        WeightType::IQ4XS => {
+            // ggml `dequantize_row_iq4_xs`: per 32 weights dl = d·(ls − 32).
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(row.chunks_exact(IQ4XS_BYTES))
+            {
+                let d = f16_at(b, 0);
+                let scales = iq4xs_scales(b);
+                for (ib, y) in y.chunks_exact_mut(QK).enumerate() {
+                    let dl = d * scales[ib] as f32;
+                    let qs = &b[IQ4XS_QS + 16 * ib..IQ4XS_QS + 16 * ib + 16];
+                    for (y, q) in y.iter_mut().zip(iq4_levels(qs)) {
+                        *y = dl * q as f32;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -369,8 +431,74 @@ mod tests {
         assert_eq!(WeightType::Q6K.block_bytes(), 128 + 64 + 16 + 2);
         assert_eq!(WeightType::Q2K.block_bytes(), 16 + 64 + 2 + 2);
         assert_eq!(WeightType::Q3K.block_bytes(), 32 + 64 + 12 + 2);
+        assert_eq!(WeightType::IQ4NL.block_bytes(), 2 + 16);
+        assert_eq!(WeightType::IQ4XS.block_bytes(), 2 + 2 + 4 + 128);
+        assert_eq!(WeightType::IQ4NL.row_bytes(64), 36);
+        assert_eq!(WeightType::IQ4XS.row_bytes(512), 272);
         assert_eq!(WeightType::BF16.row_bytes(10), 20);
         assert_eq!(WeightType::F16.row_bytes(10), 20);
+    }
+
+    /// ggml's `dequantize_row_iq4_nl` and `dequantize_row_iq4_xs` written out on the raw bytes
+    /// (the struct fields by offset, the table as in `ggml-common.h`): ours is bit-identical on
+    /// random blocks, so on every nibble and every 6-bit scale.
+    #[test]
+    fn iq4_dequantization_follows_ggml() {
+        const KV: [i8; 16] = [
+            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+        ];
+        let fp16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let finite_d = |rng: &mut Rng, b: &mut [u8]| {
+            let d = half::f16::from_f32(rng.uniform(-2.0, 2.0));
+            b[0..2].copy_from_slice(&d.to_le_bytes());
+        };
+        let mut rng = Rng::new(9);
+        for _ in 0..200 {
+            // block_iq4_nl { ggml_half d; uint8_t qs[16]; }, four blocks.
+            let mut x = vec![0u8; 4 * 18];
+            rng.fill_bytes(&mut x);
+            let mut want = vec![0f32; 4 * 32];
+            for (i, blk) in x.chunks_exact_mut(18).enumerate() {
+                finite_d(&mut rng, blk);
+                let d = fp16(&blk[0..2]);
+                let qs = &blk[2..18];
+                for j in 0..16 {
+                    want[32 * i + j] = d * KV[(qs[j] & 0xf) as usize] as f32;
+                    want[32 * i + j + 16] = d * KV[(qs[j] >> 4) as usize] as f32;
+                }
+            }
+            let mut got = vec![f32::NAN; 4 * 32];
+            dequantize_row(WeightType::IQ4NL, &x, &mut got);
+            assert_eq!(bits(&got), bits(&want), "IQ4_NL");
+
+            // block_iq4_xs { ggml_half d; uint16_t scales_h; uint8_t scales_l[4];
+            // uint8_t qs[128]; }, two super-blocks.
+            let mut x = vec![0u8; 2 * 136];
+            rng.fill_bytes(&mut x);
+            let mut want = vec![0f32; 2 * 256];
+            for (i, blk) in x.chunks_exact_mut(136).enumerate() {
+                finite_d(&mut rng, blk);
+                let d = fp16(&blk[0..2]);
+                let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+                let scales_l = &blk[4..8];
+                let qs = &blk[8..136];
+                for ib in 0..8 {
+                    let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) as i32
+                        | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
+                    let dl = d * (ls - 32) as f32;
+                    let y = &mut want[256 * i + 32 * ib..256 * i + 32 * ib + 32];
+                    for j in 0..16 {
+                        let q = qs[16 * ib + j];
+                        y[j] = dl * KV[(q & 0xf) as usize] as f32;
+                        y[j + 16] = dl * KV[(q >> 4) as usize] as f32;
+                    }
+                }
+            }
+            let mut got = vec![f32::NAN; 2 * 256];
+            dequantize_row(WeightType::IQ4XS, &x, &mut got);
+            assert_eq!(bits(&got), bits(&want), "IQ4_XS");
+        }
     }
 
     #[test]
@@ -432,5 +560,29 @@ mod tests {
             let sc = (i / 16) as i32 - 8;
             assert_eq!(*v, 0.25 * sc as f32 * -32.0, "index {i}");
         }
+
+        // IQ4_NL: d = 0.5; byte 0 = 0xF0: weight 0 is level 0 (−127), weight 16 level 15 (113).
+        let mut b = vec![0x88u8; IQ4NL_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[IQ4NL_QS] = 0xF0;
+        let mut y = [0f32; QK];
+        dequantize_row(WeightType::IQ4NL, &b, &mut y);
+        assert_eq!((y[0], y[16], y[1], y[31]), (-63.5, 56.5, 0.5, 0.5));
+
+        // IQ4_XS: d = 0.5; scales_l[0] = 0x21 and scales_h bits 0..4 = 0b1110 give sub-block 0
+        // ls = 1 | 2 << 4 = 33 (scale 1) and sub-block 1 ls = 2 | 3 << 4 = 50 (scale 18); the
+        // others ls = 0 (scale −32). Nibbles: weight 0 level 0, 16 level 15, 32 level 8, 48
+        // level 0, all others level 0.
+        let mut b = vec![0u8; IQ4XS_BYTES];
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[IQ4XS_SCALES_H..IQ4XS_SCALES_H + 2].copy_from_slice(&0b1110u16.to_le_bytes());
+        b[IQ4XS_SCALES_L] = 0x21;
+        b[IQ4XS_QS] = 0xF0;
+        b[IQ4XS_QS + 16] = 0x08;
+        assert_eq!(iq4xs_scales(&b), [1, 18, -32, -32, -32, -32, -32, -32]);
+        let mut y = [0f32; QK_K];
+        dequantize_row(WeightType::IQ4XS, &b, &mut y);
+        assert_eq!((y[0], y[16], y[32], y[48]), (-63.5, 56.5, 9.0, -1143.0));
+        assert_eq!((y[1], y[255]), (-63.5, 2032.0));
     }
 }

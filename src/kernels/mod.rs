@@ -3,7 +3,7 @@
 //! References (layouts and arithmetic follow these exactly so that results match llama.cpp):
 //! - ggml `ggml-common.h`: `block_q4_0`, `block_q4_1`, `block_q5_0`, `block_q5_1`, `block_q8_0`,
 //!   `block_q8_1`, `block_q2_K`, `block_q3_K`, `block_q4_K`, `block_q5_K`, `block_q6_K`,
-//!   `block_q8_K`.
+//!   `block_q8_K`, `block_iq4_nl`, `block_iq4_xs`, `kvalues_iq4nl`.
 //! - ggml `ggml-quants.c`: `dequantize_row_*`, `quantize_row_q8_K_ref`, `get_scale_min_k4`.
 //! - ggml `ggml-cpu/arch/x86/quants.c`: `quantize_row_q8_0` / `quantize_row_q8_1` (the
 //!   rounding actually used on x86) and the `ggml_vec_dot_*` kernels.
@@ -25,12 +25,14 @@
 //! | Q4_K | 256 | 144 | f16 d; f16 dmin; 12 B packed 6-bit scales/mins; 128 B nibbles |
 //! | Q5_K | 256 | 176 | f16 d; f16 dmin; 12 B scales/mins; 32 B high bits; 128 B nibbles |
 //! | Q6_K | 256 | 210 | 128 B low nibbles; 64 B high 2-bit pairs; 16 × i8 scales; f16 d |
+//! | IQ4_NL | 32 | 18 | f16 d; 16 B nibbles as Q4_0 (w = d·kvalues_iq4nl\[q\]) |
+//! | IQ4_XS | 256 | 136 | f16 d; u16 scales_h (high 2 bits of 8 scales); 4 B scales_l (low nibbles); 8 × 16 B nibbles, each 16 as IQ4_NL's (w = d·(ls−32)·kvalues_iq4nl\[q\]) |
 //! | F32 / F16 / BF16 | 1 | 4 / 2 / 2 | dense |
 //!
 //! # Activations
-//! Like ggml, the f32 activations are quantized once per matmul (Q8_0 for Q4_0, Q5_0 and Q8_0
-//! weights, Q8_1 for Q4_1 and Q5_1, Q8_K for the K-quants) and the dot products run on integers,
-//! with one float multiply-add per block. F32/F16/BF16 weights use the f32 activations directly.
+//! Like ggml, the f32 activations are quantized once per matmul (Q8_0 for Q4_0, Q5_0, Q8_0 and
+//! IQ4_NL weights, Q8_1 for Q4_1 and Q5_1, Q8_K for the K-quants and IQ4_XS) and the dot products
+//! run on integers, with one float multiply-add per block. F32/F16/BF16 weights use the f32 activations directly.
 //!
 //! # Kernel paths
 //! [`KernelPath::Scalar`] is the reference (the spec); [`KernelPath::Avx2`] is picked at run
@@ -102,11 +104,16 @@ pub enum WeightType {
     Q4K,
     Q5K,
     Q6K,
+    /// ggml's IQ4_NL: 32 weights per block, 4-bit indices into ggml's 16 non-linear levels
+    /// (`kvalues_iq4nl`) times an f16 scale.
+    IQ4NL,
+    /// ggml's IQ4_XS: IQ4_NL's levels in 256-weight super-blocks with 6-bit sub-block scales.
+    IQ4XS,
 }
 
 impl WeightType {
     /// All supported types.
-    pub const ALL: [WeightType; 13] = [
+    pub const ALL: [WeightType; 15] = [
         WeightType::F32,
         WeightType::F16,
         WeightType::BF16,
@@ -120,6 +127,8 @@ impl WeightType {
         WeightType::Q4K,
         WeightType::Q5K,
         WeightType::Q6K,
+        WeightType::IQ4NL,
+        WeightType::IQ4XS,
     ];
 
     /// Number of weights per block.
@@ -130,12 +139,14 @@ impl WeightType {
             | WeightType::Q4_1
             | WeightType::Q5_0
             | WeightType::Q5_1
-            | WeightType::Q8_0 => formats::QK,
+            | WeightType::Q8_0
+            | WeightType::IQ4NL => formats::QK,
             WeightType::Q2K
             | WeightType::Q3K
             | WeightType::Q4K
             | WeightType::Q5K
-            | WeightType::Q6K => formats::QK_K,
+            | WeightType::Q6K
+            | WeightType::IQ4XS => formats::QK_K,
         }
     }
 
@@ -154,6 +165,8 @@ impl WeightType {
             WeightType::Q4K => formats::Q4K_BYTES,
             WeightType::Q5K => formats::Q5K_BYTES,
             WeightType::Q6K => formats::Q6K_BYTES,
+            WeightType::IQ4NL => formats::IQ4NL_BYTES,
+            WeightType::IQ4XS => formats::IQ4XS_BYTES,
         }
     }
 
@@ -177,6 +190,8 @@ impl WeightType {
             12 => WeightType::Q4K,
             13 => WeightType::Q5K,
             14 => WeightType::Q6K,
+            20 => WeightType::IQ4NL,
+            23 => WeightType::IQ4XS,
             30 => WeightType::BF16,
             other => return Err(KernelError::UnsupportedType(other)),
         })
@@ -197,6 +212,8 @@ impl WeightType {
             WeightType::Q4K => 12,
             WeightType::Q5K => 13,
             WeightType::Q6K => 14,
+            WeightType::IQ4NL => 20,
+            WeightType::IQ4XS => 23,
             WeightType::BF16 => 30,
         }
     }
@@ -218,6 +235,8 @@ impl fmt::Display for WeightType {
             WeightType::Q4K => "Q4_K",
             WeightType::Q5K => "Q5_K",
             WeightType::Q6K => "Q6_K",
+            WeightType::IQ4NL => "IQ4_NL",
+            WeightType::IQ4XS => "IQ4_XS",
         };
         f.write_str(name)
     }
@@ -464,16 +483,7 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut ActivationScratch,
 ) -> Result<(), KernelError> {
-    matmul::matmul(
-        detect(),
-        pool,
-        w,
-        x,
-        m,
-        out,
-        scratch,
-        matmul::DEFAULT_MIN_PARALLEL_BYTES,
-    )
+    matmul_with_path(detect(), pool, w, x, m, out, scratch)
 }
 
 /// [`matmul()`] on a chosen path (for tests and benchmarks).

@@ -16,10 +16,11 @@ use std::arch::aarch64::*;
 use super::neon_emu::*;
 
 use super::formats::{
-    self, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS,
-    Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH,
-    Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D,
-    Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
+    self, IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, KVALUES_IQ4NL, Q2K_BYTES, Q2K_D, Q2K_DMIN,
+    Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES,
+    Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS,
+    Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES,
+    Q8_0_BYTES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -36,14 +37,33 @@ pub(crate) unsafe fn compute(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    let rb = w.row_bytes();
-    for j in r {
-        let wr = &w.data[j * rb..(j + 1) * rb];
-        for i in a.clone() {
-            let v = dot(w.ty, wr, acts, i);
-            // SAFETY: (i, j) lies in the caller's exclusive rectangle.
-            unsafe { out.write(i, j, v) };
+    // SAFETY: forwarded contract; NEON is part of aarch64 (and emulated in tests elsewhere).
+    unsafe { super::scalar::compute_with(dot, w, acts, a, r, out) }
+}
+
+/// `Σ w·x` of a row of 16-bit floats (`at(wr, byte offset)` reads one: F16 or BF16) with f32
+/// activations `x`, four lanes at a time.
+fn dense16(wr: &[u8], x: &[f32], at: fn(&[u8], usize) -> f32) -> f32 {
+    let full = x.len() / 4 * 4;
+    let mut wbuf = [0f32; 4];
+    // SAFETY: register-only intrinsics and loads of 4 floats from `wbuf` and `x[k..k + 4]`.
+    unsafe {
+        let mut acc = vdupq_n_f32(0.0);
+        for k in (0..full).step_by(4) {
+            for (l, v) in wbuf.iter_mut().enumerate() {
+                *v = at(wr, 2 * (k + l));
+            }
+            acc = vfmaq_f32(
+                acc,
+                vld1q_f32(wbuf.as_ptr()),
+                vld1q_f32(x[k..k + 4].as_ptr()),
+            );
         }
+        let mut s = vaddvq_f32(acc);
+        for (k, xv) in x.iter().enumerate().skip(full) {
+            s += xv * at(wr, 2 * k);
+        }
+        s
     }
 }
 
@@ -117,42 +137,8 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                 }
                 s
             }
-            WeightType::F16 => {
-                let x = &acts.x[i * cols..(i + 1) * cols];
-                let mut acc = vdupq_n_f32(0.0);
-                let full = cols / 4 * 4;
-                let mut wbuf = [0f32; 4];
-                for k in (0..full).step_by(4) {
-                    for (l, v) in wbuf.iter_mut().enumerate() {
-                        *v = f16_at(wr, 2 * (k + l));
-                    }
-                    let xv = &x[k..k + 4];
-                    acc = vfmaq_f32(acc, vld1q_f32(wbuf.as_ptr()), vld1q_f32(xv.as_ptr()));
-                }
-                let mut s = vaddvq_f32(acc);
-                for (k, xv) in x.iter().enumerate().skip(full) {
-                    s += xv * f16_at(wr, 2 * k);
-                }
-                s
-            }
-            WeightType::BF16 => {
-                let x = &acts.x[i * cols..(i + 1) * cols];
-                let mut acc = vdupq_n_f32(0.0);
-                let full = cols / 4 * 4;
-                let mut wbuf = [0f32; 4];
-                for k in (0..full).step_by(4) {
-                    for (l, v) in wbuf.iter_mut().enumerate() {
-                        *v = formats::bf16_at(wr, 2 * (k + l));
-                    }
-                    let xv = &x[k..k + 4];
-                    acc = vfmaq_f32(acc, vld1q_f32(wbuf.as_ptr()), vld1q_f32(xv.as_ptr()));
-                }
-                let mut s = vaddvq_f32(acc);
-                for (k, xv) in x.iter().enumerate().skip(full) {
-                    s += xv * formats::bf16_at(wr, 2 * k);
-                }
-                s
-            }
+            WeightType::F16 => dense16(wr, &acts.x[i * cols..(i + 1) * cols], f16_at),
+            WeightType::BF16 => dense16(wr, &acts.x[i * cols..(i + 1) * cols], formats::bf16_at),
             WeightType::Q4_0 | WeightType::Q4_1 => {
                 let q41 = ty == WeightType::Q4_1;
                 let (bb, qoff) = if q41 {
@@ -224,6 +210,35 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                     let hi = vreinterpretq_s8_u8(load_u8(blk, 18));
                     let isum = dot32(lo, hi, &qs[b * QK..]);
                     sumf += isum as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
+                }
+                sumf
+            }
+            WeightType::IQ4NL | WeightType::IQ4XS => {
+                // The levels of 16 bytes of nibbles: low nibbles are the first 16 weights.
+                let table = vld1q_s8(KVALUES_IQ4NL.as_ptr());
+                let levels = |blk: &[u8], off: usize| {
+                    let v = load_u8(blk, off);
+                    (
+                        vqtbl1q_s8(table, vandq_u8(v, m4)),
+                        vqtbl1q_s8(table, vshrq_n_u8::<4>(v)),
+                    )
+                };
+                let mut sumf = 0f32;
+                if ty == WeightType::IQ4NL {
+                    for (b, blk) in wr.chunks_exact(IQ4NL_BYTES).enumerate() {
+                        let (lo, hi) = levels(blk, IQ4NL_QS);
+                        let isum = dot32(lo, hi, &qs[b * QK..]);
+                        sumf += isum as f32 * (acts.d[acts.scale_index(i, b)] * f16_at(blk, 0));
+                    }
+                } else {
+                    for (b, blk) in wr.chunks_exact(IQ4XS_BYTES).enumerate() {
+                        let mut isum = 0i32;
+                        for (ib, &ls) in formats::iq4xs_scales(blk).iter().enumerate() {
+                            let (lo, hi) = levels(blk, IQ4XS_QS + 16 * ib);
+                            isum += ls as i32 * dot32(lo, hi, &qs[b * QK_K + QK * ib..]);
+                        }
+                        sumf += f16_at(blk, 0) * acts.d[acts.scale_index(i, b)] * isum as f32;
+                    }
                 }
                 sumf
             }

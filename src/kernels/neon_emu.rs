@@ -4,18 +4,24 @@
 
 #![allow(non_camel_case_types)]
 
-#[derive(Clone, Copy, Debug)]
-pub struct uint8x16_t([u8; 16]);
-#[derive(Clone, Copy, Debug)]
-pub struct int8x16_t([i8; 16]);
-#[derive(Clone, Copy, Debug)]
-pub struct int8x8_t([i8; 8]);
-#[derive(Clone, Copy, Debug)]
-pub struct int16x8_t([i16; 8]);
-#[derive(Clone, Copy, Debug)]
-pub struct int32x4_t([i32; 4]);
-#[derive(Clone, Copy, Debug)]
-pub struct float32x4_t([f32; 4]);
+/// Each vector type is its array of lanes.
+macro_rules! vector_types {
+    ($($name:ident($lanes:ty);)*) => {
+        $(
+            #[derive(Clone, Copy, Debug)]
+            pub struct $name($lanes);
+        )*
+    };
+}
+
+vector_types! {
+    uint8x16_t([u8; 16]);
+    int8x16_t([i8; 16]);
+    int8x8_t([i8; 8]);
+    int16x8_t([i16; 8]);
+    int32x4_t([i32; 4]);
+    float32x4_t([f32; 4]);
+}
 
 pub unsafe fn vld1q_u8(p: *const u8) -> uint8x16_t {
     // SAFETY: the caller guarantees 16 readable bytes.
@@ -70,6 +76,11 @@ pub fn vreinterpretq_s8_u8(a: uint8x16_t) -> int8x16_t {
 
 pub fn vsubq_s8(a: int8x16_t, b: int8x16_t) -> int8x16_t {
     int8x16_t(std::array::from_fn(|i| a.0[i].wrapping_sub(b.0[i])))
+}
+
+/// Table lookup: lane `i` is `t[idx[i]]`, or 0 where `idx[i] ≥ 16`.
+pub fn vqtbl1q_s8(t: int8x16_t, idx: uint8x16_t) -> int8x16_t {
+    int8x16_t(idx.0.map(|k| t.0.get(k as usize).copied().unwrap_or(0)))
 }
 
 pub fn vget_low_s8(a: int8x16_t) -> int8x8_t {

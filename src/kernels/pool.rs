@@ -282,6 +282,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    /// One run on `pool` that counts each index it gives out in `counter`.
+    fn count_indices(pool: &ThreadPool, counter: &AtomicU64) {
+        pool.run(|_, _| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
     #[test]
     fn every_index_runs_exactly_once() {
         for n in [1, 2, 3, 5] {
@@ -353,9 +360,7 @@ mod tests {
         let counter = AtomicU64::new(0);
         for _ in 0..5 {
             thread::sleep(Duration::from_millis(3));
-            pool.run(|_, _| {
-                counter.fetch_add(1, Ordering::Relaxed);
-            });
+            count_indices(&pool, &counter);
         }
         assert_eq!(counter.load(Ordering::Relaxed), 10);
     }
@@ -364,11 +369,7 @@ mod tests {
     fn nested_run_does_not_deadlock() {
         let pool = ThreadPool::new(2);
         let counter = AtomicU64::new(0);
-        pool.run(|_, _| {
-            pool.run(|_, _| {
-                counter.fetch_add(1, Ordering::Relaxed);
-            });
-        });
+        pool.run(|_, _| count_indices(&pool, &counter));
         // Each of the 2 outer calls runs the 2 inner indices serially.
         assert_eq!(counter.load(Ordering::Relaxed), 4);
     }
@@ -385,9 +386,7 @@ mod tests {
         }));
         assert!(r.is_err());
         let counter = AtomicU64::new(0);
-        pool.run(|_, _| {
-            counter.fetch_add(1, Ordering::Relaxed);
-        });
+        count_indices(&pool, &counter);
         assert_eq!(counter.load(Ordering::Relaxed), 2);
     }
 
@@ -400,9 +399,7 @@ mod tests {
                 let (p, c) = (Arc::clone(&pool), Arc::clone(&counter));
                 thread::spawn(move || {
                     for _ in 0..200 {
-                        p.run(|_, _| {
-                            c.fetch_add(1, Ordering::Relaxed);
-                        });
+                        count_indices(&p, &c);
                     }
                 })
             })

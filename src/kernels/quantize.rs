@@ -33,13 +33,16 @@ impl ActKind {
     pub(crate) fn for_weights(ty: WeightType) -> ActKind {
         match ty {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActKind::F32,
-            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActKind::Q8_0,
+            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 | WeightType::IQ4NL => {
+                ActKind::Q8_0
+            }
             WeightType::Q4_1 | WeightType::Q5_1 => ActKind::Q8_1,
             WeightType::Q2K
             | WeightType::Q3K
             | WeightType::Q4K
             | WeightType::Q5K
-            | WeightType::Q6K => ActKind::Q8K,
+            | WeightType::Q6K
+            | WeightType::IQ4XS => ActKind::Q8K,
         }
     }
 
@@ -303,7 +306,7 @@ pub(crate) fn quantize_row_q8k(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testutil::Rng;
+    use crate::kernels::testutil::{self, Rng};
 
     fn quantized(
         kind: ActKind,
@@ -393,15 +396,7 @@ mod tests {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.activation()).collect();
             for kind in [ActKind::Q8_0, ActKind::Q8_1, ActKind::Q8K] {
                 let reference = quantized(kind, KernelPath::Scalar, &x, m, cols, 1);
-                for path in [
-                    KernelPath::Scalar,
-                    KernelPath::Avx2,
-                    KernelPath::Avx512Vnni,
-                    KernelPath::Neon,
-                ]
-                .into_iter()
-                .filter(|p| p.is_available())
-                {
+                for path in testutil::available_paths() {
                     for threads in [1, 2, 3] {
                         assert!(
                             quantized(kind, path, &x, m, cols, threads) == reference,

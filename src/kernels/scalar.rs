@@ -2,15 +2,15 @@
 //!
 //! Each dot product follows ggml's generic `ggml_vec_dot_*` (integer sums within a block,
 //! one float multiply per block): Q4_0·Q8_0, Q4_1·Q8_1, Q5_0·Q8_0, Q5_1·Q8_1, Q8_0·Q8_0,
-//! Q2_K/Q3_K/Q4_K/Q5_K/Q6_K·Q8_K.
+//! IQ4_NL·Q8_0, Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS·Q8_K.
 
 use std::ops::Range;
 
 use super::formats::{
-    self, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_SCALES, Q4_0_BYTES,
-    Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH,
-    Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES,
-    Q8_0_BYTES, QK, QK_K, f16_at,
+    self, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_SCALES, Q3K_BYTES,
+    Q3K_D, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_QH, Q5_0_QS,
+    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
@@ -21,6 +21,22 @@ use super::{QMatrix, WeightType};
 /// # Safety
 /// `out` must be valid for every `(i, j)` in `a × r`, with no other thread writing them.
 pub(crate) unsafe fn compute(
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { compute_with(dot, w, acts, a, r, out) }
+}
+
+/// [`compute`] with another row-by-row dot product (NEON's).
+///
+/// # Safety
+/// As [`compute`]; `dot` can run on this CPU.
+pub(crate) unsafe fn compute_with(
+    dot: fn(WeightType, &[u8], &Acts, usize) -> f32,
     w: &QMatrix,
     acts: &Acts,
     a: Range<usize>,
@@ -96,13 +112,20 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
             }
             sumf
         }
-        WeightType::Q5_0 => {
-            // ggml `ggml_vec_dot_q5_0_q8_0`: signed quants q − 16, one (d_w·d_y)·Σ per block.
+        WeightType::Q5_0 | WeightType::Q8_0 | WeightType::IQ4NL => {
+            // ggml `ggml_vec_dot_q5_0_q8_0`, `…_q8_0_q8_0`, `…_iq4_nl_q8_0`: signed quants (Q5_0
+            // q − 16, IQ4_NL's levels), one (d_w·d_y)·Σ per block.
             let mut sumf = 0f32;
-            for (b, blk) in wr.chunks_exact(Q5_0_BYTES).enumerate() {
+            for (b, blk) in wr.chunks_exact(ty.block_bytes()).enumerate() {
                 let y = &qs[b * QK..(b + 1) * QK];
-                let q = formats::q5_quants(&blk[Q5_0_QH..], &blk[Q5_0_QS..]);
-                let sumi: i32 = (0..QK).map(|j| (q[j] as i32 - 16) * y[j] as i32).sum();
+                let w: [i32; QK] = match ty {
+                    WeightType::Q5_0 => {
+                        formats::q5_quants(&blk[Q5_0_QH..], &blk[Q5_0_QS..]).map(|q| q as i32 - 16)
+                    }
+                    WeightType::IQ4NL => formats::iq4_levels(&blk[IQ4NL_QS..]).map(i32::from),
+                    _ => std::array::from_fn(|j| blk[2 + j] as i8 as i32),
+                };
+                let sumi: i32 = w.iter().zip(y).map(|(&w, &y)| w * y as i32).sum();
                 sumf += sumi as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
             }
             sumf
@@ -116,17 +139,6 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                 let sumi: i32 = (0..QK).map(|j| q[j] as i32 * y[j] as i32).sum();
                 let k = acts.scale_index(i, b);
                 sumf += (f16_at(blk, 0) * acts.d[k]) * sumi as f32 + f16_at(blk, 2) * acts.s[k];
-            }
-            sumf
-        }
-        WeightType::Q8_0 => {
-            let mut sumf = 0f32;
-            for (b, blk) in wr.chunks_exact(Q8_0_BYTES).enumerate() {
-                let y = &qs[b * QK..(b + 1) * QK];
-                let sumi: i32 = (0..QK)
-                    .map(|j| (blk[2 + j] as i8) as i32 * y[j] as i32)
-                    .sum();
-                sumf += sumi as f32 * (f16_at(blk, 0) * acts.d[acts.scale_index(i, b)]);
             }
             sumf
         }
@@ -222,6 +234,24 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
                     isum += sc * q * yv as i32;
                 }
                 sumf += f16_at(blk, Q6K_D) * acts.d[acts.scale_index(i, b)] * isum as f32;
+            }
+            sumf
+        }
+        WeightType::IQ4XS => {
+            // ggml's x86 `ggml_vec_dot_iq4_xs_q8_K`: Σ (ls − 32)·(kvalue·y) as an integer per
+            // super-block, then d·d_y·Σ.
+            let mut sumf = 0f32;
+            for (b, blk) in wr.chunks_exact(IQ4XS_BYTES).enumerate() {
+                let y = &qs[b * QK_K..(b + 1) * QK_K];
+                let mut isum = 0i32;
+                for (ib, &ls) in formats::iq4xs_scales(blk).iter().enumerate() {
+                    let qs = &blk[IQ4XS_QS + 16 * ib..IQ4XS_QS + 16 * ib + 16];
+                    let w = formats::iq4_levels(qs);
+                    let yb = &y[QK * ib..QK * (ib + 1)];
+                    let dot: i32 = w.iter().zip(yb).map(|(&w, &y)| w as i32 * y as i32).sum();
+                    isum += ls as i32 * dot;
+                }
+                sumf += f16_at(blk, 0) * acts.d[acts.scale_index(i, b)] * isum as f32;
             }
             sumf
         }

@@ -2,7 +2,7 @@
 //! dequantize + naive f32 reference matmul.
 
 use super::formats::{self, QK, QK_K};
-use super::{QMatrix, WeightType};
+use super::{KernelPath, QMatrix, WeightType};
 
 /// SplitMix64: tiny, fixed-seed, good enough to fill test data.
 pub(crate) struct Rng(u64);
@@ -109,8 +109,33 @@ pub(crate) fn random_weights(rng: &mut Rng, ty: WeightType, rows: usize, cols: u
                 put_f16(b, formats::Q6K_D, rng.uniform(-0.0005, 0.0005));
             }
         }
+        WeightType::IQ4NL => {
+            for b in data.chunks_exact_mut(ty.block_bytes()) {
+                put_f16(b, 0, rng.uniform(-0.0008, 0.0008));
+            }
+        }
+        WeightType::IQ4XS => {
+            // Random scale bytes cover every 6-bit scale.
+            for b in data.chunks_exact_mut(ty.block_bytes()) {
+                put_f16(b, 0, rng.uniform(-0.00003, 0.00003));
+            }
+        }
     }
     data
+}
+
+/// Every kernel path this CPU can run, the scalar reference first (so AVX2 stays tested where
+/// AVX-512 VNNI is detected).
+pub(crate) fn available_paths() -> Vec<KernelPath> {
+    [
+        KernelPath::Scalar,
+        KernelPath::Avx2,
+        KernelPath::Avx512Vnni,
+        KernelPath::Neon,
+    ]
+    .into_iter()
+    .filter(|p| p.is_available())
+    .collect()
 }
 
 pub(crate) fn random_activations(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -154,10 +179,14 @@ pub(crate) fn act_block(ty: WeightType) -> usize {
         | WeightType::Q4_1
         | WeightType::Q5_0
         | WeightType::Q5_1
-        | WeightType::Q8_0 => QK,
-        WeightType::Q2K | WeightType::Q3K | WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
-            QK_K
-        }
+        | WeightType::Q8_0
+        | WeightType::IQ4NL => QK,
+        WeightType::Q2K
+        | WeightType::Q3K
+        | WeightType::Q4K
+        | WeightType::Q5K
+        | WeightType::Q6K
+        | WeightType::IQ4XS => QK_K,
     }
 }
 
@@ -210,8 +239,9 @@ pub(crate) fn block_offsets(w: &QMatrix, row: usize) -> Vec<f32> {
     let bb = w.ty.block_bytes();
     match w.ty {
         WeightType::F32 | WeightType::F16 | WeightType::BF16 => vec![],
-        // Q5_0's quants are signed (q − 16), nothing is folded.
-        WeightType::Q8_0 | WeightType::Q5_0 => vec![0.0; w.cols / QK],
+        // Q5_0's quants are signed (q − 16), IQ4's levels too: nothing is folded.
+        WeightType::Q8_0 | WeightType::Q5_0 | WeightType::IQ4NL => vec![0.0; w.cols / QK],
+        WeightType::IQ4XS => vec![0.0; w.cols / QK_K],
         WeightType::Q4_0 => r
             .chunks_exact(bb)
             .map(|b| 8.0 * formats::f16_at(b, 0).abs())

@@ -218,16 +218,15 @@ pub fn attend_spans(
                     kv_head,
                     rows,
                 } => {
-                    let sp = &spans[*span];
-                    attend_block(
+                    let block = QueryBlock {
                         shape,
-                        sp,
-                        *kv_head,
-                        rows.clone(),
-                        out_ptr,
-                        first_row[*span],
-                        &mut block_scratch,
-                    );
+                        span: &spans[*span],
+                        kv_head: *kv_head,
+                        rows: rows.clone(),
+                        out: out_ptr,
+                        out_first_row: first_row[*span],
+                    };
+                    attend_block(&block, &mut block_scratch);
                 }
             }
         }
@@ -274,59 +273,96 @@ impl BlockScratch {
     }
 }
 
-/// A block of a long span's rows for the heads of one key/value head, in f32 with an online
-/// softmax over key tiles of [`KEY_TILE`] aligned at multiples of it (ggml's tiled path).
-#[allow(clippy::too_many_arguments)]
-fn attend_block(
-    shape: &AttentionShape,
-    span: &SpanAttention<'_>,
+/// One tiled work item: a block of a long span's rows for the heads of one key/value head, and
+/// where its output goes. Query `qi` of the block is head `qi % group` of the group at row
+/// `rows.start + qi / group`.
+struct QueryBlock<'a> {
+    shape: &'a AttentionShape,
+    span: &'a SpanAttention<'a>,
     kv_head: usize,
     rows: std::ops::Range<usize>,
     out: OutPtr,
+    /// The span's first row in `out`.
     out_first_row: usize,
-    s: &mut BlockScratch,
-) {
+}
+
+impl QueryBlock<'_> {
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.shape.heads / self.shape.kv_heads
+    }
+
+    fn queries(&self) -> usize {
+        self.rows.len() * self.group()
+    }
+
+    /// Query `qi`'s position in the sequence.
+    fn position(&self, qi: usize) -> usize {
+        self.span.first_position + self.rows.start + qi / self.group()
+    }
+
+    /// Where query `qi` starts in the span's `q`.
+    fn query_offset(&self, qi: usize) -> usize {
+        let group = self.group();
+        let (t, j) = (qi / group, qi % group);
+        ((self.rows.start + t) * self.shape.heads + self.kv_head * group + j) * self.shape.head_dim
+    }
+
+    /// Where key (and value) `c` of this key/value head starts in the cache.
+    fn kv_offset(&self, c: usize) -> usize {
+        c * self.shape.kv_stride() + self.kv_head * self.shape.head_dim
+    }
+
+    /// The key tiles some query of the block sees, aligned at multiples of [`KEY_TILE`]: each
+    /// tile's first key and the keys of it that some query sees.
+    fn key_tiles(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + use<> {
+        let first_key = self.shape.first_visible(self.position(0));
+        let last_key = self.position(self.queries() - 1);
+        (first_key / KEY_TILE * KEY_TILE..=last_key)
+            .step_by(KEY_TILE)
+            .map(move |tile| {
+                let keys = tile.max(first_key)..(tile + KEY_TILE).min(last_key + 1);
+                (tile, keys)
+            })
+    }
+
+    /// The keys query `qi` sees among `seen` (a tile's keys that some query sees), relative to
+    /// the tile's first key `tile`; `lo >= hi` when it sees none of them.
+    fn visible(&self, qi: usize, tile: usize, seen: &std::ops::Range<usize>) -> (usize, usize) {
+        let pos = self.position(qi);
+        let lo = self.shape.first_visible(pos).max(seen.start) - tile;
+        let hi = (pos + 1).min(seen.end).saturating_sub(tile);
+        (lo, hi)
+    }
+}
+
+/// A block of a long span's rows, in f32 with an online softmax over key tiles of
+/// [`KEY_TILE`] aligned at multiples of it (ggml's tiled path).
+fn attend_block(block: &QueryBlock<'_>, s: &mut BlockScratch) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // SAFETY: AVX2, FMA and F16C are available (checked above).
-        unsafe { x86::attend_block(shape, span, kv_head, rows, out, out_first_row, s) };
+        unsafe { x86::attend_block(block, s) };
         return;
     }
-    attend_block_impl(shape, span, kv_head, rows, out, out_first_row, s);
+    attend_block_impl(block, s);
 }
 
 /// Keys per tile of the tiled path.
 const KEY_TILE: usize = 64;
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_block_impl(
-    shape: &AttentionShape,
-    span: &SpanAttention<'_>,
-    kv_head: usize,
-    rows: std::ops::Range<usize>,
-    out: OutPtr,
-    out_first_row: usize,
-    s: &mut BlockScratch,
-) {
+fn attend_block_impl(block: &QueryBlock<'_>, s: &mut BlockScratch) {
+    let (shape, span) = (block.shape, block.span);
     let hd = shape.head_dim;
-    let group = shape.heads / shape.kv_heads;
-    let stride = shape.kv_stride();
-    let kv_offset = kv_head * hd;
     let scale = shape.scale();
-    let nq = rows.len() * group;
+    let nq = block.queries();
     s.prepare(hd, nq);
 
-    let pos_of = |qi: usize| span.first_position + rows.start + qi / group;
-    let first_key = shape.first_visible(pos_of(0));
-    let last_key = pos_of(nq - 1);
-    let mut tile = first_key / KEY_TILE * KEY_TILE;
-    while tile <= last_key {
-        let lo = tile.max(first_key);
-        let hi = (tile + KEY_TILE).min(last_key + 1);
-        for c in lo..hi {
+    for (tile, seen) in block.key_tiles() {
+        for c in seen.clone() {
             let kk = c - tile;
-            let off = c * stride + kv_offset;
+            let off = block.kv_offset(c);
             span.cache.k[off..off + hd].convert_to_f32_slice(&mut s.row);
             for (d, &v) in s.row.iter().enumerate() {
                 s.keys[d * KEY_TILE + kk] = v;
@@ -334,15 +370,11 @@ fn attend_block_impl(
             span.cache.v[off..off + hd].convert_to_f32_slice(&mut s.values[kk * hd..(kk + 1) * hd]);
         }
         for qi in 0..nq {
-            let pos = pos_of(qi);
-            let vis_lo = shape.first_visible(pos).max(lo) - tile;
-            let vis_hi = (pos + 1).min(hi).saturating_sub(tile);
+            let (vis_lo, vis_hi) = block.visible(qi, tile, &seen);
             if vis_lo >= vis_hi {
                 continue;
             }
-            let (t, j) = (qi / group, qi % group);
-            let head = kv_head * group + j;
-            let qo = ((rows.start + t) * shape.heads + head) * hd;
+            let qo = block.query_offset(qi);
             let q = &span.q[qo..qo + hd];
             let scores = &mut s.scores[..KEY_TILE];
             scores.fill(0.0);
@@ -367,9 +399,8 @@ fn attend_block_impl(
                 }
             }
         }
-        tile += KEY_TILE;
     }
-    write_block_output(shape, kv_head, rows, out, out_first_row, s);
+    write_block_output(block, s);
 }
 
 /// One query's online-softmax step over a tile: `visible` (its scaled scores) becomes their
@@ -394,20 +425,14 @@ fn online_softmax_step(
 
 /// Writes a finished block's rows: each query's accumulator divided by its softmax sum.
 #[inline(always)]
-fn write_block_output(
-    shape: &AttentionShape,
-    kv_head: usize,
-    rows: std::ops::Range<usize>,
-    out: OutPtr,
-    out_first_row: usize,
-    s: &BlockScratch,
-) {
+fn write_block_output(block: &QueryBlock<'_>, s: &BlockScratch) {
+    let shape = block.shape;
     let hd = shape.head_dim;
-    let group = shape.heads / shape.kv_heads;
-    for qi in 0..rows.len() * group {
+    let group = block.group();
+    for qi in 0..block.queries() {
         let (t, j) = (qi / group, qi % group);
-        let head = kv_head * group + j;
-        let row = out_first_row + rows.start + t;
+        let head = block.kv_head * group + j;
+        let row = block.out_first_row + block.rows.start + t;
         let inv = if s.sum[qi] == 0.0 {
             0.0
         } else {
@@ -415,8 +440,9 @@ fn write_block_output(
         };
         // SAFETY: rows of this block for the heads of this key/value head belong to this item
         // alone; the slice lies inside the output checked by `attend_spans`.
-        let o =
-            unsafe { std::slice::from_raw_parts_mut(out.at((row * shape.heads + head) * hd), hd) };
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(block.out.at((row * shape.heads + head) * hd), hd)
+        };
         for (o, &a) in o.iter_mut().zip(&s.acc[qi * hd..(qi + 1) * hd]) {
             *o = a * inv;
         }
@@ -570,40 +596,21 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attend_block(
-        shape: &super::AttentionShape,
-        span: &super::SpanAttention<'_>,
-        kv_head: usize,
-        rows: std::ops::Range<usize>,
-        out: super::OutPtr,
-        out_first_row: usize,
-        s: &mut super::BlockScratch,
-    ) {
+    pub(super) unsafe fn attend_block(block: &super::QueryBlock<'_>, s: &mut super::BlockScratch) {
+        let (shape, span) = (block.shape, block.span);
         let hd = shape.head_dim;
-        let group = shape.heads / shape.kv_heads;
         let stride = shape.kv_stride();
-        let kv_offset = kv_head * hd;
         let scale = shape.scale();
-        let nq = rows.len() * group;
-        assert!(span.q.len() >= span.rows * shape.heads * hd && rows.end <= span.rows);
+        let nq = block.queries();
+        assert!(span.q.len() >= span.rows * shape.heads * hd && block.rows.end <= span.rows);
         s.prepare(hd, nq);
 
-        let pos_of = |qi: usize| span.first_position + rows.start + qi / group;
-        let q_at = |qi: usize| {
-            let (t, j) = (qi / group, qi % group);
-            ((rows.start + t) * shape.heads + kv_head * group + j) * hd
-        };
-        let first_key = shape.first_visible(pos_of(0));
-        let last_key = pos_of(nq - 1);
-        let mut tile = first_key / KEY_TILE * KEY_TILE;
-        while tile <= last_key {
-            let lo = tile.max(first_key);
-            let hi = (tile + KEY_TILE).min(last_key + 1);
+        for (tile, seen) in block.key_tiles() {
+            let (lo, hi) = (seen.start, seen.end);
             let mut c = lo;
             while c < hi {
                 let kk = c - tile;
-                let off = c * stride + kv_offset;
+                let off = block.kv_offset(c);
                 // Whole groups of 8 keys are transposed 8×8 in registers: scattering one float at
                 // a time cost about an eighth of this function.
                 let n = if kk.is_multiple_of(8) && c + 8 <= hi {
@@ -626,9 +633,7 @@ mod x86 {
                 c += n;
             }
             for (qi, vis) in s.vis.iter_mut().enumerate() {
-                let pos = pos_of(qi);
-                let vis_lo = shape.first_visible(pos).max(lo) - tile;
-                let vis_hi = (pos + 1).min(hi).saturating_sub(tile);
+                let (vis_lo, vis_hi) = block.visible(qi, tile, &seen);
                 // An empty range is (0, 0): with a sliding window `vis_lo` can lie past the tile.
                 *vis = if vis_lo < vis_hi {
                     (vis_lo, vis_hi)
@@ -651,7 +656,7 @@ mod x86 {
                 // `hd * KEY_TILE` values and `k1 <= KEY_TILE`; score rows `g0..g0 + m` lie
                 // inside `scores` (`nq * KEY_TILE`).
                 unsafe {
-                    let qp = |i: usize| q.add(q_at(g0 + i.min(m - 1)));
+                    let qp = |i: usize| q.add(block.query_offset(g0 + i.min(m - 1)));
                     let sp = |i: usize| scores.add((g0 + i.min(m - 1)) * KEY_TILE);
                     match m {
                         6 => scores_mr::<6>(qp, sp, keys, hd, k0, k1, scale),
@@ -731,9 +736,8 @@ mod x86 {
                     }
                 }
             }
-            tile += KEY_TILE;
         }
-        super::write_block_output(shape, kv_head, rows, out, out_first_row, s);
+        super::write_block_output(block, s);
     }
 
     /// Keys `k[off + i * stride..][..hd]` for `i < 8`, converted to f32 and stored transposed:
@@ -1231,14 +1235,21 @@ mod tests {
                     if t0 >= rows {
                         break;
                     }
-                    let block = t0..(t0 + len).min(rows);
-                    let ptr = OutPtr(want.as_mut_ptr());
-                    attend_block_impl(&shape, &span, kv_head, block.clone(), ptr, 0, &mut scratch);
-                    let ptr = OutPtr(got.as_mut_ptr());
-                    // SAFETY: AVX2, FMA and F16C are available (checked above).
-                    unsafe {
-                        x86::attend_block(&shape, &span, kv_head, block, ptr, 0, &mut scratch)
+                    let block = QueryBlock {
+                        shape: &shape,
+                        span: &span,
+                        kv_head,
+                        rows: t0..(t0 + len).min(rows),
+                        out: OutPtr(want.as_mut_ptr()),
+                        out_first_row: 0,
                     };
+                    attend_block_impl(&block, &mut scratch);
+                    let block = QueryBlock {
+                        out: OutPtr(got.as_mut_ptr()),
+                        ..block
+                    };
+                    // SAFETY: AVX2, FMA and F16C are available (checked above).
+                    unsafe { x86::attend_block(&block, &mut scratch) };
                     t0 += len;
                 }
             }

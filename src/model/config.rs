@@ -14,7 +14,7 @@
 
 use serde::Deserialize;
 
-use super::gguf::{GgufError, GgufFile};
+use super::gguf::{GgufError, GgufFile, GgufValue};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -371,10 +371,11 @@ impl ModelConfig {
             .unwrap_or(head_dim);
         let vocab_size = match file.get_usize(&key("vocab_size"))? {
             Some(v) => v,
+            // Counted in place: copying 150k token strings to count them costs tens of MB.
             None => file
-                .get_string_array("tokenizer.ggml.tokens")?
-                .map(|t| t.len())
-                .unwrap_or(0),
+                .get("tokenizer.ggml.tokens")
+                .and_then(GgufValue::as_array)
+                .map_or(0, <[_]>::len),
         };
         let rope_scaling = match file.get_str(&key("rope.scaling.type"))? {
             None | Some("none") => RopeScaling::None,

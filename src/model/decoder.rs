@@ -28,7 +28,9 @@ use super::cpu_forward::{
 };
 use super::moe::Routes;
 use super::rope::Rope;
-use super::weights::{DenseDType, LayerWeight, MappedMatrix, RawWeight, WeightName, WeightStore};
+use super::weights::{
+    DenseDType, LayerWeight, MappedMatrix, Placement, RawWeight, WeightName, WeightStore,
+};
 use crate::kernels::{self, ActivationScratch, KernelPath, ThreadPool};
 
 thread_local! {
@@ -388,7 +390,7 @@ impl ComputePath {
 
     /// Counts the stored tensors by type. `forward_on_kernels`: the whole forward runs on our
     /// kernels; otherwise, with `in_place`, GGUF matrices of the kernels' types still do (as
-    /// [`WeightStore::load_in_place`] keeps them in the map), and everything else is Candle's.
+    /// [`Placement::in_place`] keeps them in the map), and everything else is Candle's.
     fn count_tensors(
         store: &WeightStore,
         forward_on_kernels: bool,
@@ -491,15 +493,12 @@ fn candle_path_reason(
 }
 
 /// Layer `layer`'s router, experts and shared expert.
-#[allow(clippy::too_many_arguments)]
 fn load_experts(
     store: &WeightStore,
     layer: usize,
     moe: &MoeConfig,
     h: usize,
-    device: &Device,
-    dense: DenseDType,
-    in_place: bool,
+    at: Placement<'_>,
     pool: Option<&Arc<ThreadPool>>,
 ) -> Result<MoeBlock, ModelError> {
     let w = |lw: LayerWeight| WeightName::Layer(layer, lw);
@@ -511,26 +510,11 @@ fn load_experts(
             message: e.to_string(),
         })
     };
-    let router = store.require_matrix(
-        w(LayerWeight::Router),
-        &[moe.experts, h],
-        device,
-        dense,
-        in_place,
-    )?;
+    let router = store.require(w(LayerWeight::Router), &[moe.experts, h], at)?;
     let router = linear(router, format!("{:?}", w(LayerWeight::Router)))?;
     let ff = moe.expert_ff;
     let stacked = |which: LayerWeight, rows: usize, cols: usize| {
-        store.require_experts(
-            layer,
-            which,
-            moe.experts,
-            rows,
-            cols,
-            device,
-            dense,
-            in_place,
-        )
+        store.require_experts(layer, which, moe.experts, rows, cols, at)
     };
     let gates = stacked(LayerWeight::ExpertGate, ff, h)?;
     let ups = stacked(LayerWeight::ExpertUp, ff, h)?;
@@ -548,8 +532,7 @@ fn load_experts(
         Some(sff) => {
             let matrix =
                 |lw: LayerWeight, rows: usize, cols: usize| -> Result<Linear, ModelError> {
-                    let raw =
-                        store.require_matrix(w(lw), &[rows, cols], device, dense, in_place)?;
+                    let raw = store.require(w(lw), &[rows, cols], at)?;
                     linear(raw, format!("{:?}", w(lw)))
                 };
             let expert = Expert {
@@ -561,8 +544,8 @@ fn load_experts(
             let shape: &[usize] = if store.is_gguf() { &[h] } else { &[1, h] };
             let name = w(LayerWeight::SharedExpertGateInp);
             let gate = store
-                .require(name, shape, device, DenseDType::Exactly(DType::F32))?
-                .to_dense_f32(device)
+                .require(name, shape, Placement::f32(at.device))?
+                .to_dense_f32(at.device)
                 .and_then(|t| t.reshape((h, 1)))
                 .map_err(|e| ModelError::Load {
                     source_name: source.clone(),
@@ -724,6 +707,12 @@ impl Decoder {
         } else {
             DenseDType::Exactly(DType::F32)
         };
+        let matrices = Placement {
+            device,
+            dense,
+            in_place,
+        };
+        let vectors = Placement::f32(device);
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let ff = cfg.intermediate_size;
@@ -745,7 +734,7 @@ impl Decoder {
                 super::config::Architecture::Gemma2 | super::config::Architecture::Gemma3
             );
         let norm = |name: WeightName, size: usize| -> Result<RmsNorm, ModelError> {
-            let w = store.require(name, &[size], device, DenseDType::Exactly(DType::F32))?;
+            let w = store.require(name, &[size], vectors)?;
             let weight = w
                 .to_dense_f32(device)
                 .and_then(|w| if norm_offset { w + 1.0 } else { Ok(w) })
@@ -754,7 +743,7 @@ impl Decoder {
         };
         let vector = |name: WeightName, size: usize| -> Result<Option<Tensor>, ModelError> {
             store
-                .load(name, &[size], device, DenseDType::Exactly(DType::F32))?
+                .load(name, &[size], vectors)?
                 .map(|w| {
                     w.to_dense_f32(device)
                         .map_err(candle_err(format!("{name:?}")))
@@ -762,17 +751,12 @@ impl Decoder {
                 .transpose()
         };
         let linear = |name: WeightName, out: usize, inp: usize, bias: Option<Tensor>| {
-            let w = store.require_matrix(name, &[out, inp], device, dense, in_place)?;
+            let w = store.require(name, &[out, inp], matrices)?;
             Linear::new(w, bias, cpu_pool.as_ref()).map_err(candle_err(format!("{name:?}")))
         };
 
-        let embed_raw = store.require_matrix(
-            WeightName::TokenEmbedding,
-            &[cfg.vocab_size, h],
-            device,
-            dense,
-            in_place,
-        )?;
+        let embed_raw =
+            store.require(WeightName::TokenEmbedding, &[cfg.vocab_size, h], matrices)?;
         // llama.cpp's Gemma 2 always reads its LM head from the embedding, whatever else the
         // file holds.
         let has_head = store.contains(WeightName::Output)
@@ -799,7 +783,7 @@ impl Decoder {
         let rope_pairs = cfg.rope_dims / 2;
         let factors = |name: WeightName| -> Result<Option<Vec<f32>>, ModelError> {
             store
-                .load(name, &[rope_pairs], device, DenseDType::Exactly(DType::F32))?
+                .load(name, &[rope_pairs], vectors)?
                 .map(|raw| {
                     raw.to_dense_f32(device)
                         .and_then(|t| t.to_vec1::<f32>())
@@ -867,9 +851,7 @@ impl Decoder {
                     i,
                     moe,
                     h,
-                    device,
-                    dense,
-                    in_place,
+                    matrices,
                     cpu_pool.as_ref(),
                 )?)),
                 None if store.contains(w(LayerWeight::Gate)) => FeedForward::Dense {
@@ -967,6 +949,7 @@ impl Decoder {
             }),
         };
         let vector = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let optional_norm = |n: &Option<RmsNorm>| n.as_ref().map(|n| vector(&n.weight)).transpose();
         let projection = |l: &Linear, role: WeightName| -> Result<Projection, NoCpuModel> {
             let matrix = mapped(l, role)?;
             let bias = l.bias.as_ref().map(vector).transpose()?;
@@ -1045,29 +1028,13 @@ impl Decoder {
             layers.push(CpuLayer {
                 attn_norm: vector(&layer.attn_norm.weight)?,
                 qkv,
-                q_norm: layer
-                    .q_norm
-                    .as_ref()
-                    .map(|n| vector(&n.weight))
-                    .transpose()?,
-                k_norm: layer
-                    .k_norm
-                    .as_ref()
-                    .map(|n| vector(&n.weight))
-                    .transpose()?,
+                q_norm: optional_norm(&layer.q_norm)?,
+                k_norm: optional_norm(&layer.k_norm)?,
                 o,
-                post_attn_norm: layer
-                    .post_attn_norm
-                    .as_ref()
-                    .map(|n| vector(&n.weight))
-                    .transpose()?,
+                post_attn_norm: optional_norm(&layer.post_attn_norm)?,
                 ffn_norm: vector(&layer.ffn_norm.weight)?,
                 ffn,
-                post_ffn_norm: layer
-                    .post_ffn_norm
-                    .as_ref()
-                    .map(|n| vector(&n.weight))
-                    .transpose()?,
+                post_ffn_norm: optional_norm(&layer.post_ffn_norm)?,
                 attention: self.attention_shape(i),
                 swa_rope: self.cfg.layer_uses_swa_rope(i),
             });

@@ -62,7 +62,7 @@ fn ggml_type(id: u32) -> Result<WeightType, &'static str> {
     Err(match id {
         9 => "Q8_1",
         15 => "Q8_K",
-        16..=23 | 29 => "IQ (importance-matrix) quantization",
+        16..=19 | 21 | 22 | 29 => "IQ (importance-matrix) quantization",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -74,10 +74,11 @@ fn ggml_type(id: u32) -> Result<WeightType, &'static str> {
     })
 }
 
-/// Candle's name for a type (for Candle's path).
-pub fn candle_dtype(ty: WeightType) -> candle_core::quantized::GgmlDType {
+/// Candle's name for a type (for Candle's path); `None` for the types Candle has no kernels
+/// for (IQ4_NL, IQ4_XS), which its path reads dequantized.
+pub fn candle_dtype(ty: WeightType) -> Option<candle_core::quantized::GgmlDType> {
     use candle_core::quantized::GgmlDType as C;
-    match ty {
+    Some(match ty {
         WeightType::F32 => C::F32,
         WeightType::F16 => C::F16,
         WeightType::BF16 => C::BF16,
@@ -91,7 +92,8 @@ pub fn candle_dtype(ty: WeightType) -> candle_core::quantized::GgmlDType {
         WeightType::Q4K => C::Q4K,
         WeightType::Q5K => C::Q5K,
         WeightType::Q6K => C::Q6K,
-    }
+        WeightType::IQ4NL | WeightType::IQ4XS => return None,
+    })
 }
 
 /// A metadata value.
@@ -384,14 +386,39 @@ impl GgufFile {
         }
     }
 
+    /// The value at `key` read by `read`: `None` when the key is absent, an error saying
+    /// `expected` when it holds something else.
+    fn typed<'s, T>(
+        &'s self,
+        key: &str,
+        read: impl FnOnce(&'s GgufValue) -> Option<T>,
+        expected: &str,
+    ) -> Result<Option<T>, GgufError> {
+        self.metadata
+            .get(key)
+            .map(|v| read(v).ok_or_else(|| self.meta_error(key, expected)))
+            .transpose()
+    }
+
+    /// Every item of the array at `key` read by `read`, as [`Self::typed`].
+    fn typed_array<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&GgufValue) -> Option<T>,
+        expected: &str,
+    ) -> Result<Option<Vec<T>>, GgufError> {
+        let Some(items) = self.typed(key, GgufValue::as_array, "expected an array")? else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .map(|v| read(v).ok_or_else(|| self.meta_error(key, expected)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
-        match self.metadata.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.meta_error(key, "expected a string")),
-        }
+        self.typed(key, GgufValue::as_str, "expected a string")
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str, GgufError> {
@@ -400,14 +427,8 @@ impl GgufFile {
     }
 
     pub fn get_usize(&self, key: &str) -> Result<Option<usize>, GgufError> {
-        match self.metadata.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|v| usize::try_from(v).ok())
-                .map(Some)
-                .ok_or_else(|| self.meta_error(key, "expected a non-negative integer")),
-        }
+        let read = |v: &GgufValue| v.as_u64().and_then(|v| usize::try_from(v).ok());
+        self.typed(key, read, "expected a non-negative integer")
     }
 
     pub fn require_usize(&self, key: &str) -> Result<usize, GgufError> {
@@ -416,77 +437,25 @@ impl GgufFile {
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
-        match self.metadata.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.meta_error(key, "expected a number")),
-        }
+        self.typed(key, GgufValue::as_f64, "expected a number")
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
-        match self.metadata.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.meta_error(key, "expected a boolean")),
-        }
-    }
-
-    fn get_array(&self, key: &str) -> Result<Option<&[GgufValue]>, GgufError> {
-        match self.metadata.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .map(Some)
-                .ok_or_else(|| self.meta_error(key, "expected an array")),
-        }
+        self.typed(key, GgufValue::as_bool, "expected a boolean")
     }
 
     pub fn get_string_array(&self, key: &str) -> Result<Option<Vec<String>>, GgufError> {
-        let Some(items) = self.get_array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| self.meta_error(key, "expected an array of strings"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        let read = |v: &GgufValue| v.as_str().map(str::to_string);
+        self.typed_array(key, read, "expected an array of strings")
     }
 
     pub fn get_i64_array(&self, key: &str) -> Result<Option<Vec<i64>>, GgufError> {
-        let Some(items) = self.get_array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| self.meta_error(key, "expected an array of integers"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        self.typed_array(key, GgufValue::as_i64, "expected an array of integers")
     }
 
     pub fn get_f32_array(&self, key: &str) -> Result<Option<Vec<f32>>, GgufError> {
-        let Some(items) = self.get_array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| {
-                v.as_f64()
-                    .map(|f| f as f32)
-                    .ok_or_else(|| self.meta_error(key, "expected an array of numbers"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        let read = |v: &GgufValue| v.as_f64().map(|f| f as f32);
+        self.typed_array(key, read, "expected an array of numbers")
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
@@ -508,14 +477,55 @@ impl GgufFile {
         &self.map
     }
 
-    /// The tokenizer metadata (`tokenizer.ggml.*`).
+    /// The tokenizer metadata (`tokenizer.ggml.*`), copied.
     pub fn vocab(&self) -> Result<GgufVocab, GgufError> {
+        self.vocab_with(
+            self.get_string_array(TOKENS_KEY)?,
+            self.get_string_array(MERGES_KEY)?,
+        )
+    }
+
+    /// The tokenizer metadata, with its per-token and per-merge arrays moved out of this
+    /// file's metadata rather than copied. A loader builds its tokenizer once: left here, those
+    /// arrays (hundreds of thousands of strings for a 150k vocabulary, tens of MB of heap)
+    /// would stay alive beside the tokenizer for as long as the weights are served.
+    pub fn take_vocab(&mut self) -> Result<GgufVocab, GgufError> {
+        let tokens = self.take_string_array(TOKENS_KEY)?;
+        let merges = self.take_string_array(MERGES_KEY)?;
+        let vocab = self.vocab_with(tokens, merges)?;
+        for key in [TOKEN_TYPES_KEY, SCORES_KEY] {
+            self.metadata.remove(key);
+        }
+        Ok(vocab)
+    }
+
+    /// The strings of the array at `key`, moved out of the metadata.
+    fn take_string_array(&mut self, key: &str) -> Result<Option<Vec<String>>, GgufError> {
+        let value = self.metadata.remove(key);
+        let expected = || self.meta_error(key, "expected an array of strings");
+        match value {
+            None => Ok(None),
+            Some(GgufValue::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    GgufValue::String(s) => Ok(s),
+                    _ => Err(expected()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(expected()),
+        }
+    }
+
+    fn vocab_with(
+        &self,
+        tokens: Option<Vec<String>>,
+        merges: Option<Vec<String>>,
+    ) -> Result<GgufVocab, GgufError> {
         let model = self.require_str("tokenizer.ggml.model")?.to_string();
-        let tokens = self
-            .get_string_array("tokenizer.ggml.tokens")?
-            .ok_or_else(|| self.meta_error("tokenizer.ggml.tokens", "missing"))?;
+        let tokens = tokens.ok_or_else(|| self.meta_error(TOKENS_KEY, "missing"))?;
         let token_types = self
-            .get_i64_array("tokenizer.ggml.token_type")?
+            .get_i64_array(TOKEN_TYPES_KEY)?
             .map(|v| v.into_iter().map(|t| t as i32).collect());
         let id = |key: &str| -> Result<Option<u32>, GgufError> {
             self.get_usize(key)?
@@ -527,8 +537,8 @@ impl GgufFile {
             pre: self.get_str("tokenizer.ggml.pre")?.map(str::to_string),
             tokens,
             token_types,
-            scores: self.get_f32_array("tokenizer.ggml.scores")?,
-            merges: self.get_string_array("tokenizer.ggml.merges")?,
+            scores: self.get_f32_array(SCORES_KEY)?,
+            merges,
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
             unknown_token_id: id("tokenizer.ggml.unknown_token_id")?,
@@ -540,9 +550,14 @@ impl GgufFile {
     }
 }
 
+const TOKENS_KEY: &str = "tokenizer.ggml.tokens";
+const TOKEN_TYPES_KEY: &str = "tokenizer.ggml.token_type";
+const SCORES_KEY: &str = "tokenizer.ggml.scores";
+const MERGES_KEY: &str = "tokenizer.ggml.merges";
+
 /// Reads the tokenizer metadata of a GGUF file.
 pub fn read_vocab(path: &Path) -> Result<GgufVocab, GgufError> {
-    GgufFile::open(path)?.vocab()
+    GgufFile::open(path)?.take_vocab()
 }
 
 /// Nested arrays deeper than this are treated as corruption (real files use depth 1).

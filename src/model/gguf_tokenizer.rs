@@ -1,4 +1,4 @@
-//! Build a HF `tokenizers::Tokenizer` from the `tokenizer.ggml.*` metadata of a GGUF file,
+//! Build a HF `tokenizers` pipeline from the `tokenizer.ggml.*` metadata of a GGUF file,
 //! behaving like llama.cpp's own tokenizer for the same file.
 //!
 //! References:
@@ -60,10 +60,9 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::{SpecialToken, TemplateProcessing};
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer,
 };
 
-use super::tokenizer::{PieceEncoding, TokenizerError};
+use super::tokenizer::{HfPipeline, PieceEncoding, SharedModel, TokenizerError};
 
 /// Tokenizer metadata as read from GGUF (`tokenizer.ggml.*`); filled by the GGUF loader.
 #[derive(Debug, Clone, Default)]
@@ -127,7 +126,7 @@ impl TokenType {
 /// facts the worker needs that a `tokenizers::Tokenizer` cannot express.
 #[derive(Clone)]
 pub struct GgufTokenizer {
-    pub tokenizer: Tokenizer,
+    pub tokenizer: HfPipeline,
     /// Token type per id, after llama.cpp's by-name fixes (see [`EOG_LIKE_TEXTS`]).
     pub token_types: Vec<TokenType>,
     /// How a normal token's piece maps to bytes.
@@ -143,7 +142,7 @@ pub struct GgufTokenizer {
 }
 
 /// Build the HF tokenizer for a GGUF vocabulary. See [`build_gguf_tokenizer`].
-pub fn tokenizer_from_gguf_vocab(v: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
+pub fn tokenizer_from_gguf_vocab(v: &GgufVocab) -> Result<HfPipeline, TokenizerError> {
     Ok(build_gguf_tokenizer(v)?.tokenizer)
 }
 
@@ -164,23 +163,21 @@ pub fn build_gguf_tokenizer(v: &GgufVocab) -> Result<GgufTokenizer, TokenizerErr
         return Err(TokenizerError::VocabularyTooLarge(n));
     }
     // Like llama.cpp: longer per-token arrays are accepted, shorter ones are an error.
-    if let Some(types) = &v.token_types
-        && types.len() < n
-    {
-        return Err(TokenizerError::InconsistentLength {
-            field: "tokenizer.ggml.token_type",
-            expected: n,
-            actual: types.len(),
-        });
-    }
-    if let Some(scores) = &v.scores
-        && scores.len() < n
-    {
-        return Err(TokenizerError::InconsistentLength {
-            field: "tokenizer.ggml.scores",
-            expected: n,
-            actual: scores.len(),
-        });
+    let per_token = [
+        (
+            "tokenizer.ggml.token_type",
+            v.token_types.as_ref().map(Vec::len),
+        ),
+        ("tokenizer.ggml.scores", v.scores.as_ref().map(Vec::len)),
+    ];
+    for (field, len) in per_token {
+        if let Some(actual) = len.filter(|&len| len < n) {
+            return Err(TokenizerError::InconsistentLength {
+                field,
+                expected: n,
+                actual,
+            });
+        }
     }
 
     // llama.cpp renames empty pieces so that every id stays addressable.
@@ -262,7 +259,7 @@ pub fn build_gguf_tokenizer(v: &GgufVocab) -> Result<GgufTokenizer, TokenizerErr
     };
 
     let add_space_prefix = v.add_space_prefix.unwrap_or(true);
-    let mut tokenizer = Tokenizer::new(model);
+    let mut tokenizer = HfPipeline::new(SharedModel::new(model));
     let piece_encoding;
     let strip_leading_space;
     match &spec {
@@ -647,7 +644,7 @@ mod tests {
 
     use super::super::tokenizer::tests::tiny_gpt2 as tiny_gpt2_vocab;
 
-    fn ids(t: &Tokenizer, text: &str) -> Vec<u32> {
+    fn ids(t: &HfPipeline, text: &str) -> Vec<u32> {
         t.encode_fast(text, false).unwrap().get_ids().to_vec()
     }
 

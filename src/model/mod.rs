@@ -10,7 +10,7 @@
 //! - [`chat_template`]: Jinja chat templates.
 //! - [`load`]: puts it together into a [`LoadedModel`].
 
-pub mod attention;
+pub(crate) mod attention;
 pub mod chat_template;
 pub mod config;
 mod cpu_forward;
@@ -18,10 +18,10 @@ pub mod decoder;
 pub mod detokenizer;
 pub mod gguf;
 pub mod gguf_tokenizer;
-pub mod load;
+pub(crate) mod load;
 mod moe;
-pub mod reasoning;
-pub mod rope;
+pub(crate) mod reasoning;
+pub(crate) mod rope;
 pub mod tokenizer;
 pub mod tool_calls;
 mod vecmath;

@@ -27,17 +27,7 @@ pub struct ReasoningSplit {
 /// Splits a whole reply. `starts_inside`: the prompt already opened the block (see
 /// [`prompt_opens_thinking`]), so the text starts inside it.
 pub fn split_reasoning(text: &str, starts_inside: bool) -> ReasoningSplit {
-    let mut stream = ReasoningStream::new(starts_inside);
-    let mut deltas = stream.push(text);
-    deltas.extend(stream.finish());
-    let mut split = ReasoningSplit::default();
-    for delta in deltas {
-        match delta {
-            ReasoningDelta::Reasoning(text) => split.reasoning.push_str(&text),
-            ReasoningDelta::Content(text) => split.content.push_str(&text),
-        }
-    }
-    split
+    ReasoningStream::new(starts_inside).split_pieces(&[text])
 }
 
 /// Whether the rendered prompt leaves a `<think>` block open for the model to continue.
@@ -61,6 +51,17 @@ pub fn template_thinks(template_source: &str) -> bool {
 pub enum ReasoningDelta {
     Reasoning(String),
     Content(String),
+}
+
+impl Extend<ReasoningDelta> for ReasoningSplit {
+    fn extend<I: IntoIterator<Item = ReasoningDelta>>(&mut self, deltas: I) {
+        for delta in deltas {
+            match delta {
+                ReasoningDelta::Reasoning(text) => self.reasoning.push_str(&text),
+                ReasoningDelta::Content(text) => self.content.push_str(&text),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,16 @@ impl ReasoningStream {
     /// Ends the reply: emits everything still withheld.
     pub fn finish(&mut self) -> Vec<ReasoningDelta> {
         self.run(true)
+    }
+
+    /// Feeds `pieces` in order and ends the reply: the split of their concatenation.
+    fn split_pieces(mut self, pieces: &[&str]) -> ReasoningSplit {
+        let mut split = ReasoningSplit::default();
+        for piece in pieces {
+            split.extend(self.push(piece));
+        }
+        split.extend(self.finish());
+        split
     }
 
     fn run(&mut self, last: bool) -> Vec<ReasoningDelta> {
@@ -224,25 +235,8 @@ mod tests {
         }
     }
 
-    fn collect(deltas: Vec<ReasoningDelta>) -> ReasoningSplit {
-        let mut out = ReasoningSplit::default();
-        for delta in deltas {
-            match delta {
-                ReasoningDelta::Reasoning(text) => out.reasoning.push_str(&text),
-                ReasoningDelta::Content(text) => out.content.push_str(&text),
-            }
-        }
-        out
-    }
-
     fn streamed(pieces: &[&str], starts_inside: bool) -> ReasoningSplit {
-        let mut stream = ReasoningStream::new(starts_inside);
-        let mut deltas = Vec::new();
-        for piece in pieces {
-            deltas.extend(stream.push(piece));
-        }
-        deltas.extend(stream.finish());
-        collect(deltas)
+        ReasoningStream::new(starts_inside).split_pieces(pieces)
     }
 
     /// The streamed split equals the whole-text split however the text is cut.

@@ -5,10 +5,12 @@
 //! parse_special)`, `token_to_piece(token, special)`), which is what llama-server's `/tokenize`,
 //! `/detokenize` and generated text use; the pipeline itself is HF `tokenizers`.
 //!
-//! - Encoding runs a `tokenizers::Tokenizer`. Two configured copies are kept: one that splits
-//!   special tokens out of the text and one with `encode_special_tokens` set, so marker text such
-//!   as `<|im_start|>` is tokenized as ordinary text. Both are immutable after construction, so
-//!   [`TextTokenizer`] is `Send + Sync` and needs no locking.
+//! - Encoding runs a HF `tokenizers` pipeline ([`HfPipeline`]). Two configured copies are kept:
+//!   one that splits special tokens out of the text and one with `encode_special_tokens` set, so
+//!   marker text such as `<|im_start|>` is tokenized as ordinary text. They share one model
+//!   ([`SharedModel`]): the vocabulary and merge tables are most of a tokenizer's memory. Both
+//!   are immutable after construction, so [`TextTokenizer`] is `Send + Sync` and needs no
+//!   locking.
 //! - Decoding concatenates per-token byte strings precomputed at construction (llama.cpp
 //!   renders the same way: piece by piece, no clean-up) and converts the result to UTF-8 lossily.
 //!   Control tokens render as their text only when asked to; user-defined tokens always render.
@@ -24,11 +26,16 @@
 //! `Replace("▁", " ")`/`ByteFallback` → SentencePiece; anything else (WordPiece, CTC, no decoder)
 //! → raw, a documented fallback that is exact only for vocabularies of plain text pieces.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokenizers::Tokenizer;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokenizers::{
+    DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer, TokenizerImpl,
+};
 
 use super::gguf_tokenizer::{GgufVocab, TokenType, build_gguf_tokenizer};
 
@@ -95,6 +102,87 @@ pub enum PieceEncoding {
     Raw,
 }
 
+/// A `tokenizers::Tokenizer` whose model is a [`SharedModel`], so that clones share it.
+pub type HfPipeline = TokenizerImpl<
+    SharedModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// A HF tokenizer model (vocabulary, merges) behind an `Arc`. A 150k-token BPE's maps take
+/// tens of MB, and [`TextTokenizer`] keeps two pipelines that differ only in how they treat
+/// special-token text.
+#[derive(Debug, Clone)]
+pub struct SharedModel(Arc<ModelWrapper>);
+
+impl SharedModel {
+    pub fn new(model: impl Into<ModelWrapper>) -> Self {
+        Self(Arc::new(model.into()))
+    }
+}
+
+impl Model for SharedModel {
+    type Trainer = <ModelWrapper as Model>::Trainer;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<tokenizers::Token>> {
+        self.0.tokenize(sequence)
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.0.token_to_id(token)
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.0.id_to_token(id)
+    }
+
+    fn get_vocab(&self) -> HashMap<String, u32> {
+        self.0.get_vocab()
+    }
+
+    fn get_vocab_size(&self) -> usize {
+        self.0.get_vocab_size()
+    }
+
+    fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
+        self.0.save(folder, prefix)
+    }
+
+    fn get_trainer(&self) -> Self::Trainer {
+        self.0.get_trainer()
+    }
+}
+
+/// Serialized as the model itself, so a pipeline reads and writes plain `tokenizer.json`.
+impl Serialize for SharedModel {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedModel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ModelWrapper::deserialize(deserializer).map(Self::new)
+    }
+}
+
+/// `t` as a pipeline, with a copy of its model behind an `Arc` (its other parts are small).
+fn pipeline_from_tokenizer(t: &Tokenizer) -> Result<HfPipeline, TokenizerError> {
+    let mut p = HfPipeline::new(SharedModel::new(t.get_model().clone()));
+    p.with_normalizer(t.get_normalizer().cloned())
+        .map_err(TokenizerError::Tokenizers)?;
+    p.with_pre_tokenizer(t.get_pre_tokenizer().cloned())
+        .with_post_processor(t.get_post_processor().cloned())
+        .with_decoder(t.get_decoder().cloned())
+        .with_added_vocabulary(t.get_added_vocabulary().clone())
+        .with_truncation(t.get_truncation().cloned())
+        .map_err(TokenizerError::Tokenizers)?
+        .with_padding(t.get_padding().cloned());
+    Ok(p)
+}
+
 /// A tokenizer shared by all requests of the worker. Cloning is cheap (one `Arc`).
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -104,19 +192,55 @@ pub struct TextTokenizer {
 #[derive(Clone)]
 struct Inner {
     /// Splits special tokens written in the text into their ids.
-    parse_special: Tokenizer,
+    parse_special: HfPipeline,
     /// Same pipeline with `encode_special_tokens`: special-token text is ordinary text.
-    literal: Tokenizer,
-    /// Piece per id; `None` for ids with no token (gaps in a `tokenizer.json`).
-    pieces: Vec<Option<Box<str>>>,
+    literal: HfPipeline,
+    /// Piece per id (empty for ids with no token).
+    pieces: PackedTable,
+    /// Whether an id has a token (`tokenizer.json` ids may have gaps).
+    known: Vec<bool>,
     /// Rendered bytes per id (for special tokens: their text).
-    bytes: Vec<Box<[u8]>>,
+    bytes: PackedTable,
     /// Special tokens are rendered only with `render_special`.
     special: Vec<bool>,
     bos: Option<u32>,
     eos: Option<u32>,
     strip_leading_space: bool,
     piece_encoding: PieceEncoding,
+}
+
+/// Byte strings indexed by token id, packed into one buffer. A heap block per token would cost
+/// more than the text itself: allocator overhead on 150k short strings, for each table.
+#[derive(Clone, Default)]
+struct PackedTable {
+    data: Vec<u8>,
+    /// `ends[id]`: where the id's string ends in `data`; it starts where the previous one ends.
+    ends: Vec<usize>,
+}
+
+impl PackedTable {
+    fn with_capacity(ids: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            ends: Vec::with_capacity(ids),
+        }
+    }
+
+    /// Appends the string of the next id.
+    fn push(&mut self, s: &[u8]) {
+        self.data.extend_from_slice(s);
+        self.ends.push(self.data.len());
+    }
+
+    fn get(&self, id: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(id)?;
+        let start = id.checked_sub(1).map_or(0, |prev| self.ends[prev]);
+        Some(&self.data[start..end])
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
 }
 
 impl fmt::Debug for TextTokenizer {
@@ -166,11 +290,11 @@ impl TextTokenizer {
     /// Load a HF `tokenizer.json` (with any `added_tokens_decoder` entries of
     /// `tokenizer_config.json` already merged into its `added_tokens`).
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, TokenizerError> {
-        let t = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+        let t = HfPipeline::from_file(path).map_err(|source| TokenizerError::Load {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_tokenizers(t)
+        Self::from_pipeline(t)
     }
 
     /// Wrap an existing HF tokenizer. Special tokens are its added tokens marked `special`; the
@@ -178,6 +302,10 @@ impl TextTokenizer {
     /// template post-processor when it adds them (override with
     /// [`with_special_token_ids`](Self::with_special_token_ids)).
     pub fn from_tokenizers(t: Tokenizer) -> Result<Self, TokenizerError> {
+        Self::from_pipeline(pipeline_from_tokenizer(&t)?)
+    }
+
+    fn from_pipeline(t: HfPipeline) -> Result<Self, TokenizerError> {
         let decoder = t
             .get_decoder()
             .and_then(|d| serde_json::to_value(d).ok())
@@ -211,7 +339,7 @@ impl TextTokenizer {
     }
 
     fn build(
-        tokenizer: Tokenizer,
+        tokenizer: HfPipeline,
         table: impl Fn(u32, &str) -> (Vec<u8>, bool),
         bos: Option<u32>,
         eos: Option<u32>,
@@ -228,16 +356,28 @@ impl TextTokenizer {
                 tokens: vocab.len(),
             });
         }
-        let mut pieces: Vec<Option<Box<str>>> = vec![None; size];
-        let mut bytes: Vec<Box<[u8]>> = vec![Box::default(); size];
-        let mut special = vec![false; size];
+        let mut by_id: Vec<Option<String>> = vec![None; size];
         for (piece, id) in vocab {
-            let i = id as usize;
-            let (b, s) = table(id, &piece);
-            bytes[i] = b.into_boxed_slice();
-            special[i] = s;
-            pieces[i] = Some(piece.into_boxed_str());
+            by_id[id as usize] = Some(piece);
         }
+        let mut pieces = PackedTable::with_capacity(size);
+        let mut bytes = PackedTable::with_capacity(size);
+        let mut known = vec![false; size];
+        let mut special = vec![false; size];
+        for (id, piece) in (0u32..).zip(by_id) {
+            let Some(piece) = piece else {
+                pieces.push(b"");
+                bytes.push(b"");
+                continue;
+            };
+            let (b, s) = table(id, &piece);
+            bytes.push(&b);
+            pieces.push(piece.as_bytes());
+            known[id as usize] = true;
+            special[id as usize] = s;
+        }
+        pieces.data.shrink_to_fit();
+        bytes.data.shrink_to_fit();
         let mut parse_special = tokenizer;
         parse_special.set_encode_special_tokens(false);
         let mut literal = parse_special.clone();
@@ -247,6 +387,7 @@ impl TextTokenizer {
                 parse_special,
                 literal,
                 pieces,
+                known,
                 bytes,
                 special,
                 bos: bos.filter(|&id| (id as usize) < size),
@@ -293,7 +434,7 @@ impl TextTokenizer {
         let mut out = Vec::with_capacity(ids.len() * 4);
         let mut first = true;
         for &id in ids {
-            if (id as usize) >= self.inner.bytes.len() || self.inner.pieces[id as usize].is_none() {
+            if !self.inner.known.get(id as usize).copied().unwrap_or(false) {
                 return Err(TokenizerError::UnknownTokenId(id));
             }
             let b = self.token_bytes(id, render_special);
@@ -330,7 +471,11 @@ impl TextTokenizer {
 
     /// The vocabulary piece of `id` (e.g. `Ġworld`, `▁world`, `<|im_end|>`).
     pub fn id_to_piece(&self, id: u32) -> Option<&str> {
-        self.inner.pieces.get(id as usize)?.as_deref()
+        if !*self.inner.known.get(id as usize)? {
+            return None;
+        }
+        // Packed from `&str`s, so always UTF-8.
+        std::str::from_utf8(self.inner.pieces.get(id as usize)?).ok()
     }
 
     /// One past the largest token id, added tokens included.
@@ -365,7 +510,7 @@ impl TextTokenizer {
     }
 
     /// The underlying HF tokenizer (special tokens parsed).
-    pub fn hf_tokenizer(&self) -> &Tokenizer {
+    pub fn hf_tokenizer(&self) -> &HfPipeline {
         &self.inner.parse_special
     }
 }
@@ -647,16 +792,43 @@ pub(crate) mod tests {
         t.token_to_id(piece).unwrap()
     }
 
+    /// `text` encodes (special tokens parsed) to the ids of `pieces` and decodes back to itself.
+    fn assert_round_trip(t: &TextTokenizer, text: &str, pieces: &[&str]) -> Vec<u32> {
+        let ids = t.encode(text, true).unwrap();
+        let want: Vec<u32> = pieces.iter().map(|piece| id(t, piece)).collect();
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(t.decode(&ids, false).unwrap(), text);
+        ids
+    }
+
     #[test]
     fn gpt2_encode_decode() {
         let t = gpt2();
-        let ids = t.encode("hello world", true).unwrap();
-        assert_eq!(ids, vec![id(&t, "hello"), id(&t, "Ġworld")]);
-        assert_eq!(t.decode(&ids, false).unwrap(), "hello world");
+        assert_round_trip(&t, "hello world", &["hello", "Ġworld"]);
         assert_eq!(t.token_bytes(id(&t, "Ġworld"), false), b" world");
         assert_eq!(t.id_to_piece(id(&t, "Ġworld")), Some("Ġworld"));
         assert_eq!(t.vocab_size(), tiny_gpt2().tokens.len());
         assert_eq!(t.piece_encoding(), PieceEncoding::ByteLevel);
+    }
+
+    #[test]
+    fn both_pipelines_share_one_model() {
+        // The model is most of a tokenizer's memory; a deep copy per pipeline doubled it.
+        let json = std::env::temp_dir().join(format!("tok-share-{}.json", std::process::id()));
+        super::super::gguf_tokenizer::tokenizer_from_gguf_vocab(&tiny_gpt2())
+            .unwrap()
+            .save(&json, false)
+            .unwrap();
+        for t in [
+            gpt2(),
+            llama(),
+            TextTokenizer::from_tokenizer_json(&json).unwrap(),
+            TextTokenizer::from_tokenizers(bpe_without_merges(&[("a", 0)])).unwrap(),
+        ] {
+            let (a, b) = (&t.inner.parse_special, &t.inner.literal);
+            assert!(Arc::ptr_eq(&a.get_model().0, &b.get_model().0));
+        }
+        std::fs::remove_file(json).unwrap();
     }
 
     #[test]
@@ -712,9 +884,7 @@ pub(crate) mod tests {
     #[test]
     fn llama_spm_encode_decode() {
         let t = llama();
-        let ids = t.encode("hello world", true).unwrap();
-        assert_eq!(ids, vec![id(&t, "▁hello"), id(&t, "▁world")]);
-        assert_eq!(t.decode(&ids, false).unwrap(), "hello world");
+        let ids = assert_round_trip(&t, "hello world", &["▁hello", "▁world"]);
         assert_eq!(t.token_bytes(ids[0], false), b" hello");
         assert!(t.strips_leading_space());
         // BOS is added (add_bos_token) and hidden unless rendered.
@@ -723,18 +893,8 @@ pub(crate) mod tests {
         assert_eq!(t.decode(&with_bos, false).unwrap(), "hello");
         assert_eq!(t.decode(&with_bos, true).unwrap(), "<s> hello");
         // Characters outside the vocabulary fall back to byte tokens.
-        let emoji = t.encode("😀", true).unwrap();
-        assert_eq!(emoji[0], id(&t, "▁"));
-        assert_eq!(
-            &emoji[1..],
-            &[
-                id(&t, "<0xF0>"),
-                id(&t, "<0x9F>"),
-                id(&t, "<0x98>"),
-                id(&t, "<0x80>")
-            ]
-        );
-        assert_eq!(t.decode(&emoji, false).unwrap(), "😀");
+        let bytes = ["▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"];
+        assert_round_trip(&t, "😀", &bytes);
         assert_eq!(t.token_bytes(id(&t, "<0x0A>"), false), b"\n");
     }
 
@@ -932,19 +1092,22 @@ pub(crate) mod tests {
         assert_eq!(piece_bytes("ĠaĊ", PieceEncoding::ByteLevel), b" a\n");
     }
 
-    #[test]
-    fn sparse_ids_are_rejected() {
-        use tokenizers::models::bpe::BPE;
-        let vocab: tokenizers::models::bpe::Vocab =
-            [("a".to_owned(), 0u32), ("b".to_owned(), 4_000_000_000)]
-                .into_iter()
-                .collect();
+    /// A Hugging Face BPE tokenizer over `vocab` without merges: each piece is one token.
+    pub(crate) fn bpe_without_merges(vocab: &[(&str, u32)]) -> Tokenizer {
+        use tokenizers::models::bpe::{BPE, Vocab};
+        let vocab: Vocab = vocab.iter().map(|&(p, id)| (p.to_owned(), id)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, vec![])
             .build()
             .unwrap();
+        Tokenizer::new(bpe)
+    }
+
+    #[test]
+    fn sparse_ids_are_rejected() {
+        let sparse = bpe_without_merges(&[("a", 0), ("b", 4_000_000_000)]);
         assert!(matches!(
-            TextTokenizer::from_tokenizers(Tokenizer::new(bpe)),
+            TextTokenizer::from_tokenizers(sparse),
             Err(TokenizerError::SparseIds { .. })
         ));
     }

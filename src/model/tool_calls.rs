@@ -167,25 +167,30 @@ pub struct ParsedReply {
 /// Parses a whole reply.
 pub fn parse_reply(format: ToolFormat, text: &str) -> ParsedReply {
     let mut stream = ToolCallStream::new(format);
-    let mut deltas = stream.push(text);
-    deltas.extend(stream.finish());
     let mut reply = ParsedReply::default();
-    for delta in deltas {
-        match delta {
-            ReplyDelta::Content(text) => reply.content.push_str(&text),
-            ReplyDelta::CallStart { id, name, .. } => reply.tool_calls.push(ToolCall {
-                id,
-                name,
-                arguments: String::new(),
-            }),
-            ReplyDelta::CallArguments { index, fragment } => {
-                if let Some(call) = reply.tool_calls.get_mut(index) {
-                    call.arguments.push_str(&fragment);
+    reply.extend(stream.push(text));
+    reply.extend(stream.finish());
+    reply
+}
+
+impl Extend<ReplyDelta> for ParsedReply {
+    fn extend<I: IntoIterator<Item = ReplyDelta>>(&mut self, deltas: I) {
+        for delta in deltas {
+            match delta {
+                ReplyDelta::Content(text) => self.content.push_str(&text),
+                ReplyDelta::CallStart { id, name, .. } => self.tool_calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments: String::new(),
+                }),
+                ReplyDelta::CallArguments { index, fragment } => {
+                    if let Some(call) = self.tool_calls.get_mut(index) {
+                        call.arguments.push_str(&fragment);
+                    }
                 }
             }
         }
     }
-    reply
 }
 
 /// One piece of streamed output. A call's `CallStart` comes before its `CallArguments`;
@@ -332,12 +337,7 @@ impl ToolCallStream {
             State::Start => {
                 let moved = self.hold_leading_whitespace();
                 if self.buf.is_empty() {
-                    if last {
-                        self.enter_content(out);
-                        return true;
-                    }
-                    self.state = State::Start;
-                    return moved;
+                    return self.wait_in(State::Start, moved, last, out);
                 }
                 if let Some(marker) = format.marker() {
                     if self.buf.starts_with(marker) {
@@ -355,15 +355,10 @@ impl ToolCallStream {
                 true
             }
             State::Content => self.step_content(last, out),
-            State::AfterMarker => {
+            state @ (State::AfterMarker | State::AfterSeparator) => {
                 let moved = self.hold_leading_whitespace();
                 if self.buf.is_empty() {
-                    if last {
-                        self.enter_content(out);
-                        return true;
-                    }
-                    self.state = State::AfterMarker;
-                    return moved;
+                    return self.wait_in(state, moved, last, out);
                 }
                 self.open_candidate_or_content(out);
                 true
@@ -384,19 +379,6 @@ impl ToolCallStream {
                 } else {
                     self.enter_content(out);
                 }
-                true
-            }
-            State::AfterSeparator => {
-                let moved = self.hold_leading_whitespace();
-                if self.buf.is_empty() {
-                    if last {
-                        self.enter_content(out);
-                        return true;
-                    }
-                    self.state = State::AfterSeparator;
-                    return moved;
-                }
-                self.open_candidate_or_content(out);
                 true
             }
             State::Response(scan) => self.step_response(scan, last, out),
@@ -422,6 +404,23 @@ impl ToolCallStream {
                 consumed > 0 || closed
             }
         }
+    }
+
+    /// A state that waits past whitespace for a call's first character has read all there is:
+    /// at the end what it held is content, otherwise it stays in `state`. The step's result.
+    fn wait_in(
+        &mut self,
+        state: State,
+        moved: bool,
+        last: bool,
+        out: &mut Vec<ReplyDelta>,
+    ) -> bool {
+        if last {
+            self.enter_content(out);
+            return true;
+        }
+        self.state = state;
+        moved
     }
 
     fn step_content(&mut self, last: bool, out: &mut Vec<ReplyDelta>) -> bool {
@@ -1191,81 +1190,78 @@ mod tests {
 
     // ---- whole-reply parsing ----
 
+    /// `text` parses, in `format`, to `content` and `calls`.
+    fn assert_reply(format: ToolFormat, text: &str, content: &str, calls: Vec<ToolCall>) {
+        let want = reply(content, calls);
+        assert_eq!(parse_reply(format, text), want, "{format:?} {text:?}");
+    }
+
+    /// Each of `texts` is, in `format`, content as it stands.
+    fn assert_content(format: ToolFormat, texts: &[&str]) {
+        for text in texts {
+            assert_reply(format, text, text, vec![]);
+        }
+    }
+
     #[test]
     fn hermes_calls_and_leading_content() {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 2}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, text),
-            reply(
-                "Let me check.",
-                vec![
-                    call(None, "get_weather", r#"{"city":"Paris","days":2}"#),
-                    call(None, "get_time", "{}"),
-                ]
-            )
+        let weather = call(None, "get_weather", r#"{"city":"Paris","days":2}"#);
+        let time = call(None, "get_time", "{}");
+        assert_reply(
+            ToolFormat::Hermes,
+            text,
+            "Let me check.",
+            vec![weather, time],
         );
     }
 
     #[test]
     fn hermes_tolerates_spacing_and_an_unterminated_last_block() {
         let text = "<tool_call>{\"name\":\"f\",\"arguments\":{\"a\":[1, 2]}}</tool_call>  <tool_call>\n\n  {\"name\": \"g\", \"arguments\": {\"b\": true}}  \n";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, text),
-            reply(
-                "",
-                vec![
-                    call(None, "f", r#"{"a":[1,2]}"#),
-                    call(None, "g", r#"{"b":true}"#)
-                ]
-            )
+        let (f, g) = (
+            call(None, "f", r#"{"a":[1,2]}"#),
+            call(None, "g", r#"{"b":true}"#),
         );
+        assert_reply(ToolFormat::Hermes, text, "", vec![f, g]);
         let partial_close = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, partial_close),
-            reply("", vec![call(None, "f", "{}")])
+        assert_reply(
+            ToolFormat::Hermes,
+            partial_close,
+            "",
+            vec![call(None, "f", "{}")],
         );
     }
 
     #[test]
     fn hermes_malformed_blocks_are_content() {
         let truncated = "Sure.\n<tool_call>\n{\"name\": \"f\", \"argum";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, truncated),
-            reply(truncated, vec![])
-        );
         let no_name = "<tool_call>{\"arguments\": {}}</tool_call>";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, no_name),
-            reply(no_name, vec![])
-        );
         let trailing_junk = "<tool_call>{\"name\": \"f\"} oops</tool_call>";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, trailing_junk),
-            reply(trailing_junk, vec![])
-        );
+        assert_content(ToolFormat::Hermes, &[truncated, no_name, trailing_junk]);
         // A bad block does not hide a good one after it; whitespace around a call is dropped.
         let then_good = "<tool_call>oops <tool_call>{\"name\": \"f\"}</tool_call> done";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, then_good),
-            reply("<tool_call>oopsdone", vec![call(None, "f", "{}")])
+        let f = call(None, "f", "{}");
+        assert_reply(
+            ToolFormat::Hermes,
+            then_good,
+            "<tool_call>oopsdone",
+            vec![f],
         );
     }
 
     #[test]
     fn hermes_string_arguments_and_closing_tag_inside_strings() {
         let text = "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}</tool_call>";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, text),
-            reply("", vec![call(None, "f", r#"{"x":1}"#)])
+        assert_reply(
+            ToolFormat::Hermes,
+            text,
+            "",
+            vec![call(None, "f", r#"{"x":1}"#)],
         );
         let tricky = "<tool_call>{\"name\": \"write\", \"arguments\": {\"text\": \"a } </tool_call> b\"}}</tool_call>";
-        assert_eq!(
-            parse_reply(ToolFormat::Hermes, tricky),
-            reply(
-                "",
-                vec![call(None, "write", r#"{"text":"a } </tool_call> b"}"#)]
-            )
-        );
+        let write = call(None, "write", r#"{"text":"a } </tool_call> b"}"#);
+        assert_reply(ToolFormat::Hermes, tricky, "", vec![write]);
     }
 
     #[test]
@@ -1276,48 +1272,47 @@ mod tests {
             ToolFormat::Mistral,
             ToolFormat::Generic,
         ] {
-            let text = "  The answer is 4 < 5, [see] {this}.\n";
-            assert_eq!(parse_reply(format, text), reply(text, vec![]), "{format:?}");
-            assert_eq!(parse_reply(format, ""), reply("", vec![]), "{format:?}");
+            assert_content(format, &["  The answer is 4 < 5, [see] {this}.\n", ""]);
         }
     }
 
     #[test]
     fn llama3_json_calls() {
-        let text = " {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, text),
-            reply("", vec![call(None, "get_weather", r#"{"city":"Paris"}"#)])
-        );
-        let typed = "{\"type\": \"function\", \"name\": \"f\", \"arguments\": {\"a\": 1}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, typed),
-            reply("", vec![call(None, "f", r#"{"a":1}"#)])
-        );
-        let tagged = "<|python_tag|>{\"name\": \"f\", \"parameters\": {}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, tagged),
-            reply("", vec![call(None, "f", "{}")])
-        );
-        let several =
-            "{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"g\", \"parameters\": {\"b\": 2}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, several),
-            reply(
+        let f = || call(None, "f", "{}");
+        for (text, content, calls) in [
+            (
+                " {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
                 "",
-                vec![call(None, "f", "{}"), call(None, "g", r#"{"b":2}"#)]
-            )
-        );
-        let mid_text_tag = "Calling now. <|python_tag|>{\"name\": \"f\", \"parameters\": {}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, mid_text_tag),
-            reply("Calling now.", vec![call(None, "f", "{}")])
-        );
+                vec![call(None, "get_weather", r#"{"city":"Paris"}"#)],
+            ),
+            (
+                "{\"type\": \"function\", \"name\": \"f\", \"arguments\": {\"a\": 1}}",
+                "",
+                vec![call(None, "f", r#"{"a":1}"#)],
+            ),
+            (
+                "<|python_tag|>{\"name\": \"f\", \"parameters\": {}}",
+                "",
+                vec![f()],
+            ),
+            (
+                "{\"name\": \"f\", \"parameters\": {}}; {\"name\": \"g\", \"parameters\": {\"b\": 2}}",
+                "",
+                vec![f(), call(None, "g", r#"{"b":2}"#)],
+            ),
+            (
+                "Calling now. <|python_tag|>{\"name\": \"f\", \"parameters\": {}}",
+                "Calling now.",
+                vec![f()],
+            ),
+        ] {
+            assert_reply(ToolFormat::Llama3Json, text, content, calls);
+        }
     }
 
     #[test]
     fn llama3_json_answers_that_are_not_calls_stay_content() {
-        for text in [
+        let texts = [
             "{\"name\": \"Bob\", \"age\": 3}",
             "{\"name\": \"Bob\"}",
             "{\"type\": \"person\", \"name\": \"Bob\", \"parameters\": {}}",
@@ -1325,108 +1320,71 @@ mod tests {
             "{}",
             "{\"name\": \"f\", \"parameters\": {}",
             "Sure: {\"name\": \"f\", \"parameters\": {}}",
-        ] {
-            assert_eq!(
-                parse_reply(ToolFormat::Llama3Json, text),
-                reply(text, vec![]),
-                "{text}"
-            );
-        }
+        ];
+        assert_content(ToolFormat::Llama3Json, &texts);
         let trailing = "{\"name\": \"f\", \"parameters\": {}}; and then";
-        assert_eq!(
-            parse_reply(ToolFormat::Llama3Json, trailing),
-            reply("; and then", vec![call(None, "f", "{}")])
-        );
+        let f = call(None, "f", "{}");
+        assert_reply(ToolFormat::Llama3Json, trailing, "; and then", vec![f]);
     }
 
     #[test]
     fn mistral_call_lists() {
         let text = "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": \"a1B2c3D4e\"}, {\"name\": \"g\", \"arguments\": {}}]";
-        let expected = reply(
-            "",
+        let calls = || {
             vec![
                 call(Some("a1B2c3D4e"), "get_weather", r#"{"city":"Paris"}"#),
                 call(None, "g", "{}"),
-            ],
-        );
-        assert_eq!(parse_reply(ToolFormat::Mistral, text), expected);
-        assert_eq!(
-            parse_reply(ToolFormat::Mistral, &format!("[TOOL_CALLS]{text}")),
-            expected
-        );
-        assert_eq!(
-            parse_reply(ToolFormat::Mistral, &format!("[TOOL_CALLS] {text}")),
-            expected
-        );
+            ]
+        };
+        for prefix in ["", "[TOOL_CALLS]", "[TOOL_CALLS] "] {
+            assert_reply(ToolFormat::Mistral, &format!("{prefix}{text}"), "", calls());
+        }
         let spaced = "\n [ {\"name\": \"f\", \"arguments\": {\"x\": \"y\"}} ]\n";
-        assert_eq!(
-            parse_reply(ToolFormat::Mistral, spaced),
-            reply("", vec![call(None, "f", r#"{"x":"y"}"#)])
-        );
-        for not_calls in [
+        let f = call(None, "f", r#"{"x":"y"}"#);
+        assert_reply(ToolFormat::Mistral, spaced, "", vec![f]);
+        let not_calls = [
             "[1, 2, 3]",
             "[{\"x\": 1}]",
             "[]",
             "[{\"name\": \"f\"",
             "[see below] ok",
-        ] {
-            assert_eq!(
-                parse_reply(ToolFormat::Mistral, not_calls),
-                reply(not_calls, vec![]),
-                "{not_calls}"
-            );
-        }
+        ];
+        assert_content(ToolFormat::Mistral, &not_calls);
     }
 
     #[test]
     fn generic_replies() {
         let calls = "{\"tool_calls\": [{\"name\": \"f\", \"arguments\": {\"a\": 1}}, {\"name\": \"g\", \"arguments\": {}, \"id\": \"call_1\"}]}";
-        assert_eq!(
-            parse_reply(ToolFormat::Generic, calls),
-            reply(
-                "",
-                vec![
-                    call(None, "f", r#"{"a":1}"#),
-                    call(Some("call_1"), "g", "{}")
-                ]
-            )
+        let (f, g) = (
+            call(None, "f", r#"{"a":1}"#),
+            call(Some("call_1"), "g", "{}"),
         );
+        assert_reply(ToolFormat::Generic, calls, "", vec![f, g]);
         let single = "{\"tool_call\": {\"name\": \"f\", \"arguments\": {}}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Generic, single),
-            reply("", vec![call(None, "f", "{}")])
-        );
+        assert_reply(ToolFormat::Generic, single, "", vec![call(None, "f", "{}")]);
         let response = " {\"response\": \"Hello \\\"you\\\"\\n\\u00e9\\ud83d\\ude00 \\/ done\"}\n";
-        assert_eq!(
-            parse_reply(ToolFormat::Generic, response),
-            reply("Hello \"you\"\né😀 / done", vec![])
+        assert_reply(
+            ToolFormat::Generic,
+            response,
+            "Hello \"you\"\né😀 / done",
+            vec![],
         );
         let json_response = "{\"response\": {\"a\": [1, 2]}}";
-        assert_eq!(
-            parse_reply(ToolFormat::Generic, json_response),
-            reply(r#"{"a":[1,2]}"#, vec![])
-        );
-        for content in [
+        assert_reply(ToolFormat::Generic, json_response, r#"{"a":[1,2]}"#, vec![]);
+        let content = [
             "{\"answer\": 4}",
             "{\"tool_calls\": []}",
             "Just text.",
             "{\"tool_calls\": [{\"name\": \"f\"",
-        ] {
-            assert_eq!(
-                parse_reply(ToolFormat::Generic, content),
-                reply(content, vec![]),
-                "{content}"
-            );
-        }
+        ];
+        assert_content(ToolFormat::Generic, &content);
     }
 
     #[test]
     fn generic_response_with_broken_escapes_is_kept_verbatim() {
         let text = "{\"response\": \"a\\qb \\u12 \\ud800x \\udc00 end";
-        assert_eq!(
-            parse_reply(ToolFormat::Generic, text),
-            reply("a\\qb \\u12 \u{FFFD}x \u{FFFD} end", vec![])
-        );
+        let kept = "a\\qb \\u12 \u{FFFD}x \u{FFFD} end";
+        assert_reply(ToolFormat::Generic, text, kept, vec![]);
     }
 
     // ---- streaming ----

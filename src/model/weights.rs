@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
 
 use super::ModelError;
 use super::gguf::{GgufFile, candle_dtype};
@@ -67,48 +68,30 @@ pub enum LayerWeight {
 }
 
 impl WeightName {
-    fn gguf_name(self) -> String {
-        use LayerWeight as L;
-        match self {
-            Self::TokenEmbedding => "token_embd.weight".into(),
-            Self::OutputNorm => "output_norm.weight".into(),
-            Self::Output => "output.weight".into(),
-            Self::RopeFreqs => "rope_freqs.weight".into(),
-            Self::RopeFactorsLong => "rope_factors_long.weight".into(),
-            Self::RopeFactorsShort => "rope_factors_short.weight".into(),
+    /// The tensor's name in llama.cpp's GGUF files (`blk.N.…` in a layer) and, when the
+    /// checkpoint has it as one tensor, in Hugging Face's (`model.layers.N.…`): each role's
+    /// two names on one line.
+    fn names(self) -> (String, Option<String>) {
+        let (gguf, hf) = match self {
+            Self::TokenEmbedding => ("token_embd.weight", Some("model.embed_tokens.weight")),
+            Self::OutputNorm => ("output_norm.weight", Some("model.norm.weight")),
+            Self::Output => ("output.weight", Some("lm_head.weight")),
+            Self::RopeFreqs => ("rope_freqs.weight", None),
+            Self::RopeFactorsLong => ("rope_factors_long.weight", None),
+            Self::RopeFactorsShort => ("rope_factors_short.weight", None),
             Self::Layer(i, w) => {
-                let suffix = match w {
-                    L::AttnNorm => "attn_norm.weight",
-                    L::Q => "attn_q.weight",
-                    L::K => "attn_k.weight",
-                    L::V => "attn_v.weight",
-                    L::Qkv => "attn_qkv.weight",
-                    L::O => "attn_output.weight",
-                    L::QBias => "attn_q.bias",
-                    L::KBias => "attn_k.bias",
-                    L::VBias => "attn_v.bias",
-                    L::QkvBias => "attn_qkv.bias",
-                    L::QNorm => "attn_q_norm.weight",
-                    L::KNorm => "attn_k_norm.weight",
-                    L::FfnNorm => "ffn_norm.weight",
-                    L::PostAttnNorm => "post_attention_norm.weight",
-                    L::PostFfnNorm => "post_ffw_norm.weight",
-                    L::Gate => "ffn_gate.weight",
-                    // llama.cpp stores Phi-3's fused gate+up projection as ffn_up.
-                    L::Up | L::GateUp => "ffn_up.weight",
-                    L::Down => "ffn_down.weight",
-                    L::Router => "ffn_gate_inp.weight",
-                    L::ExpertGate => "ffn_gate_exps.weight",
-                    L::ExpertUp => "ffn_up_exps.weight",
-                    L::ExpertDown => "ffn_down_exps.weight",
-                    L::SharedExpertGateInp => "ffn_gate_inp_shexp.weight",
-                    L::SharedGate => "ffn_gate_shexp.weight",
-                    L::SharedUp => "ffn_up_shexp.weight",
-                    L::SharedDown => "ffn_down_shexp.weight",
-                };
-                format!("blk.{i}.{suffix}")
+                let (gguf, hf) = w.name_suffixes();
+                return (
+                    format!("blk.{i}.{gguf}"),
+                    hf.map(|hf| format!("model.layers.{i}.{hf}")),
+                );
             }
-        }
+        };
+        (gguf.to_owned(), hf.map(str::to_owned))
+    }
+
+    fn gguf_name(self) -> String {
+        self.names().0
     }
 
     /// The Hugging Face names, the first found wins (Mixtral names its blocks apart from Qwen's
@@ -154,45 +137,60 @@ impl WeightName {
     }
 
     fn hf_name(self) -> Option<String> {
+        self.names().1
+    }
+}
+
+impl LayerWeight {
+    /// The role's name within a layer, in GGUF and in Hugging Face's checkpoints.
+    fn name_suffixes(self) -> (&'static str, Option<&'static str>) {
         use LayerWeight as L;
-        Some(match self {
-            Self::TokenEmbedding => "model.embed_tokens.weight".into(),
-            Self::OutputNorm => "model.norm.weight".into(),
-            Self::Output => "lm_head.weight".into(),
-            Self::RopeFreqs | Self::RopeFactorsLong | Self::RopeFactorsShort => return None,
-            Self::Layer(i, w) => {
-                let suffix = match w {
-                    L::AttnNorm => "input_layernorm.weight",
-                    L::Q => "self_attn.q_proj.weight",
-                    L::K => "self_attn.k_proj.weight",
-                    L::V => "self_attn.v_proj.weight",
-                    L::Qkv => "self_attn.qkv_proj.weight",
-                    L::O => "self_attn.o_proj.weight",
-                    L::QBias => "self_attn.q_proj.bias",
-                    L::KBias => "self_attn.k_proj.bias",
-                    L::VBias => "self_attn.v_proj.bias",
-                    L::QkvBias => "self_attn.qkv_proj.bias",
-                    L::QNorm => "self_attn.q_norm.weight",
-                    L::KNorm => "self_attn.k_norm.weight",
-                    L::FfnNorm => "post_attention_layernorm.weight",
-                    // Gemma's layout only (`hf_gemma_norm`): a llama layer has no such norms.
-                    L::PostAttnNorm | L::PostFfnNorm => return None,
-                    L::Gate => "mlp.gate_proj.weight",
-                    L::Up => "mlp.up_proj.weight",
-                    L::GateUp => "mlp.gate_up_proj.weight",
-                    L::Down => "mlp.down_proj.weight",
-                    L::Router => "mlp.gate.weight",
-                    // One tensor per expert (`hf_expert_names`).
-                    L::ExpertGate | L::ExpertUp | L::ExpertDown => return None,
-                    // `(1, hidden)` in the checkpoint.
-                    L::SharedExpertGateInp => "mlp.shared_expert_gate.weight",
-                    L::SharedGate => "mlp.shared_expert.gate_proj.weight",
-                    L::SharedUp => "mlp.shared_expert.up_proj.weight",
-                    L::SharedDown => "mlp.shared_expert.down_proj.weight",
-                };
-                format!("model.layers.{i}.{suffix}")
-            }
-        })
+        match self {
+            L::AttnNorm => ("attn_norm.weight", Some("input_layernorm.weight")),
+            L::Q => ("attn_q.weight", Some("self_attn.q_proj.weight")),
+            L::K => ("attn_k.weight", Some("self_attn.k_proj.weight")),
+            L::V => ("attn_v.weight", Some("self_attn.v_proj.weight")),
+            L::Qkv => ("attn_qkv.weight", Some("self_attn.qkv_proj.weight")),
+            L::O => ("attn_output.weight", Some("self_attn.o_proj.weight")),
+            L::QBias => ("attn_q.bias", Some("self_attn.q_proj.bias")),
+            L::KBias => ("attn_k.bias", Some("self_attn.k_proj.bias")),
+            L::VBias => ("attn_v.bias", Some("self_attn.v_proj.bias")),
+            L::QkvBias => ("attn_qkv.bias", Some("self_attn.qkv_proj.bias")),
+            L::QNorm => ("attn_q_norm.weight", Some("self_attn.q_norm.weight")),
+            L::KNorm => ("attn_k_norm.weight", Some("self_attn.k_norm.weight")),
+            L::FfnNorm => ("ffn_norm.weight", Some("post_attention_layernorm.weight")),
+            L::Gate => ("ffn_gate.weight", Some("mlp.gate_proj.weight")),
+            // llama.cpp stores Phi-3's fused gate+up projection as ffn_up.
+            L::Up => ("ffn_up.weight", Some("mlp.up_proj.weight")),
+            L::GateUp => ("ffn_up.weight", Some("mlp.gate_up_proj.weight")),
+            L::Down => ("ffn_down.weight", Some("mlp.down_proj.weight")),
+            L::Router => ("ffn_gate_inp.weight", Some("mlp.gate.weight")),
+            // `(1, hidden)` in the checkpoint.
+            L::SharedExpertGateInp => (
+                "ffn_gate_inp_shexp.weight",
+                Some("mlp.shared_expert_gate.weight"),
+            ),
+            L::SharedGate => (
+                "ffn_gate_shexp.weight",
+                Some("mlp.shared_expert.gate_proj.weight"),
+            ),
+            L::SharedUp => (
+                "ffn_up_shexp.weight",
+                Some("mlp.shared_expert.up_proj.weight"),
+            ),
+            L::SharedDown => (
+                "ffn_down_shexp.weight",
+                Some("mlp.shared_expert.down_proj.weight"),
+            ),
+            // No such Hugging Face tensor: Gemma's norms are named by the layer's layout
+            // (`hf_gemma_norm`; a llama layer has none), experts are one tensor each
+            // (`hf_expert_names`).
+            L::PostAttnNorm => ("post_attention_norm.weight", None),
+            L::PostFfnNorm => ("post_ffw_norm.weight", None),
+            L::ExpertGate => ("ffn_gate_exps.weight", None),
+            L::ExpertUp => ("ffn_up_exps.weight", None),
+            L::ExpertDown => ("ffn_down_exps.weight", None),
+        }
     }
 }
 
@@ -205,10 +203,11 @@ pub enum RawWeight {
 }
 
 /// A GGUF matrix used in place from the file's memory map: nothing is copied, the pages are
-/// read by the kernels as the forward needs them.
+/// read by the kernels as the forward needs them. It holds the map alone, not the parsed
+/// [`GgufFile`], whose metadata (the tokenizer's lists among it) is freed after loading.
 #[derive(Clone)]
 pub struct MappedMatrix {
-    file: Arc<GgufFile>,
+    map: Arc<Mmap>,
     offset: usize,
     len: usize,
     ty: WeightType,
@@ -222,7 +221,7 @@ impl MappedMatrix {
             ty: self.ty,
             rows: self.rows,
             cols: self.cols,
-            data: &self.file.map()[self.offset..self.offset + self.len],
+            data: &self.map[self.offset..self.offset + self.len],
         }
     }
 
@@ -249,20 +248,23 @@ impl RawWeight {
         match self {
             Self::Quantized(q) => q.dequantize(device),
             Self::Dense(t) => t.to_dtype(DType::F32),
-            Self::Mapped(m) => {
-                let w = m.matrix();
-                let mut out = vec![0f32; m.rows * m.cols];
-                for (r, row) in out.chunks_mut(m.cols).enumerate() {
-                    kernels::dequantize_row(&w, r, row).map_err(candle_core::Error::wrap)?;
-                }
-                Tensor::from_vec(out, (m.rows, m.cols), device)
-            }
+            Self::Mapped(m) => Tensor::from_vec(dequantize(&m.matrix())?, (m.rows, m.cols), device),
         }
     }
 }
 
+/// Every row of `w`, dequantized by the kernels' `dequantize_row`.
+fn dequantize(w: &QMatrix) -> candle_core::Result<Vec<f32>> {
+    let mut out = vec![0f32; w.rows * w.cols];
+    for (r, row) in out.chunks_mut(w.cols).enumerate() {
+        kernels::dequantize_row(w, r, row).map_err(candle_core::Error::wrap)?;
+    }
+    Ok(out)
+}
+
 /// A GGUF tensor's bytes as a weight: quantized blocks stay quantized, float types become dense
-/// tensors of `dense_dtype`.
+/// tensors of `dense_dtype`, and so do the quantized types Candle has no kernels for (IQ4_NL,
+/// IQ4_XS: dequantized here, exactly in f32).
 fn gguf_raw(
     ty: WeightType,
     bytes: &[u8],
@@ -270,7 +272,15 @@ fn gguf_raw(
     device: &Device,
     dense_dtype: DenseDType,
 ) -> candle_core::Result<RawWeight> {
-    let q = qtensor_from_ggml(candle_dtype(ty), bytes, shape.to_vec(), device)?;
+    let Some(dtype) = candle_dtype(ty) else {
+        let cols = shape.last().copied().unwrap_or(1);
+        let rows = shape.iter().product::<usize>() / cols.max(1);
+        let w = QMatrix::new(ty, rows, cols, bytes).map_err(candle_core::Error::wrap)?;
+        let t = Tensor::from_vec(dequantize(&w)?, shape, device)?
+            .to_dtype(dense_dtype.for_stored(DType::F32))?;
+        return Ok(RawWeight::Dense(t));
+    };
+    let q = qtensor_from_ggml(dtype, bytes, shape.to_vec(), device)?;
     if ty.block_size() > 1 {
         return Ok(RawWeight::Quantized(Arc::new(q)));
     }
@@ -305,6 +315,27 @@ impl DenseDType {
                 DType::BF16 => DType::BF16,
                 _ => DType::F16,
             },
+        }
+    }
+}
+
+/// How weights are loaded: onto `device`, dense matrices kept as `dense` says, and with
+/// `in_place` a GGUF matrix left in the memory map for the CPU kernels
+/// ([`RawWeight::Mapped`]: nothing copied, whatever its type).
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub device: &'a Device,
+    pub dense: DenseDType,
+    pub in_place: bool,
+}
+
+impl<'a> Placement<'a> {
+    /// As f32 tensors on `device`: norms, biases and the other vectors.
+    pub fn f32(device: &'a Device) -> Self {
+        Self {
+            device,
+            dense: DenseDType::Exactly(DType::F32),
+            in_place: false,
         }
     }
 }
@@ -373,28 +404,31 @@ impl WeightStore {
         }
     }
 
-    /// Loads a weight if present, checking its shape. Dense (unquantized) weights are kept as
-    /// `dense_dtype` says.
+    /// Loads a weight if present, checking its shape, as `at` says.
     pub fn load(
         &self,
         name: WeightName,
         expected_shape: &[usize],
-        device: &Device,
-        dense_dtype: DenseDType,
+        at: Placement<'_>,
     ) -> Result<Option<RawWeight>, ModelError> {
+        if at.in_place
+            && let Some(mapped) = self.mapped(name, expected_shape)?
+        {
+            return Ok(Some(mapped));
+        }
         let Some(file_name) = self.file_name(name) else {
             return Ok(None);
         };
-        self.load_named(file_name, expected_shape, device, dense_dtype)
+        self.load_named(file_name, expected_shape, at)
     }
 
     fn load_named(
         &self,
         file_name: String,
         expected_shape: &[usize],
-        device: &Device,
-        dense_dtype: DenseDType,
+        at: Placement<'_>,
     ) -> Result<Option<RawWeight>, ModelError> {
+        let (device, dense_dtype) = (at.device, at.dense);
         let source = self.source_name();
         let shape_error = |got: Vec<usize>| ModelError::ShapeMismatch {
             source_name: source.clone(),
@@ -456,45 +490,41 @@ impl WeightStore {
         }
     }
 
-    /// Loads a matrix for the CPU kernels: a GGUF tensor of a type they read stays in the memory
-    /// map; anything else loads as [`Self::load`] does.
-    pub fn load_in_place(
+    /// A GGUF matrix left in the memory map for the CPU kernels; `None` when the store has no
+    /// such matrix (safetensors, a vector, a missing tensor).
+    fn mapped(
         &self,
         name: WeightName,
         expected_shape: &[usize],
-        device: &Device,
-        dense_dtype: DenseDType,
     ) -> Result<Option<RawWeight>, ModelError> {
-        if let (Self::Gguf(file), [rows, cols]) = (self, expected_shape)
-            && let Some(info) = file.tensor_info(&name.gguf_name())
-        {
-            let ty = info.ty;
-            let shape = info.shape();
-            if shape != expected_shape {
-                return Err(ModelError::ShapeMismatch {
-                    source_name: self.source_name(),
-                    tensor: info.name.clone(),
-                    expected: expected_shape.to_vec(),
-                    got: shape,
-                });
-            }
-            return Ok(Some(RawWeight::Mapped(MappedMatrix {
-                file: file.clone(),
-                offset: info.offset,
-                len: info.n_bytes,
-                ty,
-                rows: *rows,
-                cols: *cols,
-            })));
+        let (Self::Gguf(file), [rows, cols]) = (self, expected_shape) else {
+            return Ok(None);
+        };
+        let Some(info) = file.tensor_info(&name.gguf_name()) else {
+            return Ok(None);
+        };
+        let shape = info.shape();
+        if shape != expected_shape {
+            return Err(ModelError::ShapeMismatch {
+                source_name: self.source_name(),
+                tensor: info.name.clone(),
+                expected: expected_shape.to_vec(),
+                got: shape,
+            });
         }
-        self.load(name, expected_shape, device, dense_dtype)
+        Ok(Some(RawWeight::Mapped(MappedMatrix {
+            map: file.map().clone(),
+            offset: info.offset,
+            len: info.n_bytes,
+            ty: info.ty,
+            rows: *rows,
+            cols: *cols,
+        })))
     }
 
-    /// Every expert's matrix of a stacked expert role (`rows × cols` each), in place when
-    /// `in_place` and the type is one our kernels read. A GGUF stores them as one
-    /// `(experts, rows, cols)` tensor whose experts are consecutive byte ranges; a safetensors
-    /// checkpoint as one tensor per expert.
-    #[allow(clippy::too_many_arguments)]
+    /// Every expert's matrix of a stacked expert role (`rows × cols` each), as `at` says. A
+    /// GGUF stores them as one `(experts, rows, cols)` tensor whose experts are consecutive byte
+    /// ranges; a safetensors checkpoint as one tensor per expert.
     pub fn require_experts(
         &self,
         layer: usize,
@@ -502,9 +532,7 @@ impl WeightStore {
         experts: usize,
         rows: usize,
         cols: usize,
-        device: &Device,
-        dense_dtype: DenseDType,
-        in_place: bool,
+        at: Placement<'_>,
     ) -> Result<Vec<RawWeight>, ModelError> {
         let name = WeightName::Layer(layer, which);
         let source = self.source_name();
@@ -528,9 +556,9 @@ impl WeightStore {
                 let bytes = file.tensor_bytes(info);
                 let mut out = Vec::new();
                 for e in 0..experts {
-                    let raw = match Some(info.ty).filter(|_| in_place) {
+                    let raw = match Some(info.ty).filter(|_| at.in_place) {
                         Some(ty) => RawWeight::Mapped(MappedMatrix {
-                            file: file.clone(),
+                            map: file.map().clone(),
                             offset: info.offset + e * per_expert,
                             len: per_expert,
                             ty,
@@ -541,8 +569,8 @@ impl WeightStore {
                             info.ty,
                             &bytes[e * per_expert..(e + 1) * per_expert],
                             &[rows, cols],
-                            device,
-                            dense_dtype,
+                            at.device,
+                            at.dense,
                         )
                         .map_err(|err| ModelError::Load {
                             source_name: source.clone(),
@@ -567,7 +595,7 @@ impl WeightStore {
                         })?
                         .clone();
                     let raw = self
-                        .load_named(file_name.clone(), &[rows, cols], device, dense_dtype)?
+                        .load_named(file_name.clone(), &[rows, cols], at)?
                         .ok_or_else(|| ModelError::MissingTensor {
                             source_name: source.clone(),
                             tensor: file_name,
@@ -584,28 +612,10 @@ impl WeightStore {
         &self,
         name: WeightName,
         expected_shape: &[usize],
-        device: &Device,
-        dense_dtype: DenseDType,
+        at: Placement<'_>,
     ) -> Result<RawWeight, ModelError> {
-        self.load(name, expected_shape, device, dense_dtype)?
+        self.load(name, expected_shape, at)?
             .ok_or_else(|| self.missing(name))
-    }
-
-    /// A matrix that must exist, in place when `in_place` (see [`Self::load_in_place`]).
-    pub fn require_matrix(
-        &self,
-        name: WeightName,
-        expected_shape: &[usize],
-        device: &Device,
-        dense_dtype: DenseDType,
-        in_place: bool,
-    ) -> Result<RawWeight, ModelError> {
-        let raw = if in_place {
-            self.load_in_place(name, expected_shape, device, dense_dtype)?
-        } else {
-            self.load(name, expected_shape, device, dense_dtype)?
-        };
-        raw.ok_or_else(|| self.missing(name))
     }
 
     fn missing(&self, name: WeightName) -> ModelError {

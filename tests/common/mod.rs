@@ -6,8 +6,9 @@
 //!   [`job_api`]: the job API's rules as test bodies, for the fake and the default model.
 //! - [`process`]: the real worker binary as a child process.
 //! - [`default_model`], [`conformance_rule`]: the default model and the llama.cpp comparison.
-//! - [`tiny_models`]: random tiny models written as safetensors and GGUF ([`gguf_writer`]);
-//!   [`families`]: one small GGUF per model family, as llama.cpp's converter names things.
+//! - [`tiny_models`]: random tiny models written as safetensors and GGUF ([`gguf_writer`],
+//!   [`iq4`] for the types Candle cannot quantize); [`families`]: one small GGUF per model
+//!   family, as llama.cpp's converter names things.
 
 #![allow(dead_code)]
 
@@ -18,6 +19,7 @@ pub mod fake_backend;
 pub mod families;
 pub mod gguf_writer;
 pub mod hf_twin;
+pub mod iq4;
 pub mod job_api;
 pub mod process;
 pub mod sse;

@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use llm_worker_rbee::generation::rng::Rng;
 use llm_worker_rbee::kernels::WeightType;
-use llm_worker_rbee::model::gguf::GgufValue;
+use llm_worker_rbee::model::gguf::{GgufValue, candle_dtype};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -519,6 +519,16 @@ pub fn gguf_writer_with(
     weights: &[NamedWeight],
     quant: impl Fn(&str) -> Option<GgmlDType>,
 ) -> GgufWriter {
+    gguf_writer_typed(spec, weights, |name| quant(name).map(ggml_type))
+}
+
+/// [`gguf_writer_with`] by GGUF type, so also the types Candle cannot quantize (IQ4_NL and
+/// IQ4_XS, quantized by [`super::iq4`]).
+pub fn gguf_writer_typed(
+    spec: &TinySpec,
+    weights: &[NamedWeight],
+    quant: impl Fn(&str) -> Option<WeightType>,
+) -> GgufWriter {
     let arch = spec.arch.gguf_arch();
     let mut w = GgufWriter::new();
     w.metadata("general.architecture", arch);
@@ -556,12 +566,16 @@ pub fn gguf_writer_with(
             values = permute_for_interleaved_rope(&values, nw.shape[0], nw.shape[1], spec.kv_heads);
         }
         match (quant(&name), nw.shape.len()) {
-            (Some(q), 2) => {
+            (Some(ty @ (WeightType::IQ4NL | WeightType::IQ4XS)), 2) => {
+                w.tensor(&name, &nw.shape, ty, super::iq4::quantize(ty, &values));
+            }
+            (Some(ty), 2) => {
+                let q = candle_dtype(ty).expect("a type Candle quantizes");
                 let t =
                     Tensor::from_vec(values, nw.shape.as_slice(), &Device::Cpu).expect("tensor");
                 let qt = QTensor::quantize(&t, q).expect("quantize");
                 let bytes = qt.data().expect("data").into_owned();
-                w.tensor(&name, &nw.shape, ggml_type(q), bytes);
+                w.tensor(&name, &nw.shape, ty, bytes);
             }
             _ => {
                 w.tensor_f32(&name, &nw.shape, &values);

@@ -24,13 +24,13 @@
 
 pub mod answer;
 pub mod chat;
-pub mod completions;
+pub(crate) mod completions;
 pub mod error;
 pub mod models;
 pub mod request;
 pub mod response;
-pub mod run;
-pub mod tools;
+pub(crate) mod run;
+pub(crate) mod tools;
 
 use std::sync::Arc;
 
