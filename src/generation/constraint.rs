@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
+use llguidance::earley::{BiasComputer, ParserRecognizer};
 use llguidance::toktrie::{
-    InferenceCapabilities, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv,
+    InferenceCapabilities, Recognizer, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv,
 };
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{Value, json};
@@ -119,8 +120,14 @@ pub struct ConstraintError(pub String);
 pub struct Grammars {
     tokenizer: Arc<TextTokenizer>,
     eog: Arc<[u32]>,
-    factory: OnceLock<Result<ParserFactory, String>>,
+    factory: OnceLock<Result<Factory, String>>,
     cache: Mutex<Cache>,
+}
+
+/// llguidance's parser factory and the one token trie it and every parser read.
+struct Factory {
+    parsers: ParserFactory,
+    env: Arc<TrieEnv>,
 }
 
 #[derive(Default)]
@@ -149,9 +156,10 @@ impl Grammars {
     }
 
     /// The parser factory, built by the first call. Not at model load: the trie takes about
-    /// 18 MB for a 128k vocabulary, which a worker that is never asked for structured output
-    /// should not hold; the first constrained request waits for it instead (about 0.15 s).
-    fn factory(&self) -> Result<&ParserFactory, ConstraintError> {
+    /// 4.5 MB for a 128k vocabulary (building it, about 17 MB more for a moment), which a
+    /// worker that is never asked for structured output should not hold; the first
+    /// constrained request waits for it instead (about 0.1 s).
+    fn factory(&self) -> Result<&Factory, ConstraintError> {
         self.factory
             .get_or_init(|| {
                 let built = build_factory(&self.tokenizer, &self.eog);
@@ -194,7 +202,11 @@ impl Grammars {
         }
         let grammar = spec.to_grammar().map_err(ConstraintError)?;
         let factory = self.factory()?;
-        let matcher = Matcher::new(factory.create_parser(grammar));
+        let matcher = Matcher::new(factory.parsers.create_parser(grammar).map(|mut parser| {
+            // Our trie computes the masks, not the factory's (see `build_factory`).
+            parser.bias_computer = factory.env.clone();
+            parser
+        }));
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError(first_line(&e)));
         }
@@ -228,7 +240,17 @@ fn first_line(e: &str) -> String {
 
 /// The token trie from our tokenizer's bytes: special tokens behind llguidance's marker byte
 /// (so no grammar can produce them by their text), every end-of-generation token as EOS.
-fn build_factory(tokenizer: &Arc<TextTokenizer>, eog: &[u32]) -> Result<ParserFactory, String> {
+///
+/// One trie serves everything. `ParserFactory::new` always builds a `SlicedBiasComputer`,
+/// which keeps two filtered copies of the trie it is given (`trie_with_children` and
+/// `trie_without_children` of its top slice, both the whole vocabulary when there are no
+/// slices: about 6 MB each for a 128k vocabulary, each built through a scratch tree of about
+/// 8 MB) and computes masks with the first. So the factory is built while our environment
+/// still shows a one-token stub (the copies are a few bytes), the real trie is put in after,
+/// and each parser computes its masks with [`TrieEnv`] instead: the same `add_bias` walk the
+/// slicer does without slices, over the same tokens. (Should a later llguidance read the
+/// slicer's copies directly, every mask would come out empty, which the constraint tests see.)
+fn build_factory(tokenizer: &Arc<TextTokenizer>, eog: &[u32]) -> Result<Factory, String> {
     let vocab = tokenizer.vocab_size();
     let words: Vec<Vec<u8>> = (0..vocab as u32)
         .map(|id| {
@@ -250,30 +272,42 @@ fn build_factory(tokenizer: &Arc<TextTokenizer>, eog: &[u32]) -> Result<ParserFa
         .ok_or("the model has no end-of-generation token")?;
     let mut info = TokRxInfo::new(vocab as u32, eos);
     info.tok_bos = tokenizer.bos_token_id();
-    let trie = TokTrie::from(&info, &words).with_eos_tokens(eog);
-    let env: TokEnv = Arc::new(TrieEnv {
-        trie,
+    let env = Arc::new(TrieEnv {
+        trie: OnceLock::new(),
+        stub: TokTrie::from(&TokRxInfo::new(1, 0), &[Vec::new()]),
         tokenizer: tokenizer.clone(),
     });
+    let shared: TokEnv = env.clone();
     // No token slices: llguidance's default JSON-string slices keep about a dozen filtered
     // copies of the trie (60 MB against 18 MB for a 128k vocabulary) to speed up masks inside
     // strings (p95 0.3 against 1.1 ms there), and masks are computed while the forward runs.
-    let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &[])
+    let mut parsers = ParserFactory::new(&shared, InferenceCapabilities::default(), &[])
         .map_err(|e| e.to_string())?;
-    factory.quiet();
-    Ok(factory)
+    parsers.quiet();
+    // The token bytes go before the copy that sets the end tokens (which also drops the
+    // spare capacity the build leaves), so that at most two large things are alive at once.
+    let trie = TokTrie::from(&info, &words);
+    drop(words);
+    let trie = trie.with_eos_tokens(eog);
+    if env.trie.set(trie).is_err() {
+        unreachable!("the trie is set once, here");
+    }
+    Ok(Factory { parsers, env })
 }
 
 /// llguidance's view of our tokenizer: the trie, and our encoder for the text it needs as
-/// tokens (forced prefixes).
+/// tokens (forced prefixes). It also computes every parser's masks, on that trie.
 struct TrieEnv {
-    trie: TokTrie,
+    /// Set right after the factory is built (see [`build_factory`]).
+    trie: OnceLock<TokTrie>,
+    /// What the factory sees while it is built.
+    stub: TokTrie,
     tokenizer: Arc<TextTokenizer>,
 }
 
 impl TokenizerEnv for TrieEnv {
     fn tok_trie(&self) -> &TokTrie {
-        &self.trie
+        self.trie.get().unwrap_or(&self.stub)
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
@@ -281,9 +315,26 @@ impl TokenizerEnv for TrieEnv {
             Ok(text) => self
                 .tokenizer
                 .encode(text, false)
-                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
-            Err(_) => self.trie.greedy_tokenize(s),
+                .unwrap_or_else(|_| self.tok_trie().greedy_tokenize(s)),
+            Err(_) => self.tok_trie().greedy_tokenize(s),
         }
+    }
+}
+
+/// What llguidance's slicer does without slices: the tokens whose bytes the lexer accepts,
+/// found by walking the trie.
+impl BiasComputer for TrieEnv {
+    fn compute_bias(&self, rec: &mut ParserRecognizer<'_>, start: &[u8]) -> SimpleVob {
+        let trie = self.tok_trie();
+        let mut set = trie.alloc_token_set();
+        if !rec.cancellation_requested() {
+            trie.add_bias(rec, &mut set, start);
+        }
+        set
+    }
+
+    fn trie(&self) -> &TokTrie {
+        self.tok_trie()
     }
 }
 

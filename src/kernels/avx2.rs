@@ -29,11 +29,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::formats::{
-    IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, KVALUES_IQ4NL, Q2K_BYTES, Q2K_D, Q2K_QS,
-    Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES,
-    Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES,
-    Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K,
-    iq4xs_scales, q3k_scale_words, round_f16, unpack_scales_mins_k4,
+    self, IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, KVALUES_IQ4NL, Q2K_BYTES, Q2K_D, Q2K_QS,
+    Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES,
+    Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scale_words, round_f16,
 };
 use super::matmul::{OutPtr, for_each_tile};
 use super::quantize::{Acts, GROUP};
@@ -67,6 +66,52 @@ impl TileArgs {
             bsums: acts.bsums.as_ptr(),
             x: acts.x.as_ptr(),
         }
+    }
+
+    /// Weight rows `j0..j0 + NR`.
+    ///
+    /// # Safety
+    /// The rows exist.
+    #[inline(always)]
+    pub(super) unsafe fn weight_rows<const NR: usize>(&self, j0: usize) -> [*const u8; NR] {
+        // SAFETY: the caller's.
+        std::array::from_fn(|j| unsafe { self.w.add((j0 + j) * self.rb) })
+    }
+
+    /// The quants of activation rows `i0..i0 + MR`.
+    ///
+    /// # Safety
+    /// The rows exist.
+    #[inline(always)]
+    pub(super) unsafe fn act_rows<const MR: usize>(&self, i0: usize) -> [*const i8; MR] {
+        // SAFETY: the caller's.
+        std::array::from_fn(|i| unsafe { self.qs.add((i0 + i) * self.cols) })
+    }
+
+    /// Where the scales (`scales`: `d` or `s`) of activation rows `i0..i0 + MR` start: block
+    /// `b`'s is `GROUP · b` further (4-row groups are interleaved per block).
+    ///
+    /// # Safety
+    /// The rows exist.
+    #[inline(always)]
+    pub(super) unsafe fn row_scales<const MR: usize>(
+        &self,
+        scales: *const f32,
+        i0: usize,
+    ) -> [*const f32; MR] {
+        let at = |row: usize| row / GROUP * self.nb * GROUP + row % GROUP;
+        // SAFETY: the caller's.
+        std::array::from_fn(|i| unsafe { scales.add(at(i0 + i)) })
+    }
+
+    /// Where the 16 block sums per super-block of activation rows `i0..i0 + MR` start.
+    ///
+    /// # Safety
+    /// The rows exist.
+    #[inline(always)]
+    pub(super) unsafe fn row_bsums<const MR: usize>(&self, i0: usize) -> [*const i16; MR] {
+        // SAFETY: the caller's.
+        std::array::from_fn(|i| unsafe { self.bsums.add((i0 + i) * self.nb * 16) })
     }
 }
 
@@ -282,7 +327,7 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE:
     // block pointer below stays inside its row: weight block b at b·bb (< rb), activation block
     // at b·32 (< cols), and the 4-row scale group at ((i0/4)·nb + b)·4 (< groups·nb·4).
     unsafe {
-        let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let wrow = t.weight_rows::<NR>(j0);
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
@@ -415,7 +460,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     // SAFETY: as in `tile_q4`, with blocks of `bb` bytes (see `signed_quants`).
     unsafe {
-        let wrow: [*const u8; NR] = std::array::from_fn(|j| t.w.add((j0 + j) * t.rb));
+        let wrow = t.weight_rows::<NR>(j0);
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
         let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
@@ -552,8 +597,8 @@ impl<const MR: usize> KRows<MR> {
         // SAFETY: the offsets stay inside the activation buffers for existing rows.
         unsafe {
             KRows {
-                y: std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols)),
-                bsums: std::array::from_fn(|i| t.bsums.add((i0 + i) * t.nb * 16)),
+                y: t.act_rows(i0),
+                bsums: t.row_bsums(i0),
                 d: t.d.add(i0 / GROUP * t.nb * GROUP),
                 nb: t.nb,
             }
@@ -638,11 +683,7 @@ pub(super) unsafe fn tile_k_rows<const MR: usize, const FIVE: bool, S: ScaledSum
     j0: usize,
     out: OutPtr,
 ) {
-    let (bb, sc_off, qs_off) = if FIVE {
-        (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
-    } else {
-        (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
-    };
+    let (bb, sc_off, qs_off) = formats::k4_layout(FIVE);
     // SAFETY: a super-block is `bb` bytes with the fields at the offsets of `formats`; the
     // rest is the caller's contract.
     unsafe {
@@ -652,8 +693,7 @@ pub(super) unsafe fn tile_k_rows<const MR: usize, const FIVE: bool, S: ScaledSum
                 blk as *const i32,
             )));
             let (dw, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            let packed = unpack_scales_mins_k4(std::slice::from_raw_parts(blk.add(sc_off), 12));
-            let sm = _mm_loadu_si128(packed.as_ptr() as *const __m128i);
+            let sm = k4_scales_mins(blk.add(sc_off));
             let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(sm));
             let mut hbits = if FIVE {
@@ -694,6 +734,30 @@ pub(super) unsafe fn tile_k_rows<const MR: usize, const FIVE: bool, S: ScaledSum
                 acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), mterm, acc[i]);
             }
         })
+    }
+}
+
+/// `formats::unpack_scales_mins_k4` in registers (a store then a wider load would miss store
+/// forwarding on every super-block): the 8 scales then the 8 mins of a Q4_K/Q5_K super-block
+/// as bytes, from the words w0, w1, w2 of its 12 packed bytes: [w0 & 0x3f.., (w2 & 0x0f..) |
+/// (w0 >> 2 & 0x30..), w1 & 0x3f.., (w2 >> 4 & 0x0f..) | (w1 >> 2 & 0x30..)].
+///
+/// # Safety
+/// 16 bytes are readable at `p` (the quants follow the 12); inlined into a function that
+/// enables AVX2.
+#[inline(always)]
+unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+    // SAFETY: the caller's.
+    unsafe {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let x = _mm_srlv_epi32(
+            _mm_shuffle_epi32::<0b10_01_10_00>(v),
+            _mm_set_epi32(4, 0, 0, 0),
+        );
+        let y = _mm_srli_epi32::<2>(_mm_shuffle_epi32::<0b01_01_00_00>(v));
+        let low = _mm_set_epi32(0x0f0f_0f0f, 0x3f3f_3f3f, 0x0f0f_0f0f, 0x3f3f_3f3f);
+        let high = _mm_set_epi32(0x3030_3030, 0, 0x3030_3030, 0);
+        _mm_or_si128(_mm_and_si128(x, low), _mm_and_si128(y, high))
     }
 }
 
@@ -1047,5 +1111,44 @@ pub(crate) unsafe fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> (f32, f32) {
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p);
         (round_f16(d), round_f16(d * sum as f32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-register Q4_K/Q5_K scale unpack equals the scalar one, on random packed bytes
+    /// (every 6-bit scale and min value) and on each byte value repeated.
+    #[test]
+    fn k4_scales_mins_matches_the_scalar_unpack() {
+        if !super::super::KernelPath::Avx2.is_available() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for case in 0..4096 {
+            let mut q = [0u8; 16];
+            for b in q.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = state as u8;
+            }
+            if case < 256 {
+                q[..12].fill(case as u8);
+            }
+            let want = formats::unpack_scales_mins_k4(&q[..12]);
+            let mut got = [0u8; 16];
+            // SAFETY: AVX2 is available (checked above); 16 bytes are readable at `q`.
+            unsafe { _mm_storeu_si128(got.as_mut_ptr() as *mut __m128i, unpack(q.as_ptr())) };
+            assert_eq!(got, want, "packed bytes {:02x?}", &q[..12]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(p: *const u8) -> __m128i {
+        // SAFETY: forwarded.
+        unsafe { k4_scales_mins(p) }
     }
 }

@@ -77,11 +77,10 @@ use super::avx2::{
     signed_block_bytes, signed_quants,
 };
 use super::formats::{
-    IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS, Q2K_SCALES,
-    Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS,
-    Q4K_SCALES, Q5_0_BYTES, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS,
-    Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales,
-    q3k_scales, unpack_scales_mins_k4,
+    self, IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS,
+    Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES,
+    Q5_0_BYTES, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL,
+    Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scales, unpack_scales_mins_k4,
 };
 use super::matmul::{OutPtr, for_each_tile};
 use super::quantize::{Acts, GROUP};
@@ -318,14 +317,8 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE:
     // block pointer stays inside its row: weight block b at b·bb (< rb), activation block at
     // b·32 (< cols), and the scales of block b at b·4 in their groups (< nb·4).
     unsafe {
-        let mut wrow = [t.w; NR];
-        for j in 0..NR {
-            wrow[j] = t.w.add((j0 + j) * t.rb);
-        }
-        let mut yrow = [t.qs; MR];
-        for i in 0..MR {
-            yrow[i] = t.qs.add((i0 + i) * t.cols);
-        }
+        let wrow = t.weight_rows::<NR>(j0);
+        let yrow = t.act_rows::<MR>(i0);
         let dx = RowScales::<MR>::new(t.d, t.nb, i0);
         let sx = RowScales::<MR>::new(t.s, t.nb, i0);
         let mut b0 = 0;
@@ -408,14 +401,8 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     let mut sc = [[[0f32; MR_MAX]; NR]; CHUNK];
     // SAFETY: as in `tile_q4`, with blocks of `bb` bytes (see `avx2::signed_quants`).
     unsafe {
-        let mut wrow = [t.w; NR];
-        for j in 0..NR {
-            wrow[j] = t.w.add((j0 + j) * t.rb);
-        }
-        let mut yrow = [t.qs; MR];
-        for i in 0..MR {
-            yrow[i] = t.qs.add((i0 + i) * t.cols);
-        }
+        let wrow = t.weight_rows::<NR>(j0);
+        let yrow = t.act_rows::<MR>(i0);
         let dx = RowScales::<MR>::new(t.d, t.nb, i0);
         let mut b0 = 0;
         while b0 < t.nb {
@@ -554,78 +541,30 @@ unsafe fn compute_wide(
     let t = TileArgs::new(w, acts);
     type Repack = unsafe fn(&TileArgs, usize, usize, *mut Line);
     type WideTile = unsafe fn(&TileArgs, *const Line, usize, usize, usize, OutPtr);
+    // One arm per kind: lines per block, the repack, and the tile for two and for one
+    // activation row (`$tile::<2, …>`, `$tile::<1, …>`).
+    macro_rules! wide {
+        ($lines:expr, $repack:expr, $tile:ident, $g:expr) => {
+            ($lines, $repack, $tile::<2, { $g }>, $tile::<1, { $g }>)
+        };
+    }
     let (lines_per_block, repack, tile2, tile1): (usize, Repack, WideTile, WideTile) = match kind {
-        WideKind::Q4_0 => (
-            WIDE_LINES,
-            repack::<0>,
-            tile_wide::<2, 0>,
-            tile_wide::<1, 0>,
-        ),
-        WideKind::Q4_1 => (
-            WIDE_LINES,
-            repack::<1>,
-            tile_wide::<2, 1>,
-            tile_wide::<1, 1>,
-        ),
-        WideKind::Q8_0 => (
-            WIDE_LINES,
-            repack::<2>,
-            tile_wide::<2, 2>,
-            tile_wide::<1, 2>,
-        ),
-        WideKind::Q5_0 => (
-            WIDE_LINES,
-            repack::<3>,
-            tile_wide::<2, 2>,
-            tile_wide::<1, 2>,
-        ),
-        WideKind::Q5_1 => (
-            WIDE_LINES,
-            repack::<4>,
-            tile_wide::<2, 1>,
-            tile_wide::<1, 1>,
-        ),
-        WideKind::IQ4NL => (
-            WIDE_LINES,
-            repack::<5>,
-            tile_wide::<2, 2>,
-            tile_wide::<1, 2>,
-        ),
-        WideKind::Q4K => (
-            WIDE_LINES_K,
-            repack_k::<false>,
-            tile_wide_k::<2, false>,
-            tile_wide_k::<1, false>,
-        ),
-        WideKind::Q5K => (
-            WIDE_LINES_K,
-            repack_k::<true>,
-            tile_wide_k::<2, false>,
-            tile_wide_k::<1, false>,
-        ),
-        WideKind::IQ4XS => (
-            WIDE_LINES_K,
-            repack_iq4xs,
-            tile_wide_k::<2, true>,
-            tile_wide_k::<1, true>,
-        ),
-        WideKind::Q6K => (
-            WIDE_LINES_Q6K,
-            repack_q6k,
-            tile_wide_g16::<2, G16_Q6K>,
-            tile_wide_g16::<1, G16_Q6K>,
-        ),
-        WideKind::Q3K => (
-            WIDE_LINES_Q23K,
-            repack_q23k::<true>,
-            tile_wide_g16::<2, G16_Q3K>,
-            tile_wide_g16::<1, G16_Q3K>,
-        ),
-        WideKind::Q2K => (
+        WideKind::Q4_0 => wide!(WIDE_LINES, repack::<0>, tile_wide, 0),
+        WideKind::Q4_1 => wide!(WIDE_LINES, repack::<1>, tile_wide, 1),
+        WideKind::Q8_0 => wide!(WIDE_LINES, repack::<2>, tile_wide, 2),
+        WideKind::Q5_0 => wide!(WIDE_LINES, repack::<3>, tile_wide, 2),
+        WideKind::Q5_1 => wide!(WIDE_LINES, repack::<4>, tile_wide, 1),
+        WideKind::IQ4NL => wide!(WIDE_LINES, repack::<5>, tile_wide, 2),
+        WideKind::Q4K => wide!(WIDE_LINES_K, repack_k::<false>, tile_wide_k, false),
+        WideKind::Q5K => wide!(WIDE_LINES_K, repack_k::<true>, tile_wide_k, false),
+        WideKind::IQ4XS => wide!(WIDE_LINES_K, repack_iq4xs, tile_wide_k, true),
+        WideKind::Q6K => wide!(WIDE_LINES_Q6K, repack_q6k, tile_wide_g16, G16_Q6K),
+        WideKind::Q3K => wide!(WIDE_LINES_Q23K, repack_q23k::<true>, tile_wide_g16, G16_Q3K),
+        WideKind::Q2K => wide!(
             WIDE_LINES_Q23K,
             repack_q23k::<false>,
-            tile_wide_g16::<2, G16_Q2K>,
-            tile_wide_g16::<1, G16_Q2K>,
+            tile_wide_g16,
+            G16_Q2K
         ),
     };
     REPACK.with_borrow_mut(|buf| {
@@ -813,15 +752,9 @@ unsafe fn tile_wide<const MR: usize, const K: u8>(
     // SAFETY: activation row i has cols quants at i·cols and its scales at
     // ((i/4)·nb + b)·4 + i%4; line 10b + 9 < nb·10 of `pack`.
     unsafe {
-        let mut yrow = [t.qs; MR];
-        let mut drow = [t.d; MR];
-        let mut srow = [t.s; MR];
-        for i in 0..MR {
-            let row = i0 + i;
-            yrow[i] = t.qs.add(row * t.cols);
-            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
-            srow[i] = t.s.add(row / GROUP * t.nb * GROUP + row % GROUP);
-        }
+        let yrow = t.act_rows::<MR>(i0);
+        let drow = t.row_scales::<MR>(t.d, i0);
+        let srow = t.row_scales::<MR>(t.s, i0);
         let mut b0 = 0;
         while b0 < t.nb {
             let nc = (t.nb - b0).min(CHUNK);
@@ -895,11 +828,7 @@ unsafe fn tile_wide<const MR: usize, const K: u8>(
 /// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let (bb, sc_off, qs_off) = if FIVE {
-        (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
-    } else {
-        (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
-    };
+    let (bb, sc_off, qs_off) = formats::k4_layout(FIVE);
     let m4 = _mm256_set1_epi8(0x0F);
     let m1 = _mm256_set1_epi8(0x01);
     // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 82b + 81 is
@@ -992,15 +921,9 @@ unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
     // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
     // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; line 82b + 81 < nb·82 of `pack`.
     unsafe {
-        let mut yrow = [t.qs; MR];
-        let mut drow = [t.d; MR];
-        let mut bsrow = [t.bsums; MR];
-        for i in 0..MR {
-            let row = i0 + i;
-            yrow[i] = t.qs.add(row * t.cols);
-            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
-            bsrow[i] = t.bsums.add(row * t.nb * 16);
-        }
+        let yrow = t.act_rows::<MR>(i0);
+        let drow = t.row_scales::<MR>(t.d, i0);
+        let bsrow = t.row_bsums::<MR>(i0);
         for b in 0..t.nb {
             let line = pack.add(b * WIDE_LINES_K);
             let dw = _mm512_load_ps(line.add(80) as *const f32);
@@ -1320,15 +1243,9 @@ unsafe fn tile_wide_g16<const MR: usize, const K: u8>(
     // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; the lines read of block b are
     // below nb·lines_per_block of `pack`.
     unsafe {
-        let mut yrow = [t.qs; MR];
-        let mut drow = [t.d; MR];
-        let mut bsrow = [t.bsums; MR];
-        for i in 0..MR {
-            let row = i0 + i;
-            yrow[i] = t.qs.add(row * t.cols);
-            drow[i] = t.d.add(row / GROUP * t.nb * GROUP + row % GROUP);
-            bsrow[i] = t.bsums.add(row * t.nb * 16);
-        }
+        let yrow = t.act_rows::<MR>(i0);
+        let drow = t.row_scales::<MR>(t.d, i0);
+        let bsrow = t.row_bsums::<MR>(i0);
         for b in 0..t.nb {
             let line = pack.add(b * lines_per_block);
             let dw = _mm512_load_ps(line.add(88) as *const f32);

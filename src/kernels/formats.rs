@@ -29,6 +29,16 @@ pub(crate) const Q5_0_QS: usize = 6;
 pub(crate) const Q5_1_QH: usize = 4;
 pub(crate) const Q5_1_QS: usize = 8;
 
+/// A Q4_K (`five` false) or Q5_K super-block: its size in bytes, where its 12 packed scale
+/// bytes start and where its nibbles start (Q5_K's 32 bytes of fifth bits sit between).
+pub(crate) const fn k4_layout(five: bool) -> (usize, usize, usize) {
+    if five {
+        (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
+    } else {
+        (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
+    }
+}
+
 // Field offsets inside the K-quant super-blocks.
 pub(crate) const Q2K_SCALES: usize = 0;
 pub(crate) const Q2K_QS: usize = 16;

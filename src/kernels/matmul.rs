@@ -241,7 +241,7 @@ unsafe fn compute(
 ) {
     match path {
         // SAFETY: forwarded contract.
-        KernelPath::Scalar => unsafe { scalar::compute(w, acts, a, r, out) },
+        KernelPath::Scalar => unsafe { scalar::compute(scalar::dot, w, acts, a, r, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C.
         KernelPath::Avx2 => unsafe { super::avx2::compute(w, acts, a, r, out) },
@@ -249,11 +249,11 @@ unsafe fn compute(
         // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C and AVX-512 F/BW/VL/VNNI.
         KernelPath::Avx512Vnni => unsafe { super::avx512::compute(w, acts, a, r, out) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: forwarded contract.
-        KernelPath::Neon => unsafe { super::neon::compute(w, acts, a, r, out) },
+        // SAFETY: forwarded contract; NEON is part of aarch64.
+        KernelPath::Neon => unsafe { scalar::compute(super::neon::dot, w, acts, a, r, out) },
         // Unreachable: `is_available` was checked before quantizing.
         #[allow(unreachable_patterns)]
-        _ => unsafe { scalar::compute(w, acts, a, r, out) },
+        _ => unsafe { scalar::compute(scalar::dot, w, acts, a, r, out) },
     }
 }
 

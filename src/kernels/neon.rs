@@ -7,39 +7,20 @@
 // needed on some, redundant on others.
 #![allow(unused_unsafe)]
 
-use std::ops::Range;
-
 #[cfg(target_arch = "aarch64")]
 use std::arch::aarch64::*;
 
 #[cfg(not(target_arch = "aarch64"))]
 use super::neon_emu::*;
 
+use super::WeightType;
 use super::formats::{
     self, IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, KVALUES_IQ4NL, Q2K_BYTES, Q2K_D, Q2K_DMIN,
     Q2K_QS, Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES,
-    Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS,
-    Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES,
-    Q8_0_BYTES, QK, QK_K, f16_at,
+    Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH,
+    Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
 };
-use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
-use super::{QMatrix, WeightType};
-
-/// Computes `out[i, j]` for activation rows `a` × weight rows `r`.
-///
-/// # Safety
-/// `out` is exclusively ours for `a × r`; `acts` was quantized for `w.ty`.
-pub(crate) unsafe fn compute(
-    w: &QMatrix,
-    acts: &Acts,
-    a: Range<usize>,
-    r: Range<usize>,
-    out: OutPtr,
-) {
-    // SAFETY: forwarded contract; NEON is part of aarch64 (and emulated in tests elsewhere).
-    unsafe { super::scalar::compute_with(dot, w, acts, a, r, out) }
-}
 
 /// `Σ w·x` of a row of 16-bit floats (`at(wr, byte offset)` reads one: F16 or BF16) with f32
 /// activations `x`, four lanes at a time.
@@ -106,7 +87,7 @@ fn dot32(lo: int8x16_t, hi: int8x16_t, y: &[i8]) -> i32 {
 }
 
 /// Dot product of weight row `wr` with activation row `i`.
-fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
+pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
     let cols = acts.cols;
     let qs: &[i8] = if acts.kind == ActKind::F32 {
         &[]
@@ -301,11 +282,7 @@ fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
             }
             WeightType::Q4K | WeightType::Q5K => {
                 let five = ty == WeightType::Q5K;
-                let (bb, sc_off, qs_off) = if five {
-                    (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
-                } else {
-                    (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
-                };
+                let (bb, sc_off, qs_off) = formats::k4_layout(five);
                 let (m1, m2) = (vdupq_n_u8(1), vdupq_n_u8(2));
                 let mut sumf = 0f32;
                 for (b, blk) in wr.chunks_exact(bb).enumerate() {
@@ -400,17 +377,13 @@ mod tests {
     use crate::kernels::matmul::OutPtr;
     use crate::kernels::quantize::{ActKind, ActivationScratch, quantize};
     use crate::kernels::testutil::{self, Rng};
-    use crate::kernels::{KernelPath, ThreadPool, scalar};
+    use crate::kernels::{KernelPath, QMatrix, ThreadPool, scalar};
 
-    fn run(
-        f: unsafe fn(&QMatrix, &Acts, Range<usize>, Range<usize>, OutPtr),
-        w: &QMatrix,
-        acts: &Acts,
-    ) -> Vec<f32> {
+    fn run(dot: scalar::RowDot, w: &QMatrix, acts: &Acts) -> Vec<f32> {
         let mut out = vec![f32::NAN; acts.m * w.rows];
         let o = OutPtr::new(&mut out, acts.m, w.rows);
-        // SAFETY: single thread, whole output.
-        unsafe { f(w, acts, 0..acts.m, 0..w.rows, o) };
+        // SAFETY: single thread, whole output; the NEON dot runs emulated off aarch64.
+        unsafe { scalar::compute(dot, w, acts, 0..acts.m, 0..w.rows, o) };
         out
     }
 
@@ -441,8 +414,8 @@ mod tests {
                     cols,
                     &mut scratch,
                 );
-                let want = run(scalar::compute, &w, &acts);
-                let got = run(compute, &w, &acts);
+                let want = run(scalar::dot, &w, &acts);
+                let got = run(dot, &w, &acts);
                 for i in 0..m {
                     for j in 0..rows {
                         let tol = 1e-5 * testutil::magnitude(&w, &wf, &x, i, j) + 1e-6;

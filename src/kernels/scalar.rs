@@ -8,35 +8,24 @@ use std::ops::Range;
 
 use super::formats::{
     self, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_SCALES, Q3K_BYTES,
-    Q3K_D, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q4K_BYTES, Q4K_QS, Q4K_SCALES, Q5_0_QH, Q5_0_QS,
-    Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_BYTES, Q5K_QH, Q5K_QS, Q5K_SCALES, Q6K_BYTES, Q6K_D, Q6K_QH,
-    Q6K_QL, Q6K_SCALES, QK, QK_K, f16_at,
+    Q3K_D, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS,
+    Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
 use super::quantize::{ActKind, Acts};
 use super::{QMatrix, WeightType};
 
-/// Computes `out[i, j]` for activation rows `a` and weight rows `r`.
-///
-/// # Safety
-/// `out` must be valid for every `(i, j)` in `a × r`, with no other thread writing them.
-pub(crate) unsafe fn compute(
-    w: &QMatrix,
-    acts: &Acts,
-    a: Range<usize>,
-    r: Range<usize>,
-    out: OutPtr,
-) {
-    // SAFETY: forwarded contract.
-    unsafe { compute_with(dot, w, acts, a, r, out) }
-}
+/// A row-by-row dot product: weight row `wr` (of type `ty`) with activation row `i` ([`dot`],
+/// or NEON's).
+pub(crate) type RowDot = fn(WeightType, &[u8], &Acts, usize) -> f32;
 
-/// [`compute`] with another row-by-row dot product (NEON's).
+/// Computes `out[i, j]` for activation rows `a` and weight rows `r`, one `dot` per pair.
 ///
 /// # Safety
-/// As [`compute`]; `dot` can run on this CPU.
-pub(crate) unsafe fn compute_with(
-    dot: fn(WeightType, &[u8], &Acts, usize) -> f32,
+/// `out` must be valid for every `(i, j)` in `a × r`, with no other thread writing them; `dot`
+/// can run on this CPU.
+pub(crate) unsafe fn compute(
+    dot: RowDot,
     w: &QMatrix,
     acts: &Acts,
     a: Range<usize>,
@@ -185,11 +174,7 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
         }
         WeightType::Q4K | WeightType::Q5K => {
             let five = ty == WeightType::Q5K;
-            let (bb, sc_off, qs_off) = if five {
-                (Q5K_BYTES, Q5K_SCALES, Q5K_QS)
-            } else {
-                (Q4K_BYTES, Q4K_SCALES, Q4K_QS)
-            };
+            let (bb, sc_off, qs_off) = formats::k4_layout(five);
             let mut sumf = 0f32;
             for (b, blk) in wr.chunks_exact(bb).enumerate() {
                 let y = &qs[b * QK_K..(b + 1) * QK_K];
