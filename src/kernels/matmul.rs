@@ -529,14 +529,15 @@ mod tests {
         crate::kernels::matmul(&pool, &w, &[], 0, &mut [], &mut scratch).unwrap();
         #[cfg(target_arch = "x86_64")]
         assert!(matches!(
-            crate::kernels::matmul_with_path(
+            matmul(
                 KernelPath::Neon,
                 &pool,
                 &w,
                 &[0.0; 32],
                 1,
                 &mut out,
-                &mut scratch
+                &mut scratch,
+                DEFAULT_MIN_PARALLEL_BYTES
             ),
             Err(KernelError::PathUnavailable(KernelPath::Neon))
         ));
@@ -607,24 +608,25 @@ mod tests {
         }
     }
 
+    /// Q5_0, Q5_1, Q3_K, Q2_K and BF16 blocks made by Candle's quantizer (its own encoding
+    /// choices), as `check_against_candle`.
     #[test]
-    fn q5_blocks_from_candle_dequantize_identically_and_multiply_within_bound() {
+    fn candle_blocks_dequantize_identically_and_multiply_within_bound() {
         use candle_core::quantized::GgmlDType;
-        let mut rng = Rng::new(55);
-        let shapes = [(1usize, 32usize), (7, 64), (33, 96), (65, 896)];
-        check_against_candle(WeightType::Q5_0, GgmlDType::Q5_0, &shapes, &mut rng);
-        check_against_candle(WeightType::Q5_1, GgmlDType::Q5_1, &shapes, &mut rng);
-    }
-
-    #[test]
-    fn q2k_q3k_bf16_from_candle_dequantize_identically_and_multiply_within_bound() {
-        use candle_core::quantized::GgmlDType;
-        let mut rng = Rng::new(56);
-        let shapes = [(1usize, 256usize), (7, 512), (33, 768), (65, 1024)];
-        check_against_candle(WeightType::Q3K, GgmlDType::Q3K, &shapes, &mut rng);
-        check_against_candle(WeightType::Q2K, GgmlDType::Q2K, &shapes, &mut rng);
+        let blocks32 = [(1usize, 32usize), (7, 64), (33, 96), (65, 896)];
+        let blocks256 = [(1usize, 256usize), (7, 512), (33, 768), (65, 1024)];
         let dense = [(1usize, 1usize), (7, 33), (33, 100), (65, 576)];
-        check_against_candle(WeightType::BF16, GgmlDType::BF16, &dense, &mut rng);
+        type Shapes<'a> = &'a [(usize, usize)];
+        let cases: [(WeightType, GgmlDType, Shapes, u64); 5] = [
+            (WeightType::Q5_0, GgmlDType::Q5_0, &blocks32, 55),
+            (WeightType::Q5_1, GgmlDType::Q5_1, &blocks32, 155),
+            (WeightType::Q3K, GgmlDType::Q3K, &blocks256, 56),
+            (WeightType::Q2K, GgmlDType::Q2K, &blocks256, 156),
+            (WeightType::BF16, GgmlDType::BF16, &dense, 256),
+        ];
+        for (ty, candle_ty, shapes, seed) in cases {
+            check_against_candle(ty, candle_ty, shapes, &mut Rng::new(seed));
+        }
     }
 
     /// Activations in runs of all −3, all 2.5 or small mixed values, `run(k)` choosing for index

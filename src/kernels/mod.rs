@@ -334,14 +334,20 @@ impl KernelPath {
     }
 }
 
+/// Every path with its name (in `LLM_WORKER_CPU_KERNELS`, the log and `/info`).
+const PATH_NAMES: [(KernelPath, &str); 4] = [
+    (KernelPath::Scalar, "scalar"),
+    (KernelPath::Avx2, "avx2"),
+    (KernelPath::Avx512Vnni, "avx512vnni"),
+    (KernelPath::Neon, "neon"),
+];
+
 impl fmt::Display for KernelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            KernelPath::Scalar => "scalar",
-            KernelPath::Avx2 => "avx2",
-            KernelPath::Avx512Vnni => "avx512vnni",
-            KernelPath::Neon => "neon",
-        };
+        let (_, name) = PATH_NAMES
+            .iter()
+            .find(|(p, _)| p == self)
+            .unwrap_or(&PATH_NAMES[0]);
         f.write_str(name)
     }
 }
@@ -384,22 +390,20 @@ pub fn detect() -> KernelPath {
         let Ok(wanted) = std::env::var("LLM_WORKER_CPU_KERNELS") else {
             return fastest;
         };
-        [
-            KernelPath::Scalar,
-            KernelPath::Avx2,
-            KernelPath::Avx512Vnni,
-            KernelPath::Neon,
-        ]
-        .into_iter()
-        .find(|p| p.to_string() == wanted.trim() && p.is_available())
-        .unwrap_or_else(|| {
-            tracing::warn!(
-                requested = %wanted,
-                using = %fastest,
-                "LLM_WORKER_CPU_KERNELS names no kernel path available on this CPU"
-            );
-            fastest
-        })
+        PATH_NAMES
+            .into_iter()
+            .find(|(p, name)| *name == wanted.trim() && p.is_available())
+            .map_or_else(
+                || {
+                    tracing::warn!(
+                        requested = %wanted,
+                        using = %fastest,
+                        "LLM_WORKER_CPU_KERNELS names no kernel path available on this CPU"
+                    );
+                    fastest
+                },
+                |(p, _)| p,
+            )
     })
 }
 
@@ -483,29 +487,8 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut ActivationScratch,
 ) -> Result<(), KernelError> {
-    matmul_with_path(detect(), pool, w, x, m, out, scratch)
-}
-
-/// [`matmul()`] on a chosen path (for tests and benchmarks).
-pub fn matmul_with_path(
-    path: KernelPath,
-    pool: &ThreadPool,
-    w: &QMatrix,
-    x: &[f32],
-    m: usize,
-    out: &mut [f32],
-    scratch: &mut ActivationScratch,
-) -> Result<(), KernelError> {
-    matmul::matmul(
-        path,
-        pool,
-        w,
-        x,
-        m,
-        out,
-        scratch,
-        matmul::DEFAULT_MIN_PARALLEL_BYTES,
-    )
+    let min = matmul::DEFAULT_MIN_PARALLEL_BYTES;
+    matmul::matmul(detect(), pool, w, x, m, out, scratch, min)
 }
 
 /// Several matrices with the same input `x` (`m × cols`, `cols` shared), e.g. the q, k and v

@@ -20,7 +20,7 @@ use super::formats::{
     Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH,
     Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, f16_at,
 };
-use super::quantize::{ActKind, Acts};
+use super::quantize::Acts;
 
 /// `Σ w·x` of a row of 16-bit floats (`at(wr, byte offset)` reads one: F16 or BF16) with f32
 /// activations `x`, four lanes at a time.
@@ -89,11 +89,7 @@ fn dot32(lo: int8x16_t, hi: int8x16_t, y: &[i8]) -> i32 {
 /// Dot product of weight row `wr` with activation row `i`.
 pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
     let cols = acts.cols;
-    let qs: &[i8] = if acts.kind == ActKind::F32 {
-        &[]
-    } else {
-        &acts.qs[i * cols..(i + 1) * cols]
-    };
+    let qs = acts.row_quants(i);
     // SAFETY: register-only intrinsics; every load goes through the bounds-checked helpers.
     unsafe {
         let m4 = vdupq_n_u8(0x0F);
@@ -375,9 +371,9 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
 mod tests {
     use super::*;
     use crate::kernels::matmul::OutPtr;
-    use crate::kernels::quantize::{ActKind, ActivationScratch, quantize};
+    use crate::kernels::quantize::ActivationScratch;
     use crate::kernels::testutil::{self, Rng};
-    use crate::kernels::{KernelPath, QMatrix, ThreadPool, scalar};
+    use crate::kernels::{QMatrix, scalar};
 
     fn run(dot: scalar::RowDot, w: &QMatrix, acts: &Acts) -> Vec<f32> {
         let mut out = vec![f32::NAN; acts.m * w.rows];
@@ -392,7 +388,6 @@ mod tests {
     #[test]
     fn neon_matches_scalar_reference() {
         let mut rng = Rng::new(21);
-        let pool = ThreadPool::new(1);
         for ty in WeightType::ALL {
             for &(rows, cols, m) in &[(3usize, 256usize, 2usize), (5, 512, 3), (1, 1536, 1)] {
                 let cols = if matches!(ty, WeightType::F32 | WeightType::F16 | WeightType::BF16) {
@@ -405,15 +400,7 @@ mod tests {
                 let wf = testutil::dequantize_all(&w);
                 let x = testutil::random_activations(&mut rng, m * cols);
                 let mut scratch = ActivationScratch::default();
-                let acts = quantize(
-                    ActKind::for_weights(ty),
-                    KernelPath::Scalar,
-                    &pool,
-                    &x,
-                    m,
-                    cols,
-                    &mut scratch,
-                );
+                let acts = testutil::scalar_acts(ty, &x, m, cols, &mut scratch);
                 let want = run(scalar::dot, &w, &acts);
                 let got = run(dot, &w, &acts);
                 for i in 0..m {

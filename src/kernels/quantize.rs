@@ -87,6 +87,15 @@ impl Acts<'_> {
     pub(crate) fn scale_index(&self, row: usize, b: usize) -> usize {
         ((row / GROUP) * self.nb + b) * GROUP + row % GROUP
     }
+
+    /// Row `i`'s quants (none when the activations stay f32).
+    pub(crate) fn row_quants(&self, i: usize) -> &[i8] {
+        if self.kind == ActKind::F32 {
+            &[]
+        } else {
+            &self.qs[i * self.cols..(i + 1) * self.cols]
+        }
+    }
 }
 
 fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) {

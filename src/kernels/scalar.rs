@@ -12,7 +12,7 @@ use super::formats::{
     Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL, Q6K_SCALES, QK, QK_K, f16_at,
 };
 use super::matmul::OutPtr;
-use super::quantize::{ActKind, Acts};
+use super::quantize::Acts;
 use super::{QMatrix, WeightType};
 
 /// A row-by-row dot product: weight row `wr` (of type `ty`) with activation row `i` ([`dot`],
@@ -46,11 +46,7 @@ pub(crate) unsafe fn compute(
 /// Dot product of weight row `wr` with activation row `i`.
 pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
     let cols = acts.cols;
-    let qs: &[i8] = if acts.kind == ActKind::F32 {
-        &[]
-    } else {
-        &acts.qs[i * cols..(i + 1) * cols]
-    };
+    let qs = acts.row_quants(i);
     match ty {
         WeightType::F32 => {
             let x = &acts.x[i * cols..(i + 1) * cols];
@@ -246,16 +242,14 @@ pub(crate) fn dot(ty: WeightType, wr: &[u8], acts: &Acts, i: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::quantize::{ActivationScratch, quantize};
+    use crate::kernels::quantize::{ActKind, ActivationScratch};
     use crate::kernels::testutil::{self, Rng};
-    use crate::kernels::{KernelPath, ThreadPool};
 
     /// The integer reference against dequantize + dot on the dequantized activations: equal up
     /// to float rounding, which checks the block decoding of every format.
     #[test]
     fn reference_dot_equals_dequantized_dot() {
         let mut rng = Rng::new(11);
-        let pool = ThreadPool::new(1);
         for ty in WeightType::ALL {
             let cols = 2 * ty.block_size().max(256);
             let data = testutil::random_weights(&mut rng, ty, 3, cols);
@@ -263,15 +257,7 @@ mod tests {
             let wf = testutil::dequantize_all(&w);
             let x = testutil::random_activations(&mut rng, 2 * cols);
             let mut scratch = ActivationScratch::default();
-            let acts = quantize(
-                ActKind::for_weights(ty),
-                KernelPath::Scalar,
-                &pool,
-                &x,
-                2,
-                cols,
-                &mut scratch,
-            );
+            let acts = testutil::scalar_acts(ty, &x, 2, cols, &mut scratch);
             let xq = dequantized_activations(&acts);
             for i in 0..2 {
                 for j in 0..3 {

@@ -2,6 +2,8 @@
 //! dequantize + naive f32 reference matmul.
 
 use super::formats::{self, QK, QK_K};
+use super::pool::ThreadPool;
+use super::quantize::{ActKind, ActivationScratch, Acts, quantize};
 use super::{KernelPath, QMatrix, WeightType};
 
 /// SplitMix64: tiny, fixed-seed, good enough to fill test data.
@@ -136,6 +138,20 @@ pub(crate) fn available_paths() -> Vec<KernelPath> {
     .into_iter()
     .filter(|p| p.is_available())
     .collect()
+}
+
+/// `x` (`m` rows of `cols`) quantized as the kernels for `ty` take it, by the scalar path on one
+/// thread.
+pub(crate) fn scalar_acts<'a>(
+    ty: WeightType,
+    x: &'a [f32],
+    m: usize,
+    cols: usize,
+    scratch: &'a mut ActivationScratch,
+) -> Acts<'a> {
+    let pool = ThreadPool::new(1);
+    let kind = ActKind::for_weights(ty);
+    quantize(kind, KernelPath::Scalar, &pool, x, m, cols, scratch)
 }
 
 pub(crate) fn random_activations(rng: &mut Rng, n: usize) -> Vec<f32> {
