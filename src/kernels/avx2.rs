@@ -329,7 +329,7 @@ unsafe fn tile_q4<const MR: usize, const NR: usize, const Q41: bool, const FIVE:
     unsafe {
         let wrow = t.weight_rows::<NR>(j0);
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
-        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let yrow = t.act_rows::<MR>(i0);
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
         let sbase = t.s.add(i0 / GROUP * t.nb * GROUP);
         for b in 0..t.nb {
@@ -462,7 +462,7 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     unsafe {
         let wrow = t.weight_rows::<NR>(j0);
         let mut pf = Prefetch::new(wrow[0], NR * t.rb);
-        let yrow: [*const i8; MR] = std::array::from_fn(|i| t.qs.add((i0 + i) * t.cols));
+        let yrow = t.act_rows::<MR>(i0);
         let dbase = t.d.add(i0 / GROUP * t.nb * GROUP);
         for b in 0..t.nb {
             let dx = _mm_loadu_ps(dbase.add(b * GROUP));

@@ -334,20 +334,14 @@ impl KernelPath {
     }
 }
 
-/// Every path with its name (in `LLM_WORKER_CPU_KERNELS`, the log and `/info`).
-const PATH_NAMES: [(KernelPath, &str); 4] = [
-    (KernelPath::Scalar, "scalar"),
-    (KernelPath::Avx2, "avx2"),
-    (KernelPath::Avx512Vnni, "avx512vnni"),
-    (KernelPath::Neon, "neon"),
-];
-
 impl fmt::Display for KernelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (_, name) = PATH_NAMES
-            .iter()
-            .find(|(p, _)| p == self)
-            .unwrap_or(&PATH_NAMES[0]);
+        let name = match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512Vnni => "avx512vnni",
+            KernelPath::Neon => "neon",
+        };
         f.write_str(name)
     }
 }
@@ -390,20 +384,22 @@ pub fn detect() -> KernelPath {
         let Ok(wanted) = std::env::var("LLM_WORKER_CPU_KERNELS") else {
             return fastest;
         };
-        PATH_NAMES
-            .into_iter()
-            .find(|(p, name)| *name == wanted.trim() && p.is_available())
-            .map_or_else(
-                || {
-                    tracing::warn!(
-                        requested = %wanted,
-                        using = %fastest,
-                        "LLM_WORKER_CPU_KERNELS names no kernel path available on this CPU"
-                    );
-                    fastest
-                },
-                |(p, _)| p,
-            )
+        [
+            KernelPath::Scalar,
+            KernelPath::Avx2,
+            KernelPath::Avx512Vnni,
+            KernelPath::Neon,
+        ]
+        .into_iter()
+        .find(|p| p.to_string() == wanted.trim() && p.is_available())
+        .unwrap_or_else(|| {
+            tracing::warn!(
+                requested = %wanted,
+                using = %fastest,
+                "LLM_WORKER_CPU_KERNELS names no kernel path available on this CPU"
+            );
+            fastest
+        })
     })
 }
 
