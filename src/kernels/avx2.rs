@@ -34,7 +34,7 @@ use super::formats::{
     Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH,
     Q6K_QL, Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scale_words, round_f16,
 };
-use super::matmul::{OutPtr, for_each_tile};
+use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
@@ -115,8 +115,39 @@ impl TileArgs {
     }
 }
 
-/// A tile kernel: rows `i0..i0+MR` × weight rows `j0..j0+NR`.
-type TileFn = unsafe fn(&TileArgs, usize, usize, OutPtr);
+/// A tile kernel: activation rows `i0..i0+MR` × weight rows `j0..j0+NR`.
+pub(super) type TileFn = unsafe fn(&TileArgs, usize, usize, OutPtr);
+
+/// Walks `a × r` in tiles of at most `mr_max` activation rows × `nr_max` weight rows, weight
+/// rows innermost, running the tile kernel `pick(mr, nr)` on each: the loop both x86 backends'
+/// `compute` run.
+///
+/// # Safety
+/// As [`compute`], with the CPU features of every kernel `pick` returns; `mr_max` is a
+/// multiple of 4.
+#[inline(always)]
+pub(super) unsafe fn run_tiles(
+    t: &TileArgs,
+    a: Range<usize>,
+    r: Range<usize>,
+    (mr_max, nr_max): (usize, usize),
+    pick: fn(usize, usize) -> TileFn,
+    out: OutPtr,
+) {
+    let mut i = a.start;
+    while i < a.end {
+        let mr = (a.end - i).min(mr_max);
+        let mut j = r.start;
+        while j < r.end {
+            let nr = (r.end - j).min(nr_max);
+            // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4 (a.start
+            // and mr_max are); CPU features and output exclusivity are the caller's contract.
+            unsafe { pick(mr, nr)(t, i, j, out) };
+            j += nr;
+        }
+        i += mr;
+    }
+}
 
 /// Computes `out[i, j]` for activation rows `a` × weight rows `r`.
 ///
@@ -150,68 +181,11 @@ pub(crate) unsafe fn compute(
         WeightType::F16 => (1, pick_dense::<DENSE_F16>),
         WeightType::BF16 => (1, pick_dense::<DENSE_BF16>),
     };
-    for_each_tile(a, r, GROUP, nr_max, |i, mr, j, nr| {
-        // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4, and the
-        // CPU features and output exclusivity are the caller's contract.
-        unsafe { pick(mr, nr)(&t, i, j, out) }
-    });
+    // SAFETY: the caller's contract; GROUP is 4.
+    unsafe { run_tiles(&t, a, r, (GROUP, nr_max), pick, out) };
 }
 
-macro_rules! pick_mr_nr {
-    ($mr:expr, $nr:expr, $f:ident $(, $extra:tt)*) => {
-        match ($mr, $nr) {
-            (1, 1) => $f::<1, 1 $(, $extra)*>,
-            (2, 1) => $f::<2, 1 $(, $extra)*>,
-            (3, 1) => $f::<3, 1 $(, $extra)*>,
-            (4, 1) => $f::<4, 1 $(, $extra)*>,
-            (1, 2) => $f::<1, 2 $(, $extra)*>,
-            (2, 2) => $f::<2, 2 $(, $extra)*>,
-            (3, 2) => $f::<3, 2 $(, $extra)*>,
-            (4, 2) => $f::<4, 2 $(, $extra)*>,
-            (1, 3) => $f::<1, 3 $(, $extra)*>,
-            _ => $f::<1, 4 $(, $extra)*>,
-        }
-    };
-}
-
-macro_rules! pick_mr {
-    ($mr:expr, $f:ident $(, $extra:tt)*) => {
-        match $mr {
-            1 => $f::<1, 1 $(, $extra)*>,
-            2 => $f::<2, 1 $(, $extra)*>,
-            3 => $f::<3, 1 $(, $extra)*>,
-            _ => $f::<4, 1 $(, $extra)*>,
-        }
-    };
-}
-
-fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
-}
-
-fn pick_q8_0<const FMT: u8>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0, FMT)
-}
-
-fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_k, FIVE)
-}
-
-fn pick_q6k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_q6k)
-}
-
-fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_q2k)
-}
-
-fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_q3k)
-}
-
-fn pick_iq4xs(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_iq4xs)
-}
+x86_tile_pickers!();
 
 /// Element formats of [`tile_dense`].
 const DENSE_F32: u8 = 0;
@@ -219,7 +193,7 @@ const DENSE_F16: u8 = 1;
 const DENSE_BF16: u8 = 2;
 
 fn pick_dense<const FMT: u8>(mr: usize, _nr: usize) -> TileFn {
-    pick_mr!(mr, tile_dense, FMT)
+    pick_mr_nr!(mr, 1, tile_dense, FMT)
 }
 
 /// GEMV software prefetch. A tile's weight rows are one contiguous range that it consumes
@@ -551,13 +525,13 @@ macro_rules! k_tiles {
         }
 
         $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q6k, tile_q6k_rows, "Q6_K");
-        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q2k_rows, "Q2_K");
-        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q3k_rows, "Q3_K");
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q23k_rows, "Q2_K", false);
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q23k_rows, "Q3_K", true);
         $crate::kernels::avx2::k_tiles!(
             @one $features, $sum, tile_iq4xs, tile_iq4xs_rows, "IQ4_XS"
         );
     };
-    (@one $features:literal, $sum:ty, $name:ident, $body:ident, $ty:literal) => {
+    (@one $features:literal, $sum:ty, $name:ident, $body:ident, $ty:literal $(, $arg:tt)*) => {
         #[doc = concat!($ty, " × Q8_K, one weight row.")]
         ///
         /// # Safety
@@ -571,7 +545,7 @@ macro_rules! k_tiles {
         ) {
             debug_assert_eq!(NR, 1);
             // SAFETY: forwarded contract, with the features enabled here.
-            unsafe { super::avx2::$body::<MR, $sum>(t, i0, j0, out) }
+            unsafe { super::avx2::$body::<MR, $($arg,)* $sum>(t, i0, j0, out) }
         }
     };
 }
@@ -835,52 +809,6 @@ fn sub_block_pair_splat(c: usize) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(word(2 * c + 1)), _mm_set1_epi16(word(2 * c)))
 }
 
-/// The Q2_K tile body (see [`k_tiles`]), ggml's x86 `ggml_vec_dot_q2_K_q8_K`.
-///
-/// # Safety
-/// As [`tile_k_rows`].
-#[inline(always)]
-pub(super) unsafe fn tile_q2k_rows<const MR: usize, S: ScaledSum>(
-    t: &TileArgs,
-    i0: usize,
-    j0: usize,
-    out: OutPtr,
-) {
-    // SAFETY: as in `tile_k_rows` with the Q2_K field offsets.
-    unsafe {
-        let m3 = _mm256_set1_epi8(3);
-        let m4 = _mm_set1_epi8(0x0F);
-        k_frame!(t, i0, j0, out, Q2K_BYTES, |blk, b, rows, acc| {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                blk.add(Q2K_D) as *const i32
-            )));
-            let (dw, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            let packed = _mm_loadu_si128(blk.add(Q2K_SCALES) as *const __m128i);
-            let scales = _mm256_cvtepu8_epi16(_mm_and_si128(packed, m4));
-            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4));
-            let mut isum = [_mm256_setzero_si256(); MR];
-            for n in 0..2 {
-                let sc = half_scales(scales, n);
-                let mut bits = _mm256_loadu_si256(blk.add(Q2K_QS + 32 * n) as *const __m256i);
-                for c in 0..4 {
-                    let q = _mm256_and_si256(bits, m3);
-                    bits = _mm256_srli_epi16::<2>(bits);
-                    let st = _mm256_shuffle_epi8(sc, sub_block_pair_splat(c));
-                    rows.dot::<S>(&mut isum, b, 128 * n + 32 * c, q, st);
-                }
-            }
-            for i in 0..MR {
-                let dy = rows.d(b, i);
-                let msum = _mm256_madd_epi16(mins, rows.bsums(b, i));
-                acc[i] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(isum[i]), acc[i]);
-                acc[i] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dy), _mm256_cvtepi32_ps(msum), acc[i]);
-            }
-        })
-    }
-}
-
 /// Scales 8n..8n+8 of 16 i16 scales, in both 128-bit halves (for [`sub_block_pair_splat`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -892,53 +820,97 @@ fn half_scales(scales: __m256i, n: usize) -> __m256i {
     }
 }
 
-/// The Q3_K tile body (see [`k_tiles`]). The quants enter `vpmaddubsw` as `q + 4` (low bits OR
-/// third bit·4, 0..7); `4·Σ_g scale_g·bsum_g` is subtracted per super-block.
+/// The Q2_K (`THREE = false`, ggml's x86 `ggml_vec_dot_q2_K_q8_K`) and Q3_K tile bodies (see
+/// [`k_tiles`]): the same 2-bit runs, scaled per 16 weights. Q3_K's quants enter `vpmaddubsw`
+/// as `q + 4` (low bits OR third bit·4, 0..7) and `4·Σ_g scale_g·bsum_g` is subtracted per
+/// super-block; Q2_K's mins give a second FMA.
 ///
 /// # Safety
 /// As [`tile_k_rows`].
 #[inline(always)]
-pub(super) unsafe fn tile_q3k_rows<const MR: usize, S: ScaledSum>(
+pub(super) unsafe fn tile_q23k_rows<const MR: usize, const THREE: bool, S: ScaledSum>(
     t: &TileArgs,
     i0: usize,
     j0: usize,
     out: OutPtr,
 ) {
-    // SAFETY: as in `tile_k_rows` with the Q3_K field offsets.
+    let (bb, qs_off) = if THREE {
+        (Q3K_BYTES, Q3K_QS)
+    } else {
+        (Q2K_BYTES, Q2K_QS)
+    };
+    // SAFETY: as in `tile_k_rows` with the Q2_K or Q3_K field offsets.
     unsafe {
         let m3 = _mm256_set1_epi8(3);
         let m1 = _mm256_set1_epi8(1);
-        k_frame!(t, i0, j0, out, Q3K_BYTES, |blk, b, rows, acc| {
-            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                blk.add(Q3K_D) as *const u16,
-            ) as i32)));
-            // In registers, as ggml does: through memory the 16 bytes would wait on a store.
-            let sw = q3k_scale_words(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
-            let sc8 = _mm_sub_epi8(
-                _mm_set_epi32(sw[3] as i32, sw[2] as i32, sw[1] as i32, sw[0] as i32),
-                _mm_set1_epi8(32),
-            );
-            let scales = _mm256_cvtepi8_epi16(sc8);
-            // Bit 4n + c of hmask byte l is the third bit of quant 128n + 32c + l.
-            let mut hbits = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
+        let m4 = _mm_set1_epi8(0x0F);
+        k_frame!(t, i0, j0, out, bb, |blk, b, rows, acc| {
+            // Scales per 16 weights; Q2_K's mins and `dmin` (unused for Q3_K).
+            let (dw, dmin, scales, mins) = if THREE {
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk.add(Q3K_D) as *const u16,
+                ) as i32)));
+                // In registers, as ggml does: through memory the 16 bytes would wait on a store.
+                let sw = q3k_scale_words(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
+                let sc8 = _mm_sub_epi8(
+                    _mm_set_epi32(sw[3] as i32, sw[2] as i32, sw[1] as i32, sw[0] as i32),
+                    _mm_set1_epi8(32),
+                );
+                (dw, 0.0, _mm256_cvtepi8_epi16(sc8), _mm256_setzero_si256())
+            } else {
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk.add(Q2K_D) as *const i32
+                )));
+                let packed = _mm_loadu_si128(blk.add(Q2K_SCALES) as *const __m128i);
+                (
+                    _mm_cvtss_f32(dm),
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm)),
+                    _mm256_cvtepu8_epi16(_mm_and_si128(packed, m4)),
+                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), m4)),
+                )
+            };
+            // Q3_K: bit 4n + c of hmask byte l is the third bit of quant 128n + 32c + l.
+            let mut hbits = if THREE {
+                _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut isum = [_mm256_setzero_si256(); MR];
             for n in 0..2 {
                 let sc = half_scales(scales, n);
-                let mut bits = _mm256_loadu_si256(blk.add(Q3K_QS + 32 * n) as *const __m256i);
+                let mut bits = _mm256_loadu_si256(blk.add(qs_off + 32 * n) as *const __m256i);
                 for c in 0..4 {
-                    let high = _mm256_slli_epi16::<2>(_mm256_and_si256(hbits, m1));
-                    let q = _mm256_or_si256(_mm256_and_si256(bits, m3), high);
+                    let mut q = _mm256_and_si256(bits, m3);
+                    if THREE {
+                        let high = _mm256_slli_epi16::<2>(_mm256_and_si256(hbits, m1));
+                        q = _mm256_or_si256(q, high);
+                        hbits = _mm256_srli_epi16::<1>(hbits);
+                    }
                     bits = _mm256_srli_epi16::<2>(bits);
-                    hbits = _mm256_srli_epi16::<1>(hbits);
                     let st = _mm256_shuffle_epi8(sc, sub_block_pair_splat(c));
                     rows.dot::<S>(&mut isum, b, 128 * n + 32 * c, q, st);
                 }
             }
             for i in 0..MR {
                 let dy = rows.d(b, i);
-                let off = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, rows.bsums(b, i)));
-                let s = _mm256_sub_epi32(isum[i], off);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
+                if THREE {
+                    let off = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, rows.bsums(b, i)));
+                    let s = _mm256_sub_epi32(isum[i], off);
+                    acc[i] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(dw * dy), _mm256_cvtepi32_ps(s), acc[i]);
+                } else {
+                    let msum = _mm256_madd_epi16(mins, rows.bsums(b, i));
+                    acc[i] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw * dy),
+                        _mm256_cvtepi32_ps(isum[i]),
+                        acc[i],
+                    );
+                    acc[i] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(-dmin * dy),
+                        _mm256_cvtepi32_ps(msum),
+                        acc[i],
+                    );
+                }
             }
         })
     }

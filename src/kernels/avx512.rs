@@ -73,7 +73,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{
-    self, SIGNED_IQ4NL, SIGNED_Q5_0, SIGNED_Q8_0, TileArgs, bytes_from_bits, hsum,
+    self, SIGNED_IQ4NL, SIGNED_Q5_0, SIGNED_Q8_0, TileArgs, TileFn, bytes_from_bits, hsum,
     signed_block_bytes, signed_quants,
 };
 use super::formats::{
@@ -82,7 +82,7 @@ use super::formats::{
     Q5_0_BYTES, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL,
     Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scales, unpack_scales_mins_k4,
 };
-use super::matmul::{OutPtr, for_each_tile};
+use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
@@ -98,9 +98,6 @@ const NR_MAX: usize = 2;
 /// (row, block) to broadcast each one.
 const CHUNK: usize = 8;
 
-/// A tile kernel: activation rows `i0..i0+MR` × weight rows `j0..j0+NR`.
-type TileFn = unsafe fn(&TileArgs, usize, usize, OutPtr);
-
 /// Computes `out[i, j]` for activation rows `a` × weight rows `r`.
 ///
 /// # Safety
@@ -114,46 +111,14 @@ pub(crate) unsafe fn compute(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    let wide = acts.m >= WIDE_MIN_M;
+    if acts.m >= WIDE_MIN_M
+        && let Some(kind) = WideKind::of(w.ty)
+    {
+        // SAFETY: forwarded contract.
+        return unsafe { compute_wide(kind, w, acts, a, r, out) };
+    }
     // Tile shape limits: activation rows, weight rows.
     let (mr_max, nr_max, pick): (usize, usize, fn(usize, usize) -> TileFn) = match w.ty {
-        // SAFETY (the wide arms): forwarded contract.
-        WeightType::Q4_0 if wide => {
-            return unsafe { compute_wide(WideKind::Q4_0, w, acts, a, r, out) };
-        }
-        WeightType::Q4_1 if wide => {
-            return unsafe { compute_wide(WideKind::Q4_1, w, acts, a, r, out) };
-        }
-        WeightType::Q8_0 if wide => {
-            return unsafe { compute_wide(WideKind::Q8_0, w, acts, a, r, out) };
-        }
-        WeightType::Q5_0 if wide => {
-            return unsafe { compute_wide(WideKind::Q5_0, w, acts, a, r, out) };
-        }
-        WeightType::Q5_1 if wide => {
-            return unsafe { compute_wide(WideKind::Q5_1, w, acts, a, r, out) };
-        }
-        WeightType::IQ4NL if wide => {
-            return unsafe { compute_wide(WideKind::IQ4NL, w, acts, a, r, out) };
-        }
-        WeightType::Q4K if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::Q4K, w, acts, a, r, out) };
-        }
-        WeightType::Q5K if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::Q5K, w, acts, a, r, out) };
-        }
-        WeightType::Q6K if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::Q6K, w, acts, a, r, out) };
-        }
-        WeightType::Q3K if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::Q3K, w, acts, a, r, out) };
-        }
-        WeightType::Q2K if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::Q2K, w, acts, a, r, out) };
-        }
-        WeightType::IQ4XS if acts.m >= WIDE_MIN_M_K => {
-            return unsafe { compute_wide(WideKind::IQ4XS, w, acts, a, r, out) };
-        }
         WeightType::Q4_0 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<false, false>),
         WeightType::Q4_1 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<true, false>),
         WeightType::Q5_1 if acts.m > 1 => (MR_MAX, NR_MAX, pick_q4::<true, true>),
@@ -173,64 +138,11 @@ pub(crate) unsafe fn compute(
     };
     debug_assert!(a.start.is_multiple_of(GROUP) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
-    for_each_tile(a, r, mr_max, nr_max, |i, mr, j, nr| {
-        // SAFETY: i + mr ≤ a.end ≤ m, j + nr ≤ r.end ≤ rows, i is a multiple of 4 (a.start
-        // is, and every row limit is a multiple of 4); CPU features and output exclusivity are
-        // the caller's contract.
-        unsafe { pick(mr, nr)(&t, i, j, out) }
-    });
+    // SAFETY: the caller's contract; every row limit is a multiple of 4.
+    unsafe { avx2::run_tiles(&t, a, r, (mr_max, nr_max), pick, out) };
 }
 
-macro_rules! pick_mr_nr {
-    ($mr:expr, $nr:expr, $f:ident $(, $extra:tt)*) => {
-        match ($mr, $nr) {
-            (1, 1) => $f::<1, 1 $(, $extra)*>,
-            (2, 1) => $f::<2, 1 $(, $extra)*>,
-            (3, 1) => $f::<3, 1 $(, $extra)*>,
-            (4, 1) => $f::<4, 1 $(, $extra)*>,
-            (5, 1) => $f::<5, 1 $(, $extra)*>,
-            (6, 1) => $f::<6, 1 $(, $extra)*>,
-            (7, 1) => $f::<7, 1 $(, $extra)*>,
-            (8, 1) => $f::<8, 1 $(, $extra)*>,
-            (1, _) => $f::<1, 2 $(, $extra)*>,
-            (2, _) => $f::<2, 2 $(, $extra)*>,
-            (3, _) => $f::<3, 2 $(, $extra)*>,
-            (4, _) => $f::<4, 2 $(, $extra)*>,
-            (5, _) => $f::<5, 2 $(, $extra)*>,
-            (6, _) => $f::<6, 2 $(, $extra)*>,
-            (7, _) => $f::<7, 2 $(, $extra)*>,
-            _ => $f::<8, 2 $(, $extra)*>,
-        }
-    };
-}
-
-fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
-}
-
-fn pick_q8_0<const FMT: u8>(mr: usize, nr: usize) -> TileFn {
-    pick_mr_nr!(mr, nr, tile_q8_0, FMT)
-}
-
-fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
-    pick_mr_nr!(mr, 1, tile_k, FIVE)
-}
-
-fn pick_q6k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr_nr!(mr, 1, tile_q6k)
-}
-
-fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr_nr!(mr, 1, tile_q2k)
-}
-
-fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
-    pick_mr_nr!(mr, 1, tile_q3k)
-}
-
-fn pick_iq4xs(mr: usize, _nr: usize) -> TileFn {
-    pick_mr_nr!(mr, 1, tile_iq4xs)
-}
+x86_tile_pickers!();
 
 /// [`avx2::ScaledSum`] in one VNNI instruction.
 struct Dpwssd;
@@ -449,13 +361,10 @@ unsafe fn tile_q8_0<const MR: usize, const NR: usize, const FMT: u8>(
     }
 }
 
-/// Activation rows from which Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use the wide kernel
-/// ([`compute_wide`]).
+/// Activation rows from which every type of [`WideKind`] uses the wide kernel
+/// ([`compute_wide`]); below it the VNNI tiles of up to 8 rows win (the repack costs more than
+/// the wide tile saves).
 const WIDE_MIN_M: usize = 24;
-
-/// The same for the K-quants (below it the VNNI tiles of up to 8 rows win: the repack costs
-/// more than the wide tile saves).
-const WIDE_MIN_M_K: usize = 24;
 
 /// Weight rows per wide group: the 16 lanes of a zmm.
 const WIDE: usize = 16;
@@ -468,12 +377,10 @@ const WIDE_LINES: usize = 10;
 /// per 32-weight sub-block, then 8 lines of sub-block scales, 8 of mins, `d` and `−dmin`.
 const WIDE_LINES_K: usize = 82;
 
-/// 64-byte lines of one repacked Q6_K super-block of a 16-row group: 8 lines of weights per
-/// 32-weight run, 16 lines of the 16-weight scales, 8 of scale pairs, `d`.
-const WIDE_LINES_Q6K: usize = 89;
-
-/// The same for Q2_K and Q3_K, with one line more (Q2_K's `−dmin`; its pairs are of mins).
-const WIDE_LINES_Q23K: usize = 90;
+/// 64-byte lines of one repacked Q6_K, Q3_K or Q2_K super-block of a 16-row group
+/// ([`repack_g16`]): 8 lines of weights per 32-weight run, 16 lines of the 16-weight scales, 8
+/// of scale (Q2_K: min) pairs, `d` and Q2_K's `−dmin`.
+const WIDE_LINES_G16: usize = 90;
 
 /// One cache line, so the repack buffer is 64-byte aligned.
 #[repr(C, align(64))]
@@ -500,18 +407,39 @@ enum WideKind {
     Q5_1,
     /// IQ4_NL (its levels stored +128, as Q8_0's quants).
     IQ4NL,
-    /// Q4_K ([`tile_wide_k`]).
+    /// Q4_K ([`tile_wide_sb`]).
     Q4K,
-    /// Q5_K ([`tile_wide_k`]).
+    /// Q5_K ([`tile_wide_sb`]).
     Q5K,
-    /// Q6_K ([`tile_wide_g16`]).
+    /// Q6_K ([`tile_wide_sb`]).
     Q6K,
-    /// Q3_K ([`tile_wide_g16`]).
+    /// Q3_K ([`tile_wide_sb`]).
     Q3K,
-    /// Q2_K ([`tile_wide_g16`]).
+    /// Q2_K ([`tile_wide_sb`]).
     Q2K,
-    /// IQ4_XS ([`tile_wide_k`], its levels stored +128).
+    /// IQ4_XS ([`tile_wide_sb`], its levels stored +128).
     IQ4XS,
+}
+
+impl WideKind {
+    /// The wide kernel's kind for `ty`; `None` for the dense types.
+    fn of(ty: WeightType) -> Option<WideKind> {
+        Some(match ty {
+            WeightType::Q4_0 => WideKind::Q4_0,
+            WeightType::Q4_1 => WideKind::Q4_1,
+            WeightType::Q8_0 => WideKind::Q8_0,
+            WeightType::Q5_0 => WideKind::Q5_0,
+            WeightType::Q5_1 => WideKind::Q5_1,
+            WeightType::IQ4NL => WideKind::IQ4NL,
+            WeightType::Q4K => WideKind::Q4K,
+            WeightType::Q5K => WideKind::Q5K,
+            WeightType::Q6K => WideKind::Q6K,
+            WeightType::Q3K => WideKind::Q3K,
+            WeightType::Q2K => WideKind::Q2K,
+            WeightType::IQ4XS => WideKind::IQ4XS,
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => return None,
+        })
+    }
 }
 
 /// The wide kernel for many activation rows: lane `k` of a zmm belongs to weight row `j0 + k`
@@ -555,17 +483,12 @@ unsafe fn compute_wide(
         WideKind::Q5_0 => wide!(WIDE_LINES, repack::<3>, tile_wide, 2),
         WideKind::Q5_1 => wide!(WIDE_LINES, repack::<4>, tile_wide, 1),
         WideKind::IQ4NL => wide!(WIDE_LINES, repack::<5>, tile_wide, 2),
-        WideKind::Q4K => wide!(WIDE_LINES_K, repack_k::<false>, tile_wide_k, false),
-        WideKind::Q5K => wide!(WIDE_LINES_K, repack_k::<true>, tile_wide_k, false),
-        WideKind::IQ4XS => wide!(WIDE_LINES_K, repack_iq4xs, tile_wide_k, true),
-        WideKind::Q6K => wide!(WIDE_LINES_Q6K, repack_q6k, tile_wide_g16, G16_Q6K),
-        WideKind::Q3K => wide!(WIDE_LINES_Q23K, repack_q23k::<true>, tile_wide_g16, G16_Q3K),
-        WideKind::Q2K => wide!(
-            WIDE_LINES_Q23K,
-            repack_q23k::<false>,
-            tile_wide_g16,
-            G16_Q2K
-        ),
+        WideKind::Q4K => wide!(WIDE_LINES_K, repack_k::<false>, tile_wide_sb, SB_K4),
+        WideKind::Q5K => wide!(WIDE_LINES_K, repack_k::<true>, tile_wide_sb, SB_K4),
+        WideKind::IQ4XS => wide!(WIDE_LINES_K, repack_iq4xs, tile_wide_sb, SB_IQ4XS),
+        WideKind::Q6K => wide!(WIDE_LINES_G16, repack_g16::<G16_Q6K>, tile_wide_sb, G16_Q6K),
+        WideKind::Q3K => wide!(WIDE_LINES_G16, repack_g16::<G16_Q3K>, tile_wide_sb, G16_Q3K),
+        WideKind::Q2K => wide!(WIDE_LINES_G16, repack_g16::<G16_Q2K>, tile_wide_sb, G16_Q2K),
     };
     REPACK.with_borrow_mut(|buf| {
         let lines = t.nb * lines_per_block;
@@ -723,6 +646,67 @@ unsafe fn transpose_store(z: &[__m512i; WIDE / 2], line: *mut Line) {
     }
 }
 
+/// The repack of the super-block types, super-block `b` of the group (weight rows `j0..j0+n`)
+/// from line `lines_per_block·b` of `dst`: lines `8r..8r + 8` hold dword `l` of run `r`'s 32
+/// quant bytes `quants(blk, r)` (r < 8) of each row (transposed, [`transpose_store`]); lines
+/// `64..64 + LANES` the rows' 32-bit values from `header(blk)`; the two lines after them the
+/// rows' `d` and `−dmin` as f32 (the f16 bits `header` returns with the values).
+///
+/// # Safety
+/// AVX-512 F/BW/VL and F16C; rows `j0..j0+n` (`n ≤ 16`) exist in `t` with super-blocks of `bb`
+/// bytes; `dst` holds `nb·lines_per_block` 64-byte aligned lines, `lines_per_block ≥ 66 +
+/// LANES`; `header` and `quants` read only inside the super-block they are given.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn repack_super_blocks<const LANES: usize>(
+    t: &TileArgs,
+    j0: usize,
+    n: usize,
+    dst: *mut Line,
+    bb: usize,
+    lines_per_block: usize,
+    header: impl Fn(*const u8) -> ([u32; LANES], u16, u16),
+    quants: impl Fn(*const u8, usize) -> __m256i,
+) {
+    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; the lines written
+    // are below (b + 1)·lines_per_block ≤ nb·lines_per_block.
+    unsafe {
+        for b in 0..t.nb {
+            let line = dst.add(b * lines_per_block);
+            let blk = |k: usize| t.w.add((j0 + k) * t.rb + b * bb);
+            let mut d16 = [0u16; WIDE];
+            let mut dmin16 = [0u16; WIDE];
+            let mut lanes = [[0u32; WIDE]; LANES];
+            for k in 0..n {
+                let (values, d, dmin) = header(blk(k));
+                (d16[k], dmin16[k]) = (d, dmin);
+                for (lane, v) in lanes.iter_mut().zip(values) {
+                    lane[k] = v;
+                }
+            }
+            for r in 0..8 {
+                let mut z = [_mm512_setzero_si512(); WIDE / 2];
+                for k in 0..n {
+                    put_row(&mut z, k, quants(blk(k), r));
+                }
+                transpose_store(&z, line.add(8 * r));
+            }
+            for (g, v) in lanes.iter().enumerate() {
+                let v = _mm512_loadu_si512(v.as_ptr() as *const __m512i);
+                _mm512_store_si512(line.add(64 + g) as *mut __m512i, v);
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin16.as_ptr() as *const __m256i));
+            _mm512_store_ps(line.add(64 + LANES) as *mut f32, dw);
+            _mm512_store_ps(
+                line.add(65 + LANES) as *mut f32,
+                _mm512_sub_ps(_mm512_setzero_ps(), dmin),
+            );
+        }
+    }
+}
+
 /// `MR` (1 or 2) activation rows from `i0` × the repacked 16-row group at `pack` (weight rows
 /// `j0..j0+n`); `K` is the layout: 0 Q4_0, 1 Q4_1 and Q5_1 (offset line), 2 Q8_0 and Q5_0
 /// (weights stored +128).
@@ -831,83 +815,211 @@ unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mu
     let (bb, sc_off, qs_off) = formats::k4_layout(FIVE);
     let m4 = _mm256_set1_epi8(0x0F);
     let m1 = _mm256_set1_epi8(0x01);
-    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 82b + 81 is
-    // below nb·82.
+    // SAFETY: forwarded contract; each closure reads the super-block it is given.
     unsafe {
-        for b in 0..t.nb {
-            let line = dst.add(b * WIDE_LINES_K);
-            let mut d16 = [0u16; WIDE];
-            let mut dmin16 = [0u16; WIDE];
-            let mut scales = [[0i32; WIDE]; 8];
-            let mut mins = [[0i32; WIDE]; 8];
-            for k in 0..n {
-                let blk = t.w.add((j0 + k) * t.rb + b * bb);
-                d16[k] = std::ptr::read_unaligned(blk as *const u16);
-                dmin16[k] = std::ptr::read_unaligned(blk.add(2) as *const u16);
+        repack_super_blocks::<16>(
+            t,
+            j0,
+            n,
+            dst,
+            bb,
+            WIDE_LINES_K,
+            |blk| {
                 let sm = unpack_scales_mins_k4(std::slice::from_raw_parts(blk.add(sc_off), 12));
-                for s in 0..8 {
-                    scales[s][k] = sm[s] as i32;
-                    mins[s][k] = sm[8 + s] as i32 * 0x1_0001;
-                }
-            }
-            for s in 0..8 {
-                let (c, high) = (s / 2, s % 2 == 1);
-                let mut z = [_mm512_setzero_si512(); WIDE / 2];
-                for k in 0..n {
-                    let blk = t.w.add((j0 + k) * t.rb + b * bb);
-                    let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i);
-                    let mut q = if high {
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+                // Scales, then mins in both i16 halves.
+                let lanes = std::array::from_fn(|g| {
+                    if g < 8 {
+                        u32::from(sm[g])
                     } else {
-                        _mm256_and_si256(raw, m4)
-                    };
-                    if FIVE {
-                        // Bit s of each qh byte is the fifth bit of sub-block s.
-                        let qh = _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i);
-                        let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
-                        q = _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)));
+                        u32::from(sm[g]) * 0x1_0001
                     }
-                    put_row(&mut z, k, q);
+                });
+                let d = std::ptr::read_unaligned(blk as *const u16);
+                (lanes, d, std::ptr::read_unaligned(blk.add(2) as *const u16))
+            },
+            |blk, s| {
+                let (c, high) = (s / 2, s % 2 == 1);
+                let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i);
+                let q = if high {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+                } else {
+                    _mm256_and_si256(raw, m4)
+                };
+                if FIVE {
+                    // Bit s of each qh byte is the fifth bit of sub-block s.
+                    let qh = _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i);
+                    let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
+                    _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)))
+                } else {
+                    q
                 }
-                transpose_store(&z, line.add(8 * s));
-                _mm512_store_si512(
-                    line.add(64 + s) as *mut __m512i,
-                    _mm512_loadu_si512(scales[s].as_ptr() as *const __m512i),
-                );
-                _mm512_store_si512(
-                    line.add(72 + s) as *mut __m512i,
-                    _mm512_loadu_si512(mins[s].as_ptr() as *const __m512i),
-                );
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin16.as_ptr() as *const __m256i));
-            _mm512_store_ps(line.add(80) as *mut f32, dw);
-            _mm512_store_ps(
-                line.add(81) as *mut f32,
-                _mm512_sub_ps(_mm512_setzero_ps(), dmin),
-            );
-        }
+            },
+        )
     }
 }
 
-/// `MR` (1 or 2) activation rows from `i0` × a repacked Q4_K/Q5_K 16-row group (weight rows
-/// `j0..j0+n`), with `avx2::tile_k`'s float operations per pair: per super-block,
-/// `acc_l = fma(d·d_y, f32(isum_l), acc_l)` then `acc_l = fma(−dmin·d_y, msum_l, acc_l)`
-/// (`msum_l` = 0 for l ≥ 4), and [`hsum`]'s order at the end. The i32 `isum_l` is the same
-/// exact integer: `Σ_s scale_s · p_{s,l}`, the scale applied by `vpdpwssd` on the low i16 half
-/// (|p| ≤ 4·31·127 fits, the scale's high half is 0); `msum_l` is `vpmaddwd(mins, bsums)` of
-/// AVX2 with the pair sums of the bsums distributed.
-///
-/// `IQ4`: an IQ4_XS group ([`repack_iq4xs`]) with `avx2::tile_iq4xs`'s float operations (the
-/// first FMA only). Its levels are stored +128, so each `p_{s,l}` starts from `−128·Σy` over its
-/// 4 activations, as [`tile_wide`]'s Q8_0, and its scale `ls − 32` is applied by `vpmulld`.
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of an IQ4_XS matrix into
+/// `dst` in [`repack_k`]'s 82 lines per super-block `b`, for [`tile_wide_sb`] with [`SB_IQ4XS`]:
+/// `8s + l`: dword `l` of each row's 32 levels of sub-block `s` + 128 (as u8, the bytes of
+/// `avx2::iq4_levels`); `64 + s`: its scale `ls − 32` as i32; `80`: `d` as f32.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_k`] (`IQ4`: [`repack_iq4xs`]) for this
-/// matrix; rows `i0..i0+MR` exist in the Q8_K activations; the outputs `(i0..i0+MR) ×
-/// (j0..j0+n)` are ours.
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
+unsafe fn repack_iq4xs(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let bias = _mm256_set1_epi8(-128);
+    // SAFETY: forwarded contract; each closure reads the super-block it is given.
+    unsafe {
+        repack_super_blocks::<16>(
+            t,
+            j0,
+            n,
+            dst,
+            IQ4XS_BYTES,
+            WIDE_LINES_K,
+            |blk| {
+                let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
+                // Lines 72..80 (Q4_K's mins) and `−dmin` stay zero: the IQ4 tile reads neither.
+                let lanes = std::array::from_fn(|g| if g < 8 { ls[g] as i32 as u32 } else { 0 });
+                (lanes, std::ptr::read_unaligned(blk as *const u16), 0)
+            },
+            |blk, s| _mm256_xor_si256(avx2::iq4_levels(blk.add(IQ4XS_QS + 16 * s)), bias),
+        )
+    }
+}
+
+/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q6_K
+/// (`K` = [`G16_Q6K`]), Q3_K ([`G16_Q3K`]) or Q2_K ([`G16_Q2K`]) matrix into `dst`, 90 lines
+/// per super-block `b` (from line `90b`):
+/// - `8r + l` (r, l < 8): dword `l` of each row's 32 quants of run `r` (weights 32r..32r+32),
+///   the bytes the AVX2 tiles feed to the integer dot product: Q6_K's six-bit quants (0..64) as
+///   `avx2::tile_q6k` builds `q[c]` for half `r / 4`, run `r % 4`; Q3_K's and Q2_K's bits
+///   `2·(r % 4)` of `qs[32·(r / 4)..][..32]`, with Q3_K's third bit (bit `r` of hmask) as 4;
+/// - `64 + g` (g < 16): the scale of 16-weight group `g` (Q6_K: i8, Q3_K: −32..31) as an i16
+///   in the low half of an i32; `80 + l`: scales `2l` and `2l+1` (Q2_K: its mins) as the two
+///   i16 halves;
+/// - `88`: `d`, `89`: Q2_K's `−dmin` (zero otherwise), as f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·90` lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack_g16<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
+    let (bb, d_off) = match K {
+        G16_Q6K => (Q6K_BYTES, Q6K_D),
+        G16_Q3K => (Q3K_BYTES, Q3K_D),
+        _ => (Q2K_BYTES, Q2K_D),
+    };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let m1 = _mm256_set1_epi8(0x01);
+    // SAFETY: forwarded contract; each closure reads the super-block it is given.
+    unsafe {
+        repack_super_blocks::<24>(
+            t,
+            j0,
+            n,
+            dst,
+            bb,
+            WIDE_LINES_G16,
+            |blk| {
+                let (sc, paired, dmin): ([i16; 16], [i16; 16], u16) = match K {
+                    G16_Q6K => {
+                        let sc = std::slice::from_raw_parts(blk.add(Q6K_SCALES) as *const i8, 16);
+                        let sc = std::array::from_fn(|g| i16::from(sc[g]));
+                        (sc, sc, 0)
+                    }
+                    G16_Q3K => {
+                        let sc = q3k_scales(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
+                        let sc = sc.map(i16::from);
+                        (sc, sc, 0)
+                    }
+                    _ => {
+                        let packed = std::slice::from_raw_parts(blk.add(Q2K_SCALES), 16);
+                        (
+                            std::array::from_fn(|g| (packed[g] & 0xF) as i16),
+                            std::array::from_fn(|g| (packed[g] >> 4) as i16),
+                            std::ptr::read_unaligned(blk.add(Q2K_DMIN) as *const u16),
+                        )
+                    }
+                };
+                // The 16 scales, then the 8 pairs.
+                let lanes = std::array::from_fn(|g| {
+                    if g < 16 {
+                        sc[g] as u16 as u32
+                    } else {
+                        let l = g - 16;
+                        paired[2 * l] as u16 as u32 | ((paired[2 * l + 1] as u16 as u32) << 16)
+                    }
+                });
+                (
+                    lanes,
+                    std::ptr::read_unaligned(blk.add(d_off) as *const u16),
+                    dmin,
+                )
+            },
+            |blk, r| {
+                let (half, c) = (r / 4, r % 4);
+                if K == G16_Q6K {
+                    let ql_at = Q6K_QL + 64 * half + 32 * (c % 2);
+                    let ql = _mm256_loadu_si256(blk.add(ql_at) as *const __m256i);
+                    let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * half) as *const __m256i);
+                    let lo = if c < 2 {
+                        _mm256_and_si256(ql, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+                    };
+                    let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
+                    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
+                    _mm256_or_si256(lo, hi)
+                } else {
+                    let qs_off = if K == G16_Q3K { Q3K_QS } else { Q2K_QS };
+                    let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * half) as *const __m256i);
+                    let bits = _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * c as i32));
+                    let q = _mm256_and_si256(bits, m3);
+                    if K == G16_Q3K {
+                        let hm = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
+                        let h = _mm256_srl_epi16(hm, _mm_cvtsi32_si128(r as i32));
+                        _mm256_or_si256(q, _mm256_slli_epi16::<2>(_mm256_and_si256(h, m1)))
+                    } else {
+                        q
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// The super-block types of the wide kernel, as [`tile_wide_sb`] and [`repack_g16`] take them.
+const SB_K4: u8 = 0;
+const SB_IQ4XS: u8 = 1;
+const G16_Q6K: u8 = 2;
+const G16_Q3K: u8 = 3;
+const G16_Q2K: u8 = 4;
+
+/// `MR` (1 or 2) activation rows from `i0` × a repacked 16-row group (weight rows `j0..j0+n`)
+/// of a super-block type `K`, with the AVX2 tile's float operations per pair and [`hsum`]'s
+/// order at the end. Per super-block, with `p_{r,l}` the `vpdpbusd` of run `r`'s dword `l`:
+///
+/// - Q4_K/Q5_K ([`SB_K4`], from [`repack_k`]; `avx2::tile_k`): `acc_l = fma(d·d_y,
+///   f32(isum_l), acc_l)` then `acc_l = fma(−dmin·d_y, msum_l, acc_l)` (`msum_l` = 0 for
+///   l ≥ 4), where `isum_l = Σ_s scale_s · p_{s,l}` (the scale applied by `vpdpwssd` on the low
+///   i16 half: |p| ≤ 4·31·127 fits, the high half is 0) and `msum_l` is `vpmaddwd(mins,
+///   bsums)` of AVX2 with the pair sums of the bsums distributed.
+/// - IQ4_XS ([`SB_IQ4XS`], from [`repack_iq4xs`]; `avx2::tile_iq4xs`): the first FMA only. Its
+///   levels are stored +128, so each `p_{s,l}` starts from `−128·Σy` over its 4 activations,
+///   as [`tile_wide`]'s Q8_0, and its scale `ls − 32` is applied by `vpmulld`.
+/// - Q6_K, Q3_K, Q2_K ([`G16_Q6K`], [`G16_Q3K`], [`G16_Q2K`], from [`repack_g16`];
+///   `avx2::tile_q6k`, `tile_q2k`, `tile_q3k`): `acc_l = fma(d·d_y, f32(isum_l − off_l),
+///   acc_l)` (Q2_K: `fma(d·d_y, f32(isum_l), acc_l)` then `fma(−dmin·d_y, f32(msum_l),
+///   acc_l)`), where `isum_l = Σ_r scale_{2r + [l ≥ 4]} · p_{r,l}` (|p| ≤ 4·63·127 fits), the
+///   offset `off_l = 32·(sc_{2l}·bs_{2l} + sc_{2l+1}·bs_{2l+1})` (Q3_K: 4·) and Q2_K's
+///   `msum_l = min_{2l}·bs_{2l} + min_{2l+1}·bs_{2l+1}` are the AVX2 integers.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `pack` was filled by the repack of `K` for this matrix; rows
+/// `i0..i0+MR` exist in the Q8_K activations; the outputs `(i0..i0+MR) × (j0..j0+n)` are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_wide_sb<const MR: usize, const K: u8>(
     t: &TileArgs,
     pack: *const Line,
     i0: usize,
@@ -915,26 +1027,35 @@ unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
     n: usize,
     out: OutPtr,
 ) {
+    let g16 = K >= G16_Q6K;
+    let iq4 = K == SB_IQ4XS;
+    // Lines per super-block and the line of `d` (`−dmin` follows it).
+    let (lines_per_block, d_line) = if g16 {
+        (WIDE_LINES_G16, 88)
+    } else {
+        (WIDE_LINES_K, 80)
+    };
     let mut acc = [[_mm512_setzero_ps(); 8]; MR];
     // IQ4: the −128·Σy start of each (sub-block, dword) of a super-block, per row.
     let mut start = [[[0i32; 8]; 8]; MR];
     // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
-    // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; line 82b + 81 < nb·82 of `pack`.
+    // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; the lines read of block b are
+    // below nb·lines_per_block of `pack`.
     unsafe {
         let yrow = t.act_rows::<MR>(i0);
         let drow = t.row_scales::<MR>(t.d, i0);
         let bsrow = t.row_bsums::<MR>(i0);
         for b in 0..t.nb {
-            let line = pack.add(b * WIDE_LINES_K);
-            let dw = _mm512_load_ps(line.add(80) as *const f32);
-            let ndmin = _mm512_load_ps(line.add(81) as *const f32);
+            let line = pack.add(b * lines_per_block);
+            let dw = _mm512_load_ps(line.add(d_line) as *const f32);
+            let ndmin = _mm512_load_ps(line.add(d_line + 1) as *const f32);
             let mut s1 = [_mm512_setzero_ps(); MR];
             let mut s2 = [_mm512_setzero_ps(); MR];
             for i in 0..MR {
                 let dy = _mm512_set1_ps(*drow[i].add(b * GROUP));
                 s1[i] = _mm512_mul_ps(dw, dy);
                 s2[i] = _mm512_mul_ps(ndmin, dy);
-                if IQ4 {
+                if iq4 {
                     let bias = _mm256_set1_epi8(-128);
                     for s in 0..8 {
                         let y =
@@ -947,20 +1068,21 @@ unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
             }
             for l in 0..8 {
                 let mut isum = [_mm512_setzero_si512(); MR];
-                for s in 0..8 {
-                    let u = _mm512_load_si512(line.add(8 * s + l) as *const __m512i);
-                    let sc = _mm512_load_si512(line.add(64 + s) as *const __m512i);
+                for r in 0..8 {
+                    let u = _mm512_load_si512(line.add(8 * r + l) as *const __m512i);
+                    let sc_line = if g16 { 64 + 2 * r + l / 4 } else { 64 + r };
+                    let sc = _mm512_load_si512(line.add(sc_line) as *const __m512i);
                     for i in 0..MR {
                         let y = std::ptr::read_unaligned(
-                            yrow[i].add(b * QK_K + 32 * s + 4 * l) as *const i32
+                            yrow[i].add(b * QK_K + 32 * r + 4 * l) as *const i32
                         );
-                        let init = if IQ4 {
-                            _mm512_set1_epi32(start[i][s][l])
+                        let init = if iq4 {
+                            _mm512_set1_epi32(start[i][r][l])
                         } else {
                             _mm512_setzero_si512()
                         };
                         let p = _mm512_dpbusd_epi32(init, u, _mm512_set1_epi32(y));
-                        isum[i] = if IQ4 {
+                        isum[i] = if iq4 {
                             _mm512_add_epi32(isum[i], _mm512_mullo_epi32(p, sc))
                         } else {
                             _mm512_dpwssd_epi32(isum[i], p, sc)
@@ -968,8 +1090,32 @@ unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
                     }
                 }
                 for i in 0..MR {
+                    if g16 {
+                        let pair = _mm512_load_si512(line.add(80 + l) as *const __m512i);
+                        let bs =
+                            std::ptr::read_unaligned(bsrow[i].add(b * 16 + 2 * l) as *const i32);
+                        let v = _mm512_dpwssd_epi32(
+                            _mm512_setzero_si512(),
+                            pair,
+                            _mm512_set1_epi32(bs),
+                        );
+                        if K == G16_Q2K {
+                            acc[i][l] =
+                                _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(isum[i]), acc[i][l]);
+                            acc[i][l] = _mm512_fmadd_ps(s2[i], _mm512_cvtepi32_ps(v), acc[i][l]);
+                        } else {
+                            let off = if K == G16_Q6K {
+                                _mm512_slli_epi32::<5>(v)
+                            } else {
+                                _mm512_slli_epi32::<2>(v)
+                            };
+                            let s = _mm512_sub_epi32(isum[i], off);
+                            acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(s), acc[i][l]);
+                        }
+                        continue;
+                    }
                     acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(isum[i]), acc[i][l]);
-                    if IQ4 {
+                    if iq4 {
                         continue;
                     }
                     let msum = if l < 4 {
@@ -1004,325 +1150,12 @@ unsafe fn tile_wide_k<const MR: usize, const IQ4: bool>(
     }
 }
 
-/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of an IQ4_XS matrix into
-/// `dst` in [`repack_k`]'s 82 lines per super-block `b`, for [`tile_wide_k`] with `IQ4`:
-/// `8s + l`: dword `l` of each row's 32 levels of sub-block `s` + 128 (as u8, the bytes of
-/// `avx2::iq4_levels`); `64 + s`: its scale `ls − 32` as i32; `80`: `d` as f32.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn repack_iq4xs(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let bias = _mm256_set1_epi8(-128);
-    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 82b + 80 is
-    // below nb·82.
-    unsafe {
-        for b in 0..t.nb {
-            let line = dst.add(b * WIDE_LINES_K);
-            let mut d16 = [0u16; WIDE];
-            let mut scales = [[0i32; WIDE]; 8];
-            for k in 0..n {
-                let blk = t.w.add((j0 + k) * t.rb + b * IQ4XS_BYTES);
-                d16[k] = std::ptr::read_unaligned(blk as *const u16);
-                let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
-                for s in 0..8 {
-                    scales[s][k] = ls[s] as i32;
-                }
-            }
-            for s in 0..8 {
-                let mut z = [_mm512_setzero_si512(); WIDE / 2];
-                for k in 0..n {
-                    let blk = t.w.add((j0 + k) * t.rb + b * IQ4XS_BYTES);
-                    let q = _mm256_xor_si256(avx2::iq4_levels(blk.add(IQ4XS_QS + 16 * s)), bias);
-                    put_row(&mut z, k, q);
-                }
-                transpose_store(&z, line.add(8 * s));
-                _mm512_store_si512(
-                    line.add(64 + s) as *mut __m512i,
-                    _mm512_loadu_si512(scales[s].as_ptr() as *const __m512i),
-                );
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-            _mm512_store_ps(line.add(80) as *mut f32, dw);
-        }
-    }
-}
-
-/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q6_K matrix into
-/// `dst`, 89 lines per super-block `b` (from line `89b`):
-/// - `8r + l` (r, l < 8): dword `l` of each row's 32 six-bit quants (0..64) of run `r` (weights
-///   32r..32r+32, built as `avx2::tile_q6k` builds `q[c]` for half `r / 4`, run `r % 4`);
-/// - `64 + g` (g < 16): the i8 scale of 16-weight group `g`, as an i16 in the low half of an
-///   i32; `80 + l`: scales `2l` and `2l+1` as the two i16 halves;
-/// - `88`: `d` as f32.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·89` lines.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn repack_q6k(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(0x03);
-    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 89b + 88 is
-    // below nb·89.
-    unsafe {
-        for b in 0..t.nb {
-            let line = dst.add(b * WIDE_LINES_Q6K);
-            let mut d16 = [0u16; WIDE];
-            let mut scales = [[0u32; WIDE]; 16];
-            let mut pairs = [[0u32; WIDE]; 8];
-            for k in 0..n {
-                let blk = t.w.add((j0 + k) * t.rb + b * Q6K_BYTES);
-                d16[k] = std::ptr::read_unaligned(blk.add(Q6K_D) as *const u16);
-                let sc = std::slice::from_raw_parts(blk.add(Q6K_SCALES) as *const i8, 16);
-                for g in 0..16 {
-                    scales[g][k] = sc[g] as i16 as u16 as u32;
-                }
-                for l in 0..8 {
-                    pairs[l][k] = scales[2 * l][k] | (scales[2 * l + 1][k] << 16);
-                }
-            }
-            for r in 0..8 {
-                let (half, c) = (r / 4, r % 4);
-                let mut z = [_mm512_setzero_si512(); WIDE / 2];
-                for k in 0..n {
-                    let blk = t.w.add((j0 + k) * t.rb + b * Q6K_BYTES);
-                    let ql_at = Q6K_QL + 64 * half + 32 * (c % 2);
-                    let ql = _mm256_loadu_si256(blk.add(ql_at) as *const __m256i);
-                    let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * half) as *const __m256i);
-                    let lo = if c < 2 {
-                        _mm256_and_si256(ql, m4)
-                    } else {
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
-                    };
-                    let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
-                    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
-                    let q = _mm256_or_si256(lo, hi);
-                    put_row(&mut z, k, q);
-                }
-                transpose_store(&z, line.add(8 * r));
-            }
-            for g in 0..16 {
-                let v = _mm512_loadu_si512(scales[g].as_ptr() as *const __m512i);
-                _mm512_store_si512(line.add(64 + g) as *mut __m512i, v);
-            }
-            for l in 0..8 {
-                let v = _mm512_loadu_si512(pairs[l].as_ptr() as *const __m512i);
-                _mm512_store_si512(line.add(80 + l) as *mut __m512i, v);
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-            _mm512_store_ps(line.add(88) as *mut f32, dw);
-        }
-    }
-}
-
-/// Repacks weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q3_K (`THREE`) or
-/// Q2_K matrix into `dst`, 90 lines per super-block `b` (from line `90b`), laid out as
-/// [`repack_q6k`]'s:
-/// - `8r + l` (r, l < 8): dword `l` of each row's 32 quants of run `r` (weights 32r..32r+32:
-///   bits `2·(r % 4)` of `qs[32·(r / 4)..][..32]`, with Q3_K's third bit (bit `r` of hmask) as
-///   4), the bytes `avx2::tile_q3k` / `tile_q2k` feed to `vpmaddubsw`;
-/// - `64 + g` (g < 16): the scale of 16-weight group `g` (Q3_K: −32..31) as an i16 in the low
-///   half of an i32; `80 + l`: Q3_K's scales `2l` and `2l+1`, Q2_K's mins `2l` and `2l+1`, as
-///   the two i16 halves;
-/// - `88`: `d`, `89`: Q2_K's `−dmin`, as f32.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·90` lines.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn repack_q23k<const THREE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let (bb, qs_off, d_off) = if THREE {
-        (Q3K_BYTES, Q3K_QS, Q3K_D)
-    } else {
-        (Q2K_BYTES, Q2K_QS, Q2K_D)
-    };
-    let m3 = _mm256_set1_epi8(0x03);
-    let m1 = _mm256_set1_epi8(0x01);
-    // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; line 90b + 89 is
-    // below nb·90.
-    unsafe {
-        for b in 0..t.nb {
-            let line = dst.add(b * WIDE_LINES_Q23K);
-            let mut d16 = [0u16; WIDE];
-            let mut dmin16 = [0u16; WIDE];
-            let mut scales = [[0u32; WIDE]; 16];
-            let mut pairs = [[0u32; WIDE]; 8];
-            for k in 0..n {
-                let blk = t.w.add((j0 + k) * t.rb + b * bb);
-                d16[k] = std::ptr::read_unaligned(blk.add(d_off) as *const u16);
-                let (sc, paired): ([i16; 16], [i16; 16]) = if THREE {
-                    let sc = q3k_scales(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
-                    let sc = sc.map(i16::from);
-                    (sc, sc)
-                } else {
-                    dmin16[k] = std::ptr::read_unaligned(blk.add(Q2K_DMIN) as *const u16);
-                    let packed = std::slice::from_raw_parts(blk.add(Q2K_SCALES), 16);
-                    (
-                        std::array::from_fn(|g| (packed[g] & 0xF) as i16),
-                        std::array::from_fn(|g| (packed[g] >> 4) as i16),
-                    )
-                };
-                for g in 0..16 {
-                    scales[g][k] = sc[g] as u16 as u32;
-                }
-                for l in 0..8 {
-                    pairs[l][k] =
-                        paired[2 * l] as u16 as u32 | ((paired[2 * l + 1] as u16 as u32) << 16);
-                }
-            }
-            for r in 0..8 {
-                let (half, c) = (r / 4, r % 4);
-                let mut z = [_mm512_setzero_si512(); WIDE / 2];
-                for k in 0..n {
-                    let blk = t.w.add((j0 + k) * t.rb + b * bb);
-                    let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * half) as *const __m256i);
-                    let bits = _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * c as i32));
-                    let mut q = _mm256_and_si256(bits, m3);
-                    if THREE {
-                        let hm = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
-                        let h = _mm256_srl_epi16(hm, _mm_cvtsi32_si128(r as i32));
-                        q = _mm256_or_si256(q, _mm256_slli_epi16::<2>(_mm256_and_si256(h, m1)));
-                    }
-                    put_row(&mut z, k, q);
-                }
-                transpose_store(&z, line.add(8 * r));
-            }
-            for g in 0..16 {
-                let v = _mm512_loadu_si512(scales[g].as_ptr() as *const __m512i);
-                _mm512_store_si512(line.add(64 + g) as *mut __m512i, v);
-            }
-            for l in 0..8 {
-                let v = _mm512_loadu_si512(pairs[l].as_ptr() as *const __m512i);
-                _mm512_store_si512(line.add(80 + l) as *mut __m512i, v);
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-            _mm512_store_ps(line.add(88) as *mut f32, dw);
-            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin16.as_ptr() as *const __m256i));
-            _mm512_store_ps(
-                line.add(89) as *mut f32,
-                _mm512_sub_ps(_mm512_setzero_ps(), dmin),
-            );
-        }
-    }
-}
-
-/// What [`tile_wide_g16`] multiplies: Q6_K, Q3_K or Q2_K.
-const G16_Q6K: u8 = 0;
-const G16_Q3K: u8 = 1;
-const G16_Q2K: u8 = 2;
-
-/// `MR` (1 or 2) activation rows from `i0` × a repacked 16-row group (weight rows `j0..j0+n`)
-/// of a type with a scale per 16 weights: Q6_K (`K` = [`G16_Q6K`]), Q3_K ([`G16_Q3K`]) or Q2_K
-/// ([`G16_Q2K`]), with the AVX2 tile's float operations per pair (`avx2::tile_q6k`,
-/// `tile_q3k`, `tile_q2k`): per super-block `acc_l = fma(d·d_y, f32(isum_l − off_l), acc_l)`
-/// (Q2_K: `fma(d·d_y, f32(isum_l), acc_l)` then `fma(−dmin·d_y, f32(msum_l), acc_l)`), and
-/// [`hsum`]'s order at the end. The i32 `isum_l = Σ_r scale_{2r + [l ≥ 4]} · p_{r,l}` (scale
-/// applied by `vpdpwssd` on the low i16 half; |p| ≤ 4·63·127 fits), the offset
-/// `off_l = 32·(sc_{2l}·bs_{2l} + sc_{2l+1}·bs_{2l+1})` (Q3_K: 4·) and Q2_K's
-/// `msum_l = min_{2l}·bs_{2l} + min_{2l+1}·bs_{2l+1}` are the AVX2 integers.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI; `pack` was filled by [`repack_q6k`] (Q6_K) or [`repack_q23k`] for this
-/// matrix; rows `i0..i0+MR` exist in the Q8_K activations; the outputs
-/// `(i0..i0+MR) × (j0..j0+n)` are ours.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile_wide_g16<const MR: usize, const K: u8>(
-    t: &TileArgs,
-    pack: *const Line,
-    i0: usize,
-    j0: usize,
-    n: usize,
-    out: OutPtr,
-) {
-    let lines_per_block = if K == G16_Q6K {
-        WIDE_LINES_Q6K
-    } else {
-        WIDE_LINES_Q23K
-    };
-    let mut acc = [[_mm512_setzero_ps(); 8]; MR];
-    // SAFETY: activation row i has cols quants at i·cols, 16 bsums per super-block at
-    // (i·nb + b)·16 and its scale at ((i/4)·nb + b)·4 + i%4; the lines read of block b are
-    // below nb·lines_per_block of `pack`.
-    unsafe {
-        let yrow = t.act_rows::<MR>(i0);
-        let drow = t.row_scales::<MR>(t.d, i0);
-        let bsrow = t.row_bsums::<MR>(i0);
-        for b in 0..t.nb {
-            let line = pack.add(b * lines_per_block);
-            let dw = _mm512_load_ps(line.add(88) as *const f32);
-            let mut s1 = [_mm512_setzero_ps(); MR];
-            let mut s2 = [_mm512_setzero_ps(); MR];
-            for i in 0..MR {
-                let dy = _mm512_set1_ps(*drow[i].add(b * GROUP));
-                s1[i] = _mm512_mul_ps(dw, dy);
-                if K == G16_Q2K {
-                    s2[i] = _mm512_mul_ps(_mm512_load_ps(line.add(89) as *const f32), dy);
-                }
-            }
-            for l in 0..8 {
-                let mut isum = [_mm512_setzero_si512(); MR];
-                for r in 0..8 {
-                    let u = _mm512_load_si512(line.add(8 * r + l) as *const __m512i);
-                    let sc = _mm512_load_si512(line.add(64 + 2 * r + l / 4) as *const __m512i);
-                    for i in 0..MR {
-                        let y = std::ptr::read_unaligned(
-                            yrow[i].add(b * QK_K + 32 * r + 4 * l) as *const i32
-                        );
-                        let p =
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_set1_epi32(y));
-                        isum[i] = _mm512_dpwssd_epi32(isum[i], p, sc);
-                    }
-                }
-                let pair = _mm512_load_si512(line.add(80 + l) as *const __m512i);
-                for i in 0..MR {
-                    let bs = std::ptr::read_unaligned(bsrow[i].add(b * 16 + 2 * l) as *const i32);
-                    let bs = _mm512_set1_epi32(bs);
-                    let v = _mm512_dpwssd_epi32(_mm512_setzero_si512(), pair, bs);
-                    if K == G16_Q2K {
-                        acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(isum[i]), acc[i][l]);
-                        acc[i][l] = _mm512_fmadd_ps(s2[i], _mm512_cvtepi32_ps(v), acc[i][l]);
-                    } else {
-                        let off = if K == G16_Q6K {
-                            _mm512_slli_epi32::<5>(v)
-                        } else {
-                            _mm512_slli_epi32::<2>(v)
-                        };
-                        let s = _mm512_sub_epi32(isum[i], off);
-                        acc[i][l] = _mm512_fmadd_ps(s1[i], _mm512_cvtepi32_ps(s), acc[i][l]);
-                    }
-                }
-            }
-        }
-        for i in 0..MR {
-            let a = &acc[i];
-            // `hsum`'s order for every lane at once.
-            let s = _mm512_add_ps(
-                _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
-                _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
-            );
-            let mut v = [0f32; WIDE];
-            _mm512_storeu_ps(v.as_mut_ptr(), s);
-            for k in 0..n {
-                out.write(i0 + i, j0 + k, v[k]);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use crate::kernels::formats::{Q2K_D, Q2K_DMIN, Q3K_D, Q6K_D};
+    use crate::kernels::testutil::run_path as run;
     use crate::kernels::testutil::{self, Rng};
-    use crate::kernels::{
-        ActivationScratch, KernelPath, QMatrix, ThreadPool, WeightType, matmul::matmul,
-    };
-
-    fn run(path: KernelPath, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
-        let mut out = vec![f32::NAN; m * w.rows];
-        let mut scratch = ActivationScratch::default();
-        // Threshold 0 so that even tiny shapes exercise the threaded split.
-        matmul(path, pool, w, x, m, &mut out, &mut scratch, 0).unwrap();
-        out
-    }
+    use crate::kernels::{KernelPath, QMatrix, ThreadPool, WeightType};
 
     /// Bit patterns, so that the comparison is exact (and NaN-safe).
     fn bits(v: &[f32]) -> Vec<u32> {

@@ -248,22 +248,19 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        WeightType::Q5_0 => {
-            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q5_0_BYTES)) {
+        WeightType::Q5_0 | WeightType::Q5_1 => {
+            // Q5_0 is (q − 16)·d; Q5_1 is q·d + m, its min m after the scale. Q5_0 adds −0.0,
+            // which leaves every product as it is (signed zeros too).
+            let (bytes, qh, qs, offset, min_at) = match ty {
+                WeightType::Q5_0 => (Q5_0_BYTES, Q5_0_QH, Q5_0_QS, 16, None),
+                _ => (Q5_1_BYTES, Q5_1_QH, Q5_1_QS, 0, Some(2)),
+            };
+            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(bytes)) {
                 let d = f16_at(b, 0);
-                let q = q5_quants(&b[Q5_0_QH..], &b[Q5_0_QS..]);
+                let m = min_at.map_or(-0.0, |at| f16_at(b, at));
+                let q = q5_quants(&b[qh..], &b[qs..]);
                 for (y, &q) in y.iter_mut().zip(&q) {
-                    *y = (q as i32 - 16) as f32 * d;
-                }
-            }
-        }
-        WeightType::Q5_1 => {
-            for (y, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(Q5_1_BYTES)) {
-                let d = f16_at(b, 0);
-                let m = f16_at(b, 2);
-                let q = q5_quants(&b[Q5_1_QH..], &b[Q5_1_QS..]);
-                for (y, &q) in y.iter_mut().zip(&q) {
-                    *y = q as f32 * d + m;
+                    *y = (q as i32 - offset) as f32 * d + m;
                 }
             }
         }
@@ -303,37 +300,26 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        WeightType::Q4K => {
-            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q4K_BYTES)) {
+        WeightType::Q4K | WeightType::Q5K => {
+            // Q5_K's fifth bits (in `qh`) add 16 to a nibble; Q4_K has none: its masks are 0.
+            let five = ty == WeightType::Q5K;
+            let (bytes, scales, qs) = k4_layout(five);
+            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(bytes)) {
                 let d = f16_at(b, 0);
                 let dmin = f16_at(b, 2);
-                let sc = &b[Q4K_SCALES..Q4K_SCALES + 12];
-                for c in 0..4 {
-                    let q = &b[Q4K_QS + 32 * c..Q4K_QS + 32 * c + 32];
-                    let (s1, m1) = scale_min_k4(2 * c, sc);
-                    let (s2, m2) = scale_min_k4(2 * c + 1, sc);
-                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                    for l in 0..32 {
-                        y[64 * c + l] = d1 * (q[l] & 0xF) as f32 - m1;
-                        y[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
-                    }
-                }
-            }
-        }
-        WeightType::Q5K => {
-            for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(Q5K_BYTES)) {
-                let d = f16_at(b, 0);
-                let dmin = f16_at(b, 2);
-                let sc = &b[Q5K_SCALES..Q5K_SCALES + 12];
+                let sc = &b[scales..scales + 12];
                 let qh = &b[Q5K_QH..Q5K_QH + 32];
                 for c in 0..4 {
-                    let ql = &b[Q5K_QS + 32 * c..Q5K_QS + 32 * c + 32];
+                    let ql = &b[qs + 32 * c..qs + 32 * c + 32];
                     let (s1, m1) = scale_min_k4(2 * c, sc);
                     let (s2, m2) = scale_min_k4(2 * c + 1, sc);
                     let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
                     let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                    let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
+                    let (u1, u2) = if five {
+                        (1u8 << (2 * c), 2u8 << (2 * c))
+                    } else {
+                        (0, 0)
+                    };
                     for l in 0..32 {
                         let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
                         let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
@@ -398,34 +384,38 @@ mod tests {
     use super::*;
     use crate::kernels::testutil::Rng;
 
-    #[test]
-    fn packed_k4_scales_match_reference_unpacking() {
-        let mut rng = Rng::new(7);
+    /// `check` on 2000 random 12-byte groups of packed scales from the generator `seed`.
+    fn for_random_packed_scales(seed: u64, check: impl Fn(&[u8; 12])) {
+        let mut rng = Rng::new(seed);
         for _ in 0..2000 {
             let mut q = [0u8; 12];
             rng.fill_bytes(&mut q);
-            let packed = unpack_scales_mins_k4(&q);
-            for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &q);
-                assert_eq!(packed[j], s);
-                assert_eq!(packed[8 + j], m);
-            }
+            check(&q);
         }
     }
 
     #[test]
+    fn packed_k4_scales_match_reference_unpacking() {
+        for_random_packed_scales(7, |q| {
+            let packed = unpack_scales_mins_k4(q);
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, q);
+                assert_eq!(packed[j], s);
+                assert_eq!(packed[8 + j], m);
+            }
+        });
+    }
+
+    #[test]
     fn q3k_scales_follow_the_documented_bit_layout() {
-        let mut rng = Rng::new(8);
-        for _ in 0..2000 {
-            let mut q = [0u8; 12];
-            rng.fill_bytes(&mut q);
-            let sc = q3k_scales(&q);
+        for_random_packed_scales(8, |q| {
+            let sc = q3k_scales(q);
             for (k, &s) in sc.iter().enumerate() {
                 let low = if k < 8 { q[k] & 0xF } else { q[k - 8] >> 4 };
                 let high = (q[8 + k % 4] >> (2 * (k / 4))) & 3;
                 assert_eq!(s as i32, (low | (high << 4)) as i32 - 32, "scale {k}");
             }
-        }
+        });
     }
 
     #[test]
@@ -459,36 +449,40 @@ mod tests {
         ];
         let fp16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        let finite_d = |rng: &mut Rng, b: &mut [u8]| {
-            let d = half::f16::from_f32(rng.uniform(-2.0, 2.0));
-            b[0..2].copy_from_slice(&d.to_le_bytes());
-        };
         let mut rng = Rng::new(9);
+        // `blocks` random blocks of `ty` (`bytes` bytes, `weights` weights each, a finite scale
+        // d in bytes 0..2), dequantized bit-identically to `reference` on each block.
+        let mut check = |ty: WeightType,
+                         (blocks, bytes, weights): (usize, usize, usize),
+                         reference: &dyn Fn(&[u8], &mut [f32])| {
+            let mut x = vec![0u8; blocks * bytes];
+            rng.fill_bytes(&mut x);
+            let mut want = vec![0f32; blocks * weights];
+            for (blk, y) in x
+                .chunks_exact_mut(bytes)
+                .zip(want.chunks_exact_mut(weights))
+            {
+                let d = half::f16::from_f32(rng.uniform(-2.0, 2.0));
+                blk[0..2].copy_from_slice(&d.to_le_bytes());
+                reference(blk, y);
+            }
+            let mut got = vec![f32::NAN; blocks * weights];
+            dequantize_row(ty, &x, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{ty}");
+        };
         for _ in 0..200 {
             // block_iq4_nl { ggml_half d; uint8_t qs[16]; }, four blocks.
-            let mut x = vec![0u8; 4 * 18];
-            rng.fill_bytes(&mut x);
-            let mut want = vec![0f32; 4 * 32];
-            for (i, blk) in x.chunks_exact_mut(18).enumerate() {
-                finite_d(&mut rng, blk);
+            check(WeightType::IQ4NL, (4, 18, 32), &|blk, y| {
                 let d = fp16(&blk[0..2]);
                 let qs = &blk[2..18];
                 for j in 0..16 {
-                    want[32 * i + j] = d * KV[(qs[j] & 0xf) as usize] as f32;
-                    want[32 * i + j + 16] = d * KV[(qs[j] >> 4) as usize] as f32;
+                    y[j] = d * KV[(qs[j] & 0xf) as usize] as f32;
+                    y[j + 16] = d * KV[(qs[j] >> 4) as usize] as f32;
                 }
-            }
-            let mut got = vec![f32::NAN; 4 * 32];
-            dequantize_row(WeightType::IQ4NL, &x, &mut got);
-            assert_eq!(bits(&got), bits(&want), "IQ4_NL");
-
+            });
             // block_iq4_xs { ggml_half d; uint16_t scales_h; uint8_t scales_l[4];
             // uint8_t qs[128]; }, two super-blocks.
-            let mut x = vec![0u8; 2 * 136];
-            rng.fill_bytes(&mut x);
-            let mut want = vec![0f32; 2 * 256];
-            for (i, blk) in x.chunks_exact_mut(136).enumerate() {
-                finite_d(&mut rng, blk);
+            check(WeightType::IQ4XS, (2, 136, 256), &|blk, out| {
                 let d = fp16(&blk[0..2]);
                 let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
                 let scales_l = &blk[4..8];
@@ -497,17 +491,14 @@ mod tests {
                     let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) as i32
                         | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
                     let dl = d * (ls - 32) as f32;
-                    let y = &mut want[256 * i + 32 * ib..256 * i + 32 * ib + 32];
+                    let y = &mut out[32 * ib..32 * ib + 32];
                     for j in 0..16 {
                         let q = qs[16 * ib + j];
                         y[j] = dl * KV[(q & 0xf) as usize] as f32;
                         y[j + 16] = dl * KV[(q >> 4) as usize] as f32;
                     }
                 }
-            }
-            let mut got = vec![f32::NAN; 2 * 256];
-            dequantize_row(WeightType::IQ4XS, &x, &mut got);
-            assert_eq!(bits(&got), bits(&want), "IQ4_XS");
+            });
         }
     }
 

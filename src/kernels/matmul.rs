@@ -61,50 +61,23 @@ impl OutPtr {
     }
 }
 
-/// Walks `a × r` in tiles of at most `mr_max` activation rows × `nr_max` weight rows, weight
-/// rows innermost, calling `tile(i, mr, j, nr)` for each: the loop every SIMD backend's
-/// `compute` runs over its tile kernels.
-#[inline(always)]
-pub(crate) fn for_each_tile(
-    a: Range<usize>,
-    r: Range<usize>,
-    mr_max: usize,
-    nr_max: usize,
-    mut tile: impl FnMut(usize, usize, usize, usize),
-) {
-    let mut i = a.start;
-    while i < a.end {
-        let mr = (a.end - i).min(mr_max);
-        let mut j = r.start;
-        while j < r.end {
-            let nr = (r.end - j).min(nr_max);
-            tile(i, mr, j, nr);
-            j += nr;
-        }
-        i += mr;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
-    path: KernelPath,
-    pool: &ThreadPool,
-    w: &QMatrix,
-    x: &[f32],
+/// `actual` must be `m × per_row`.
+fn check_len(
+    what: &'static str,
     m: usize,
-    out: &mut [f32],
-    scratch: &mut ActivationScratch,
-    min_parallel_bytes: usize,
+    per_row: usize,
+    actual: usize,
 ) -> Result<(), KernelError> {
-    matmul_many(
-        path,
-        pool,
-        &mut [(w, out)],
-        x,
-        m,
-        scratch,
-        min_parallel_bytes,
-    )
+    let expected = m.checked_mul(per_row).ok_or(KernelError::SizeOverflow)?;
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(KernelError::ShapeMismatch {
+            what,
+            expected,
+            actual,
+        })
+    }
 }
 
 /// Several matrices over the same activations (q/k/v, gate/up): the activations are quantized
@@ -128,26 +101,13 @@ pub(crate) fn matmul_many(
     let (cols, kind) = (first.cols, ActKind::for_weights(first.ty));
     for (w, out) in jobs.iter_mut() {
         w.validate()?;
-        let x_len = m.checked_mul(w.cols).ok_or(KernelError::SizeOverflow)?;
-        if x.len() != x_len {
-            return Err(KernelError::ShapeMismatch {
-                what: "activation length (m × cols)",
-                expected: x_len,
-                actual: x.len(),
-            });
-        }
-        let out_len = m.checked_mul(w.rows).ok_or(KernelError::SizeOverflow)?;
-        if out.len() != out_len {
-            return Err(KernelError::ShapeMismatch {
-                what: "output length (m × rows)",
-                expected: out_len,
-                actual: out.len(),
-            });
-        }
+        check_len("activation length (m × cols)", m, w.cols, x.len())?;
+        check_len("output length (m × rows)", m, w.rows, out.len())?;
     }
     if jobs.iter().any(|(w, _)| ActKind::for_weights(w.ty) != kind) {
-        for (w, out) in jobs.iter_mut() {
-            matmul(path, pool, w, x, m, out, scratch, min_parallel_bytes)?;
+        for job in jobs.iter_mut() {
+            let one = std::slice::from_mut(job);
+            matmul_many(path, pool, one, x, m, scratch, min_parallel_bytes)?;
         }
         return Ok(());
     }
@@ -265,14 +225,7 @@ mod tests {
     use crate::kernels::{WeightType, detect};
 
     use testutil::available_paths as paths;
-
-    fn run(path: KernelPath, pool: &ThreadPool, w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
-        let mut out = vec![f32::NAN; m * w.rows];
-        let mut scratch = ActivationScratch::default();
-        // Threshold 0 so that even tiny shapes exercise the threaded split.
-        matmul(path, pool, w, x, m, &mut out, &mut scratch, 0).unwrap();
-        out
-    }
+    use testutil::run_path as run;
 
     /// Each output of `got` (activation row `i`, matrix row `j` of `rows`) within
     /// `tolerance(i, j)` of `want`'s.
@@ -427,18 +380,7 @@ mod tests {
         // Enough rows and activation rows for several panels and full tiles on every thread.
         let mut rng = Rng::new(5);
         let pool = ThreadPool::new(2);
-        for ty in [
-            WeightType::Q4_0,
-            WeightType::Q4_1,
-            WeightType::Q8_0,
-            WeightType::Q2K,
-            WeightType::Q3K,
-            WeightType::Q4K,
-            WeightType::Q6K,
-            WeightType::IQ4NL,
-            WeightType::IQ4XS,
-            WeightType::BF16,
-        ] {
+        for ty in WeightType::ALL {
             let (rows, cols, m) = (300, 512, 70);
             let data = testutil::random_weights(&mut rng, ty, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &data).unwrap();
@@ -529,13 +471,12 @@ mod tests {
         crate::kernels::matmul(&pool, &w, &[], 0, &mut [], &mut scratch).unwrap();
         #[cfg(target_arch = "x86_64")]
         assert!(matches!(
-            matmul(
+            matmul_many(
                 KernelPath::Neon,
                 &pool,
-                &w,
+                &mut [(&w, &mut out[..])],
                 &[0.0; 32],
                 1,
-                &mut out,
                 &mut scratch,
                 DEFAULT_MIN_PARALLEL_BYTES
             ),
@@ -641,16 +582,15 @@ mod tests {
             .collect()
     }
 
-    /// `rows` rows of each of `types` whose bytes are all one of `fills` but for what `header`
-    /// writes into each block (given its type and a scale of 0.001 to 0.003 as f16 bytes), on
-    /// every SIMD path against the scalar reference, for one and for all `m` rows of `x`.
+    /// `rows` rows of each of `types` whose bytes are all one of `fills` but for the scales
+    /// `write_scales` sets in each block (a scale of 0.001 to 0.003), on every SIMD path
+    /// against the scalar reference, for one and for all `m` rows of `x`.
     fn assert_filled_blocks_match_scalar(
         types: &[WeightType],
         fills: &[u8],
         rows: usize,
         x: &[f32],
         m: usize,
-        header: impl Fn(WeightType, [u8; 2], &mut [u8]),
     ) {
         let pool = ThreadPool::new(2);
         let cols = x.len() / m;
@@ -658,7 +598,7 @@ mod tests {
             for &fill in fills {
                 let mut data = vec![fill; rows * ty.row_bytes(cols)];
                 for (n, blk) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
-                    header(ty, f16_bytes(0.001 * (1 + n % 3) as f32), blk);
+                    write_scales(ty, f16_bytes(0.001 * (1 + n % 3) as f32), blk);
                 }
                 let w = QMatrix::new(ty, rows, cols, &data).unwrap();
                 let what = format!("{ty} fill {fill:#x}");
@@ -667,59 +607,59 @@ mod tests {
         }
     }
 
+    /// Writes the f16 scale `d` into a block of `ty` (Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL or
+    /// IQ4_XS), and a small fixed min where the type has one, so that the filled quants stay
+    /// finite and in range.
+    fn write_scales(ty: WeightType, d: [u8; 2], blk: &mut [u8]) {
+        let (d_at, min) = match ty {
+            WeightType::Q5_1 => (0, Some((2, -0.0007))),
+            WeightType::Q2K => (formats::Q2K_D, Some((formats::Q2K_DMIN, 0.0007))),
+            WeightType::Q3K => (formats::Q3K_D, None),
+            _ => (0, None),
+        };
+        blk[d_at..d_at + 2].copy_from_slice(&d);
+        if let Some((at, min)) = min {
+            blk[at..at + 2].copy_from_slice(&f16_bytes(min));
+        }
+    }
+
     fn f16_bytes(v: f32) -> [u8; 2] {
         half::f16::from_f32(v).to_bits().to_le_bytes()
     }
 
-    /// Extreme Q5 operands: every quant 0 or 31 (all nibbles and fifth bits clear or set) and
-    /// activation blocks of ±127 quants, on every path against the scalar reference.
+    /// Extreme operands, on every path against the scalar reference: every weight byte one of
+    /// a few fills (but for the scales), and activation blocks of ±127 quants in runs that
+    /// `run(k, cols)` picks.
     #[test]
-    fn q5_extreme_values_match_scalar() {
-        let (cols, m) = (128, 6);
-        let x = extreme_activations(m * cols, |k| k / 32);
-        let types = [WeightType::Q5_0, WeightType::Q5_1];
-        let fills = [0x00u8, 0xFF, 0x0F, 0xF0, 0xAA];
-        assert_filled_blocks_match_scalar(&types, &fills, 9, &x, m, |ty, d, blk| {
-            blk[0..2].copy_from_slice(&d);
-            if ty == WeightType::Q5_1 {
-                blk[2..4].copy_from_slice(&f16_bytes(-0.0007));
-            }
-        });
-    }
-
-    /// Extreme Q2_K/Q3_K operands: every quant at its smallest or largest (all low bits and
-    /// third bits clear or set), every scale and min at 0 or 15 (Q3_K's 6-bit scales at −32 or
-    /// 31), and activation super-blocks of ±127 quants, on every path against the scalar
-    /// reference.
-    #[test]
-    fn q2k_q3k_extreme_values_match_scalar() {
-        let (cols, m) = (512, 6);
-        let x = extreme_activations(m * cols, |k| k / 256 + k / cols);
-        let types = [WeightType::Q2K, WeightType::Q3K];
-        let fills = [0x00u8, 0xFF, 0x55, 0xAA, 0x0F, 0xF0];
-        assert_filled_blocks_match_scalar(&types, &fills, 9, &x, m, |ty, d, blk| {
-            if ty == WeightType::Q2K {
-                blk[formats::Q2K_D..formats::Q2K_D + 2].copy_from_slice(&d);
-                blk[formats::Q2K_DMIN..formats::Q2K_DMIN + 2].copy_from_slice(&f16_bytes(0.0007));
-            } else {
-                blk[formats::Q3K_D..formats::Q3K_D + 2].copy_from_slice(&d);
-            }
-        });
-    }
-
-    /// Extreme IQ4_NL/IQ4_XS operands: every nibble 0 (level −127), 15 (113) or mixed, IQ4_XS's
-    /// 6-bit scales at −32 (all bits clear), 31 (all set) or between, and activation blocks of
-    /// ±127 quants, on every path against the scalar reference (40 rows: AVX-512's wide IQ4_NL
-    /// kernel too).
-    #[test]
-    fn iq4_extreme_values_match_scalar() {
-        let (cols, m) = (512, 40);
-        let x = extreme_activations(m * cols, |k| k / 32 + k / cols);
-        let types = [WeightType::IQ4NL, WeightType::IQ4XS];
-        let fills = [0x00u8, 0xFF, 0x0F, 0xF0, 0x88, 0x77];
-        assert_filled_blocks_match_scalar(&types, &fills, 19, &x, m, |_, d, blk| {
-            blk[0..2].copy_from_slice(&d);
-        });
+    fn extreme_values_match_scalar() {
+        use WeightType::{IQ4NL, IQ4XS, Q2K, Q3K, Q5_0, Q5_1};
+        type Run = fn(usize, usize) -> usize;
+        // ((types, byte fills), (weight rows, columns, activation rows, run))
+        type Case = (([WeightType; 2], &'static [u8]), (usize, usize, usize, Run));
+        let cases: [Case; 3] = [
+            // Every Q5 quant 0 or 31 (all nibbles and fifth bits clear or set).
+            (
+                ([Q5_0, Q5_1], &[0x00, 0xFF, 0x0F, 0xF0, 0xAA]),
+                (9, 128, 6, |k, _| k / 32),
+            ),
+            // Every quant at its smallest or largest (all low bits and third bits clear or
+            // set), every scale and min at 0 or 15 (Q3_K's 6-bit scales at −32 or 31), and
+            // activation super-blocks of ±127 quants.
+            (
+                ([Q2K, Q3K], &[0x00, 0xFF, 0x55, 0xAA, 0x0F, 0xF0]),
+                (9, 512, 6, |k, cols| k / 256 + k / cols),
+            ),
+            // Every nibble 0 (level −127), 15 (113) or mixed, IQ4_XS's 6-bit scales at −32 (all
+            // bits clear), 31 (all set) or between; 40 rows: AVX-512's wide IQ4_NL kernel too.
+            (
+                ([IQ4NL, IQ4XS], &[0x00, 0xFF, 0x0F, 0xF0, 0x88, 0x77]),
+                (19, 512, 40, |k, cols| k / 32 + k / cols),
+            ),
+        ];
+        for ((types, fills), (rows, cols, m, run)) in cases {
+            let x = extreme_activations(m * cols, |k| run(k, cols));
+            assert_filled_blocks_match_scalar(&types, fills, rows, &x, m);
+        }
     }
 
     /// IQ4_NL and IQ4_XS on every SIMD path against the scalar reference for every m from 1 to
@@ -804,7 +744,8 @@ mod tests {
                             let w = QMatrix::new(ty, rows, cols, data).unwrap();
                             let mut call = || {
                                 let min = DEFAULT_MIN_PARALLEL_BYTES;
-                                matmul(path, &pool, &w, &x, m, &mut out, &mut scratch, min).unwrap()
+                                let jobs = &mut [(&w, &mut out[..])];
+                                matmul_many(path, &pool, jobs, &x, m, &mut scratch, min).unwrap()
                             };
                             call();
                             let iters = if m == 1 { 200 } else { 2 };

@@ -70,6 +70,70 @@ mod pool;
 mod quantize;
 mod scalar;
 
+/// `$f::<MR, NR, extra…>` for an `(mr, nr)` tile shape, as a function pointer. One table for
+/// both x86 backends: AVX2 asks for up to 4 × 2 tiles, and 1 × 3 and 1 × 4 for one activation
+/// row; AVX-512 for up to 8 × 2.
+#[cfg(target_arch = "x86_64")]
+macro_rules! pick_mr_nr {
+    ($mr:expr, $nr:expr, $f:ident $(, $extra:tt)*) => {
+        match ($mr, $nr) {
+            (1, 1) => $f::<1, 1 $(, $extra)*>,
+            (2, 1) => $f::<2, 1 $(, $extra)*>,
+            (3, 1) => $f::<3, 1 $(, $extra)*>,
+            (4, 1) => $f::<4, 1 $(, $extra)*>,
+            (5, 1) => $f::<5, 1 $(, $extra)*>,
+            (6, 1) => $f::<6, 1 $(, $extra)*>,
+            (7, 1) => $f::<7, 1 $(, $extra)*>,
+            (8, 1) => $f::<8, 1 $(, $extra)*>,
+            (1, 2) => $f::<1, 2 $(, $extra)*>,
+            (2, 2) => $f::<2, 2 $(, $extra)*>,
+            (3, 2) => $f::<3, 2 $(, $extra)*>,
+            (4, 2) => $f::<4, 2 $(, $extra)*>,
+            (5, 2) => $f::<5, 2 $(, $extra)*>,
+            (6, 2) => $f::<6, 2 $(, $extra)*>,
+            (7, 2) => $f::<7, 2 $(, $extra)*>,
+            (8, 2) => $f::<8, 2 $(, $extra)*>,
+            (1, 3) => $f::<1, 3 $(, $extra)*>,
+            _ => $f::<1, 4 $(, $extra)*>,
+        }
+    };
+}
+
+/// The `pick_*` functions of an x86 backend: the tile kernel for `mr` activation rows and `nr`
+/// weight rows, from that backend's `tile_*` functions (the K-quant tiles take one weight row).
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_tile_pickers {
+    () => {
+        fn pick_q4<const Q41: bool, const FIVE: bool>(mr: usize, nr: usize) -> TileFn {
+            pick_mr_nr!(mr, nr, tile_q4, Q41, FIVE)
+        }
+
+        fn pick_q8_0<const FMT: u8>(mr: usize, nr: usize) -> TileFn {
+            pick_mr_nr!(mr, nr, tile_q8_0, FMT)
+        }
+
+        fn pick_k<const FIVE: bool>(mr: usize, _nr: usize) -> TileFn {
+            pick_mr_nr!(mr, 1, tile_k, FIVE)
+        }
+
+        fn pick_q6k(mr: usize, _nr: usize) -> TileFn {
+            pick_mr_nr!(mr, 1, tile_q6k)
+        }
+
+        fn pick_q2k(mr: usize, _nr: usize) -> TileFn {
+            pick_mr_nr!(mr, 1, tile_q2k)
+        }
+
+        fn pick_q3k(mr: usize, _nr: usize) -> TileFn {
+            pick_mr_nr!(mr, 1, tile_q3k)
+        }
+
+        fn pick_iq4xs(mr: usize, _nr: usize) -> TileFn {
+            pick_mr_nr!(mr, 1, tile_iq4xs)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -484,7 +548,7 @@ pub fn matmul(
     scratch: &mut ActivationScratch,
 ) -> Result<(), KernelError> {
     let min = matmul::DEFAULT_MIN_PARALLEL_BYTES;
-    matmul::matmul(detect(), pool, w, x, m, out, scratch, min)
+    matmul::matmul_many(detect(), pool, &mut [(w, out)], x, m, scratch, min)
 }
 
 /// Several matrices with the same input `x` (`m × cols`, `cols` shared), e.g. the q, k and v

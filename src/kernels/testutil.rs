@@ -300,3 +300,19 @@ pub(crate) fn magnitude(w: &QMatrix, wf: &[f32], x: &[f32], i: usize, j: usize) 
     }
     s as f32
 }
+
+/// `w × x` (`m` rows) on `path`, into a fresh NaN-filled output; threshold 0, so that even
+/// tiny shapes take the threaded split.
+pub(crate) fn run_path(
+    path: KernelPath,
+    pool: &ThreadPool,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * w.rows];
+    let mut scratch = ActivationScratch::default();
+    let jobs = &mut [(w, &mut out[..])];
+    super::matmul::matmul_many(path, pool, jobs, x, m, &mut scratch, 0).unwrap();
+    out
+}

@@ -58,8 +58,10 @@ impl HostKv {
 /// Shape of an attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
+    /// Query heads: a multiple of `kv_heads` (grouped-query attention).
     pub heads: usize,
     pub kv_heads: usize,
+    /// Dimensions per head, for queries, keys and values alike.
     pub head_dim: usize,
     /// Tokens a position can see, itself included; `None` is unlimited.
     pub sliding_window: Option<usize>,
@@ -577,6 +579,7 @@ fn scale_f16(simd: bool, acc: &mut [f16], s: f32) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use half::f16;
 
@@ -701,38 +704,37 @@ mod x86 {
                 // (`nq * KEY_TILE`) and `acc` (`nq * hd`); key ranges are within `KEY_TILE`,
                 // the rows of `values`.
                 unsafe {
-                    let one = |i: usize, k0: usize, k1: usize| {
+                    let one = |i: usize, keys: Range<usize>| {
                         pv_mr::<1>(
                             |_| scores.add((g0 + i) * KEY_TILE),
                             |_| acc.add((g0 + i) * hd),
                             values,
                             hd,
-                            k0,
-                            k1,
+                            keys,
                         )
                     };
                     if common_lo >= common_hi {
                         for (i, &(vis_lo, vis_hi)) in vis.iter().enumerate() {
-                            one(i, vis_lo, vis_hi);
+                            one(i, vis_lo..vis_hi);
                         }
                         continue;
                     }
                     for (i, &(vis_lo, _)) in vis.iter().enumerate() {
-                        one(i, vis_lo, common_lo);
+                        one(i, vis_lo..common_lo);
                     }
                     let pp = |i: usize| scores.add((g0 + i.min(m - 1)) * KEY_TILE);
                     let ap = |i: usize| acc.add((g0 + i.min(m - 1)) * hd);
-                    let (k0, k1) = (common_lo, common_hi);
+                    let keys = common_lo..common_hi;
                     match m {
-                        6 => pv_mr::<6>(pp, ap, values, hd, k0, k1),
-                        5 => pv_mr::<5>(pp, ap, values, hd, k0, k1),
-                        4 => pv_mr::<4>(pp, ap, values, hd, k0, k1),
-                        3 => pv_mr::<3>(pp, ap, values, hd, k0, k1),
-                        2 => pv_mr::<2>(pp, ap, values, hd, k0, k1),
-                        _ => pv_mr::<1>(pp, ap, values, hd, k0, k1),
+                        6 => pv_mr::<6>(pp, ap, values, hd, keys),
+                        5 => pv_mr::<5>(pp, ap, values, hd, keys),
+                        4 => pv_mr::<4>(pp, ap, values, hd, keys),
+                        3 => pv_mr::<3>(pp, ap, values, hd, keys),
+                        2 => pv_mr::<2>(pp, ap, values, hd, keys),
+                        _ => pv_mr::<1>(pp, ap, values, hd, keys),
                     }
                     for (i, &(_, vis_hi)) in vis.iter().enumerate() {
-                        one(i, common_hi, vis_hi);
+                        one(i, common_hi..vis_hi);
                     }
                 }
             }
@@ -832,20 +834,9 @@ mod x86 {
         let mut k = k0;
         while k < k1 {
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for d in 0..hd {
-                // SAFETY: d < hd and k + 16 <= KEY_TILE, inside `keys`; d < hd inside each
-                // query (the caller's contract).
-                unsafe {
-                    let kp = keys.add(d * KEY_TILE + k);
-                    let ka = _mm256_loadu_ps(kp);
-                    let kb = _mm256_loadu_ps(kp.add(8));
-                    for (a, &qp) in acc.iter_mut().zip(&qs) {
-                        let qv = _mm256_broadcast_ss(&*qp.add(d));
-                        a[0] = _mm256_fmadd_ps(qv, ka, a[0]);
-                        a[1] = _mm256_fmadd_ps(qv, kb, a[1]);
-                    }
-                }
-            }
+            // SAFETY: d < hd and k + 16 <= KEY_TILE, inside `keys`; d < hd inside each query
+            // (the caller's contract).
+            unsafe { fma_rows16(&mut acc, &qs, keys.add(k), KEY_TILE, 0..hd) };
             for (i, a) in acc.iter().enumerate() {
                 // SAFETY: k + 16 <= KEY_TILE, inside each score row.
                 unsafe {
@@ -858,23 +849,22 @@ mod x86 {
         }
     }
 
-    /// `acc_i += Σ_k p_i[k]·value_k` for `R` queries over keys `k0..k1` of the value tile
+    /// `acc_i += Σ_k p_i[k]·value_k` for `R` queries over the range `keys` of the value tile
     /// (`[key][hd]`), keys taken in order for every element; 16 dimensions at a time, then 8,
     /// then one.
     ///
     /// # Safety
     /// `p(i)` must point at `KEY_TILE` readable values and `acc(i)` at `hd` writable ones for
-    /// `i < R`, and `values` at `KEY_TILE * hd`; `k1 <= KEY_TILE`. AVX2 and FMA.
+    /// `i < R`, and `values` at `KEY_TILE * hd`; `keys.end <= KEY_TILE`. AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pv_mr<const R: usize>(
         p: impl Fn(usize) -> *const f32,
         acc: impl Fn(usize) -> *mut f32,
         values: *const f32,
         hd: usize,
-        k0: usize,
-        k1: usize,
+        keys: Range<usize>,
     ) {
-        if k0 >= k1 {
+        if keys.is_empty() {
             return;
         }
         let ps: [*const f32; R] = std::array::from_fn(&p);
@@ -888,20 +878,9 @@ mod x86 {
                     _mm256_loadu_ps(accs[i].add(d + 8)),
                 ]
             });
-            for k in k0..k1 {
-                // SAFETY: k < k1 <= KEY_TILE and d + 16 <= hd: inside `values` and each
-                // probability row.
-                unsafe {
-                    let vp = values.add(k * hd + d);
-                    let va = _mm256_loadu_ps(vp);
-                    let vb = _mm256_loadu_ps(vp.add(8));
-                    for (a, &pp) in a.iter_mut().zip(&ps) {
-                        let pv = _mm256_broadcast_ss(&*pp.add(k));
-                        a[0] = _mm256_fmadd_ps(pv, va, a[0]);
-                        a[1] = _mm256_fmadd_ps(pv, vb, a[1]);
-                    }
-                }
-            }
+            // SAFETY: keys lie below KEY_TILE and d + 16 <= hd: inside `values` and each
+            // probability row.
+            unsafe { fma_rows16(&mut a, &ps, values.add(d), hd, keys.clone()) };
             for (a, &ap) in a.iter().zip(&accs) {
                 // SAFETY: as for the loads above.
                 unsafe {
@@ -915,8 +894,8 @@ mod x86 {
             // SAFETY: d + 8 <= hd, inside each accumulator row.
             let mut a: [__m256; R] =
                 std::array::from_fn(|i| unsafe { _mm256_loadu_ps(accs[i].add(d)) });
-            for k in k0..k1 {
-                // SAFETY: k < k1 <= KEY_TILE and d + 8 <= hd, as above.
+            for k in keys.clone() {
+                // SAFETY: k < KEY_TILE and d + 8 <= hd, as above.
                 unsafe {
                     let va = _mm256_loadu_ps(values.add(k * hd + d));
                     for (a, &pp) in a.iter_mut().zip(&ps) {
@@ -932,13 +911,44 @@ mod x86 {
         }
         for d in d..hd {
             for (&pp, &ap) in ps.iter().zip(&accs) {
-                // SAFETY: d < hd and k < k1 <= KEY_TILE, as above.
+                // SAFETY: d < hd and k < KEY_TILE, as above.
                 unsafe {
                     let mut a = *ap.add(d);
-                    for k in k0..k1 {
+                    for k in keys.clone() {
                         a = (*pp.add(k)).mul_add(*values.add(k * hd + d), a);
                     }
                     *ap.add(d) = a;
+                }
+            }
+        }
+    }
+
+    /// `acc_i += Σ_{j ∈ js} x_i[j]·t[j·stride..][..16]` for the `R` rows `x_i`, `j` in order by
+    /// FMAs: the register tile that both micro-kernels run (over a score's dimensions, over an
+    /// accumulator's keys).
+    ///
+    /// # Safety
+    /// For every `j` in `js`, `x[i].add(j)` must be readable for `i < R` and `t.add(j * stride)`
+    /// must point at 16 readable values. AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fma_rows16<const R: usize>(
+        acc: &mut [[__m256; 2]; R],
+        x: &[*const f32; R],
+        t: *const f32,
+        stride: usize,
+        js: Range<usize>,
+    ) {
+        for j in js {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let tp = t.add(j * stride);
+                let ta = _mm256_loadu_ps(tp);
+                let tb = _mm256_loadu_ps(tp.add(8));
+                for (a, &xp) in acc.iter_mut().zip(x) {
+                    let xv = _mm256_broadcast_ss(&*xp.add(j));
+                    a[0] = _mm256_fmadd_ps(xv, ta, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, tb, a[1]);
                 }
             }
         }

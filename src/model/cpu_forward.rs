@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use super::attention::{self, AttentionShape, SpanAttention};
-use super::config::FfnActivation;
+use super::config::{FfnActivation, ModelConfig};
 use super::moe::Routes;
 use super::rope::Rope;
 use super::vecmath::{gelu_mul, silu_mul};
@@ -87,18 +87,14 @@ pub(super) struct CpuLayer {
 /// The model as the CPU path needs it.
 pub(super) struct CpuModel {
     pub pool: Arc<ThreadPool>,
+    /// Sizes, scales, caps and the feed-forward activation, as the decoder read them.
+    pub cfg: ModelConfig,
     pub embedding: MappedMatrix,
     pub layers: Vec<CpuLayer>,
+    /// The final norm's weights and epsilon.
     pub norm: Vec<f32>,
-    pub lm_head: MappedMatrix,
     pub eps: f32,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub embedding_scale: Option<f32>,
-    /// Multiplies the queries after rope (Gemma).
-    pub query_scale: Option<f32>,
-    pub activation: FfnActivation,
-    pub final_logit_softcap: Option<f32>,
+    pub lm_head: MappedMatrix,
     pub buffers: RefCell<Buffers>,
 }
 
@@ -156,7 +152,7 @@ impl CpuModel {
         let mut guard = self.buffers.borrow_mut();
         let b = &mut *guard;
         let n = ids.len();
-        let hsz = self.hidden;
+        let hsz = self.cfg.hidden_size;
         let Some(sh) = self.layers.first().map(|l| l.attention) else {
             return Ok(Vec::new());
         };
@@ -167,7 +163,7 @@ impl CpuModel {
         let x = resize(&mut b.x, n * hsz);
         for (&id, row) in ids.iter().zip(x.chunks_mut(hsz)) {
             kernels::dequantize_row(&emb, id as usize, row)?;
-            if let Some(s) = self.embedding_scale {
+            if let Some(s) = self.cfg.embedding_scale {
                 row.iter_mut().for_each(|v| *v *= s);
             }
         }
@@ -253,7 +249,7 @@ impl CpuModel {
                 );
             }
 
-            if let Some(s) = self.query_scale {
+            if let Some(s) = self.cfg.attention_scale {
                 q.iter_mut().for_each(|v| *v *= s);
             }
 
@@ -302,7 +298,7 @@ impl CpuModel {
                 self.eps,
                 resize(&mut b.h, n * hsz),
             );
-            let ff = self.intermediate;
+            let ff = self.cfg.intermediate_size;
             match &layer.ffn {
                 CpuFfn::Dense { gate_up, down } => {
                     let h = &b.h[..n * hsz];
@@ -358,7 +354,7 @@ impl CpuModel {
         let head = self.lm_head.matrix();
         let mut logits = vec![0f32; n * head.rows];
         kernels::matmul(pool, &head, last, n, &mut logits, &mut b.scratch)?;
-        if let Some(cap) = self.final_logit_softcap {
+        if let Some(cap) = self.cfg.final_logit_softcap {
             // As ggml: scale by 1/cap, tanh, scale by cap.
             let inv = 1.0 / cap;
             logits.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
@@ -370,7 +366,7 @@ impl CpuModel {
     /// an expert are gathered and go through it together (one pass over its weights), and its
     /// weighted outputs are added into their rows; then the shared expert, gated per row.
     fn experts(&self, moe: &CpuMoe, b: &mut Buffers, n: usize) -> Result<(), KernelError> {
-        let hsz = self.hidden;
+        let hsz = self.cfg.hidden_size;
         let n_experts = moe.experts.len();
         kernels::matmul(
             &self.pool,
@@ -393,15 +389,7 @@ impl CpuModel {
             for (j, &(r, _)) in routed.iter().enumerate() {
                 x[j * hsz..(j + 1) * hsz].copy_from_slice(&b.h[r * hsz..(r + 1) * hsz]);
             }
-            let expert = &moe.experts[e];
-            self.gated_rows(
-                [&expert.gate, &expert.up, &expert.down],
-                &b.expert_x[..m * hsz],
-                m,
-                [&mut b.gate, &mut b.up],
-                &mut b.expert_y,
-                &mut b.scratch,
-            )?;
+            self.expert_rows(&moe.experts[e], true, m, b)?;
             for (j, &(r, w)) in routed.iter().enumerate() {
                 let y = &b.expert_y[j * hsz..(j + 1) * hsz];
                 for (o, &v) in b.proj[r * hsz..(r + 1) * hsz].iter_mut().zip(y) {
@@ -410,14 +398,7 @@ impl CpuModel {
             }
         }
         if let Some((shared, gate)) = &moe.shared {
-            self.gated_rows(
-                [&shared.gate, &shared.up, &shared.down],
-                &b.h[..n * hsz],
-                n,
-                [&mut b.gate, &mut b.up],
-                &mut b.expert_y,
-                &mut b.scratch,
-            )?;
+            self.expert_rows(shared, false, n, b)?;
             for r in 0..n {
                 let row = r * hsz..(r + 1) * hsz;
                 let logit: f32 = b.h[row.clone()].iter().zip(gate).map(|(x, w)| x * w).sum();
@@ -428,6 +409,26 @@ impl CpuModel {
             }
         }
         Ok(())
+    }
+
+    /// One expert over the first `m` rows of the gathered `b.expert_x` (`gathered`) or of the
+    /// normed `b.h`, into `b.expert_y`.
+    fn expert_rows(
+        &self,
+        e: &CpuExpert,
+        gathered: bool,
+        m: usize,
+        b: &mut Buffers,
+    ) -> Result<(), KernelError> {
+        let x = if gathered { &b.expert_x } else { &b.h };
+        self.gated_rows(
+            [&e.gate, &e.up, &e.down],
+            &x[..m * self.cfg.hidden_size],
+            m,
+            [&mut b.gate, &mut b.up],
+            &mut b.expert_y,
+            &mut b.scratch,
+        )
     }
 
     /// `out = down(act(gate · x) * up · x)` for the `m` rows of `x`: a dense feed-forward
@@ -456,14 +457,14 @@ impl CpuModel {
             &down.matrix(),
             &g[..m * ff],
             m,
-            resize(out, m * self.hidden),
+            resize(out, m * self.cfg.hidden_size),
             scratch,
         )
     }
 
     /// `gate = act(gate) * up`.
     fn activate(&self, gate: &mut [f32], up: &[f32]) {
-        match self.activation {
+        match self.cfg.ffn_activation {
             FfnActivation::Silu => silu_mul(gate, up),
             FfnActivation::GeluTanh => gelu_mul(gate, up),
         }

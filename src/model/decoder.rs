@@ -1046,12 +1046,7 @@ impl Decoder {
             norm: vector(&self.norm.weight)?,
             lm_head,
             eps: self.norm.eps,
-            hidden: self.cfg.hidden_size,
-            intermediate: self.cfg.intermediate_size,
-            embedding_scale: self.cfg.embedding_scale,
-            query_scale: self.cfg.attention_scale,
-            activation: self.cfg.ffn_activation,
-            final_logit_softcap: self.cfg.final_logit_softcap,
+            cfg: self.cfg.clone(),
             buffers: Default::default(),
         })
     }

@@ -31,6 +31,19 @@ use std::path::PathBuf;
 
 pub use load::{LoadOptions, LoadedModel, ModelFormat, load_model};
 
+/// Drives a streaming reply parser (reasoning, tool calls): `step` advances its state machine
+/// by one state and returns false when it needs more text (or, with `last`, is done); what the
+/// steps emit is collected.
+fn run_steps<S, T>(
+    parser: &mut S,
+    last: bool,
+    step: fn(&mut S, bool, &mut Vec<T>) -> bool,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    while step(parser, last, &mut out) {}
+    out
+}
+
 /// Everything that can go wrong loading or running a model. Load errors name the file and
 /// the problem.
 #[derive(Debug, thiserror::Error)]

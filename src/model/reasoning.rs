@@ -101,12 +101,12 @@ impl ReasoningStream {
     /// Feeds the next piece of generated text; returns what can be shown so far.
     pub fn push(&mut self, delta: &str) -> Vec<ReasoningDelta> {
         self.pending.push_str(delta);
-        self.run(false)
+        super::run_steps(self, false, Self::step)
     }
 
     /// Ends the reply: emits everything still withheld.
     pub fn finish(&mut self) -> Vec<ReasoningDelta> {
-        self.run(true)
+        super::run_steps(self, true, Self::step)
     }
 
     /// Feeds `pieces` in order and ends the reply: the split of their concatenation.
@@ -117,12 +117,6 @@ impl ReasoningStream {
         }
         split.extend(self.finish());
         split
-    }
-
-    fn run(&mut self, last: bool) -> Vec<ReasoningDelta> {
-        let mut out = Vec::new();
-        while self.step(last, &mut out) {}
-        out
     }
 
     /// Advances one state; false when it needs more text (or, at the end, has nothing left).

@@ -310,23 +310,17 @@ impl ToolCallStream {
     /// Feeds the next piece of generated text.
     pub fn push(&mut self, delta: &str) -> Vec<ReplyDelta> {
         self.buf.push_str(delta);
-        self.run(false)
+        super::run_steps(self, false, Self::step)
     }
 
     /// Ends the reply: decides everything still withheld.
     pub fn finish(&mut self) -> Vec<ReplyDelta> {
-        let mut out = self.run(true);
+        let mut out = super::run_steps(self, true, Self::step);
         // Every state consumes all its text at the end; this only guards against losing text.
         if !self.held.is_empty() || !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.held) + &std::mem::take(&mut self.buf);
             push_content(&mut out, &rest);
         }
-        out
-    }
-
-    fn run(&mut self, last: bool) -> Vec<ReplyDelta> {
-        let mut out = Vec::new();
-        while self.step(last, &mut out) {}
         out
     }
 
@@ -1305,26 +1299,54 @@ mod tests {
                 "Calling now.",
                 vec![f()],
             ),
+            (
+                "{\"name\": \"f\", \"parameters\": {}}; and then",
+                "; and then",
+                vec![f()],
+            ),
         ] {
             assert_reply(ToolFormat::Llama3Json, text, content, calls);
         }
     }
 
+    /// JSON and brackets that are not calls in a format stay content there.
     #[test]
-    fn llama3_json_answers_that_are_not_calls_stay_content() {
-        let texts = [
-            "{\"name\": \"Bob\", \"age\": 3}",
-            "{\"name\": \"Bob\"}",
-            "{\"type\": \"person\", \"name\": \"Bob\", \"parameters\": {}}",
-            "{\"city\": \"Paris\"}",
-            "{}",
-            "{\"name\": \"f\", \"parameters\": {}",
-            "Sure: {\"name\": \"f\", \"parameters\": {}}",
-        ];
-        assert_content(ToolFormat::Llama3Json, &texts);
-        let trailing = "{\"name\": \"f\", \"parameters\": {}}; and then";
-        let f = call(None, "f", "{}");
-        assert_reply(ToolFormat::Llama3Json, trailing, "; and then", vec![f]);
+    fn answers_that_are_not_calls_stay_content() {
+        for (format, texts) in [
+            (
+                ToolFormat::Llama3Json,
+                &[
+                    "{\"name\": \"Bob\", \"age\": 3}",
+                    "{\"name\": \"Bob\"}",
+                    "{\"type\": \"person\", \"name\": \"Bob\", \"parameters\": {}}",
+                    "{\"city\": \"Paris\"}",
+                    "{}",
+                    "{\"name\": \"f\", \"parameters\": {}",
+                    "Sure: {\"name\": \"f\", \"parameters\": {}}",
+                ][..],
+            ),
+            (
+                ToolFormat::Mistral,
+                &[
+                    "[1, 2, 3]",
+                    "[{\"x\": 1}]",
+                    "[]",
+                    "[{\"name\": \"f\"",
+                    "[see below] ok",
+                ],
+            ),
+            (
+                ToolFormat::Generic,
+                &[
+                    "{\"answer\": 4}",
+                    "{\"tool_calls\": []}",
+                    "Just text.",
+                    "{\"tool_calls\": [{\"name\": \"f\"",
+                ],
+            ),
+        ] {
+            assert_content(format, texts);
+        }
     }
 
     #[test]
@@ -1342,14 +1364,6 @@ mod tests {
         let spaced = "\n [ {\"name\": \"f\", \"arguments\": {\"x\": \"y\"}} ]\n";
         let f = call(None, "f", r#"{"x":"y"}"#);
         assert_reply(ToolFormat::Mistral, spaced, "", vec![f]);
-        let not_calls = [
-            "[1, 2, 3]",
-            "[{\"x\": 1}]",
-            "[]",
-            "[{\"name\": \"f\"",
-            "[see below] ok",
-        ];
-        assert_content(ToolFormat::Mistral, &not_calls);
     }
 
     #[test]
@@ -1371,13 +1385,6 @@ mod tests {
         );
         let json_response = "{\"response\": {\"a\": [1, 2]}}";
         assert_reply(ToolFormat::Generic, json_response, r#"{"a":[1,2]}"#, vec![]);
-        let content = [
-            "{\"answer\": 4}",
-            "{\"tool_calls\": []}",
-            "Just text.",
-            "{\"tool_calls\": [{\"name\": \"f\"",
-        ];
-        assert_content(ToolFormat::Generic, &content);
     }
 
     #[test]
@@ -1489,35 +1496,37 @@ mod tests {
         }
     }
 
+    /// Pushing the pieces of `steps` in turn into a new stream of `format`: each gives the
+    /// content paired with it (no delta for ""). Returns the stream.
+    fn assert_streamed_content(format: ToolFormat, steps: &[(&str, &str)]) -> ToolCallStream {
+        let mut s = ToolCallStream::new(format);
+        for &(piece, content) in steps {
+            let want = match content {
+                "" => vec![],
+                _ => vec![ReplyDelta::Content(content.into())],
+            };
+            assert_eq!(s.push(piece), want, "{format:?} {piece:?}");
+        }
+        s
+    }
+
     #[test]
     fn content_is_emitted_promptly_and_possible_markers_withheld() {
-        let mut s = ToolCallStream::new(ToolFormat::Hermes);
-        assert_eq!(
-            s.push("Hello wor"),
-            vec![ReplyDelta::Content("Hello wor".into())]
-        );
-        assert_eq!(s.push("ld <tool_"), vec![ReplyDelta::Content("ld".into())]);
-        assert_eq!(
-            s.push("x> ok"),
-            vec![ReplyDelta::Content(" <tool_x> ok".into())]
-        );
-
-        let mut s = ToolCallStream::new(ToolFormat::Llama3Json);
-        assert_eq!(s.push("{\"na"), vec![]);
-        assert_eq!(s.push("me\": \"Bob\", \"a"), vec![]);
-        assert_eq!(
-            s.push("ge\": 3}"),
-            vec![ReplyDelta::Content(
-                "{\"name\": \"Bob\", \"age\": 3}".into()
-            )]
-        );
-
+        let hermes = [
+            ("Hello wor", "Hello wor"),
+            ("ld <tool_", "ld"),
+            ("x> ok", " <tool_x> ok"),
+        ];
+        assert_streamed_content(ToolFormat::Hermes, &hermes);
+        let bob = [
+            ("{\"na", ""),
+            ("me\": \"Bob\", \"a", ""),
+            ("ge\": 3}", "{\"name\": \"Bob\", \"age\": 3}"),
+        ];
+        assert_streamed_content(ToolFormat::Llama3Json, &bob);
         // A JSON answer is shown as soon as its first key rules out a call.
-        let mut s = ToolCallStream::new(ToolFormat::Llama3Json);
-        assert_eq!(s.push("{\"ci"), vec![ReplyDelta::Content("{\"ci".into())]);
-        let mut s = ToolCallStream::new(ToolFormat::Mistral);
-        assert_eq!(s.push("["), vec![]);
-        assert_eq!(s.push("1, 2]"), vec![ReplyDelta::Content("[1, 2]".into())]);
+        assert_streamed_content(ToolFormat::Llama3Json, &[("{\"ci", "{\"ci")]);
+        assert_streamed_content(ToolFormat::Mistral, &[("[", ""), ("1, 2]", "[1, 2]")]);
     }
 
     #[test]
@@ -1550,14 +1559,13 @@ mod tests {
 
     #[test]
     fn generic_response_streams_as_it_arrives() {
-        let mut s = ToolCallStream::new(ToolFormat::Generic);
-        assert_eq!(
-            s.push("{\"response\": \"Hel"),
-            vec![ReplyDelta::Content("Hel".into())]
-        );
-        assert_eq!(s.push("lo\\"), vec![ReplyDelta::Content("lo".into())]);
-        assert_eq!(s.push("n wor"), vec![ReplyDelta::Content("\n wor".into())]);
-        assert_eq!(s.push("ld\"}"), vec![ReplyDelta::Content("ld".into())]);
+        let steps = [
+            ("{\"response\": \"Hel", "Hel"),
+            ("lo\\", "lo"),
+            ("n wor", "\n wor"),
+            ("ld\"}", "ld"),
+        ];
+        let mut s = assert_streamed_content(ToolFormat::Generic, &steps);
         assert_eq!(s.finish(), vec![]);
     }
 

@@ -213,13 +213,25 @@ fn list() {
 
 #[test]
 fn lexeme_boundaries_keep_the_language() {
-    // A whole-rule terminal `[a-z]+` would swallow the `x`.
-    let lark = check(
-        "root ::= word \"x\"\nword ::= [a-z]+",
-        &["abx", "xx", "axbx"],
-        &["ab", "x", "abxa"],
-    );
-    assert!(lark.contains("ROOT: WORD \"x\""), "{lark}");
+    // A whole-rule terminal `[a-z]+` would swallow the `x`; `block` recurses, so its pieces
+    // are lexemes joined by Earley rules. The translation holds the lexeme or rule named.
+    for (gbnf, accepted, rejected, lark_has) in [
+        (
+            "root ::= word \"x\"\nword ::= [a-z]+",
+            &["abx", "xx", "axbx"][..],
+            &["ab", "x", "abxa"][..],
+            "ROOT: WORD \"x\"",
+        ),
+        (
+            "root ::= block\nblock ::= \"(\" (word \"x\" | block)* \")\"\nword ::= [a-z]+",
+            &["()", "(abx)", "(abxcx(xx))"],
+            &["(ab)", "(abx", "(x)"],
+            "block:",
+        ),
+    ] {
+        let lark = check(gbnf, accepted, rejected);
+        assert!(lark.contains(lark_has), "{lark}");
+    }
     check("root ::= [a-z]+ \"x\"", &["abx", "xx"], &["ab", "x"]);
     check(
         "root ::= \"a\" [a-z]* \"a\"",
@@ -231,17 +243,6 @@ fn lexeme_boundaries_keep_the_language() {
         &["abc", "abcc"],
         &["ab", "abccc"],
     );
-}
-
-#[test]
-fn boundaries_between_grammar_level_lexemes() {
-    // `block` recurses, so its pieces are lexemes joined by Earley rules.
-    let lark = check(
-        "root ::= block\nblock ::= \"(\" (word \"x\" | block)* \")\"\nword ::= [a-z]+",
-        &["()", "(abx)", "(abxcx(xx))"],
-        &["(ab)", "(abx", "(x)"],
-    );
-    assert!(lark.contains("block:"), "{lark}");
 }
 
 #[test]
@@ -426,77 +427,67 @@ fn token_references() {
 
 #[test]
 fn errors_name_the_place_and_the_problem() {
-    let e = error("root ::= object\nobject ::= \"{\" value \"}\"\n");
-    assert_eq!(e, at(2, 16, Problem::UndefinedRule("value".into())));
-    assert_eq!(e.to_string(), "line 2, column 16: undefined rule `value`");
-    assert_eq!(error("item ::= \"a\""), GbnfError::NoRoot);
+    let undefined = "root ::= object\nobject ::= \"{\" value \"}\"\n";
+    let cases = [
+        (undefined, at(2, 16, Problem::UndefinedRule("value".into()))),
+        ("item ::= \"a\"", GbnfError::NoRoot),
+        ("root ::= \"abc", at(1, 10, Problem::UnterminatedString)),
+        ("root ::= [a-z", at(1, 10, Problem::UnterminatedClass)),
+        ("root ::= []", at(1, 10, Problem::EmptyClass)),
+        ("root ::= \"\\q\"", at(1, 11, Problem::UnknownEscape('q'))),
+        (
+            "root ::= \"\\x4\"",
+            at(
+                1,
+                11,
+                Problem::ShortHexEscape {
+                    escape: 'x',
+                    digits: 2,
+                },
+            ),
+        ),
+        (
+            "root ::= \"\\uD800\"",
+            at(1, 11, Problem::InvalidCodePoint(0xD800)),
+        ),
+        (
+            "root ::= [z-a]",
+            at(1, 11, Problem::ReversedRange('z', 'a')),
+        ),
+        ("root ::= (\"a\"\n", at(2, 1, Problem::UnclosedGroup)),
+        ("root ::= *", at(1, 10, Problem::NothingToRepeat('*'))),
+        (
+            "root ::= \"a\"{3,2}",
+            at(1, 13, Problem::ReversedRepetition { min: 3, max: 2 }),
+        ),
+        (
+            "root ::= \"a\"{2001}",
+            at(1, 13, Problem::TooManyRepetitions(2001)),
+        ),
+        (
+            "root ::= \"a\"\nroot ::= \"b\"",
+            at(2, 1, Problem::DuplicateRule("root".into())),
+        ),
+        ("root = \"a\"", at(1, 6, Problem::ExpectedDefinition)),
+        ("root ::= \"a\" )", at(1, 14, Problem::Unexpected(')'))),
+        ("root ::= \"a\"\n| \"b\"", at(2, 1, Problem::ExpectedName)),
+        (
+            "root ::= !<think>",
+            at(1, 10, Problem::NegatedTokenText("<think>".into())),
+        ),
+        (
+            "root ::= <a b>",
+            at(1, 10, Problem::InvalidToken("<a b>".into())),
+        ),
+    ];
+    for (gbnf, want) in cases {
+        assert_eq!(error(gbnf), want, "{gbnf:?}");
+    }
+    assert_eq!(
+        error(undefined).to_string(),
+        "line 2, column 16: undefined rule `value`"
+    );
     assert_eq!(error("item ::= \"a\"").to_string(), "no `root` rule");
-    assert_eq!(
-        error("root ::= \"abc"),
-        at(1, 10, Problem::UnterminatedString)
-    );
-    assert_eq!(
-        error("root ::= [a-z"),
-        at(1, 10, Problem::UnterminatedClass)
-    );
-    assert_eq!(error("root ::= []"), at(1, 10, Problem::EmptyClass));
-    assert_eq!(
-        error("root ::= \"\\q\""),
-        at(1, 11, Problem::UnknownEscape('q'))
-    );
-    assert_eq!(
-        error("root ::= \"\\x4\""),
-        at(
-            1,
-            11,
-            Problem::ShortHexEscape {
-                escape: 'x',
-                digits: 2
-            }
-        )
-    );
-    assert_eq!(
-        error("root ::= \"\\uD800\""),
-        at(1, 11, Problem::InvalidCodePoint(0xD800))
-    );
-    assert_eq!(
-        error("root ::= [z-a]"),
-        at(1, 11, Problem::ReversedRange('z', 'a'))
-    );
-    assert_eq!(error("root ::= (\"a\"\n"), at(2, 1, Problem::UnclosedGroup));
-    assert_eq!(
-        error("root ::= *"),
-        at(1, 10, Problem::NothingToRepeat('*'))
-    );
-    assert_eq!(
-        error("root ::= \"a\"{3,2}"),
-        at(1, 13, Problem::ReversedRepetition { min: 3, max: 2 })
-    );
-    assert_eq!(
-        error("root ::= \"a\"{2001}"),
-        at(1, 13, Problem::TooManyRepetitions(2001))
-    );
-    assert_eq!(
-        error("root ::= \"a\"\nroot ::= \"b\""),
-        at(2, 1, Problem::DuplicateRule("root".into()))
-    );
-    assert_eq!(error("root = \"a\""), at(1, 6, Problem::ExpectedDefinition));
-    assert_eq!(
-        error("root ::= \"a\" )"),
-        at(1, 14, Problem::Unexpected(')'))
-    );
-    assert_eq!(
-        error("root ::= \"a\"\n| \"b\""),
-        at(2, 1, Problem::ExpectedName)
-    );
-    assert_eq!(
-        error("root ::= !<think>"),
-        at(1, 10, Problem::NegatedTokenText("<think>".into()))
-    );
-    assert_eq!(
-        error("root ::= <a b>"),
-        at(1, 10, Problem::InvalidToken("<a b>".into()))
-    );
     let deep = format!("root ::= {}\"a\"{}", "(".repeat(300), ")".repeat(300));
     assert!(matches!(
         error(&deep),
