@@ -10,7 +10,7 @@ use candle_core::Device;
 
 use crate::engine::{BackendError, BatchItem, DraftRequest, InferenceBackend, ModelMeta, SeqId};
 use crate::generation::sampler::argmax;
-use crate::model::decoder::{Decoder, ForwardItem, SequenceCache};
+use crate::model::decoder::{AttentionPath, Decoder, ForwardItem, SequenceCache};
 use crate::model::{LoadOptions, ModelError, load_model};
 
 pub struct CandleInferenceBackend {
@@ -243,10 +243,15 @@ impl InferenceBackend for CandleInferenceBackend {
     }
 
     fn kv_cache_bytes(&self) -> usize {
-        self.caches
-            .values()
-            .map(SequenceCache::allocated_bytes)
-            .sum()
+        match self.decoder.attention_path() {
+            // Blocks shared between caches (a reused prefix, `n` > 1) count once.
+            AttentionPath::Host => self.decoder.kv_bytes_alive(),
+            AttentionPath::Device => self
+                .caches
+                .values()
+                .map(SequenceCache::allocated_bytes)
+                .sum(),
+        }
     }
 
     fn kv_bytes_per_position(&self) -> usize {

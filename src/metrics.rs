@@ -330,7 +330,7 @@ impl WorkerMetrics {
             )?,
             kv_cache_bytes: gauge_i(
                 "rbee_worker_kv_cache_bytes",
-                "Bytes allocated by the KV caches.",
+                "Bytes allocated by the KV caches (a block shared by several caches once).",
             )?,
             prefix_cache_bytes: gauge_i(
                 "rbee_worker_prefix_cache_bytes",

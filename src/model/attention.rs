@@ -18,6 +18,7 @@
 //! skips masked entries.
 
 use half::f16;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::slice::HalfFloatSliceExt;
@@ -25,33 +26,188 @@ use half::slice::HalfFloatSliceExt;
 use super::vecmath::exp_shifted;
 use crate::kernels::{self, ThreadPool};
 
-/// One layer's cache for one sequence: `capacity` positions of `kv_heads * head_dim` values,
-/// position-major (`[pos][kv_head][dim]`), as llama.cpp lays out its cache.
+/// Positions per KV block: a multiple of [`KEY_TILE`], so that a key tile of the tiled path lies
+/// in one block.
+pub(crate) const KV_BLOCK: usize = 64;
+
+/// The bytes of the KV blocks alive among the caches that share this counter (one decoder's):
+/// a block counts once however many caches hold it.
+#[derive(Debug, Clone, Default)]
+pub struct KvBytes(Arc<AtomicUsize>);
+
+impl KvBytes {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One block's keys and values: [`KV_BLOCK`] positions of `stride` values each.
+#[derive(Debug)]
+struct KvBlock {
+    k: Vec<f16>,
+    v: Vec<f16>,
+    live: KvBytes,
+}
+
+impl KvBlock {
+    fn new(k: Vec<f16>, v: Vec<f16>, live: &KvBytes) -> KvBlock {
+        let block = KvBlock {
+            k,
+            v,
+            live: live.clone(),
+        };
+        live.0.fetch_add(block.bytes(), Ordering::Relaxed);
+        block
+    }
+
+    fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f16>()
+    }
+
+    fn positions(&self, stride: usize) -> usize {
+        self.k.len() / stride
+    }
+
+    /// Holds `values` keys and as many values, counting the difference in `live`.
+    fn resize(&mut self, values: usize) {
+        let before = self.bytes();
+        self.k.resize(values, f16::ZERO);
+        self.v.resize(values, f16::ZERO);
+        self.k.shrink_to_fit();
+        self.v.shrink_to_fit();
+        let after = self.bytes();
+        if after >= before {
+            self.live.0.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.live.0.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for KvBlock {
+    /// A block of its own for a cache about to write a shared one.
+    fn clone(&self) -> Self {
+        KvBlock::new(self.k.clone(), self.v.clone(), &self.live)
+    }
+}
+
+impl Drop for KvBlock {
+    fn drop(&mut self) {
+        self.live.0.fetch_sub(self.bytes(), Ordering::Relaxed);
+    }
+}
+
+/// One layer's cache for one sequence: positions of `kv_heads * head_dim` values, position-major
+/// (`[pos][kv_head][dim]`, as llama.cpp lays out its cache), in blocks of [`KV_BLOCK`]
+/// positions. Blocks are reference-counted: a cache made from another's prefix
+/// ([`HostKv::share_prefix`]) holds the same blocks, and a shared block is copied before it is
+/// written, so neither cache ever sees the other's later positions.
 #[derive(Debug, Clone, Default)]
 pub struct HostKv {
-    pub k: Vec<f16>,
-    pub v: Vec<f16>,
+    blocks: Vec<Arc<KvBlock>>,
+    stride: usize,
+    /// Counts this cache's blocks (and those of every cache sharing the counter).
+    live: KvBytes,
 }
 
 impl HostKv {
-    /// Grows to hold `positions` positions of `stride` values each.
-    pub fn reserve_positions(&mut self, positions: usize, stride: usize) {
-        let n = positions * stride;
-        if self.k.len() < n {
-            self.k.resize(n, f16::ZERO);
-            self.v.resize(n, f16::ZERO);
+    /// An empty cache whose blocks count in `live`.
+    pub fn counted_in(live: &KvBytes) -> HostKv {
+        HostKv {
+            live: live.clone(),
+            ..HostKv::default()
         }
     }
 
-    /// Stores rows of keys and values (f32, `rows * stride`) from `position` on.
-    pub fn write(&mut self, position: usize, stride: usize, k: &[f32], v: &[f32]) {
-        let start = position * stride;
-        self.k[start..start + k.len()].convert_from_f32_slice(k);
-        self.v[start..start + v.len()].convert_from_f32_slice(v);
+    /// Grows to hold `positions` positions of `stride` values each. Only the last block may hold
+    /// fewer than [`KV_BLOCK`] positions, so a cache takes what it was sized for, not whole
+    /// blocks.
+    pub fn reserve_positions(&mut self, positions: usize, stride: usize) {
+        debug_assert!(self.blocks.is_empty() || self.stride == stride);
+        self.stride = stride;
+        let mut have = self.capacity();
+        if let Some(last) = self.blocks.last_mut()
+            && have < positions
+            && last.positions(stride) < KV_BLOCK
+        {
+            let grown = (last.positions(stride) + positions - have).min(KV_BLOCK);
+            have += grown - last.positions(stride);
+            // A shared last block is copied first: the other cache keeps its own.
+            Arc::make_mut(last).resize(grown * stride);
+        }
+        while have < positions {
+            let n = (positions - have).min(KV_BLOCK);
+            let zeros = vec![f16::ZERO; n * stride];
+            let block = KvBlock::new(zeros.clone(), zeros, &self.live);
+            self.blocks.push(Arc::new(block));
+            have += n;
+        }
     }
 
+    /// Positions the blocks hold.
+    fn capacity(&self) -> usize {
+        self.blocks.last().map_or(0, |last| {
+            (self.blocks.len() - 1) * KV_BLOCK + last.positions(self.stride)
+        })
+    }
+
+    /// Stores rows of keys and values (f32, `rows * stride`) from `position` on, copying first
+    /// any block it writes that another cache shares.
+    pub fn write(&mut self, position: usize, stride: usize, k: &[f32], v: &[f32]) {
+        debug_assert_eq!(stride, self.stride);
+        let rows = k.len() / stride;
+        let mut r = 0;
+        while r < rows {
+            let (b, at) = ((position + r) / KV_BLOCK, (position + r) % KV_BLOCK);
+            let n = (KV_BLOCK - at).min(rows - r);
+            let block = Arc::make_mut(&mut self.blocks[b]);
+            let (src, dst) = (r * stride..(r + n) * stride, at * stride..(at + n) * stride);
+            block.k[dst.clone()].convert_from_f32_slice(&k[src.clone()]);
+            block.v[dst].convert_from_f32_slice(&v[src]);
+            r += n;
+        }
+    }
+
+    /// The keys and values of the block that holds position `c`, and where `c` starts in them.
+    #[inline]
+    pub fn at(&self, c: usize) -> (&[f16], &[f16], usize) {
+        let block = &self.blocks[c / KV_BLOCK];
+        (&block.k, &block.v, c % KV_BLOCK * self.stride)
+    }
+
+    /// A cache of this one's first `positions` positions, sharing its blocks.
+    pub fn share_prefix(&self, positions: usize) -> HostKv {
+        let n = positions.div_ceil(KV_BLOCK).min(self.blocks.len());
+        HostKv {
+            blocks: self.blocks[..n].to_vec(),
+            stride: self.stride,
+            live: self.live.clone(),
+        }
+    }
+
+    /// Lets go of the memory past the first `positions` positions (a last block shared with
+    /// another cache is left whole rather than copied).
+    pub fn truncate(&mut self, positions: usize) {
+        self.blocks.truncate(positions.div_ceil(KV_BLOCK));
+        self.blocks.shrink_to_fit();
+        let stride = self.stride;
+        if let Some(block) = self.blocks.last_mut().and_then(Arc::get_mut) {
+            let keep = positions - (positions - 1) / KV_BLOCK * KV_BLOCK;
+            if block.positions(stride) > keep {
+                block.resize(keep * stride);
+            }
+        }
+    }
+
+    /// Bytes of the blocks this cache holds, shared or not.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * std::mem::size_of::<f16>()
+        self.blocks.iter().map(|b| b.bytes()).sum()
+    }
+
+    /// Whether this cache and `other` hold the same block for position `c`.
+    #[cfg(test)]
+    pub fn shares_block(&self, other: &HostKv, c: usize) -> bool {
+        Arc::ptr_eq(&self.blocks[c / KV_BLOCK], &other.blocks[c / KV_BLOCK])
     }
 }
 
@@ -310,9 +466,11 @@ impl QueryBlock<'_> {
         ((self.rows.start + t) * self.shape.heads + self.kv_head * group + j) * self.shape.head_dim
     }
 
-    /// Where key (and value) `c` of this key/value head starts in the cache.
-    fn kv_offset(&self, c: usize) -> usize {
-        c * self.shape.kv_stride() + self.kv_head * self.shape.head_dim
+    /// Key and value `c` of this key/value head: the keys and values of the cache block that
+    /// holds them, and where they start in it.
+    fn kv(&self, c: usize) -> (&[f16], &[f16], usize) {
+        let (k, v, at) = self.span.cache.at(c);
+        (k, v, at + self.kv_head * self.shape.head_dim)
     }
 
     /// The key tiles some query of the block sees, aligned at multiples of [`KEY_TILE`]: each
@@ -364,12 +522,12 @@ fn attend_block_impl(block: &QueryBlock<'_>, s: &mut BlockScratch) {
     for (tile, seen) in block.key_tiles() {
         for c in seen.clone() {
             let kk = c - tile;
-            let off = block.kv_offset(c);
-            span.cache.k[off..off + hd].convert_to_f32_slice(&mut s.row);
+            let (kb, vb, off) = block.kv(c);
+            kb[off..off + hd].convert_to_f32_slice(&mut s.row);
             for (d, &v) in s.row.iter().enumerate() {
                 s.keys[d * KEY_TILE + kk] = v;
             }
-            span.cache.v[off..off + hd].convert_to_f32_slice(&mut s.values[kk * hd..(kk + 1) * hd]);
+            vb[off..off + hd].convert_to_f32_slice(&mut s.values[kk * hd..(kk + 1) * hd]);
         }
         for qi in 0..nq {
             let (vis_lo, vis_hi) = block.visible(qi, tile, &seen);
@@ -477,21 +635,28 @@ fn attend_row_like_ggml(
     scratch.acc.resize(hd, f16::ZERO);
     let mut sum = 0f32;
     let mut max = f32::NEG_INFINITY;
-    for c in shape.first_visible(pos)..pos + 1 {
-        let off = c * stride + kv_offset;
-        let score = shape.cap(dot_f16_f16(simd, &cache.k[off..off + hd], &scratch.q16) * scale);
-        let mut ms = 1f32;
-        let mut vs = 1f32;
-        if score > max {
-            let old = max;
-            max = score;
-            ms = (old - max).exp();
-            scale_f16(simd, &mut scratch.acc, ms);
-        } else {
-            vs = (score - max).exp();
+    let mut c = shape.first_visible(pos);
+    while c <= pos {
+        // The keys in order, a cache block at a time.
+        let (kb, vb, first) = cache.at(c);
+        let end = ((c / KV_BLOCK + 1) * KV_BLOCK).min(pos + 1);
+        for i in 0..end - c {
+            let off = first + i * stride + kv_offset;
+            let score = shape.cap(dot_f16_f16(simd, &kb[off..off + hd], &scratch.q16) * scale);
+            let mut ms = 1f32;
+            let mut vs = 1f32;
+            if score > max {
+                let old = max;
+                max = score;
+                ms = (old - max).exp();
+                scale_f16(simd, &mut scratch.acc, ms);
+            } else {
+                vs = (score - max).exp();
+            }
+            mad_f16(simd, &mut scratch.acc, &vb[off..off + hd], vs);
+            sum = sum * ms + vs;
         }
-        mad_f16(simd, &mut scratch.acc, &cache.v[off..off + hd], vs);
-        sum = sum * ms + vs;
+        c = end;
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(&scratch.acc) {
@@ -613,14 +778,15 @@ mod x86 {
             let mut c = lo;
             while c < hi {
                 let kk = c - tile;
-                let off = block.kv_offset(c);
+                // The tile lies in one cache block (KV_BLOCK is a multiple of KEY_TILE).
+                let (kb, vb, off) = block.kv(c);
                 // Whole groups of 8 keys are transposed 8×8 in registers: scattering one float at
                 // a time cost about an eighth of this function.
                 let n = if kk.is_multiple_of(8) && c + 8 <= hi {
-                    transpose_keys(&span.cache.k, off, stride, hd, &mut s.keys[kk..]);
+                    transpose_keys(kb, off, stride, hd, &mut s.keys[kk..]);
                     8
                 } else {
-                    cvt_f16(&span.cache.k[off..off + hd], &mut s.row);
+                    cvt_f16(&kb[off..off + hd], &mut s.row);
                     for (d, &v) in s.row.iter().enumerate() {
                         s.keys[d * KEY_TILE + kk] = v;
                     }
@@ -629,7 +795,7 @@ mod x86 {
                 for i in 0..n {
                     let off = off + i * stride;
                     cvt_f16(
-                        &span.cache.v[off..off + hd],
+                        &vb[off..off + hd],
                         &mut s.values[(kk + i) * hd..(kk + i + 1) * hd],
                     );
                 }
@@ -1054,9 +1220,10 @@ mod tests {
                 let scores: Vec<f64> = keys
                     .iter()
                     .map(|&c| {
-                        let off = c * shape.kv_stride() + kvh * hd;
+                        let (k, _, at) = cache.at(c);
+                        let off = at + kvh * hd;
                         (0..hd)
-                            .map(|d| f64::from(q[qo + d]) * f64::from(cache.k[off + d].to_f32()))
+                            .map(|d| f64::from(q[qo + d]) * f64::from(k[off + d].to_f32()))
                             .sum::<f64>()
                     })
                     .map(|dot| {
@@ -1076,7 +1243,8 @@ mod tests {
                         .iter()
                         .zip(&w)
                         .map(|(&c, &w)| {
-                            w * f64::from(cache.v[c * shape.kv_stride() + kvh * hd + d].to_f32())
+                            let (_, v, at) = cache.at(c);
+                            w * f64::from(v[at + kvh * hd + d].to_f32())
                         })
                         .sum::<f64>() as f32
                         / z as f32;
@@ -1292,9 +1460,9 @@ mod tests {
         attend(&shape, &cache, &q, 9, 1, &mut out);
         // Changing a key outside the window (position 6) changes nothing.
         let mut other = cache.clone();
-        for x in &mut other.k[6 * 8..7 * 8] {
-            *x = f16::from_f32(5.0);
-        }
+        let (_, v, at) = other.at(6);
+        let value: Vec<f32> = v[at..at + 8].iter().map(|x| x.to_f32()).collect();
+        other.write(6, 8, &[5.0; 8], &value);
         let mut out2 = vec![0f32; q.len()];
         attend(&shape, &other, &q, 9, 1, &mut out2);
         assert_eq!(out, out2);
@@ -1323,5 +1491,84 @@ mod tests {
         let mut out = [0f32; 4];
         attend(&shape, &cache, &[0.3, 0.1, -0.2, 0.9], 0, 1, &mut out);
         assert_eq!(out, [0.5, -1.0, 2.0, 0.25]);
+    }
+
+    /// A cache made from another's prefix holds the same blocks until it writes one: then that
+    /// block alone is copied, the original keeps its values, each shared block is counted once,
+    /// and attention over the new cache equals attention over one written from scratch.
+    #[test]
+    fn a_shared_prefix_is_copied_only_where_written() {
+        let shape = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            sliding_window: None,
+            score_scale: None,
+            softcap: None,
+        };
+        let stride = shape.kv_stride();
+        // Keys and values in f16.
+        let per_position = 2 * stride * 2;
+        let live = KvBytes::default();
+        let mut seed = 11;
+        let mut rows = |n: usize| -> Vec<f32> { (0..n * stride).map(|_| lcg(&mut seed)).collect() };
+        let (k, v) = (rows(150), rows(150));
+        let mut a = HostKv::counted_in(&live);
+        a.reserve_positions(150, stride);
+        a.write(0, stride, &k, &v);
+        // Blocks of 64, 64 and 22 positions: no more than asked for.
+        assert_eq!(live.get(), 150 * per_position);
+
+        let mut b = a.share_prefix(140);
+        assert!((0..3).all(|blk| b.shares_block(&a, blk * KV_BLOCK)));
+        assert_eq!(live.get(), 150 * per_position, "sharing allocates nothing");
+
+        let (k2, v2) = (rows(10), rows(10));
+        b.reserve_positions(150, stride);
+        b.write(140, stride, &k2, &v2);
+        assert!(b.shares_block(&a, 0) && b.shares_block(&a, KV_BLOCK));
+        assert!(
+            !b.shares_block(&a, 2 * KV_BLOCK),
+            "the written block was copied"
+        );
+        assert_eq!(live.get(), (150 + 22) * per_position);
+        let (ak, av, at) = a.at(140);
+        let want: Vec<f16> = k[140 * stride..141 * stride]
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
+        assert_eq!(
+            &ak[at..at + stride],
+            &want[..],
+            "the original keeps its keys"
+        );
+        assert_eq!(av[at], f16::from_f32(v[140 * stride]));
+
+        let mut fresh = HostKv::default();
+        fresh.reserve_positions(150, stride);
+        fresh.write(0, stride, &k[..140 * stride], &v[..140 * stride]);
+        fresh.write(140, stride, &k2, &v2);
+        let q: Vec<f32> = (0..70 * shape.heads * shape.head_dim)
+            .map(|_| lcg(&mut seed))
+            .collect();
+        // 70 rows take the tiled path, 1 row the one-row path.
+        for (first, n) in [(80, 70), (149, 1)] {
+            let q = &q[..n * shape.heads * shape.head_dim];
+            let (mut got, mut want) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attend(&shape, &b, q, first, n, &mut got);
+            attend(&shape, &fresh, q, first, n, &mut want);
+            assert_eq!(got, want, "rows {first}..{}", first + n);
+        }
+
+        drop(b);
+        assert_eq!(live.get(), 150 * per_position);
+        a.truncate(100);
+        assert_eq!(
+            live.get(),
+            100 * per_position,
+            "a cache kept for reuse gives back its tail"
+        );
+        drop(a);
+        assert_eq!(live.get(), 0);
     }
 }

@@ -21,7 +21,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::ModelError;
-use super::attention::{self, AttentionShape, HostKv, SpanAttention};
+use super::attention::{self, AttentionShape, HostKv, KvBytes, SpanAttention};
 use super::config::{FfnActivation, ModelConfig, MoeConfig, RopeScaling};
 use super::cpu_forward::{
     CpuExpert, CpuFfn, CpuGateUp, CpuLayer, CpuModel, CpuMoe, CpuQkv, CpuSpan, Projection,
@@ -651,6 +651,8 @@ pub struct Decoder {
     cpu: Option<CpuModel>,
     /// Which path the forward takes and why, decided at load.
     compute: ComputePath,
+    /// The bytes of the CPU path's KV blocks alive in this decoder's caches.
+    kv_live: KvBytes,
 }
 
 /// What a row of the batch belongs to.
@@ -899,6 +901,7 @@ impl Decoder {
             attention,
             cpu_pool,
             cpu: None,
+            kv_live: KvBytes::default(),
             // Decided below, once the CPU model is built or known not to be.
             compute: ComputePath {
                 forward: ForwardPath::CpuKernels,
@@ -1079,9 +1082,10 @@ impl Decoder {
         self.context_length
     }
 
-    /// An empty cache for a new sequence (allocates nothing until the first forward).
-    /// A new cache holding a copy of the first `len` positions of `cache` (a prefix-cache hit:
-    /// the copy continues from there, the original is untouched).
+    /// A new cache of the first `len` positions of `cache` (a prefix-cache hit, or `n` > 1
+    /// forking from one prompt): it continues from there, and the original is untouched. On the
+    /// CPU path it holds the same KV blocks as `cache`, shared and reference-counted: a block is
+    /// copied only when one of the two writes into it. Device caches are copied.
     pub fn copy_cache_prefix(
         &self,
         cache: &SequenceCache,
@@ -1092,17 +1096,17 @@ impl Decoder {
         if len == 0 {
             return Ok(out);
         }
-        // Exactly the prefix: what it grows to is for its new owner's limit to say.
-        self.grow_to(&mut out, len)?;
         match (&cache.layers, &mut out.layers) {
             (CacheLayers::Host(src), CacheLayers::Host(dst)) => {
-                let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;
-                for (s, d) in src.iter().zip(dst.iter_mut()) {
-                    d.k[..n].copy_from_slice(&s.k[..n]);
-                    d.v[..n].copy_from_slice(&s.v[..n]);
-                }
+                *dst = src.iter().map(|l| l.share_prefix(len)).collect();
+                // Exactly the prefix: what it grows to is for its new owner's limit to say.
+                out.capacity = len;
             }
-            (CacheLayers::Device(src), CacheLayers::Device(dst)) => {
+            (CacheLayers::Device(src), CacheLayers::Device(_)) => {
+                self.grow_to(&mut out, len)?;
+                let CacheLayers::Device(dst) = &out.layers else {
+                    unreachable!("grow_to keeps the path")
+                };
                 for (s, d) in src.iter().zip(dst.iter()) {
                     d.k.slice_set(&s.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
                     d.v.slice_set(&s.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
@@ -1120,12 +1124,8 @@ impl Decoder {
         let len = len.min(cache.len);
         match &mut cache.layers {
             CacheLayers::Host(layers) => {
-                let n = len * self.cfg.num_kv_heads * self.cfg.head_dim;
                 for l in layers.iter_mut() {
-                    l.k.truncate(n);
-                    l.k.shrink_to_fit();
-                    l.v.truncate(n);
-                    l.v.shrink_to_fit();
+                    l.truncate(len);
                 }
                 cache.len = len;
                 cache.capacity = len;
@@ -1145,6 +1145,13 @@ impl Decoder {
         2 * self.cfg.num_layers * self.cfg.num_kv_heads * self.cfg.head_dim * element
     }
 
+    /// Bytes of KV held by this decoder's CPU-path caches, each shared block once (0 on the
+    /// device path, whose caches are tensors).
+    pub fn kv_bytes_alive(&self) -> usize {
+        self.kv_live.get()
+    }
+
+    /// An empty cache for a new sequence (allocates nothing until the first forward).
     pub fn new_cache(&self) -> SequenceCache {
         let layers = match self.attention {
             AttentionPath::Host => CacheLayers::Host(Vec::new()),
@@ -1190,7 +1197,7 @@ impl Decoder {
         match &mut cache.layers {
             CacheLayers::Host(layers) => {
                 let stride = self.cfg.num_kv_heads * self.cfg.head_dim;
-                layers.resize_with(self.cfg.num_layers, HostKv::default);
+                layers.resize_with(self.cfg.num_layers, || HostKv::counted_in(&self.kv_live));
                 for l in layers.iter_mut() {
                     l.reserve_positions(new_capacity, stride);
                 }
