@@ -15,7 +15,9 @@ excluded):
   multi-turn   one conversation of --turns turns (default 5), --rounds times (default 3; a
                new conversation, with new text, each round). Every user turn adds about
                --turn-tokens tokens (default 280) of deterministic filler text distinct per
-               conversation and turn; the assistant's reply is appended to the history exactly
+               conversation and turn, asking for a one-sentence answer (--ask short) or a
+               retelling that runs to --max-tokens (--ask detail: a chat whose replies are as
+               long as its questions); the assistant's reply is appended to the history exactly
                as the server streamed it. After the last turn the same last-turn request is
                sent again with `"cache_prompt": false` (the uncached baseline) and once more
                cached (the whole prompt is in the cache by then).
@@ -108,15 +110,22 @@ PLACES = ["near the river", "before dawn", "after the market closed", "in the no
           "on the hill road", "inside the museum", "by the lake", "late at night"]
 
 
-def user_turn(conversation, turn, turn_tokens):
+ASKS = {
+    # A one-line reply: most of each turn is the user's new text.
+    "short": "Answer in one short sentence: what happened in part {turn}?",
+    # A reply as long as max_tokens allows: each turn is half question, half answer, as chats go.
+    "detail": "Retell part {turn} in detail, one sentence for each note.",
+}
+
+
+def user_turn(conversation, turn, turn_tokens, ask="short"):
     """The user's message of one turn: deterministic, distinct per (conversation, turn)."""
     rng = random.Random(conversation * 1000 + turn)
     # About 20 tokens go to the frame around the filler and the chat template's turn markers.
     sentences = max(1, round((turn_tokens - 20) / TOKENS_PER_SENTENCE))
     filler = " ".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
                       f"{rng.choice(PLACES)}." for _ in range(sentences))
-    return (f"Notes {conversation:05d}, part {turn}: {filler} "
-            f"Answer in one short sentence: what happened in part {turn}?")
+    return f"Notes {conversation:05d}, part {turn}: {filler} " + ASKS[ask].format(turn=turn)
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ def converse(server, conversation, args, gate=None):
     last turn sent."""
     messages, records, sent = [], [], []
     for turn in range(1, args.turns + 1):
-        messages.append({"role": "user", "content": user_turn(conversation, turn, args.turn_tokens)})
+        messages.append({"role": "user", "content": user_turn(conversation, turn, args.turn_tokens, args.ask)})
         sent = list(messages)
         rec = chat_request(server.host, server.port, sent, args,
                            gate=gate if turn == 1 else None)
@@ -397,7 +406,8 @@ def report(results, args, commands, meta):
       f"load average before: {meta['load_before']}")
     p(f"- model: `{meta['model']}`; threads: {args.threads}; ours: {meta['ours_version']} "
       f"(git {meta['git']}); llama.cpp: {meta['llama_version']}")
-    p(f"- each user turn ~{args.turn_tokens} tokens of distinct text; replies at most "
+    p(f"- each user turn ~{args.turn_tokens} tokens of distinct text, asking for a {args.ask} "
+      f"reply; replies at most "
       f"{args.max_tokens} tokens (temperature 0); multi-turn: median of {args.rounds} "
       f"conversations")
     for name, r in results.items():
@@ -521,6 +531,9 @@ def parse_args():
     ap.add_argument("--turns", type=int, default=5, help="turns per conversation (default 5)")
     ap.add_argument("--turn-tokens", type=int, default=280, help="approximate tokens each user turn adds (default 280)")
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every reply (default 32)")
+    ap.add_argument("--ask", choices=sorted(ASKS), default="short",
+                    help="what each user turn asks for: a one-sentence answer (short, the default) "
+                         "or a retelling as long as --max-tokens allows (detail)")
     ap.add_argument("--rounds", type=int, default=3, help="conversations of the multi-turn scenario, one after another (default 3)")
     ap.add_argument("--conversations", type=int, default=16, help="conversations at once, and both servers' slots (default 16)")
     ap.add_argument("--scenario", choices=["multi", "concurrent"], action="append",

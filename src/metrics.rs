@@ -142,6 +142,9 @@ pub struct GaugeReadings {
     /// How the KV caches store keys and values ("f16"): `cache_dtype` of
     /// `vllm:cache_config_info`, left out while empty (not known for this backend).
     pub kv_cache_dtype: &'static str,
+    /// Positions per KV block (`block_size` of `vllm:cache_config_info`): the CPU path's
+    /// blocks, or 1 where caches are allocated per position (0 reads as 1).
+    pub kv_block_positions: usize,
     /// Prompt tokens looked up in the prefix cache, ever.
     pub prefix_cache_queries: u64,
     /// Of those, the tokens served from the cache.
@@ -509,11 +512,13 @@ fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
             hits,
         ),
     ];
-    // vLLM's labels are its cache config's fields; the KV cache here is allocated per position,
-    // so a block is one position and the "GPU blocks" are every slot's positions. Absent until
-    // a model is served.
+    // vLLM's labels are its cache config's fields: the block size in positions (the CPU path's
+    // blocks; 1 where caches grow by position), and as "GPU blocks" the blocks every slot's
+    // positions take. Absent until a model is served.
     if r.kv_capacity_positions > 0 {
-        let blocks = r.kv_capacity_positions.to_string();
+        let block = r.kv_block_positions.max(1);
+        let block_size = block.to_string();
+        let blocks = r.kv_capacity_positions.div_ceil(block).to_string();
         let prefix_caching = if r.prefix_cache_budget > 0 {
             "True"
         } else {
@@ -524,7 +529,7 @@ fn snapshot_families(r: &GaugeReadings) -> Vec<MetricFamily> {
             "Always 1; the labels describe the KV cache (block_size in positions).",
             GAUGE,
             &[
-                ("block_size", "1"),
+                ("block_size", &block_size),
                 ("cache_dtype", r.kv_cache_dtype),
                 ("enable_prefix_caching", prefix_caching),
                 ("num_gpu_blocks", &blocks),
@@ -715,6 +720,7 @@ mod tests {
             waiting: 5,
             kv_positions: 512,
             kv_cache_dtype: "f16",
+            kv_block_positions: 64,
             prefix_cache_queries: 40,
             prefix_cache_hits: 30,
             prefix_cache_bytes: 1000,
@@ -757,10 +763,10 @@ mod tests {
             .expect("cache_config_info");
         assert_eq!(e.samples[series], 1.0);
         let want: BTreeMap<String, String> = [
-            ("block_size", "1"),
+            ("block_size", "64"),
             ("cache_dtype", "f16"),
             ("enable_prefix_caching", "True"),
-            ("num_gpu_blocks", "2048"),
+            ("num_gpu_blocks", "32"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

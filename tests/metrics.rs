@@ -298,8 +298,9 @@ async fn the_vllm_series_a_cluster_router_reads_are_typed_and_mirror_the_engine(
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
     }
-    // The endpoint picker reads block_size and num_gpu_blocks off cache_config_info: the KV
-    // cache is allocated per position, so 2 slots x CONTEXT one-position blocks.
+    // The endpoint picker reads block_size and num_gpu_blocks off cache_config_info: the fake
+    // backend's KV is counted per position, so 2 slots x CONTEXT one-position blocks (the CPU
+    // path's 64-position blocks are checked in src/metrics.rs).
     let m = parse(&text);
     let config = m
         .keys()

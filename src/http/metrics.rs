@@ -47,6 +47,11 @@ fn readings(registry: &JobRegistry, configured_model: &str) -> GaugeReadings {
         model_name: served.model_id.clone(),
         waiting,
         kv_cache_dtype: if host_attention { "f16" } else { "" },
+        kv_block_positions: if host_attention {
+            crate::model::attention::KV_BLOCK
+        } else {
+            1
+        },
         ..GaugeReadings::from_engine(&served.stats, served.meta.context_length)
     }
 }
