@@ -301,25 +301,25 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
             }
         }
         WeightType::Q4K | WeightType::Q5K => {
-            // Q5_K's fifth bits (in `qh`) add 16 to a nibble; Q4_K has none: its masks are 0.
+            // Q5_K's fifth bits (in `qh`) add 16 to a nibble; Q4_K has none (all-zero bits).
             let five = ty == WeightType::Q5K;
             let (bytes, scales, qs) = k4_layout(five);
             for (y, b) in out.chunks_exact_mut(QK_K).zip(row.chunks_exact(bytes)) {
                 let d = f16_at(b, 0);
                 let dmin = f16_at(b, 2);
                 let sc = &b[scales..scales + 12];
-                let qh = &b[Q5K_QH..Q5K_QH + 32];
+                let qh: &[u8] = if five {
+                    &b[Q5K_QH..Q5K_QH + 32]
+                } else {
+                    &[0; 32]
+                };
                 for c in 0..4 {
                     let ql = &b[qs + 32 * c..qs + 32 * c + 32];
                     let (s1, m1) = scale_min_k4(2 * c, sc);
                     let (s2, m2) = scale_min_k4(2 * c + 1, sc);
                     let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
                     let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
-                    let (u1, u2) = if five {
-                        (1u8 << (2 * c), 2u8 << (2 * c))
-                    } else {
-                        (0, 0)
-                    };
+                    let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
                     for l in 0..32 {
                         let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
                         let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };

@@ -29,6 +29,7 @@ use crate::kernels::{self, ThreadPool};
 /// Positions per KV block: a multiple of [`KEY_TILE`], so that a key tile of the tiled path lies
 /// in one block.
 pub(crate) const KV_BLOCK: usize = 64;
+const _: () = assert!(KV_BLOCK.is_multiple_of(KEY_TILE));
 
 /// The bytes of the KV blocks alive among the caches that share this counter (one decoder's):
 /// a block counts once however many caches hold it.
@@ -75,12 +76,9 @@ impl KvBlock {
         self.v.resize(values, f16::ZERO);
         self.k.shrink_to_fit();
         self.v.shrink_to_fit();
-        let after = self.bytes();
-        if after >= before {
-            self.live.0.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            self.live.0.fetch_sub(before - after, Ordering::Relaxed);
-        }
+        // The difference either way: the counter's addition wraps.
+        let delta = self.bytes().wrapping_sub(before);
+        self.live.0.fetch_add(delta, Ordering::Relaxed);
     }
 }
 
@@ -151,10 +149,10 @@ impl HostKv {
         })
     }
 
-    /// Stores rows of keys and values (f32, `rows * stride`) from `position` on, copying first
-    /// any block it writes that another cache shares.
-    pub fn write(&mut self, position: usize, stride: usize, k: &[f32], v: &[f32]) {
-        debug_assert_eq!(stride, self.stride);
+    /// Stores rows of keys and values (f32, `rows * stride`, the stride the cache was reserved
+    /// with) from `position` on, copying first any block it writes that another cache shares.
+    pub fn write(&mut self, position: usize, k: &[f32], v: &[f32]) {
+        let stride = self.stride;
         let rows = k.len() / stride;
         let mut r = 0;
         while r < rows {
@@ -1268,7 +1266,7 @@ mod tests {
         cache.reserve_positions(positions, stride);
         let k: Vec<f32> = (0..positions * stride).map(|_| lcg(&mut s) * 2.0).collect();
         let v: Vec<f32> = (0..positions * stride).map(|_| lcg(&mut s)).collect();
-        cache.write(0, stride, &k, &v);
+        cache.write(0, &k, &v);
         cache
     }
 
@@ -1462,7 +1460,7 @@ mod tests {
         let mut other = cache.clone();
         let (_, v, at) = other.at(6);
         let value: Vec<f32> = v[at..at + 8].iter().map(|x| x.to_f32()).collect();
-        other.write(6, 8, &[5.0; 8], &value);
+        other.write(6, &[5.0; 8], &value);
         let mut out2 = vec![0f32; q.len()];
         attend(&shape, &other, &q, 9, 1, &mut out2);
         assert_eq!(out, out2);
@@ -1487,7 +1485,7 @@ mod tests {
         };
         let mut cache = HostKv::default();
         cache.reserve_positions(1, 4);
-        cache.write(0, 4, &[1.0, 2.0, 3.0, 4.0], &[0.5, -1.0, 2.0, 0.25]);
+        cache.write(0, &[1.0, 2.0, 3.0, 4.0], &[0.5, -1.0, 2.0, 0.25]);
         let mut out = [0f32; 4];
         attend(&shape, &cache, &[0.3, 0.1, -0.2, 0.9], 0, 1, &mut out);
         assert_eq!(out, [0.5, -1.0, 2.0, 0.25]);
@@ -1515,7 +1513,7 @@ mod tests {
         let (k, v) = (rows(150), rows(150));
         let mut a = HostKv::counted_in(&live);
         a.reserve_positions(150, stride);
-        a.write(0, stride, &k, &v);
+        a.write(0, &k, &v);
         // Blocks of 64, 64 and 22 positions: no more than asked for.
         assert_eq!(live.get(), 150 * per_position);
 
@@ -1525,7 +1523,7 @@ mod tests {
 
         let (k2, v2) = (rows(10), rows(10));
         b.reserve_positions(150, stride);
-        b.write(140, stride, &k2, &v2);
+        b.write(140, &k2, &v2);
         assert!(b.shares_block(&a, 0) && b.shares_block(&a, KV_BLOCK));
         assert!(
             !b.shares_block(&a, 2 * KV_BLOCK),
@@ -1546,8 +1544,8 @@ mod tests {
 
         let mut fresh = HostKv::default();
         fresh.reserve_positions(150, stride);
-        fresh.write(0, stride, &k[..140 * stride], &v[..140 * stride]);
-        fresh.write(140, stride, &k2, &v2);
+        fresh.write(0, &k[..140 * stride], &v[..140 * stride]);
+        fresh.write(140, &k2, &v2);
         let q: Vec<f32> = (0..70 * shape.heads * shape.head_dim)
             .map(|_| lcg(&mut seed))
             .collect();

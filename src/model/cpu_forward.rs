@@ -257,7 +257,6 @@ impl CpuModel {
                 let (a, e) = (span.start_row, span.start_row + span.rows);
                 span.cache[l].write(
                     span.first_position,
-                    kv_width,
                     &b.k[a * kv_width..e * kv_width],
                     &b.v[a * kv_width..e * kv_width],
                 );

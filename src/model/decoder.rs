@@ -1587,7 +1587,6 @@ impl Decoder {
             let (a, b) = (span.start_row, span.start_row + span.rows);
             kv.write(
                 span.first_position,
-                kv_width,
                 &k[a * kv_width..b * kv_width],
                 &v[a * kv_width..b * kv_width],
             );
