@@ -152,7 +152,7 @@ pub struct ComputeInfo {
     pub reason: Option<String>,
     /// Each stored tensor type ("Q4_1", "F32", …): how many tensors, and their path.
     pub tensor_types: BTreeMap<String, TensorTypeInfo>,
-    /// The CPU kernels' selection ("avx512vnni", "avx2", "neon", "scalar", after
+    /// The CPU kernels' selection ("amx", "avx512vnni", "avx2", "neon", "scalar", after
     /// `LLM_WORKER_CPU_KERNELS`); null when only Candle computes.
     pub cpu_kernels: Option<String>,
 }

@@ -86,6 +86,9 @@ use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
 use super::{QMatrix, WeightType};
 
+mod amx;
+pub(crate) use amx::available as amx_available;
+
 /// Activation rows per tile (two 4-row scale groups).
 const MR_MAX: usize = 2 * GROUP;
 
@@ -140,6 +143,27 @@ pub(crate) unsafe fn compute(
     let t = TileArgs::new(w, acts);
     // SAFETY: the caller's contract; every row limit is a multiple of 4.
     unsafe { avx2::run_tiles(&t, a, r, (mr_max, nr_max), pick, out) };
+}
+
+/// [`compute`] with the AMX tiles for the types and row counts they take ([`amx::handles`],
+/// [`amx::AMX_MIN_M`]).
+///
+/// # Safety
+/// As [`compute`], and [`amx_available`] returned true.
+pub(crate) unsafe fn compute_amx(
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    if acts.m >= amx::AMX_MIN_M && amx::handles(w.ty) {
+        // SAFETY: forwarded contract.
+        unsafe { amx::compute(w, acts, a, r, out) }
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { compute(w, acts, a, r, out) }
+    }
 }
 
 x86_tile_pickers!();

@@ -51,6 +51,17 @@ impl OutPtr {
         }
     }
 
+    /// Where element `(i, j)` is; row `i`'s elements follow it.
+    ///
+    /// # Safety
+    /// `i < m` and `j < rows`.
+    #[inline]
+    pub(crate) unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+        debug_assert!(i < self.m && j < self.rows);
+        // SAFETY: in bounds by the caller's contract; `ptr` covers m·rows floats.
+        unsafe { self.ptr.add(i * self.rows + j) }
+    }
+
     /// # Safety
     /// `i < m`, `j < rows`, and no other thread reads or writes element `(i, j)` meanwhile.
     #[inline]
@@ -208,6 +219,9 @@ unsafe fn compute(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C and AVX-512 F/BW/VL/VNNI.
         KernelPath::Avx512Vnni => unsafe { super::avx512::compute(w, acts, a, r, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded contract; the caller checked AVX2/FMA/F16C, AVX-512 and AMX.
+        KernelPath::Amx => unsafe { super::avx512::compute_amx(w, acts, a, r, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: forwarded contract; NEON is part of aarch64.
         KernelPath::Neon => unsafe { scalar::compute(super::neon::dot, w, acts, a, r, out) },

@@ -42,7 +42,9 @@
 //! per weight load, so the cost per row falls as `m` grows. `Avx512Vnni` runs the AVX2 kernels
 //! for GEMV and for the types it has no tiles for, and its own tiles give results bit-identical
 //! to `Avx2` (same float operations in the same order; see `avx512.rs`), so which of the two a
-//! machine picks never changes an output.
+//! machine picks never changes an output. [`KernelPath::Amx`] is picked over it where Intel AMX
+//! is usable: `Avx512Vnni` plus tile multiplies for the prefill of Q4_K, Q5_K and Q6_K weights
+//! (`avx512/amx.rs`), whose results differ from the other paths in the last bits.
 //!
 //! [`detect`] makes the one selection for the process, and every SIMD routine of the CPU forward
 //! follows it: the matmuls here, and attention and the vector math (SiLU, `e^x`) in the model
@@ -374,6 +376,12 @@ pub enum KernelPath {
     /// register tiles for the matmuls with `m > 1`, bit-identical to the AVX2 path; everything
     /// else runs the AVX2 kernels.
     Avx512Vnni,
+    /// [`KernelPath::Avx512Vnni`] plus Intel AMX-TILE/AMX-INT8 (Sapphire Rapids and later, where
+    /// the OS grants it): tile multiplies for Q4_K, Q5_K and Q6_K weights with 32 or more
+    /// activation rows (prefill). Their integer sums are exact as everywhere, but the float
+    /// scaling is one sum per super-block, so those results differ from the other x86 paths in
+    /// the last bits; everything else runs [`KernelPath::Avx512Vnni`]'s kernels.
+    Amx,
     /// aarch64 NEON.
     Neon,
 }
@@ -384,7 +392,10 @@ impl KernelPath {
     /// its own for them), and only where the CPU has those features. On the other paths they run
     /// their portable code.
     pub fn runs_avx2_routines(self) -> bool {
-        matches!(self, KernelPath::Avx2 | KernelPath::Avx512Vnni) && avx2_available()
+        matches!(
+            self,
+            KernelPath::Avx2 | KernelPath::Avx512Vnni | KernelPath::Amx
+        ) && avx2_available()
     }
 
     /// Whether this path can run on the current CPU.
@@ -393,6 +404,7 @@ impl KernelPath {
             KernelPath::Scalar => true,
             KernelPath::Avx2 => avx2_available(),
             KernelPath::Avx512Vnni => avx512_vnni_available(),
+            KernelPath::Amx => amx_available(),
             KernelPath::Neon => cfg!(target_arch = "aarch64"),
         }
     }
@@ -404,6 +416,7 @@ impl fmt::Display for KernelPath {
             KernelPath::Scalar => "scalar",
             KernelPath::Avx2 => "avx2",
             KernelPath::Avx512Vnni => "avx512vnni",
+            KernelPath::Amx => "amx",
             KernelPath::Neon => "neon",
         };
         f.write_str(name)
@@ -436,10 +449,20 @@ fn avx512_vnni_available() -> bool {
     false
 }
 
+#[cfg(target_arch = "x86_64")]
+fn amx_available() -> bool {
+    avx512::amx_available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_available() -> bool {
+    false
+}
+
 /// The path the CPU forward's SIMD routines use (the matmuls, and through
 /// [`KernelPath::runs_avx2_routines`] attention and the vector math): the fastest one available
 /// on this CPU, unless the environment variable `LLM_WORKER_CPU_KERNELS` names another available
-/// one (`scalar`, `avx2`, `avx512vnni`, `neon`), which lets benchmarks compare paths in one
+/// one (`scalar`, `avx2`, `avx512vnni`, `amx`, `neon`), which lets benchmarks compare paths in one
 /// build. Decided once.
 pub fn detect() -> KernelPath {
     static CHOSEN: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
@@ -452,6 +475,7 @@ pub fn detect() -> KernelPath {
             KernelPath::Scalar,
             KernelPath::Avx2,
             KernelPath::Avx512Vnni,
+            KernelPath::Amx,
             KernelPath::Neon,
         ]
         .into_iter()
@@ -468,7 +492,9 @@ pub fn detect() -> KernelPath {
 }
 
 fn fastest_available() -> KernelPath {
-    if KernelPath::Avx512Vnni.is_available() {
+    if KernelPath::Amx.is_available() {
+        KernelPath::Amx
+    } else if KernelPath::Avx512Vnni.is_available() {
         KernelPath::Avx512Vnni
     } else if KernelPath::Avx2.is_available() {
         KernelPath::Avx2

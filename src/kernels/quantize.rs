@@ -226,8 +226,7 @@ fn quantize_row_q8(
     s: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(path, KernelPath::Avx2 | KernelPath::Avx512Vnni) && KernelPath::Avx2.is_available()
-    {
+    if path.runs_avx2_routines() {
         for (b, (xb, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
             // SAFETY: AVX2/FMA/F16C availability checked just above.
             let (db, sb) = unsafe { super::avx2::quantize_block_q8(xb, qb) };

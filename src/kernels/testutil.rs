@@ -133,6 +133,7 @@ pub(crate) fn available_paths() -> Vec<KernelPath> {
         KernelPath::Scalar,
         KernelPath::Avx2,
         KernelPath::Avx512Vnni,
+        KernelPath::Amx,
         KernelPath::Neon,
     ]
     .into_iter()

@@ -1,0 +1,421 @@
+//! Intel AMX (AMX-TILE, AMX-INT8) for the super-block types with many activation rows
+//! ([`super::super::KernelPath::Amx`]): Q4_K, Q5_K and Q6_K at `m ≥` [`AMX_MIN_M`].
+//!
+//! The weights are repacked 16 rows at a time as for the wide kernel ([`super::repack_k`],
+//! [`super::repack_g16`]: line `l` of a run holds dword `l` of each row's quants, 16 rows to a
+//! line, which is the layout, `K/4` rows of `N·4` bytes, that an AMX B tile takes), then
+//! [`to_amx`] multiplies each quant by its sub-block scale and splits the i16 product into a
+//! low and a high byte plane. With the sub-block scales inside the weights, one super-block is
+//! four `tdpbsud`/`tdpbssd` per plane over 64 weights each with no sum to scale in between:
+//! `Σ y·q·scale = C_lo + 256·C_hi`, exact in i32, then one `d·d_y` float multiply-add per
+//! super-block; the Q4_K/Q5_K min term is a third plane (the min repeated over its sub-block)
+//! and Q6_K's `−32` is folded into its quants before the multiply. A tile computes 16
+//! activation rows × 16 weight rows; the tile unit's sums go through memory to the vector
+//! units once per super-block.
+//!
+//! The integers are exact, as on every path, but there is one float sum per super-block instead
+//! of eight lane sums per sub-block, so results differ from
+//! [`super::super::KernelPath::Avx2`] in the last bits (below [`AMX_MIN_M`] rows, and for every
+//! other type, this path runs the AVX-512 kernels and their results).
+//!
+//! Linux gives a process the AMX register state only on request (`arch_prctl`,
+//! `ARCH_REQ_XCOMP_PERM`); [`available`] makes it once. Each call loads its tile configuration
+//! and releases the tiles when it returns, so a thread holds AMX state only inside a matmul.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::ops::Range;
+
+use super::super::matmul::OutPtr;
+use super::super::quantize::{Acts, GROUP};
+use super::super::{QMatrix, WeightType};
+use super::{
+    G16_Q6K, Line, REPACK, TileArgs, WIDE, WIDE_LINES_G16, WIDE_LINES_K, repack_g16, repack_k,
+};
+use crate::kernels::formats::QK_K;
+
+/// Activation rows from which the AMX tiles run (two full 16-row tiles); below it the AVX-512
+/// kernels, which also keep batched decode of a few sequences bit-identical to AVX2.
+pub(super) const AMX_MIN_M: usize = 32;
+
+/// Activation rows per tile (the rows of an AMX tile register).
+const TM: usize = 16;
+
+/// Whether this CPU and OS let the process use AMX-TILE and AMX-INT8: CPUID leaf 7 bits
+/// AMX-TILE and AMX-INT8, the OS enabling the tile state in XCR0, and Linux granting the
+/// permission. Asked once.
+pub(crate) fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        if !super::super::KernelPath::Avx512Vnni.is_available()
+            || !std::arch::is_x86_feature_detected!("xsave")
+        {
+            return false;
+        }
+        // CPUID leaf 7 exists on every CPU with AVX-512.
+        let leaf7 = __cpuid_count(7, 0);
+        let (tile, int8) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 25 & 1 == 1);
+        // SAFETY: XSAVE (hence XGETBV) is present (checked above).
+        let xcr0 = unsafe { _xgetbv(0) };
+        // XTILECFG (bit 17) and XTILEDATA (bit 18).
+        if !(tile && int8 && xcr0 >> 17 & 3 == 3) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes the process's permissions.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    })
+}
+
+/// Whether [`compute`] runs `ty` (with at least [`AMX_MIN_M`] activation rows).
+pub(super) fn handles(ty: WeightType) -> bool {
+    matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K)
+}
+
+/// A 64-byte tile configuration (palette 1): tiles 0–2 hold `m` rows of 16 i32 sums, tile 3
+/// `m` activation rows of 64 quants, tiles 4–6 16 lines of a weight matrix.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new(m: usize) -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for tile in 0..7 {
+            c[16 + 2 * tile] = 64;
+            c[48 + tile] = if tile < 4 { m as u8 } else { TM as u8 };
+        }
+        TileConfig(c)
+    }
+
+    /// Loads this configuration (which zeroes every tile).
+    ///
+    /// # Safety
+    /// AMX is enabled for the process.
+    unsafe fn load(&self) {
+        // SAFETY: a valid palette-1 configuration; AMX is enabled (caller).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly)) };
+    }
+}
+
+/// 64-byte lines of one super-block of a 16-row group in the AMX layout ([`to_amx`]).
+const AMX_LINES: usize = 194;
+
+/// 16 rows of 16 i32, where a tile of sums is stored.
+#[repr(C, align(64))]
+struct Sums([[i32; WIDE]; TM]);
+
+thread_local! {
+    /// Per-thread buffer for one 16-row group in the AMX layout.
+    static AMX_PACK: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Computes `out[i, j]` for activation rows `a` × weight rows `r` of a Q4_K, Q5_K or Q6_K
+/// matrix ([`handles`]).
+///
+/// # Safety
+/// [`available`] returned true; as [`super::compute`]: `acts` was quantized (Q8_K) for `w.ty`
+/// with `acts.m ≥ a.end`, `w.rows ≥ r.end`, and `out` is exclusively ours for `a × r`.
+pub(super) unsafe fn compute(
+    w: &QMatrix,
+    acts: &Acts,
+    a: Range<usize>,
+    r: Range<usize>,
+    out: OutPtr,
+) {
+    debug_assert!(handles(w.ty) && a.end <= acts.m && r.end <= w.rows);
+    let t = TileArgs::new(w, acts);
+    let q6 = w.ty == WeightType::Q6K;
+    let wide_lines = if q6 { WIDE_LINES_G16 } else { WIDE_LINES_K };
+    type Repack = unsafe fn(&TileArgs, usize, usize, *mut Line);
+    let repack: Repack = match w.ty {
+        WeightType::Q4K => repack_k::<false>,
+        WeightType::Q5K => repack_k::<true>,
+        _ => repack_g16::<G16_Q6K>,
+    };
+    let (full, tail) = (TileConfig::new(TM), TileConfig::new((a.end - a.start) % TM));
+    // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
+    // stay zero.
+    let mut sums = [(); 3].map(|_| Sums([[0; WIDE]; TM]));
+    REPACK.with_borrow_mut(|wide| {
+        AMX_PACK.with_borrow_mut(|pack| {
+            if wide.len() < t.nb * wide_lines {
+                wide.resize(t.nb * wide_lines, Line([0; 64]));
+            }
+            if pack.len() < t.nb * AMX_LINES {
+                pack.resize(t.nb * AMX_LINES, Line([0; 64]));
+            }
+            let (wide, pack) = (wide.as_mut_ptr(), pack.as_mut_ptr());
+            // SAFETY: AMX is enabled (caller).
+            unsafe { full.load() };
+            let mut j = r.start;
+            while j < r.end {
+                let n = (r.end - j).min(WIDE);
+                // SAFETY: rows j..j+n exist; the buffers hold nb super-blocks of their layouts.
+                unsafe {
+                    repack(&t, j, n, wide);
+                    if q6 {
+                        to_amx::<true>(wide, pack, t.nb)
+                    } else {
+                        to_amx::<false>(wide, pack, t.nb)
+                    }
+                };
+                let mut i = a.start;
+                while i < a.end {
+                    let rows = (a.end - i).min(TM);
+                    // SAFETY: AMX is enabled; rows i..i+rows exist in the activations; the
+                    // outputs (i..i+rows) × (j..j+n) are ours. A last tile of fewer than 16
+                    // rows runs under a configuration of that many rows.
+                    unsafe {
+                        if rows < TM {
+                            tail.load();
+                        }
+                        if q6 {
+                            tile::<true>(&t, pack, i, rows, j, n, out, &mut sums)
+                        } else {
+                            tile::<false>(&t, pack, i, rows, j, n, out, &mut sums)
+                        }
+                        if rows < TM {
+                            full.load();
+                        }
+                    };
+                    i += rows;
+                }
+                j += n;
+            }
+            // SAFETY: releases the tile state loaded above.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        })
+    });
+}
+
+/// Turns `nb` super-blocks of a 16-row group in the wide kernel's layout (`wide`: Q4_K/Q5_K
+/// from [`super::repack_k`], Q6_K from [`repack_g16`]) into the AMX layout at `dst`, 194 lines
+/// per super-block, each weight matrix as 64 lines of `tdpb*d` B rows (line `l`: weights
+/// `4l..4l + 4` of the 16 rows):
+/// - lines `0..64` and `64..128`: the low byte (u8) and the high byte (i8: Q4_K and Q5_K 0..7,
+///   Q6_K −16..16) of `q·scale` (an i16; Q4_K and Q5_K: 0..1953, Q6_K with its signed quants `q − 32`
+///   and i8 scales: −4064..4096), so that `Σ y·q·scale = Σ y·lo + 256·Σ y·hi` with no scale
+///   left to apply per sub-block;
+/// - lines `128..192` (Q4_K, Q5_K): the sub-block's min repeated over its weights, so that
+///   `Σ y·min` is the min term;
+/// - line `192`: `d`, `193`: `−dmin` (Q6_K: unused), as f32.
+///
+/// # Safety
+/// AVX-512 F/BW; `wide` holds `nb` super-blocks of the wide layout of this type and `dst`
+/// `nb·194` lines, both 64-byte aligned.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn to_amx<const Q6: bool>(wide: *const Line, dst: *mut Line, nb: usize) {
+    let (wide_lines, d_line) = if Q6 {
+        (WIDE_LINES_G16, 88)
+    } else {
+        (WIDE_LINES_K, 80)
+    };
+    // Row r's scale word for its four bytes: dword r of the scale line, twice.
+    let rows_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+    // Byte 0 of each dword, four times.
+    let rep = _mm512_set4_epi32(0x0C0C_0C0C, 0x0808_0808, 0x0404_0404, 0);
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    // SAFETY: the lines read are below nb·wide_lines of `wide`, those written below nb·194 of
+    // `dst` (caller contract).
+    unsafe {
+        for b in 0..nb {
+            let src = wide.add(b * wide_lines);
+            let out = dst.add(b * AMX_LINES);
+            for line in 0..64 {
+                let (run, l) = (line / 8, line % 8);
+                let q = _mm512_load_si512(src.add(line) as *const __m512i);
+                let sc_line = if Q6 { 64 + 2 * run + l / 4 } else { 64 + run };
+                let sc = _mm512_load_si512(src.add(sc_line) as *const __m512i);
+                // The scale (an i16 in the low half) in both halves of its dword.
+                let sc = _mm512_and_si512(sc, low16);
+                let sc = _mm512_or_si512(sc, _mm512_slli_epi32::<16>(sc));
+                let mut q0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q));
+                let mut q1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(q));
+                if Q6 {
+                    q0 = _mm512_sub_epi16(q0, _mm512_set1_epi16(32));
+                    q1 = _mm512_sub_epi16(q1, _mm512_set1_epi16(32));
+                }
+                let w0 = _mm512_mullo_epi16(q0, _mm512_permutexvar_epi32(rows_lo, sc));
+                let w1 = _mm512_mullo_epi16(q1, _mm512_permutexvar_epi32(rows_hi, sc));
+                let join = |a: __m512i, b: __m512i| {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
+                        _mm512_cvtepi16_epi8(b),
+                    )
+                };
+                _mm512_store_si512(out.add(line) as *mut __m512i, join(w0, w1));
+                let h0 = _mm512_srai_epi16::<8>(w0);
+                let h1 = _mm512_srai_epi16::<8>(w1);
+                _mm512_store_si512(out.add(64 + line) as *mut __m512i, join(h0, h1));
+                if !Q6 {
+                    // The min (the low byte of its dword) of this line's sub-block, in all 4
+                    // bytes.
+                    let min = _mm512_load_si512(src.add(72 + run) as *const __m512i);
+                    let min = _mm512_shuffle_epi8(min, rep);
+                    _mm512_store_si512(out.add(128 + line) as *mut __m512i, min);
+                }
+            }
+            std::ptr::copy_nonoverlapping(src.add(d_line), out.add(192), 2);
+        }
+    }
+}
+
+/// Activation rows `i0..i0 + rows` (`rows ≤ 16`, the rows of the loaded configuration) × one
+/// 16-row group in the AMX layout at `pack` ([`to_amx`]; weight rows
+/// `j0..j0+n`). Per super-block, with `C_lo`, `C_hi`, `C_min` the `tdpb*d` sums of the
+/// activations with its matrices, `acc = fma(d·d_y, f32(C_lo + 256·C_hi), acc)`, then (Q4_K,
+/// Q5_K) `acc = fma(−dmin·d_y, f32(C_min), acc)`.
+///
+/// # Safety
+/// AMX is enabled and configured by [`compute`]; `pack` holds this type's group in the AMX
+/// layout; the tile configuration has `rows` activation rows; rows `i0..i0 + rows` exist in
+/// the Q8_K activations; the outputs `(i0..i0 + rows) × (j0..j0+n)` are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const Q6: bool>(
+    t: &TileArgs,
+    pack: *const Line,
+    i0: usize,
+    rows: usize,
+    j0: usize,
+    n: usize,
+    out: OutPtr,
+    sums: &mut [Sums; 3],
+) {
+    let mut acc = [_mm512_setzero_ps(); TM];
+    // SAFETY: activation row i0 + i (i < rows) has its scale at ((row/4)·nb + b)·4 + row%4;
+    // the lines read of super-block b are below nb·194 of `pack`; the tile loads read 16 rows of
+    // 64 bytes at stride cols of activation rows i0..i0 + rows and 16 lines of `pack`.
+    unsafe {
+        let qs = t.qs.add(i0 * t.cols);
+        let last = i0 + rows - 1;
+        let drow: [*const f32; TM] = std::array::from_fn(|i| {
+            let row = (i0 + i).min(last);
+            t.d.add(row / GROUP * t.nb * GROUP + row % GROUP)
+        });
+        for b in 0..t.nb {
+            let line = pack.add(b * AMX_LINES);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                options(nostack, nomem)
+            );
+            for c in 0..4 {
+                let a = qs.add(b * QK_K + 64 * c);
+                let w = line.add(16 * c);
+                // Both high-byte planes fit i8 (Q4_K/Q5_K: 0..7), so `tdpbssd` takes either.
+                asm!(
+                    "tileloadd tmm3, [{a} + {lda}*1]",
+                    "tileloadd tmm4, [{w} + {ldb}*1]",
+                    "tileloadd tmm5, [{w} + {ldb}*1 + 4096]",
+                    "tdpbsud tmm0, tmm3, tmm4",
+                    "tdpbssd tmm1, tmm3, tmm5",
+                    a = in(reg) a,
+                    lda = in(reg) t.cols,
+                    w = in(reg) w,
+                    ldb = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags),
+                );
+                if !Q6 {
+                    asm!(
+                        "tileloadd tmm6, [{w} + {ldb}*1 + 8192]",
+                        "tdpbsud tmm2, tmm3, tmm6",
+                        w = in(reg) w,
+                        ldb = in(reg) 64usize,
+                        options(nostack, readonly, preserves_flags),
+                    );
+                }
+            }
+            asm!(
+                "tilestored [{c0} + {ldc}*1], tmm0",
+                "tilestored [{c1} + {ldc}*1], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                c0 = in(reg) sums[0].0.as_mut_ptr(),
+                c1 = in(reg) sums[1].0.as_mut_ptr(),
+                c2 = in(reg) sums[2].0.as_mut_ptr(),
+                ldc = in(reg) 64usize,
+                options(nostack, preserves_flags),
+            );
+            let dw = _mm512_load_ps(line.add(192) as *const f32);
+            let ndmin = _mm512_load_ps(line.add(193) as *const f32);
+            for i in 0..TM {
+                // Rows past `rows` hold stale sums; their scale is taken as 0.
+                let dy = if i < rows {
+                    _mm512_set1_ps(*drow[i].add(b * GROUP))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let lo = _mm512_load_si512(sums[0].0[i].as_ptr() as *const __m512i);
+                let hi = _mm512_load_si512(sums[1].0[i].as_ptr() as *const __m512i);
+                let isum = _mm512_add_epi32(lo, _mm512_slli_epi32::<8>(hi));
+                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dy), _mm512_cvtepi32_ps(isum), acc[i]);
+                if !Q6 {
+                    let min = _mm512_load_si512(sums[2].0[i].as_ptr() as *const __m512i);
+                    acc[i] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(ndmin, dy), _mm512_cvtepi32_ps(min), acc[i]);
+                }
+            }
+        }
+        // Lanes j0..j0+n of each row (a masked store: n may be below 16).
+        let lanes = ((1u32 << n) - 1) as u16;
+        for (i, a) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(out.at(i0 + i, j0), lanes, *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::testutil::run_path as run;
+    use crate::kernels::testutil::{self, Rng};
+    use crate::kernels::{KernelPath, QMatrix, ThreadPool, WeightType};
+
+    /// The AMX tiles against the AVX2 path (the same exact integers, another float order; the
+    /// distance to the dequantized product is checked for every path in `matmul`'s tests): row counts with a partial 16-row group,
+    /// activation counts with a partial 16-row tile, one and several super-blocks, 1 and 2
+    /// threads. Random scale bytes cover every 6-bit scale and min (Q6_K: every i8 scale).
+    #[test]
+    fn amx_matches_avx2_and_the_dequantized_product() {
+        if !KernelPath::Amx.is_available() {
+            eprintln!("skipped: no AMX on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(1234);
+        let pools: Vec<ThreadPool> = [1, 2].into_iter().map(ThreadPool::new).collect();
+        for ty in [WeightType::Q4K, WeightType::Q5K, WeightType::Q6K] {
+            for (rows, cols) in [(16, 256), (37, 512), (64, 1024)] {
+                let data = testutil::random_weights(&mut rng, ty, rows, cols);
+                let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+                for m in [32, 45, 64] {
+                    let x = testutil::random_activations(&mut rng, m * cols);
+                    let want = run(KernelPath::Avx2, &pools[0], &w, &x, m);
+                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    for pool in &pools {
+                        let got = run(KernelPath::Amx, pool, &w, &x, m);
+                        for (k, (g, a)) in got.iter().zip(&want).enumerate() {
+                            // Same integers, so only float rounding separates the two.
+                            assert!(
+                                (g - a).abs() <= 1e-5 * scale,
+                                "{ty} rows={rows} cols={cols} m={m} ({}, {}): amx {g} avx2 {a}",
+                                k / rows,
+                                k % rows
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
