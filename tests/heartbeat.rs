@@ -357,6 +357,12 @@ async fn with_the_hive_down_the_worker_serves_and_heartbeats_resume_when_it_retu
         "took {resumed_after:?}"
     );
     assert_eq!(beats[received].status(), "ready");
+    // The worker logs the recovery once the hive has answered, which can come a moment after
+    // the hive recorded the beat.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while logs.count("hive reachable again") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(logs.count("hive unreachable"), 1);
     assert_eq!(logs.count("hive reachable again"), 1);
     // And they go on at the interval.
