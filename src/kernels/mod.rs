@@ -628,6 +628,9 @@ mod tests {
         let avx2 = KernelPath::Avx2.is_available();
         assert_eq!(KernelPath::Avx2.runs_avx2_routines(), avx2);
         assert_eq!(KernelPath::Avx512Vnni.runs_avx2_routines(), avx2);
+        assert_eq!(KernelPath::Amx.runs_avx2_routines(), avx2);
+        // AMX is only offered where AVX-512 VNNI is too (its fallback).
+        assert!(!KernelPath::Amx.is_available() || KernelPath::Avx512Vnni.is_available());
         // The default selection runs them wherever the CPU has them, as before the selection
         // reached attention and the vector math.
         assert_eq!(fastest_available().runs_avx2_routines(), avx2);
