@@ -308,12 +308,10 @@ unsafe fn tile<const Q6: bool>(
         });
         for b in 0..t.nb {
             let line = pack.add(b * AMX_LINES);
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                options(nostack, nomem)
-            );
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            if !Q6 {
+                asm!("tilezero tmm2", options(nostack, nomem));
+            }
             for c in 0..4 {
                 let a = qs.add(b * QK_K + 64 * c);
                 let w = line.add(16 * c);
@@ -343,13 +341,20 @@ unsafe fn tile<const Q6: bool>(
             asm!(
                 "tilestored [{c0} + {ldc}*1], tmm0",
                 "tilestored [{c1} + {ldc}*1], tmm1",
-                "tilestored [{c2} + {ldc}*1], tmm2",
                 c0 = in(reg) sums[0].0.as_mut_ptr(),
                 c1 = in(reg) sums[1].0.as_mut_ptr(),
-                c2 = in(reg) sums[2].0.as_mut_ptr(),
                 ldc = in(reg) 64usize,
                 options(nostack, preserves_flags),
             );
+            // Q6_K has no min plane.
+            if !Q6 {
+                asm!(
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    c2 = in(reg) sums[2].0.as_mut_ptr(),
+                    ldc = in(reg) 64usize,
+                    options(nostack, preserves_flags),
+                );
+            }
             let dw = _mm512_load_ps(line.add(192) as *const f32);
             let ndmin = _mm512_load_ps(line.add(193) as *const f32);
             for i in 0..TM {
