@@ -80,7 +80,7 @@ use super::formats::{
     self, IQ4NL_BYTES, IQ4NL_QS, IQ4XS_BYTES, IQ4XS_QS, Q2K_BYTES, Q2K_D, Q2K_DMIN, Q2K_QS,
     Q2K_SCALES, Q3K_BYTES, Q3K_D, Q3K_HMASK, Q3K_QS, Q3K_SCALES, Q4_0_BYTES, Q4_1_BYTES,
     Q5_0_BYTES, Q5_0_QS, Q5_1_BYTES, Q5_1_QH, Q5_1_QS, Q5K_QH, Q6K_BYTES, Q6K_D, Q6K_QH, Q6K_QL,
-    Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scales, unpack_scales_mins_k4,
+    Q6K_SCALES, Q8_0_BYTES, QK, QK_K, iq4xs_scales, q3k_scales,
 };
 use super::matmul::OutPtr;
 use super::quantize::{Acts, GROUP};
@@ -643,6 +643,19 @@ fn put_row(z: &mut [__m512i; WIDE / 2], k: usize, q: __m256i) {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn transpose_store(z: &[__m512i; WIDE / 2], line: *mut Line) {
+    // SAFETY: lines 0..8 are writable and aligned (caller contract).
+    unsafe {
+        for (l, v) in transpose(z).into_iter().enumerate() {
+            _mm512_store_si512(line.add(l) as *mut __m512i, v);
+        }
+    }
+}
+
+/// The 16 rows of 8 dwords held as row pairs in `z` (`z[p]` = rows 2p, 2p+1) as 8 vectors:
+/// vector `l` = dword `l` of rows 0..16.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn transpose(z: &[__m512i; WIDE / 2]) -> [__m512i; 8] {
     // Row r of a quad (0..4), dword l (0..4 or 4..8) from the pair vectors [row 2p | row 2p+1].
     let idx_lo = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
     let idx_hi = _mm512_add_epi32(idx_lo, _mm512_set1_epi32(4));
@@ -654,43 +667,137 @@ unsafe fn transpose_store(z: &[__m512i; WIDE / 2], line: *mut Line) {
         thi[g] = _mm512_permutex2var_epi32(z[2 * g], idx_hi, z[2 * g + 1]);
     }
     // 4×4 transpose of 128-bit lanes: line l = [quads 0..4, dword l].
-    // SAFETY: lines 0..8 are writable and aligned (caller contract).
-    unsafe {
-        for (half, tq) in [tlo, thi].iter().enumerate() {
-            let p = _mm512_shuffle_i32x4::<0x44>(tq[0], tq[1]);
-            let q = _mm512_shuffle_i32x4::<0xEE>(tq[0], tq[1]);
-            let r = _mm512_shuffle_i32x4::<0x44>(tq[2], tq[3]);
-            let s = _mm512_shuffle_i32x4::<0xEE>(tq[2], tq[3]);
-            let l0 = line.add(4 * half) as *mut __m512i;
-            _mm512_store_si512(l0, _mm512_shuffle_i32x4::<0x88>(p, r));
-            _mm512_store_si512(l0.add(1), _mm512_shuffle_i32x4::<0xDD>(p, r));
-            _mm512_store_si512(l0.add(2), _mm512_shuffle_i32x4::<0x88>(q, s));
-            _mm512_store_si512(l0.add(3), _mm512_shuffle_i32x4::<0xDD>(q, s));
+    let mut lines = [_mm512_setzero_si512(); 8];
+    for (half, tq) in [tlo, thi].iter().enumerate() {
+        let p = _mm512_shuffle_i32x4::<0x44>(tq[0], tq[1]);
+        let q = _mm512_shuffle_i32x4::<0xEE>(tq[0], tq[1]);
+        let r = _mm512_shuffle_i32x4::<0x44>(tq[2], tq[3]);
+        let s = _mm512_shuffle_i32x4::<0xEE>(tq[2], tq[3]);
+        lines[4 * half] = _mm512_shuffle_i32x4::<0x88>(p, r);
+        lines[4 * half + 1] = _mm512_shuffle_i32x4::<0xDD>(p, r);
+        lines[4 * half + 2] = _mm512_shuffle_i32x4::<0x88>(q, s);
+        lines[4 * half + 3] = _mm512_shuffle_i32x4::<0xDD>(q, s);
+    }
+    lines
+}
+
+/// Super-block `b` of the rows `j0..j0+n` (`n ≤ 16`) of a 16-row group, as the repacks read it.
+struct Group16 {
+    /// Row `j0`'s super-block; row `j0 + k`'s is `k·rb` further.
+    base: *const u8,
+    rb: usize,
+    n: usize,
+}
+
+impl Group16 {
+    /// Where row `j0 + k`'s super-block starts.
+    ///
+    /// # Safety
+    /// `k < n`.
+    #[inline(always)]
+    unsafe fn blk(&self, k: usize) -> *const u8 {
+        // SAFETY: the caller's.
+        unsafe { self.base.add(k * self.rb) }
+    }
+
+    /// The little-endian dword at byte `off` of each row's super-block as the 16 lanes of a
+    /// zmm (zero in lanes `n..16`): one gather instead of 16 scalar loads and lane inserts.
+    ///
+    /// # Safety
+    /// AVX-512 F; bytes `off..off + 4` lie inside each of the `n` super-blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn dwords(&self, off: usize) -> __m512i {
+        let rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let idx = _mm512_mullo_epi32(rows, _mm512_set1_epi32(self.rb as i32));
+        let mask = ((1u32 << self.n) - 1) as u16;
+        // SAFETY: the masked lanes read bytes off..off+4 of rows j0..j0+n (caller contract).
+        unsafe {
+            _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                mask,
+                idx,
+                self.base.add(off) as *const i32,
+            )
         }
+    }
+}
+
+/// `d` (the low f16 of `dd`'s lanes) and `−dmin` (the high f16) as f32 in lines `at` and `at
+/// + 1`: the header lines of [`repack_super_blocks`] after the per-type values.
+///
+/// # Safety
+/// AVX-512 F and F16C; lines `at`, `at + 1` are writable and 64-byte aligned.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn store_d_dmin(line: *mut Line, at: usize, dd: __m512i) {
+    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+    // SAFETY: the caller's.
+    unsafe {
+        _mm512_store_ps(line.add(at) as *mut f32, d);
+        _mm512_store_ps(
+            line.add(at + 1) as *mut f32,
+            _mm512_sub_ps(_mm512_setzero_ps(), dmin),
+        );
+    }
+}
+
+/// A [`repack_super_blocks`] header from each row's values, for the types whose scales are
+/// unpacked row by row: lines `64..64 + LANES` get the rows' 32-bit values, the two after them
+/// `d` and `−dmin` (the f16 bits `values` returns with them).
+///
+/// # Safety
+/// As [`repack_super_blocks`]' `header`; `values` reads only inside the super-block it is given.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn header_by_rows<const LANES: usize>(
+    g: &Group16,
+    line: *mut Line,
+    values: impl Fn(*const u8) -> ([u32; LANES], u16, u16),
+) {
+    let mut dd = [0u32; WIDE];
+    let mut lanes = [[0u32; WIDE]; LANES];
+    // SAFETY: rows k < n exist; lines 64..66 + LANES are the caller's.
+    unsafe {
+        for k in 0..g.n {
+            let (v, d, dmin) = values(g.blk(k));
+            dd[k] = u32::from(d) | u32::from(dmin) << 16;
+            for (lane, v) in lanes.iter_mut().zip(v) {
+                lane[k] = v;
+            }
+        }
+        for (i, v) in lanes.iter().enumerate() {
+            let v = _mm512_loadu_si512(v.as_ptr() as *const __m512i);
+            _mm512_store_si512(line.add(64 + i) as *mut __m512i, v);
+        }
+        let dd = _mm512_loadu_si512(dd.as_ptr() as *const __m512i);
+        store_d_dmin(line, 64 + LANES, dd);
     }
 }
 
 /// The repack of the super-block types, super-block `b` of the group (weight rows `j0..j0+n`)
 /// from line `lines_per_block·b` of `dst`: lines `8r..8r + 8` hold dword `l` of run `r`'s 32
 /// quant bytes `quants(blk, r)` (r < 8) of each row (transposed, [`transpose_store`]); lines
-/// `64..64 + LANES` the rows' 32-bit values from `header(blk)`; the two lines after them the
-/// rows' `d` and `−dmin` as f32 (the f16 bits `header` returns with the values).
+/// `64..64 + LANES` the rows' 32-bit scale values, the two lines after them the rows' `d` and
+/// `−dmin` as f32, all written by `header`.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL and F16C; rows `j0..j0+n` (`n ≤ 16`) exist in `t` with super-blocks of `bb`
 /// bytes; `dst` holds `nb·lines_per_block` 64-byte aligned lines, `lines_per_block ≥ 66 +
-/// LANES`; `header` and `quants` read only inside the super-block they are given.
+/// LANES`; `header` writes only lines `64..66 + LANES` of the line it is given and, like
+/// `quants`, reads only inside the super-blocks it is given.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn repack_super_blocks<const LANES: usize>(
+unsafe fn repack_super_blocks(
     t: &TileArgs,
     j0: usize,
     n: usize,
     dst: *mut Line,
     bb: usize,
     lines_per_block: usize,
-    header: impl Fn(*const u8) -> ([u32; LANES], u16, u16),
+    header: impl Fn(&Group16, *mut Line),
     quants: impl Fn(*const u8, usize) -> __m256i,
 ) {
     // SAFETY: super-block b of row j0 + k (k < n) lies inside the weights; the lines written
@@ -698,35 +805,19 @@ unsafe fn repack_super_blocks<const LANES: usize>(
     unsafe {
         for b in 0..t.nb {
             let line = dst.add(b * lines_per_block);
-            let blk = |k: usize| t.w.add((j0 + k) * t.rb + b * bb);
-            let mut d16 = [0u16; WIDE];
-            let mut dmin16 = [0u16; WIDE];
-            let mut lanes = [[0u32; WIDE]; LANES];
-            for k in 0..n {
-                let (values, d, dmin) = header(blk(k));
-                (d16[k], dmin16[k]) = (d, dmin);
-                for (lane, v) in lanes.iter_mut().zip(values) {
-                    lane[k] = v;
-                }
-            }
+            let g = Group16 {
+                base: t.w.add(j0 * t.rb + b * bb),
+                rb: t.rb,
+                n,
+            };
+            header(&g, line);
             for r in 0..8 {
                 let mut z = [_mm512_setzero_si512(); WIDE / 2];
                 for k in 0..n {
-                    put_row(&mut z, k, quants(blk(k), r));
+                    put_row(&mut z, k, quants(g.blk(k), r));
                 }
                 transpose_store(&z, line.add(8 * r));
             }
-            for (g, v) in lanes.iter().enumerate() {
-                let v = _mm512_loadu_si512(v.as_ptr() as *const __m512i);
-                _mm512_store_si512(line.add(64 + g) as *mut __m512i, v);
-            }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(dmin16.as_ptr() as *const __m256i));
-            _mm512_store_ps(line.add(64 + LANES) as *mut f32, dw);
-            _mm512_store_ps(
-                line.add(65 + LANES) as *mut f32,
-                _mm512_sub_ps(_mm512_setzero_ps(), dmin),
-            );
         }
     }
 }
@@ -836,49 +927,97 @@ unsafe fn tile_wide<const MR: usize, const K: u8>(
 /// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n` exist in `t`; `dst` holds `nb·82` lines.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn repack_k<const FIVE: bool>(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
-    let (bb, sc_off, qs_off) = formats::k4_layout(FIVE);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m1 = _mm256_set1_epi8(0x01);
+    let bb = formats::k4_layout(FIVE).0;
     // SAFETY: forwarded contract; each closure reads the super-block it is given.
     unsafe {
-        repack_super_blocks::<16>(
+        repack_super_blocks(
             t,
             j0,
             n,
             dst,
             bb,
             WIDE_LINES_K,
-            |blk| {
-                let sm = unpack_scales_mins_k4(std::slice::from_raw_parts(blk.add(sc_off), 12));
-                // Scales, then mins in both i16 halves.
-                let lanes = std::array::from_fn(|g| {
-                    if g < 8 {
-                        u32::from(sm[g])
-                    } else {
-                        u32::from(sm[g]) * 0x1_0001
-                    }
-                });
-                let d = std::ptr::read_unaligned(blk as *const u16);
-                (lanes, d, std::ptr::read_unaligned(blk.add(2) as *const u16))
-            },
-            |blk, s| {
-                let (c, high) = (s / 2, s % 2 == 1);
-                let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i);
-                let q = if high {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
-                } else {
-                    _mm256_and_si256(raw, m4)
-                };
-                if FIVE {
-                    // Bit s of each qh byte is the fifth bit of sub-block s.
-                    let qh = _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i);
-                    let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
-                    _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)))
-                } else {
-                    q
+            |g, line| {
+                let (sc, mins, dd) = k4_header::<FIVE>(g);
+                for s in 0..8 {
+                    _mm512_store_si512(line.add(64 + s) as *mut __m512i, sc[s]);
+                    // Mins go in both i16 halves.
+                    let both = _mm512_or_si512(mins[s], _mm512_slli_epi32::<16>(mins[s]));
+                    _mm512_store_si512(line.add(72 + s) as *mut __m512i, both);
                 }
+                store_d_dmin(line, 80, dd);
             },
+            |blk, s| k4_quants::<FIVE>(blk, s),
         )
+    }
+}
+
+/// The 8 sub-block scales and 8 mins (6-bit, as i32 lanes) and the `d`/`dmin` dword of a
+/// Q4_K (`FIVE = false`) or Q5_K super-block of 16 rows: ggml's scale unpacking
+/// (`get_scale_min_k4`) on 16 rows at once.
+///
+/// # Safety
+/// AVX-512 F; as [`Group16::dwords`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn k4_header<const FIVE: bool>(g: &Group16) -> ([__m512i; 8], [__m512i; 8], __m512i) {
+    let sc_off = formats::k4_layout(FIVE).1;
+    // SAFETY: the 12 scale bytes and the leading dword lie inside each super-block.
+    let (u0, u1, u2, dd) = unsafe {
+        (
+            g.dwords(sc_off),
+            g.dwords(sc_off + 4),
+            g.dwords(sc_off + 8),
+            g.dwords(0),
+        )
+    };
+    let (m6, m4, m2) = (
+        _mm512_set1_epi32(0x3F),
+        _mm512_set1_epi32(0x0F),
+        _mm512_set1_epi32(0x03),
+    );
+    let shr = |v: __m512i, bits: usize| _mm512_srl_epi32(v, _mm_cvtsi32_si128(bits as i32));
+    let mut sc = [_mm512_setzero_si512(); 8];
+    let mut mins = [_mm512_setzero_si512(); 8];
+    for s in 0..4 {
+        let sh = 8 * s;
+        sc[s] = _mm512_and_si512(shr(u0, sh), m6);
+        mins[s] = _mm512_and_si512(shr(u1, sh), m6);
+        let top = |u: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(shr(u, sh + 6), m2));
+        sc[4 + s] = _mm512_or_si512(_mm512_and_si512(shr(u2, sh), m4), top(u0));
+        mins[4 + s] = _mm512_or_si512(_mm512_and_si512(shr(u2, sh + 4), m4), top(u1));
+    }
+    (sc, mins, dd)
+}
+
+/// The 32 quants (0..15, Q5_K 0..31) of sub-block `s` of a Q4_K (`FIVE = false`) or Q5_K
+/// super-block: the low nibbles of `qs[32c..32c+32]` for `s = 2c`, the high ones for `s =
+/// 2c+1`, plus the fifth bit for Q5_K; the bytes `avx2::tile_k` feeds to `vpmaddubsw`.
+///
+/// # Safety
+/// AVX2; `blk` points to a whole super-block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn k4_quants<const FIVE: bool>(blk: *const u8, s: usize) -> __m256i {
+    let qs_off = formats::k4_layout(FIVE).2;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (c, high) = (s / 2, s % 2 == 1);
+    // SAFETY: the quant bytes lie inside the super-block (caller contract).
+    let raw = unsafe { _mm256_loadu_si256(blk.add(qs_off + 32 * c) as *const __m256i) };
+    let q = if high {
+        _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4)
+    } else {
+        _mm256_and_si256(raw, m4)
+    };
+    if FIVE {
+        // Bit s of each qh byte is the fifth bit of sub-block s.
+        // SAFETY: as above.
+        let qh = unsafe { _mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i) };
+        let bit = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32));
+        let m1 = _mm256_set1_epi8(0x01);
+        _mm256_or_si256(q, _mm256_slli_epi16::<4>(_mm256_and_si256(bit, m1)))
+    } else {
+        q
     }
 }
 
@@ -894,18 +1033,22 @@ unsafe fn repack_iq4xs(t: &TileArgs, j0: usize, n: usize, dst: *mut Line) {
     let bias = _mm256_set1_epi8(-128);
     // SAFETY: forwarded contract; each closure reads the super-block it is given.
     unsafe {
-        repack_super_blocks::<16>(
+        repack_super_blocks(
             t,
             j0,
             n,
             dst,
             IQ4XS_BYTES,
             WIDE_LINES_K,
-            |blk| {
-                let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
-                // Lines 72..80 (Q4_K's mins) and `−dmin` stay zero: the IQ4 tile reads neither.
-                let lanes = std::array::from_fn(|g| if g < 8 { ls[g] as i32 as u32 } else { 0 });
-                (lanes, std::ptr::read_unaligned(blk as *const u16), 0)
+            |g, line| {
+                header_by_rows::<16>(g, line, |blk| {
+                    let ls = iq4xs_scales(std::slice::from_raw_parts(blk, IQ4XS_QS));
+                    // Lines 72..80 (Q4_K's mins) and `−dmin` stay zero: the IQ4 tile reads
+                    // neither.
+                    let lanes =
+                        std::array::from_fn(|g| if g < 8 { ls[g] as i32 as u32 } else { 0 });
+                    (lanes, std::ptr::read_unaligned(blk as *const u16), 0)
+                })
             },
             |blk, s| _mm256_xor_si256(avx2::iq4_levels(blk.add(IQ4XS_QS + 16 * s)), bias),
         )
@@ -933,83 +1076,140 @@ unsafe fn repack_g16<const K: u8>(t: &TileArgs, j0: usize, n: usize, dst: *mut L
         G16_Q3K => (Q3K_BYTES, Q3K_D),
         _ => (Q2K_BYTES, Q2K_D),
     };
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m3 = _mm256_set1_epi8(0x03);
-    let m1 = _mm256_set1_epi8(0x01);
     // SAFETY: forwarded contract; each closure reads the super-block it is given.
     unsafe {
-        repack_super_blocks::<24>(
+        repack_super_blocks(
             t,
             j0,
             n,
             dst,
             bb,
             WIDE_LINES_G16,
-            |blk| {
-                let (sc, paired, dmin): ([i16; 16], [i16; 16], u16) = match K {
-                    G16_Q6K => {
-                        let sc = std::slice::from_raw_parts(blk.add(Q6K_SCALES) as *const i8, 16);
-                        let sc = std::array::from_fn(|g| i16::from(sc[g]));
-                        (sc, sc, 0)
-                    }
-                    G16_Q3K => {
-                        let sc = q3k_scales(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
-                        let sc = sc.map(i16::from);
-                        (sc, sc, 0)
-                    }
-                    _ => {
-                        let packed = std::slice::from_raw_parts(blk.add(Q2K_SCALES), 16);
-                        (
-                            std::array::from_fn(|g| (packed[g] & 0xF) as i16),
-                            std::array::from_fn(|g| (packed[g] >> 4) as i16),
-                            std::ptr::read_unaligned(blk.add(Q2K_DMIN) as *const u16),
-                        )
-                    }
-                };
-                // The 16 scales, then the 8 pairs.
-                let lanes = std::array::from_fn(|g| {
-                    if g < 16 {
-                        sc[g] as u16 as u32
-                    } else {
-                        let l = g - 16;
-                        paired[2 * l] as u16 as u32 | ((paired[2 * l + 1] as u16 as u32) << 16)
-                    }
-                });
-                (
-                    lanes,
-                    std::ptr::read_unaligned(blk.add(d_off) as *const u16),
-                    dmin,
-                )
-            },
-            |blk, r| {
-                let (half, c) = (r / 4, r % 4);
+            |g, line| {
                 if K == G16_Q6K {
-                    let ql_at = Q6K_QL + 64 * half + 32 * (c % 2);
-                    let ql = _mm256_loadu_si256(blk.add(ql_at) as *const __m256i);
-                    let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * half) as *const __m256i);
-                    let lo = if c < 2 {
-                        _mm256_and_si256(ql, m4)
-                    } else {
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
-                    };
-                    let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
-                    let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
-                    _mm256_or_si256(lo, hi)
-                } else {
-                    let qs_off = if K == G16_Q3K { Q3K_QS } else { Q2K_QS };
-                    let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * half) as *const __m256i);
-                    let bits = _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * c as i32));
-                    let q = _mm256_and_si256(bits, m3);
-                    if K == G16_Q3K {
-                        let hm = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
-                        let h = _mm256_srl_epi16(hm, _mm_cvtsi32_si128(r as i32));
-                        _mm256_or_si256(q, _mm256_slli_epi16::<2>(_mm256_and_si256(h, m1)))
-                    } else {
-                        q
+                    let (sc, dd) = q6k_header(g);
+                    let low16 = _mm512_set1_epi32(0xFFFF);
+                    let put =
+                        |at: usize, v: __m512i| _mm512_store_si512(line.add(at) as *mut __m512i, v);
+                    for q in 0..16 {
+                        put(64 + q, _mm512_and_si512(sc[q], low16));
                     }
+                    for l in 0..8 {
+                        let lo = _mm512_and_si512(sc[2 * l], low16);
+                        put(
+                            80 + l,
+                            _mm512_or_si512(lo, _mm512_slli_epi32::<16>(sc[2 * l + 1])),
+                        );
+                    }
+                    store_d_dmin(line, 88, dd);
+                    return;
                 }
+                header_by_rows::<24>(g, line, |blk| {
+                    let (sc, paired, dmin): ([i16; 16], [i16; 16], u16) = match K {
+                        G16_Q6K => {
+                            let sc =
+                                std::slice::from_raw_parts(blk.add(Q6K_SCALES) as *const i8, 16);
+                            let sc = std::array::from_fn(|g| i16::from(sc[g]));
+                            (sc, sc, 0)
+                        }
+                        G16_Q3K => {
+                            let sc =
+                                q3k_scales(std::slice::from_raw_parts(blk.add(Q3K_SCALES), 12));
+                            let sc = sc.map(i16::from);
+                            (sc, sc, 0)
+                        }
+                        _ => {
+                            let packed = std::slice::from_raw_parts(blk.add(Q2K_SCALES), 16);
+                            (
+                                std::array::from_fn(|g| (packed[g] & 0xF) as i16),
+                                std::array::from_fn(|g| (packed[g] >> 4) as i16),
+                                std::ptr::read_unaligned(blk.add(Q2K_DMIN) as *const u16),
+                            )
+                        }
+                    };
+                    // The 16 scales, then the 8 pairs.
+                    let lanes = std::array::from_fn(|g| {
+                        if g < 16 {
+                            sc[g] as u16 as u32
+                        } else {
+                            let l = g - 16;
+                            paired[2 * l] as u16 as u32 | ((paired[2 * l + 1] as u16 as u32) << 16)
+                        }
+                    });
+                    (
+                        lanes,
+                        std::ptr::read_unaligned(blk.add(d_off) as *const u16),
+                        dmin,
+                    )
+                })
             },
+            |blk, r| g16_quants::<K>(blk, r),
         )
+    }
+}
+
+/// The i8 scales of the 16-weight groups (sign-extended to i32 lanes) and `d` (the low f16 of
+/// each lane, `dmin` 0) of a Q6_K super-block of 16 rows.
+///
+/// # Safety
+/// AVX-512 F; as [`Group16::dwords`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q6k_header(g: &Group16) -> ([__m512i; 16], __m512i) {
+    let mut sc = [_mm512_setzero_si512(); 16];
+    // SAFETY: the scales and the last dword lie inside each super-block.
+    unsafe {
+        for q in 0..4 {
+            let w = g.dwords(Q6K_SCALES + 4 * q);
+            for b in 0..4 {
+                let up = _mm512_sll_epi32(w, _mm_cvtsi32_si128(24 - 8 * b as i32));
+                sc[4 * q + b] = _mm512_srai_epi32::<24>(up);
+            }
+        }
+        // `d` is the high half of the super-block's last dword.
+        (sc, _mm512_srli_epi32::<16>(g.dwords(Q6K_BYTES - 4)))
+    }
+}
+
+/// Run `r`'s 32 quants of a Q6_K (`K` = [`G16_Q6K`]), Q3_K or Q2_K super-block, as
+/// [`repack_g16`] lays them out.
+///
+/// # Safety
+/// AVX2; `blk` points to a whole super-block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn g16_quants<const K: u8>(blk: *const u8, r: usize) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let m1 = _mm256_set1_epi8(0x01);
+    // SAFETY: every load lies inside the super-block (caller contract).
+    unsafe {
+        let (half, c) = (r / 4, r % 4);
+        if K == G16_Q6K {
+            let ql_at = Q6K_QL + 64 * half + 32 * (c % 2);
+            let ql = _mm256_loadu_si256(blk.add(ql_at) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(Q6K_QH + 32 * half) as *const __m256i);
+            let lo = if c < 2 {
+                _mm256_and_si256(ql, m4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+            };
+            let hbits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
+            let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, m3));
+            _mm256_or_si256(lo, hi)
+        } else {
+            let qs_off = if K == G16_Q3K { Q3K_QS } else { Q2K_QS };
+            let raw = _mm256_loadu_si256(blk.add(qs_off + 32 * half) as *const __m256i);
+            let bits = _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * c as i32));
+            let q = _mm256_and_si256(bits, m3);
+            if K == G16_Q3K {
+                let hm = _mm256_loadu_si256(blk.add(Q3K_HMASK) as *const __m256i);
+                let h = _mm256_srl_epi16(hm, _mm_cvtsi32_si128(r as i32));
+                _mm256_or_si256(q, _mm256_slli_epi16::<2>(_mm256_and_si256(h, m1)))
+            } else {
+                q
+            }
+        }
     }
 }
 

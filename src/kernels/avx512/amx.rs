@@ -1,13 +1,14 @@
 //! Intel AMX (AMX-TILE, AMX-INT8) for the super-block types with many activation rows
 //! ([`super::super::KernelPath::Amx`]): Q4_K, Q5_K and Q6_K at `m ≥` [`AMX_MIN_M`].
 //!
-//! The weights are repacked 16 rows at a time as for the wide kernel ([`super::repack_k`],
-//! [`super::repack_g16`]: line `l` of a run holds dword `l` of each row's quants, 16 rows to a
-//! line, which is the layout, `K/4` rows of `N·4` bytes, that an AMX B tile takes), then
-//! [`to_amx`] multiplies each quant by its sub-block scale and splits the i16 product into a
-//! low and a high byte plane. With the sub-block scales inside the weights, one super-block is
-//! four `tdpbsud`/`tdpbssd` per plane over 64 weights each with no sum to scale in between:
-//! `Σ y·q·scale = C_lo + 256·C_hi`, exact in i32, then one `d·d_y` float multiply-add per
+//! The weights are packed 16 rows at a time, per call, straight from their super-blocks
+//! ([`pack`]): the 16 rows' quants are transposed as for the wide kernel (line `l` of a run
+//! holds dword `l` of each row's quants, 16 rows to a line, which is the layout, `K/4` rows of
+//! `N·4` bytes, that an AMX B tile takes; the rows' scales are unpacked 16 at a time from
+//! gathered dwords), each quant is multiplied by its sub-block scale and the i16 product split
+//! into a low and a high byte plane. With the sub-block scales inside the weights, one
+//! super-block is four `tdpbsud`/`tdpbssd` per plane over 64 weights each with no sum to scale
+//! in between: `Σ y·q·scale = C_lo + 256·C_hi`, exact in i32, then one `d·d_y` float multiply-add per
 //! super-block; the Q4_K/Q5_K min term is a third plane (the min repeated over its sub-block)
 //! and Q6_K's `−32` is folded into its quants before the multiply. A tile computes 16
 //! activation rows × 16 weight rows; the tile unit's sums go through memory to the vector
@@ -31,26 +32,28 @@ use super::super::matmul::OutPtr;
 use super::super::quantize::{Acts, GROUP};
 use super::super::{QMatrix, WeightType};
 use super::{
-    G16_Q6K, Line, REPACK, TileArgs, WIDE, WIDE_LINES_G16, WIDE_LINES_K, repack_g16, repack_k,
+    G16_Q6K, Group16, Line, TileArgs, WIDE, g16_quants, k4_header, k4_quants, put_row, q6k_header,
+    store_d_dmin, transpose,
 };
-use crate::kernels::formats::QK_K;
+use crate::kernels::formats::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, QK_K};
 
-/// Activation rows from which the AMX tiles run; below it the AVX-512 kernels win, since each
-/// call repacks every 16-row weight group in two passes, which a few rows do not amortize
-/// (measured: at 4, 8 and 16 rows batched decode was 0.5–0.95× the VNNI tiles), and they keep
-/// batched decode bit-identical to AVX2.
-pub(super) const AMX_MIN_M: usize = 32;
+/// Activation rows from which the AMX tiles run. Below it the AVX-512 kernels win: each call
+/// packs every 16-row weight group, which a few rows do not amortize (batched decode on the
+/// 1B Q4_K_M model: at 8 rows a tie with the VNNI tiles, at 10 rows 1.16×, at 16 rows 1.42×),
+/// and they keep smaller batches bit-identical to AVX2.
+pub(super) const AMX_MIN_M: usize = 10;
 
 /// Activation rows per tile (the rows of an AMX tile register).
 const TM: usize = 16;
 
-/// Whether this CPU and OS let the process use AMX-TILE and AMX-INT8: CPUID leaf 7 bits
-/// AMX-TILE and AMX-INT8, the OS enabling the tile state in XCR0, and Linux granting the
-/// permission. Asked once.
+/// Whether this CPU and OS let the process use AMX-TILE and AMX-INT8: AVX-512 VBMI (which
+/// [`pack`] uses; every AMX CPU has it), CPUID leaf 7 bits AMX-TILE and AMX-INT8, the OS
+/// enabling the tile state in XCR0, and Linux granting the permission. Asked once.
 pub(crate) fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         if !super::super::KernelPath::Avx512Vnni.is_available()
+            || !std::arch::is_x86_feature_detected!("avx512vbmi")
             || !std::arch::is_x86_feature_detected!("xsave")
         {
             return false;
@@ -109,7 +112,7 @@ impl TileConfig {
     }
 }
 
-/// 64-byte lines of one super-block of a 16-row group in the AMX layout ([`to_amx`]).
+/// 64-byte lines of one super-block of a 16-row group in the AMX layout ([`pack`]).
 const AMX_LINES: usize = 194;
 
 /// 16 rows of 16 i32, where a tile of sums is stored.
@@ -137,144 +140,175 @@ pub(super) unsafe fn compute(
     debug_assert!(handles(w.ty) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
     let q6 = w.ty == WeightType::Q6K;
-    let wide_lines = if q6 { WIDE_LINES_G16 } else { WIDE_LINES_K };
-    type Repack = unsafe fn(&TileArgs, usize, usize, *mut Line);
-    let repack: Repack = match w.ty {
-        WeightType::Q4K => repack_k::<false>,
-        WeightType::Q5K => repack_k::<true>,
-        _ => repack_g16::<G16_Q6K>,
+    type Pack = unsafe fn(&TileArgs, usize, usize, usize, *mut Line);
+    let pack_group: Pack = match w.ty {
+        WeightType::Q4K => pack::<PACK_Q4K>,
+        WeightType::Q5K => pack::<PACK_Q5K>,
+        _ => pack::<PACK_Q6K>,
     };
     let (full, tail) = (TileConfig::new(TM), TileConfig::new((a.end - a.start) % TM));
     // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
     // stay zero.
     let mut sums = [(); 3].map(|_| Sums([[0; WIDE]; TM]));
-    REPACK.with_borrow_mut(|wide| {
-        AMX_PACK.with_borrow_mut(|pack| {
-            if wide.len() < t.nb * wide_lines {
-                wide.resize(t.nb * wide_lines, Line([0; 64]));
-            }
-            if pack.len() < t.nb * AMX_LINES {
-                pack.resize(t.nb * AMX_LINES, Line([0; 64]));
-            }
-            let (wide, pack) = (wide.as_mut_ptr(), pack.as_mut_ptr());
-            // SAFETY: AMX is enabled (caller).
-            unsafe { full.load() };
-            let mut j = r.start;
-            while j < r.end {
-                let n = (r.end - j).min(WIDE);
-                // SAFETY: rows j..j+n exist; the buffers hold nb super-blocks of their layouts.
+    AMX_PACK.with_borrow_mut(|pack| {
+        if pack.len() < t.nb * AMX_LINES {
+            pack.resize(t.nb * AMX_LINES, Line([0; 64]));
+        }
+        let pack = pack.as_mut_ptr();
+        // SAFETY: AMX is enabled (caller).
+        unsafe { full.load() };
+        let mut j = r.start;
+        while j < r.end {
+            let n = (r.end - j).min(WIDE);
+            let ahead = (r.end - j - n).min(WIDE);
+            // SAFETY: rows j..j+n + ahead exist; `pack` holds nb super-blocks of the AMX layout.
+            unsafe { pack_group(&t, j, n, ahead, pack) };
+            let mut i = a.start;
+            while i < a.end {
+                let rows = (a.end - i).min(TM);
+                // SAFETY: AMX is enabled; rows i..i+rows exist in the activations; the
+                // outputs (i..i+rows) × (j..j+n) are ours. A last tile of fewer than 16
+                // rows runs under a configuration of that many rows.
                 unsafe {
-                    repack(&t, j, n, wide);
+                    if rows < TM {
+                        tail.load();
+                    }
                     if q6 {
-                        to_amx::<true>(wide, pack, t.nb)
+                        tile::<true>(&t, pack, i, rows, j, n, out, &mut sums)
                     } else {
-                        to_amx::<false>(wide, pack, t.nb)
+                        tile::<false>(&t, pack, i, rows, j, n, out, &mut sums)
+                    }
+                    if rows < TM {
+                        full.load();
                     }
                 };
-                let mut i = a.start;
-                while i < a.end {
-                    let rows = (a.end - i).min(TM);
-                    // SAFETY: AMX is enabled; rows i..i+rows exist in the activations; the
-                    // outputs (i..i+rows) × (j..j+n) are ours. A last tile of fewer than 16
-                    // rows runs under a configuration of that many rows.
-                    unsafe {
-                        if rows < TM {
-                            tail.load();
-                        }
-                        if q6 {
-                            tile::<true>(&t, pack, i, rows, j, n, out, &mut sums)
-                        } else {
-                            tile::<false>(&t, pack, i, rows, j, n, out, &mut sums)
-                        }
-                        if rows < TM {
-                            full.load();
-                        }
-                    };
-                    i += rows;
-                }
-                j += n;
+                i += rows;
             }
-            // SAFETY: releases the tile state loaded above.
-            unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        })
+            j += n;
+        }
+        // SAFETY: releases the tile state loaded above.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
 }
 
-/// Turns `nb` super-blocks of a 16-row group in the wide kernel's layout (`wide`: Q4_K/Q5_K
-/// from [`super::repack_k`], Q6_K from [`repack_g16`]) into the AMX layout at `dst`, 194 lines
-/// per super-block, each weight matrix as 64 lines of `tdpb*d` B rows (line `l`: weights
-/// `4l..4l + 4` of the 16 rows):
+/// The weight types of [`pack`].
+const PACK_Q4K: u8 = 0;
+const PACK_Q5K: u8 = 1;
+const PACK_Q6K: u8 = 2;
+
+/// Packs weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_K, Q5_K or Q6_K
+/// matrix (`TY`) from its super-blocks straight into the AMX layout at `dst`, 194 lines per
+/// super-block, each weight matrix as 64 lines of `tdpb*d` B rows (line `8r + l`: weights
+/// `32r + 4l..32r + 4l + 4` of the 16 rows, transposed as for the wide kernel):
 /// - lines `0..64` and `64..128`: the low byte (u8) and the high byte (i8: Q4_K and Q5_K 0..7,
-///   Q6_K −16..16) of `q·scale` (an i16; Q4_K and Q5_K: 0..1953, Q6_K with its signed quants `q − 32`
-///   and i8 scales: −4064..4096), so that `Σ y·q·scale = Σ y·lo + 256·Σ y·hi` with no scale
-///   left to apply per sub-block;
+///   Q6_K −16..16) of `q·scale` (an i16; Q4_K and Q5_K: 0..1953, Q6_K with its signed quants
+///   `q − 32` and i8 scales: −4064..4096), so that `Σ y·q·scale = Σ y·lo + 256·Σ y·hi` with no
+///   scale left to apply per sub-block;
 /// - lines `128..192` (Q4_K, Q5_K): the sub-block's min repeated over its weights, so that
 ///   `Σ y·min` is the min term;
-/// - line `192`: `d`, `193`: `−dmin` (Q6_K: unused), as f32.
+/// - line `192`: `d`, `193`: `−dmin` (Q6_K: 0), as f32.
+///
+/// The group's rows are read a super-block from each of 16 rows at a time, which the hardware
+/// prefetchers do not follow, so each super-block's step also prefetches its share of the
+/// next `ahead` rows (the next group's).
 ///
 /// # Safety
-/// AVX-512 F/BW; `wide` holds `nb` super-blocks of the wide layout of this type and `dst`
-/// `nb·194` lines, both 64-byte aligned.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn to_amx<const Q6: bool>(wide: *const Line, dst: *mut Line, nb: usize) {
-    let (wide_lines, d_line) = if Q6 {
-        (WIDE_LINES_G16, 88)
-    } else {
-        (WIDE_LINES_K, 80)
-    };
-    // Row r's scale word for its four bytes: dword r of the scale line, twice.
+/// AVX-512 F/BW/VBMI and F16C; rows `j0..j0+n+ahead` exist in `t`; `dst` holds `nb·194`
+/// 64-byte aligned lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn pack<const TY: u8>(t: &TileArgs, j0: usize, n: usize, ahead: usize, dst: *mut Line) {
+    let q6 = TY == PACK_Q6K;
+    let bb = [Q4K_BYTES, Q5K_BYTES, Q6K_BYTES][TY as usize];
+    // Row r's scale word for its four bytes: dword r of the scale vector, twice.
     let rows_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     let rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+    // The low bytes of the 64 words of two vectors (`odd`: the high bytes).
+    let even = _mm512_set_epi8(
+        126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104, 102, 100, 98, 96, 94, 92, 90,
+        88, 86, 84, 82, 80, 78, 76, 74, 72, 70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44,
+        42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+    );
+    let odd = _mm512_add_epi8(even, _mm512_set1_epi8(1));
     // Byte 0 of each dword, four times.
     let rep = _mm512_set4_epi32(0x0C0C_0C0C, 0x0808_0808, 0x0404_0404, 0);
     let low16 = _mm512_set1_epi32(0xFFFF);
-    // SAFETY: the lines read are below nb·wide_lines of `wide`, those written below nb·194 of
-    // `dst` (caller contract).
+    // A scale (i32 lanes) in both i16 halves of its dword.
+    let words =
+        |v: __m512i| _mm512_or_si512(_mm512_and_si512(v, low16), _mm512_slli_epi32::<16>(v));
+    // SAFETY: super-block b of rows j0..j0+n lies inside the weights; the lines written are
+    // below nb·194 (caller contract).
     unsafe {
-        for b in 0..nb {
-            let src = wide.add(b * wide_lines);
+        let next = t.w.add((j0 + n) * t.rb);
+        let next_lines = (ahead * t.rb).div_ceil(64);
+        for b in 0..t.nb {
+            for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line) as *const i8);
+            }
             let out = dst.add(b * AMX_LINES);
-            for line in 0..64 {
-                let (run, l) = (line / 8, line % 8);
-                let q = _mm512_load_si512(src.add(line) as *const __m512i);
-                let sc_line = if Q6 { 64 + 2 * run + l / 4 } else { 64 + run };
-                let sc = _mm512_load_si512(src.add(sc_line) as *const __m512i);
-                // The scale (an i16 in the low half) in both halves of its dword.
-                let sc = _mm512_and_si512(sc, low16);
-                let sc = _mm512_or_si512(sc, _mm512_slli_epi32::<16>(sc));
-                let mut q0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q));
-                let mut q1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(q));
-                if Q6 {
-                    q0 = _mm512_sub_epi16(q0, _mm512_set1_epi16(32));
-                    q1 = _mm512_sub_epi16(q1, _mm512_set1_epi16(32));
+            let g = Group16 {
+                base: t.w.add(j0 * t.rb + b * bb),
+                rb: t.rb,
+                n,
+            };
+            // Per run of 32 weights, the scale of its first and second 16 (Q4_K, Q5_K: one
+            // scale per run), and (Q4_K, Q5_K) its min in each byte.
+            let mut sc = [[_mm512_setzero_si512(); 2]; 8];
+            let mut mins = [_mm512_setzero_si512(); 8];
+            let dd = if q6 {
+                let (s16, dd) = q6k_header(&g);
+                for r in 0..8 {
+                    sc[r] = [words(s16[2 * r]), words(s16[2 * r + 1])];
                 }
-                let w0 = _mm512_mullo_epi16(q0, _mm512_permutexvar_epi32(rows_lo, sc));
-                let w1 = _mm512_mullo_epi16(q1, _mm512_permutexvar_epi32(rows_hi, sc));
-                let join = |a: __m512i, b: __m512i| {
-                    _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
-                        _mm512_cvtepi16_epi8(b),
-                    )
+                dd
+            } else {
+                let (s8, m8, dd) = if TY == PACK_Q5K {
+                    k4_header::<true>(&g)
+                } else {
+                    k4_header::<false>(&g)
                 };
-                _mm512_store_si512(out.add(line) as *mut __m512i, join(w0, w1));
-                let h0 = _mm512_srai_epi16::<8>(w0);
-                let h1 = _mm512_srai_epi16::<8>(w1);
-                _mm512_store_si512(out.add(64 + line) as *mut __m512i, join(h0, h1));
-                if !Q6 {
-                    // The min (the low byte of its dword) of this line's sub-block, in all 4
-                    // bytes.
-                    let min = _mm512_load_si512(src.add(72 + run) as *const __m512i);
-                    let min = _mm512_shuffle_epi8(min, rep);
-                    _mm512_store_si512(out.add(128 + line) as *mut __m512i, min);
+                for r in 0..8 {
+                    sc[r] = [words(s8[r]); 2];
+                    mins[r] = _mm512_shuffle_epi8(m8[r], rep);
+                }
+                dd
+            };
+            for r in 0..8 {
+                let mut z = [_mm512_setzero_si512(); WIDE / 2];
+                for k in 0..n {
+                    let q = match TY {
+                        PACK_Q4K => k4_quants::<false>(g.blk(k), r),
+                        PACK_Q5K => k4_quants::<true>(g.blk(k), r),
+                        _ => g16_quants::<G16_Q6K>(g.blk(k), r),
+                    };
+                    put_row(&mut z, k, q);
+                }
+                for (l, q) in transpose(&z).into_iter().enumerate() {
+                    let scw = sc[r][l / 4];
+                    let mut q0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q));
+                    let mut q1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(q));
+                    if q6 {
+                        q0 = _mm512_sub_epi16(q0, _mm512_set1_epi16(32));
+                        q1 = _mm512_sub_epi16(q1, _mm512_set1_epi16(32));
+                    }
+                    let w0 = _mm512_mullo_epi16(q0, _mm512_permutexvar_epi32(rows_lo, scw));
+                    let w1 = _mm512_mullo_epi16(q1, _mm512_permutexvar_epi32(rows_hi, scw));
+                    let line = 8 * r + l;
+                    let lo = _mm512_permutex2var_epi8(w0, even, w1);
+                    let hi = _mm512_permutex2var_epi8(w0, odd, w1);
+                    _mm512_store_si512(out.add(line) as *mut __m512i, lo);
+                    _mm512_store_si512(out.add(64 + line) as *mut __m512i, hi);
+                    if !q6 {
+                        _mm512_store_si512(out.add(128 + line) as *mut __m512i, mins[r]);
+                    }
                 }
             }
-            std::ptr::copy_nonoverlapping(src.add(d_line), out.add(192), 2);
+            store_d_dmin(out, 192, dd);
         }
     }
 }
 
 /// Activation rows `i0..i0 + rows` (`rows ≤ 16`, the rows of the loaded configuration) × one
-/// 16-row group in the AMX layout at `pack` ([`to_amx`]; weight rows
+/// 16-row group in the AMX layout at `pack` ([`pack`]; weight rows
 /// `j0..j0+n`). Per super-block, with `C_lo`, `C_hi`, `C_min` the `tdpb*d` sums of the
 /// activations with its matrices, `acc = fma(d·d_y, f32(C_lo + 256·C_hi), acc)`, then (Q4_K,
 /// Q5_K) `acc = fma(−dmin·d_y, f32(C_min), acc)`.
@@ -385,6 +419,7 @@ unsafe fn tile<const Q6: bool>(
 
 #[cfg(test)]
 mod tests {
+    use super::AMX_MIN_M;
     use crate::kernels::testutil::run_path as run;
     use crate::kernels::testutil::{self, Rng};
     use crate::kernels::{KernelPath, QMatrix, ThreadPool, WeightType};
@@ -405,7 +440,7 @@ mod tests {
             for (rows, cols) in [(16, 256), (37, 512), (64, 1024)] {
                 let data = testutil::random_weights(&mut rng, ty, rows, cols);
                 let w = QMatrix::new(ty, rows, cols, &data).unwrap();
-                for m in [32, 45, 64] {
+                for m in [AMX_MIN_M, 16, 45, 64] {
                     let x = testutil::random_activations(&mut rng, m * cols);
                     let want = run(KernelPath::Avx2, &pools[0], &w, &x, m);
                     let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
