@@ -46,14 +46,13 @@ pub(super) const AMX_MIN_M: usize = 10;
 /// Activation rows per tile (the rows of an AMX tile register).
 const TM: usize = 16;
 
-/// Whether this CPU and OS let the process use AMX-TILE and AMX-INT8: AVX-512 VBMI (which
-/// [`pack`] uses; every AMX CPU has it), CPUID leaf 7 bits AMX-TILE and AMX-INT8, the OS
-/// enabling the tile state in XCR0, and Linux granting the permission. Asked once.
+/// Whether this CPU and OS let the process use AMX-TILE and AMX-INT8: CPUID leaf 7 bits
+/// AMX-TILE and AMX-INT8, the OS enabling the tile state in XCR0, and Linux granting the
+/// permission. Asked once.
 pub(crate) fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         if !super::super::KernelPath::Avx512Vnni.is_available()
-            || !std::arch::is_x86_feature_detected!("avx512vbmi")
             || !std::arch::is_x86_feature_detected!("xsave")
         {
             return false;
@@ -140,13 +139,20 @@ pub(super) unsafe fn compute(
     debug_assert!(handles(w.ty) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
     let q6 = w.ty == WeightType::Q6K;
-    type Pack = unsafe fn(&TileArgs, usize, usize, usize, *mut Line);
+    type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
     let pack_group: Pack = match w.ty {
         WeightType::Q4K => pack::<PACK_Q4K>,
         WeightType::Q5K => pack::<PACK_Q5K>,
         _ => pack::<PACK_Q6K>,
     };
-    let (full, tail) = (TileConfig::new(TM), TileConfig::new((a.end - a.start) % TM));
+    // At most 16 rows in all (batched decode): one activation tile, under a configuration of
+    // its rows. Otherwise full tiles, and a last tile of fewer rows switches configurations.
+    let one = a.len() <= TM;
+    let (full, tail) = if one {
+        (TileConfig::new(a.len()), TileConfig::new(a.len()))
+    } else {
+        (TileConfig::new(TM), TileConfig::new(a.len() % TM))
+    };
     // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
     // stay zero.
     let mut sums = [(); 3].map(|_| Sums([[0; WIDE]; TM]));
@@ -155,32 +161,58 @@ pub(super) unsafe fn compute(
             pack.resize(t.nb * AMX_LINES, Line([0; 64]));
         }
         let pack = pack.as_mut_ptr();
+        // SAFETY: all-zero bits are 0.0 in every lane.
+        let zero: __m512 = unsafe { std::mem::zeroed() };
         // SAFETY: AMX is enabled (caller).
         unsafe { full.load() };
         let mut j = r.start;
         while j < r.end {
             let n = (r.end - j).min(WIDE);
             let ahead = (r.end - j - n).min(WIDE);
+            if one {
+                // One activation tile: each super-block is packed and multiplied at once, so
+                // its 12 KiB of planes stay in L1.
+                let mut acc = [zero; TM];
+                for b in 0..t.nb {
+                    // SAFETY: AMX is enabled and configured for these rows; rows j..j+n+ahead
+                    // exist; `pack` holds one super-block; rows a exist in the activations.
+                    unsafe {
+                        pack_group(&t, j, n, ahead, b..b + 1, pack);
+                        if q6 {
+                            tile::<true>(&t, pack, a.start, a.len(), b..b + 1, &mut acc, &mut sums)
+                        } else {
+                            tile::<false>(&t, pack, a.start, a.len(), b..b + 1, &mut acc, &mut sums)
+                        }
+                    }
+                }
+                // SAFETY: the outputs a × (j..j+n) are ours.
+                unsafe { store(&acc, a.start, a.len(), j, n, out) };
+                j += n;
+                continue;
+            }
             // SAFETY: rows j..j+n + ahead exist; `pack` holds nb super-blocks of the AMX layout.
-            unsafe { pack_group(&t, j, n, ahead, pack) };
+            unsafe { pack_group(&t, j, n, ahead, 0..t.nb, pack) };
             let mut i = a.start;
             while i < a.end {
                 let rows = (a.end - i).min(TM);
+                let switch = rows < TM;
+                let mut acc = [zero; TM];
                 // SAFETY: AMX is enabled; rows i..i+rows exist in the activations; the
-                // outputs (i..i+rows) × (j..j+n) are ours. A last tile of fewer than 16
-                // rows runs under a configuration of that many rows.
+                // outputs (i..i+rows) × (j..j+n) are ours. A last tile of fewer than 16 rows
+                // runs under a configuration of that many rows.
                 unsafe {
-                    if rows < TM {
+                    if switch {
                         tail.load();
                     }
                     if q6 {
-                        tile::<true>(&t, pack, i, rows, j, n, out, &mut sums)
+                        tile::<true>(&t, pack, i, rows, 0..t.nb, &mut acc, &mut sums)
                     } else {
-                        tile::<false>(&t, pack, i, rows, j, n, out, &mut sums)
+                        tile::<false>(&t, pack, i, rows, 0..t.nb, &mut acc, &mut sums)
                     }
-                    if rows < TM {
+                    if switch {
                         full.load();
                     }
+                    store(&acc, i, rows, j, n, out);
                 };
                 i += rows;
             }
@@ -196,8 +228,8 @@ const PACK_Q4K: u8 = 0;
 const PACK_Q5K: u8 = 1;
 const PACK_Q6K: u8 = 2;
 
-/// Packs weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a Q4_K, Q5_K or Q6_K
-/// matrix (`TY`) from its super-blocks straight into the AMX layout at `dst`, 194 lines per
+/// Packs super-blocks `bs` of weight rows `j0..j0+n` (`n ≤ 16`; missing rows are zero) of a
+/// Q4_K, Q5_K or Q6_K matrix (`TY`) straight into the AMX layout at `dst`, 194 lines per
 /// super-block, each weight matrix as 64 lines of `tdpb*d` B rows (line `8r + l`: weights
 /// `32r + 4l..32r + 4l + 4` of the 16 rows, transposed as for the wide kernel):
 /// - lines `0..64` and `64..128`: the low byte (u8) and the high byte (i8: Q4_K and Q5_K 0..7,
@@ -213,22 +245,21 @@ const PACK_Q6K: u8 = 2;
 /// next `ahead` rows (the next group's).
 ///
 /// # Safety
-/// AVX-512 F/BW/VBMI and F16C; rows `j0..j0+n+ahead` exist in `t`; `dst` holds `nb·194`
-/// 64-byte aligned lines.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-unsafe fn pack<const TY: u8>(t: &TileArgs, j0: usize, n: usize, ahead: usize, dst: *mut Line) {
+/// AVX-512 F/BW and F16C; rows `j0..j0+n+ahead` exist in `t`; `bs` are super-blocks of
+/// them, packed from `dst` on, which holds `bs.len()·194` 64-byte aligned lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn pack<const TY: u8>(
+    t: &TileArgs,
+    j0: usize,
+    n: usize,
+    ahead: usize,
+    bs: Range<usize>,
+    dst: *mut Line,
+) {
     let q6 = TY == PACK_Q6K;
     let bb = [Q4K_BYTES, Q5K_BYTES, Q6K_BYTES][TY as usize];
-    // Row r's scale word for its four bytes: dword r of the scale vector, twice.
-    let rows_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    let rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-    // The low bytes of the 64 words of two vectors (`odd`: the high bytes).
-    let even = _mm512_set_epi8(
-        126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104, 102, 100, 98, 96, 94, 92, 90,
-        88, 86, 84, 82, 80, 78, 76, 74, 72, 70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44,
-        42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
-    );
-    let odd = _mm512_add_epi8(even, _mm512_set1_epi8(1));
+    // The low byte of each word.
+    let byte_lo = _mm512_set1_epi16(0x00FF);
     // Byte 0 of each dword, four times.
     let rep = _mm512_set4_epi32(0x0C0C_0C0C, 0x0808_0808, 0x0404_0404, 0);
     let low16 = _mm512_set1_epi32(0xFFFF);
@@ -240,11 +271,11 @@ unsafe fn pack<const TY: u8>(t: &TileArgs, j0: usize, n: usize, ahead: usize, ds
     unsafe {
         let next = t.w.add((j0 + n) * t.rb);
         let next_lines = (ahead * t.rb).div_ceil(64);
-        for b in 0..t.nb {
+        for b in bs.clone() {
             for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(next.add(64 * line) as *const i8);
             }
-            let out = dst.add(b * AMX_LINES);
+            let out = dst.add((b - bs.start) * AMX_LINES);
             let g = Group16 {
                 base: t.w.add(j0 * t.rb + b * bb),
                 rb: t.rb,
@@ -283,18 +314,27 @@ unsafe fn pack<const TY: u8>(t: &TileArgs, j0: usize, n: usize, ahead: usize, ds
                     put_row(&mut z, k, q);
                 }
                 for (l, q) in transpose(&z).into_iter().enumerate() {
+                    // Lane k (a dword) holds row k's 4 quants and `scw` row k's scale in both
+                    // i16 halves, so the even and the odd bytes multiply in place as words.
                     let scw = sc[r][l / 4];
-                    let mut q0 = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(q));
-                    let mut q1 = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(q));
+                    let mut q_even = _mm512_and_si512(q, byte_lo);
+                    let mut q_odd = _mm512_srli_epi16::<8>(q);
                     if q6 {
-                        q0 = _mm512_sub_epi16(q0, _mm512_set1_epi16(32));
-                        q1 = _mm512_sub_epi16(q1, _mm512_set1_epi16(32));
+                        q_even = _mm512_sub_epi16(q_even, _mm512_set1_epi16(32));
+                        q_odd = _mm512_sub_epi16(q_odd, _mm512_set1_epi16(32));
                     }
-                    let w0 = _mm512_mullo_epi16(q0, _mm512_permutexvar_epi32(rows_lo, scw));
-                    let w1 = _mm512_mullo_epi16(q1, _mm512_permutexvar_epi32(rows_hi, scw));
+                    let p_even = _mm512_mullo_epi16(q_even, scw);
+                    let p_odd = _mm512_mullo_epi16(q_odd, scw);
+                    // Each product's low byte, then its high byte, in its quant's place.
+                    let lo = _mm512_or_si512(
+                        _mm512_and_si512(p_even, byte_lo),
+                        _mm512_slli_epi16::<8>(p_odd),
+                    );
+                    let hi = _mm512_or_si512(
+                        _mm512_srli_epi16::<8>(p_even),
+                        _mm512_andnot_si512(byte_lo, p_odd),
+                    );
                     let line = 8 * r + l;
-                    let lo = _mm512_permutex2var_epi8(w0, even, w1);
-                    let hi = _mm512_permutex2var_epi8(w0, odd, w1);
                     _mm512_store_si512(out.add(line) as *mut __m512i, lo);
                     _mm512_store_si512(out.add(64 + line) as *mut __m512i, hi);
                     if !q6 {
@@ -307,31 +347,30 @@ unsafe fn pack<const TY: u8>(t: &TileArgs, j0: usize, n: usize, ahead: usize, ds
     }
 }
 
-/// Activation rows `i0..i0 + rows` (`rows ≤ 16`, the rows of the loaded configuration) × one
-/// 16-row group in the AMX layout at `pack` ([`pack`]; weight rows
-/// `j0..j0+n`). Per super-block, with `C_lo`, `C_hi`, `C_min` the `tdpb*d` sums of the
-/// activations with its matrices, `acc = fma(d·d_y, f32(C_lo + 256·C_hi), acc)`, then (Q4_K,
-/// Q5_K) `acc = fma(−dmin·d_y, f32(C_min), acc)`.
+/// Activation rows `i0..i0 + rows` (`rows ≤ 16`, the rows of the loaded configuration) ×
+/// super-blocks `bs` of one 16-row group in the AMX layout ([`pack`]; `pack` holds super-block
+/// `bs.start` first), accumulated into `acc` (row `i`'s 16 weight rows in `acc[i]`). Per
+/// super-block, with `C_lo`, `C_hi`, `C_min` the `tdpb*d` sums of the activations with its
+/// matrices, `acc = fma(d·d_y, f32(C_lo + 256·C_hi), acc)`, then (Q4_K, Q5_K) `acc =
+/// fma(−dmin·d_y, f32(C_min), acc)`.
 ///
 /// # Safety
-/// AMX is enabled and configured by [`compute`]; `pack` holds this type's group in the AMX
-/// layout; the tile configuration has `rows` activation rows; rows `i0..i0 + rows` exist in
-/// the Q8_K activations; the outputs `(i0..i0 + rows) × (j0..j0+n)` are ours.
+/// AMX is enabled and configured by [`compute`]; `pack` holds super-blocks `bs` of this type's
+/// group in the AMX layout; the tile configuration has `rows` activation rows; rows `i0..i0 +
+/// rows` exist in the Q8_K activations.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tile<const Q6: bool>(
     t: &TileArgs,
     pack: *const Line,
     i0: usize,
     rows: usize,
-    j0: usize,
-    n: usize,
-    out: OutPtr,
+    bs: Range<usize>,
+    acc_out: &mut [__m512; TM],
     sums: &mut [Sums; 3],
 ) {
-    let mut acc = [_mm512_setzero_ps(); TM];
+    let mut acc = *acc_out;
     // SAFETY: activation row i0 + i (i < rows) has its scale at ((row/4)·nb + b)·4 + row%4;
-    // the lines read of super-block b are below nb·194 of `pack`; the tile loads read 16 rows of
+    // the lines read of super-block b are below bs.len()·194 of `pack`; the tile loads read 16 rows of
     // 64 bytes at stride cols of activation rows i0..i0 + rows and 16 lines of `pack`.
     unsafe {
         let qs = t.qs.add(i0 * t.cols);
@@ -340,8 +379,8 @@ unsafe fn tile<const Q6: bool>(
             let row = (i0 + i).min(last);
             t.d.add(row / GROUP * t.nb * GROUP + row % GROUP)
         });
-        for b in 0..t.nb {
-            let line = pack.add(b * AMX_LINES);
+        for b in bs.clone() {
+            let line = pack.add((b - bs.start) * AMX_LINES);
             asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
             if !Q6 {
                 asm!("tilezero tmm2", options(nostack, nomem));
@@ -409,11 +448,21 @@ unsafe fn tile<const Q6: bool>(
                 }
             }
         }
-        // Lanes j0..j0+n of each row (a masked store: n may be below 16).
-        let lanes = ((1u32 << n) - 1) as u16;
-        for (i, a) in acc.iter().enumerate().take(rows) {
-            _mm512_mask_storeu_ps(out.at(i0 + i, j0), lanes, *a);
-        }
+    }
+    *acc_out = acc;
+}
+
+/// Stores lanes `0..n` of `acc`'s first `rows` rows as outputs `(i0..i0 + rows) × (j0..j0 + n)`.
+///
+/// # Safety
+/// AVX-512 F; those outputs are ours.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn store(acc: &[__m512; TM], i0: usize, rows: usize, j0: usize, n: usize, out: OutPtr) {
+    // A masked store: n may be below 16.
+    let lanes = ((1u32 << n) - 1) as u16;
+    for (i, a) in acc.iter().enumerate().take(rows) {
+        // SAFETY: the caller's.
+        unsafe { _mm512_mask_storeu_ps(out.at(i0 + i, j0), lanes, *a) };
     }
 }
 
