@@ -273,7 +273,9 @@ unsafe fn pack<const TY: u8>(
         let next_lines = (ahead * t.rb).div_ceil(64);
         for b in bs.clone() {
             for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
-                _mm_prefetch::<_MM_HINT_T1>(next.add(64 * line) as *const i8);
+                // The last line may pass the rows' end (a prefetch does not fault), hence
+                // wrapping arithmetic.
+                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * line) as *const i8);
             }
             let out = dst.add((b - bs.start) * AMX_LINES);
             let g = Group16 {
