@@ -138,21 +138,26 @@ pub(super) unsafe fn compute(
 ) {
     debug_assert!(handles(w.ty) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
-    let q6 = w.ty == WeightType::Q6K;
     type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
-    let pack_group: Pack = match w.ty {
-        WeightType::Q4K => pack::<PACK_Q4K>,
-        WeightType::Q5K => pack::<PACK_Q5K>,
-        _ => pack::<PACK_Q6K>,
+    type Tile = unsafe fn(
+        &TileArgs,
+        *const Line,
+        usize,
+        usize,
+        Range<usize>,
+        &mut [__m512; TM],
+        &mut [Sums; 3],
+    );
+    let (pack_group, tile_group): (Pack, Tile) = match w.ty {
+        WeightType::Q4K => (pack::<PACK_Q4K>, tile::<false>),
+        WeightType::Q5K => (pack::<PACK_Q5K>, tile::<false>),
+        _ => (pack::<PACK_Q6K>, tile::<true>),
     };
     // At most 16 rows in all (batched decode): one activation tile, under a configuration of
     // its rows. Otherwise full tiles, and a last tile of fewer rows switches configurations.
     let one = a.len() <= TM;
-    let (full, tail) = if one {
-        (TileConfig::new(a.len()), TileConfig::new(a.len()))
-    } else {
-        (TileConfig::new(TM), TileConfig::new(a.len() % TM))
-    };
+    let full = TileConfig::new(if one { a.len() } else { TM });
+    let tail = TileConfig::new(a.len() % TM);
     // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
     // stay zero.
     let mut sums = [(); 3].map(|_| Sums([[0; WIDE]; TM]));
@@ -178,11 +183,7 @@ pub(super) unsafe fn compute(
                     // exist; `pack` holds one super-block; rows a exist in the activations.
                     unsafe {
                         pack_group(&t, j, n, ahead, b..b + 1, pack);
-                        if q6 {
-                            tile::<true>(&t, pack, a.start, a.len(), b..b + 1, &mut acc, &mut sums)
-                        } else {
-                            tile::<false>(&t, pack, a.start, a.len(), b..b + 1, &mut acc, &mut sums)
-                        }
+                        tile_group(&t, pack, a.start, a.len(), b..b + 1, &mut acc, &mut sums);
                     }
                 }
                 // SAFETY: the outputs a × (j..j+n) are ours.
@@ -204,11 +205,7 @@ pub(super) unsafe fn compute(
                     if switch {
                         tail.load();
                     }
-                    if q6 {
-                        tile::<true>(&t, pack, i, rows, 0..t.nb, &mut acc, &mut sums)
-                    } else {
-                        tile::<false>(&t, pack, i, rows, 0..t.nb, &mut acc, &mut sums)
-                    }
+                    tile_group(&t, pack, i, rows, 0..t.nb, &mut acc, &mut sums);
                     if switch {
                         full.load();
                     }
