@@ -507,6 +507,13 @@ impl ScaledSum for Madd {
 /// `TileFn`): the shared bodies below compiled with `$features` (at least AVX2, FMA, F16C), their
 /// scaled sums done by `$sum`.
 macro_rules! k_tiles {
+    (@small $features:literal, $sum:ty) => {
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q23k_rows, "Q2_K", false);
+        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q23k_rows, "Q3_K", true);
+        $crate::kernels::avx2::k_tiles!(
+            @one $features, $sum, tile_iq4xs, tile_iq4xs_rows, "IQ4_XS"
+        );
+    };
     ($features:literal, $sum:ty) => {
         /// Q4_K (`FIVE = false`) and Q5_K × Q8_K, one weight row.
         ///
@@ -525,11 +532,7 @@ macro_rules! k_tiles {
         }
 
         $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q6k, tile_q6k_rows, "Q6_K");
-        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q2k, tile_q23k_rows, "Q2_K", false);
-        $crate::kernels::avx2::k_tiles!(@one $features, $sum, tile_q3k, tile_q23k_rows, "Q3_K", true);
-        $crate::kernels::avx2::k_tiles!(
-            @one $features, $sum, tile_iq4xs, tile_iq4xs_rows, "IQ4_XS"
-        );
+        $crate::kernels::avx2::k_tiles!(@small $features, $sum);
     };
     (@one $features:literal, $sum:ty, $name:ident, $body:ident, $ty:literal $(, $arg:tt)*) => {
         #[doc = concat!($ty, " × Q8_K, one weight row.")]
@@ -555,9 +558,9 @@ k_tiles!("avx2,fma,f16c", Madd);
 
 /// The activation rows of a K-quant tile, Q8_K: per super-block 256 quants, a `d` and 16 block
 /// sums.
-struct KRows<const MR: usize> {
-    y: [*const i8; MR],
-    bsums: [*const i16; MR],
+pub(super) struct KRows<const MR: usize> {
+    pub(super) y: [*const i8; MR],
+    pub(super) bsums: [*const i16; MR],
     /// `d` of the first row's 4-row group (groups of 4 rows are interleaved per block).
     d: *const f32,
     nb: usize,
@@ -567,7 +570,7 @@ impl<const MR: usize> KRows<MR> {
     /// # Safety
     /// Rows `i0..i0 + MR` exist in `t`; `i0` is a multiple of 4.
     #[inline(always)]
-    unsafe fn new(t: &TileArgs, i0: usize) -> Self {
+    pub(super) unsafe fn new(t: &TileArgs, i0: usize) -> Self {
         // SAFETY: the offsets stay inside the activation buffers for existing rows.
         unsafe {
             KRows {
@@ -720,7 +723,7 @@ pub(super) unsafe fn tile_k_rows<const MR: usize, const FIVE: bool, S: ScaledSum
 /// 16 bytes are readable at `p` (the quants follow the 12); inlined into a function that
 /// enables AVX2.
 #[inline(always)]
-unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+pub(super) unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
     // SAFETY: the caller's.
     unsafe {
         let v = _mm_loadu_si128(p as *const __m128i);

@@ -9,7 +9,7 @@
 //! | IQ4_XS | AVX2 | K tiles | wide |
 //! | F32, F16, BF16 | AVX2 | AVX2 | AVX2 |
 //!
-//! (8×2 tiles: [`tile_q4`], [`tile_q8_0`]; K tiles: `tile_k`, `tile_q6k`, `tile_q2k`,
+//! (8×2 tiles: [`tile_q4`], [`tile_q8_0`]; K tiles: [`tile_k`], [`tile_q6k`], and `tile_q2k`,
 //! `tile_q3k`, `tile_iq4xs` from `avx2::k_tiles`; wide:
 //! [`compute_wide`]. The thresholds are where the wide kernel's per-call weight repack starts
 //! to pay, measured on Zen 4.)
@@ -52,11 +52,17 @@
 //! its signed quants `q − 16`, Q5_1 the Q4_1 tiles with the fifth bits OR-ed in.
 //!
 //! # K tiles (`2 ≤ m < 24`)
-//! `avx2`'s K-quant tile bodies (`avx2::tile_k_rows` and the others of `avx2::k_tiles`) compiled with
-//! AVX-512 enabled: up to 8 activation rows (Q6_K, Q2_K, Q3_K: 4) per weight row, whose sums live in
-//! ymm16–31 instead of spilling, and each scale product fused into one `vpdpwssd` (AVX2:
-//! `vpmaddwd` + `vpaddd`). Batched decode (a few sequences, one row each) lands here: per row
-//! 10–30 % less time than the AVX2 tile, and 15–30 % less than the wide kernel below 24 rows.
+//! Up to 8 activation rows per weight row, so batched decode (a few sequences, one row each)
+//! unpacks each weight super-block once for all of them. Q4_K, Q5_K and Q6_K have zmm tiles
+//! ([`tile_k`], [`tile_q6k`]): a zmm holds 64 weights (two 32-weight runs of the AVX2 tile),
+//! `vpdpbusd` gives each run's exact 4-byte dot products, two chunks' products share the i16
+//! halves of one lane and one `vpdpwssd` applies both sub-block scales ([`ZRows::dot2`]: 3
+//! integer multiplies per 128 weights and row, against 4 on zmm with `vpmaddubsw`, 8 on ymm),
+//! and the float work runs on pairs of rows. Q2_K, Q3_K and IQ4_XS run `avx2`'s tile bodies
+//! (`avx2::k_tiles`) compiled with AVX-512 enabled: sums in ymm16–31 instead of spilling, each
+//! scale product one `vpdpwssd`, 8 rows (Q2_K, Q3_K: 4). On the AMX test machine (Sapphire
+//! Rapids class) the 8-row Q4_K tile takes ~3.5 ns per row and super-block on one thread, about
+//! what its 6 zmm integer multiplies allow there (~1.5–1.7 G/s per core measured).
 //!
 //! # Wide kernel (`m ≥ 24`)
 //! Lane `k` of a zmm belongs to weight row `j0 + k` of a 16-row group, with one accumulator per
@@ -130,9 +136,8 @@ pub(crate) unsafe fn compute(
         WeightType::IQ4NL if acts.m > 1 => (MR_MAX, NR_MAX, pick_q8_0::<SIGNED_IQ4NL>),
         WeightType::Q4K if acts.m > 1 => (MR_MAX, 1, pick_k::<false>),
         WeightType::Q5K if acts.m > 1 => (MR_MAX, 1, pick_k::<true>),
-        // Eight rows of Q6_K's tile run out of registers (slower than four); Q2_K's and Q3_K's
-        // are kept at four too.
-        WeightType::Q6K if acts.m > 1 => (GROUP, 1, pick_q6k),
+        WeightType::Q6K if acts.m > 1 => (MR_MAX, 1, pick_q6k),
+        // Eight rows of Q2_K's and Q3_K's ymm tiles run out of registers (slower than four).
         WeightType::Q2K if acts.m > 1 => (GROUP, 1, pick_q2k),
         WeightType::Q3K if acts.m > 1 => (GROUP, 1, pick_q3k),
         WeightType::IQ4XS if acts.m > 1 => (MR_MAX, 1, pick_iq4xs),
@@ -145,8 +150,7 @@ pub(crate) unsafe fn compute(
     unsafe { avx2::run_tiles(&t, a, r, (mr_max, nr_max), pick, out) };
 }
 
-/// [`compute`] with the AMX tiles for the types and row counts they take ([`amx::handles`],
-/// [`amx::AMX_MIN_M`]).
+/// [`compute`] with the AMX tiles for the types and row counts they take ([`amx::runs`]).
 ///
 /// # Safety
 /// As [`compute`], and [`amx_available`] returned true.
@@ -157,7 +161,7 @@ pub(crate) unsafe fn compute_amx(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    if acts.m >= amx::AMX_MIN_M && amx::handles(w.ty) {
+    if amx::runs(w.ty, acts.m) {
         // SAFETY: forwarded contract.
         unsafe { amx::compute(w, acts, a, r, out) }
     } else {
@@ -179,10 +183,350 @@ impl avx2::ScaledSum for Dpwssd {
     }
 }
 
-// The K-quant tiles ("K tiles" above): `avx2`'s bodies with each scale product fused into one
-// `vpdpwssd` and ymm16–31 holding the sums of the rows past four (AVX2's 16 registers spill
-// them), so a batch of decoding sequences unpacks each weight block once for up to 8 rows.
-avx2::k_tiles!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Dpwssd);
+// Q2_K, Q3_K and IQ4_XS tiles ("K tiles" above): `avx2`'s bodies with each scale product
+// fused into one `vpdpwssd` and ymm16–31 holding the sums of the rows past four (AVX2's 16
+// registers spill them), so a batch of decoding sequences unpacks each weight block once for
+// up to 8 rows. Q4_K, Q5_K and Q6_K have zmm tiles of their own below.
+avx2::k_tiles!(@small "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", Dpwssd);
+
+/// A zmm constant of `$n` lanes of `$t`, lane `$w` being `$e` (for `const` items and `const
+/// fn`s).
+macro_rules! zmm_table {
+    ($t:ty, $n:expr, |$w:ident| $e:expr) => {{
+        let mut a: [$t; $n] = [0; $n];
+        let mut $w = 0;
+        while $w < $n {
+            a[$w] = $e;
+            $w += 1;
+        }
+        // SAFETY: 64 bytes of plain data.
+        unsafe { std::mem::transmute::<[$t; $n], __m512i>(a) }
+    }};
+}
+
+/// 32 i16 lanes: `lo` in the low 256 bits, `hi` in the high (per-half shift counts and
+/// `vpermw` indices).
+const fn halves(lo: i16, hi: i16) -> __m512i {
+    zmm_table!(i16, 32, |w| if w < 16 { lo } else { hi })
+}
+
+/// `halves(2c, 2c + 1)` for c in 0..4.
+const PAIRS: [__m512i; 4] = [halves(0, 1), halves(2, 3), halves(4, 5), halves(6, 7)];
+
+/// The `vpermw` index that gives each i32 lane of [`ZRows::dot2`]'s packed sums its two
+/// scales: word `w` (lane `w / 2`) gets `first + step·(w % 2) + (w / 2) / per`, where the
+/// first sum's lane `l` takes scale `first + l / per` and the second's `step` further.
+const fn scale_words(first: usize, step: usize, per: usize) -> __m512i {
+    zmm_table!(i16, 32, |w| (first + step * (w % 2) + w / 2 / per) as i16)
+}
+
+/// `vpshufb` control that moves the low word of each i32 lane to its high word (the masked
+/// bytes 2 and 3 of each lane; the others are kept by the mask).
+const LOW_WORD_UP: __m512i =
+    zmm_table!(u8, 64, |j| if j % 4 >= 2 { (j % 16 - 2) as u8 } else { 0 });
+
+/// `vpermw` index of Q4_K's unpacked header (words 0..8 scales, 8..16 mins) to each min twice,
+/// in both halves: `madd(bsums, ·)` then weighs both 16-sums of a sub-block by its min.
+const MINS_TWICE: __m512i = zmm_table!(i16, 32, |w| 8 + (w % 16 / 2) as i16);
+
+/// `vpdpwssd`: `acc + madd(a, b)`, lane by lane. As one instruction on purpose: LLVM's machine
+/// combiner splits the intrinsic into `vpmaddwd` + `vpaddd` to shorten the accumulator chain,
+/// which here (8 independent chains) only doubles the pipe-bound instructions.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction of the enabled AVX-512 VNNI.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// The activation rows of a zmm K tile ([`tile_k`], [`tile_q6k`]): up to 8 rows, handled in
+/// pairs (`2p`, `2p + 1`) whose float sums share a zmm, row `2p` in the low 8 lanes. With an
+/// odd `MR` the last pair repeats its row and the copy's sums are dropped.
+struct ZRows<const MR: usize> {
+    rows: avx2::KRows<MR>,
+    d: RowScales<MR>,
+}
+
+impl<const MR: usize> ZRows<MR> {
+    /// # Safety
+    /// Rows `i0..i0 + MR` exist in `t`; `i0` is a multiple of 4.
+    #[inline(always)]
+    unsafe fn new(t: &TileArgs, i0: usize) -> Self {
+        // SAFETY: the caller's.
+        unsafe {
+            ZRows {
+                rows: avx2::KRows::new(t, i0),
+                d: RowScales::new(t.d, t.nb, i0),
+            }
+        }
+    }
+
+    /// The rows of pair `p`.
+    #[inline(always)]
+    fn pair(p: usize) -> (usize, usize) {
+        (2 * p, (2 * p + 1).min(MR - 1))
+    }
+
+    /// Two 64-weight chunks `q[k]` (unsigned quants) against every row's 64 activation quants
+    /// at `off[k]` of super-block `b`: `vpdpbusd` gives each chunk's exact 4-byte dot products
+    /// (|·| < 2¹⁵, see the module doc), the second's are moved into the high i16 of the first's
+    /// lanes, and one `vpdpwssd` adds both times their scales (`scales`: the two words of each
+    /// lane, [`scale_words`]) to `sums[i]`. Lane `l` gains exactly what the two `vpmaddubsw` +
+    /// `vpmaddwd` of AVX2 give its lane `l`, with 3 multiplies per 128 weights instead of 4.
+    ///
+    /// # Safety
+    /// `b < nb`, `off[k] + 64 ≤ 256`; inlined into a function that enables AVX-512 BW and VNNI.
+    #[inline(always)]
+    unsafe fn dot2(
+        &self,
+        sums: &mut [__m512i; MR],
+        b: usize,
+        off: [usize; 2],
+        q: [__m512i; 2],
+        scales: __m512i,
+    ) {
+        for i in 0..MR {
+            // SAFETY: the caller's.
+            unsafe {
+                let at = |k: usize| self.rows.y[i].add(b * QK_K + off[k]) as *const __m512i;
+                let zero = _mm512_setzero_si512();
+                let p0 = _mm512_dpbusd_epi32(zero, q[0], _mm512_loadu_si512(at(0)));
+                let p1 = _mm512_dpbusd_epi32(zero, q[1], _mm512_loadu_si512(at(1)));
+                let both = _mm512_mask_shuffle_epi8(p0, 0xCCCC_CCCC_CCCC_CCCC, p1, LOW_WORD_UP);
+                sums[i] = dpwssd(sums[i], both, scales);
+            }
+        }
+    }
+
+    /// Pair `p`'s 16 block sums of super-block `b`, row `2p` in the low half.
+    ///
+    /// # Safety
+    /// As [`Self::dot2`].
+    #[inline(always)]
+    unsafe fn bsums_pair(&self, b: usize, p: usize) -> __m512i {
+        let (i, j) = Self::pair(p);
+        // SAFETY: each row has 16 sums per super-block.
+        unsafe {
+            let lo = _mm256_loadu_si256(self.rows.bsums[i].add(b * 16) as *const __m256i);
+            let hi = _mm256_loadu_si256(self.rows.bsums[j].add(b * 16) as *const __m256i);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+}
+
+/// The 8 i32 lanes of the AVX2 K tile's integer sum for both rows of a pair, from the zmm sums
+/// whose two 256-bit halves hold the two interleaved runs of 32 weights that AVX2 adds lane by
+/// lane: `[a.lo + a.hi | b.lo + b.hi]` (exact integers, so the same values).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn fold_pair(a: __m512i, b: __m512i) -> __m512i {
+    let lo = _mm512_shuffle_i64x2::<0b01_00_01_00>(a, b);
+    let hi = _mm512_shuffle_i64x2::<0b11_10_11_10>(a, b);
+    _mm512_add_epi32(lo, hi)
+}
+
+/// Lanes `2p` (low half) and `2p + 1` (high half) of the 8 per-row factors `v`, broadcast.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn pair_lanes(v: __m256, p: usize) -> __m512 {
+    let idx = _mm512_mask_blend_epi32(
+        0xFF00,
+        _mm512_set1_epi32(2 * p as i32),
+        _mm512_set1_epi32(2 * p as i32 + 1),
+    );
+    _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(v))
+}
+
+/// The frame of the zmm K tiles (as `avx2::k_frame`): weight row `j0`'s super-blocks in order,
+/// `$body` run for each, then each row's [`hsum`] of its half of its pair's sums.
+macro_rules! z_frame {
+    ($t:expr, $i0:expr, $j0:expr, $out:expr, $bytes:expr, |$blk:ident, $b:ident, $rows:ident, $acc:ident| $body:block) => {{
+        let (t, i0, j0, out, bytes): (&TileArgs, usize, usize, OutPtr, usize) =
+            ($t, $i0, $j0, $out, $bytes);
+        let $rows = ZRows::<MR>::new(t, i0);
+        let mut $acc = [_mm512_setzero_ps(); MR_MAX / 2];
+        let wrow = t.w.add(j0 * t.rb);
+        for $b in 0..t.nb {
+            let $blk = wrow.add($b * bytes);
+            $body
+        }
+        for i in 0..MR {
+            let v = $acc[i / 2];
+            let half = if i % 2 == 0 {
+                _mm512_castps512_ps256(v)
+            } else {
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+            };
+            out.write(i0 + i, j0, hsum(half));
+        }
+    }};
+}
+
+/// Q4_K (`FIVE = false`) and Q5_K × Q8_K, `MR ≤ 8` activation rows × one weight row, on zmm:
+/// each `vpmaddubsw`/`vpdpwssd` takes both 32-weight sub-blocks of a 64-weight chunk (the low
+/// and high nibbles of its 32 bytes), and the float work runs on pairs of rows. The per-row
+/// floats are exactly `avx2::tile_k_rows`': its 8 integer lanes are the two halves of the zmm
+/// sum added ([`fold_pair`]), its min term `madd(mins, hadd(bsums))` is `madd(bsums, mins
+/// doubled)` with adjacent dwords added, and the scale products and FMAs are the same, in the
+/// same order. One row (a remainder) runs the AVX2 body.
+///
+/// # Safety
+/// As `avx2::tile_k_rows`, with AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_k<const MR: usize, const NR: usize, const FIVE: bool>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    debug_assert_eq!(NR, 1);
+    if MR == 1 {
+        // SAFETY: forwarded contract.
+        return unsafe { avx2::tile_k_rows::<1, FIVE, Dpwssd>(t, i0, j0, out) };
+    }
+    let (bb, sc_off, qs_off) = formats::k4_layout(FIVE);
+    let (m4, m1) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(1));
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0, 8, 10, 12, 14, 0, 0, 0, 0);
+    // SAFETY: a super-block is `bb` bytes with the fields at the offsets of `formats`; the
+    // rest is the caller's contract.
+    unsafe {
+        z_frame!(t, i0, j0, out, bb, |blk, b, rows, acc| {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk as *const i32,
+            )));
+            let (dw, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let sm =
+                _mm512_castsi256_si512(_mm256_cvtepu8_epi16(avx2::k4_scales_mins(blk.add(sc_off))));
+            let mins = _mm512_permutexvar_epi16(MINS_TWICE, sm);
+            let hbits = if FIVE {
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(Q5K_QH) as *const __m256i))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut isum = [_mm512_setzero_si512(); MR];
+            let mut q = [_mm512_setzero_si512(); 4];
+            for (c, qc) in q.iter_mut().enumerate() {
+                let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    blk.add(qs_off + 32 * c) as *const __m256i
+                ));
+                // Low nibbles (sub-block 2c) in the low half, high nibbles (2c + 1) in the high.
+                *qc = _mm512_and_si512(_mm512_srlv_epi16(raw, const { halves(0, 4) }), m4);
+                if FIVE {
+                    // Bit 2c of each qh byte is the 5th bit of the low nibble, bit 2c+1 of the high.
+                    let h = _mm512_srlv_epi16(hbits, PAIRS[c]);
+                    *qc = _mm512_or_si512(*qc, _mm512_slli_epi16::<4>(_mm512_and_si512(h, m1)));
+                }
+            }
+            // Chunks 2k and 2k + 1: sub-blocks 4k + half and 4k + 2 + half.
+            for (k, idx) in [
+                const { scale_words(0, 2, 8) },
+                const { scale_words(4, 2, 8) },
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let scales = _mm512_permutexvar_epi16(idx, sm);
+                rows.dot2(
+                    &mut isum,
+                    b,
+                    [128 * k, 128 * k + 64],
+                    [q[2 * k], q[2 * k + 1]],
+                    scales,
+                );
+            }
+            let dy = rows.d.block(b);
+            let (sd, smin) = (
+                _mm256_mul_ps(_mm256_set1_ps(dw), dy),
+                _mm256_mul_ps(_mm256_set1_ps(-dmin), dy),
+            );
+            for p in 0..MR.div_ceil(2) {
+                let (ia, ib) = ZRows::<MR>::pair(p);
+                let s = fold_pair(isum[ia], isum[ib]);
+                acc[p] = _mm512_fmadd_ps(pair_lanes(sd, p), _mm512_cvtepi32_ps(s), acc[p]);
+                let m = _mm512_madd_epi16(rows.bsums_pair(b, p), mins);
+                let m = _mm512_add_epi32(m, _mm512_srli_epi64::<32>(m));
+                let m = _mm512_maskz_permutexvar_epi32(0x0F0F, even, m);
+                acc[p] = _mm512_fmadd_ps(pair_lanes(smin, p), _mm512_cvtepi32_ps(m), acc[p]);
+            }
+        })
+    }
+}
+
+/// Q6_K × Q8_K, `MR ≤ 8` activation rows × one weight row, on zmm as [`tile_k`]: a zmm holds
+/// two of `avx2::tile_q6k_rows`' 32-weight runs (its `ql` pair is one 64-byte load), each
+/// 128-bit lane one 16-weight scale; the `−32·Σ scale·bsum` term and the float work as there,
+/// on pairs of rows.
+///
+/// # Safety
+/// As `avx2::tile_k_rows`, with AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_q6k<const MR: usize, const NR: usize>(
+    t: &TileArgs,
+    i0: usize,
+    j0: usize,
+    out: OutPtr,
+) {
+    debug_assert_eq!(NR, 1);
+    if MR == 1 {
+        // SAFETY: forwarded contract.
+        return unsafe { avx2::tile_q6k_rows::<1, Dpwssd>(t, i0, j0, out) };
+    }
+    let (m4, m3) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
+    // Half `n`: scale `8n + k` in 128-bit lane `k` of `qa`, `8n + 4 + k` of `qb`.
+    let idx = [
+        const { scale_words(0, 4, 4) },
+        const { scale_words(8, 4, 4) },
+    ];
+    // SAFETY: as in `tile_k` with the Q6_K field offsets.
+    unsafe {
+        z_frame!(t, i0, j0, out, Q6K_BYTES, |blk, b, rows, acc| {
+            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk.add(Q6K_D) as *const u16,
+            ) as i32)));
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(Q6K_SCALES) as *const __m128i));
+            let sc = _mm512_castsi256_si512(sc16);
+            let mut isum = [_mm512_setzero_si512(); MR];
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(blk.add(Q6K_QL + 64 * n) as *const __m512i);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    blk.add(Q6K_QH + 32 * n) as *const __m256i
+                ));
+                let ha = _mm512_srlv_epi16(qh, const { halves(0, 2) });
+                let hb = _mm512_srlv_epi16(qh, const { halves(4, 6) });
+                // Runs 0 and 1 of this half (low nibbles), then runs 2 and 3 (high nibbles).
+                let qa = _mm512_or_si512(
+                    _mm512_and_si512(ql, m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(ha, m3)),
+                );
+                let qb = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(hb, m3)),
+                );
+                let scales = _mm512_permutexvar_epi16(idx[n], sc);
+                rows.dot2(&mut isum, b, [128 * n, 128 * n + 64], [qa, qb], scales);
+            }
+            let sd = _mm256_mul_ps(_mm256_set1_ps(dw), rows.d.block(b));
+            let sc_both = _mm512_broadcast_i64x4(sc16);
+            for p in 0..MR.div_ceil(2) {
+                let (ia, ib) = ZRows::<MR>::pair(p);
+                // Quants are stored +32: subtract 32 · Σ_g scale_g · bsum_g.
+                let off = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sc_both, rows.bsums_pair(b, p)));
+                let s = _mm512_sub_epi32(fold_pair(isum[ia], isum[ib]), off);
+                acc[p] = _mm512_fmadd_ps(pair_lanes(sd, p), _mm512_cvtepi32_ps(s), acc[p]);
+            }
+        })
+    }
+}
 
 /// The activation scales of rows `i0..i0+MR` (`MR ≤ 8`) for the blocks of a tile: `d` or `s`
 /// of the one or two 4-row groups, as 8 lanes (row `i0 + l` in lane `l`; lanes of a missing

@@ -43,8 +43,9 @@
 //! for GEMV and for the types it has no tiles for, and its own tiles give results bit-identical
 //! to `Avx2` (same float operations in the same order; see `avx512.rs`), so which of the two a
 //! machine picks never changes an output. [`KernelPath::Amx`] is picked over it where Intel AMX
-//! is usable: `Avx512Vnni` plus tile multiplies for Q4_K, Q5_K and Q6_K weights with 10 or more
-//! activation rows (`avx512/amx.rs`), whose results differ from the other paths in the last bits.
+//! is usable: `Avx512Vnni` plus tile multiplies for Q4_K and Q5_K weights with 3 or more
+//! activation rows and Q6_K with 8 or more (`avx512/amx.rs`), whose results differ from the
+//! other paths in the last bits.
 //!
 //! [`detect`] makes the one selection for the process, and every SIMD routine of the CPU forward
 //! follows it: the matmuls here, and attention and the vector math (SiLU, `e^x`) in the model
@@ -377,8 +378,9 @@ pub enum KernelPath {
     /// else runs the AVX2 kernels.
     Avx512Vnni,
     /// [`KernelPath::Avx512Vnni`] plus Intel AMX-TILE/AMX-INT8 (Sapphire Rapids and later, where
-    /// the OS grants it): tile multiplies for Q4_K, Q5_K and Q6_K weights with 10 or more
-    /// activation rows (prefill, and batched decode of 10 or more sequences). Their integer sums are exact as everywhere, but the float
+    /// the OS grants it): tile multiplies for Q4_K and Q5_K weights with 3 or more activation
+    /// rows and Q6_K with 8 or more (prefill, and batched decode of that many sequences). Their
+    /// integer sums are exact as everywhere, but the float
     /// scaling is one sum per super-block, so those results differ from the other x86 paths in
     /// the last bits; everything else runs [`KernelPath::Avx512Vnni`]'s kernels.
     Amx,

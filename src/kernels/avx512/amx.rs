@@ -1,8 +1,15 @@
 //! Intel AMX (AMX-TILE, AMX-INT8) for the super-block types with many activation rows
-//! ([`super::super::KernelPath::Amx`]): Q4_K, Q5_K and Q6_K at `m ≥` [`AMX_MIN_M`].
+//! ([`super::super::KernelPath::Amx`]): Q4_K and Q5_K from [`AMX_MIN_M_K4`] activation rows,
+//! Q6_K from [`AMX_MIN_M_Q6K`].
 //!
-//! The weights are packed 16 rows at a time, per call, straight from their super-blocks
-//! ([`pack`]): the 16 rows' quants are transposed as for the wide kernel (line `l` of a run
+//! Two layouts, both built per call from the weights' super-blocks, 16 weight rows at a time.
+//! Batched decode (at most 16 activation rows, one A tile; Q6_K: at most [`RAW_MAX_Q6K`]) takes
+//! the raw one ([`raw_pack`]): the quants as stored, one `tdpbsud` per sub-block, the
+//! sub-block scales applied to the tile's sums on the vector side. Cheap to build, it makes the
+//! tile unit pay from 3 rows of Q4_K on (8 of Q6_K, whose 16-weight sub-blocks double the tile
+//! work). Prefill, and everything past one tile, takes the scale planes ([`pack`]).
+//!
+//! For the scale planes, the 16 rows' quants are transposed as for the wide kernel (line `l` of a run
 //! holds dword `l` of each row's quants, 16 rows to a line, which is the layout, `K/4` rows of
 //! `N·4` bytes, that an AMX B tile takes; the rows' scales are unpacked 16 at a time from
 //! gathered dwords), each quant is multiplied by its sub-block scale and the i16 product split
@@ -14,10 +21,12 @@
 //! activation rows × 16 weight rows; the tile unit's sums go through memory to the vector
 //! units once per super-block.
 //!
-//! The integers are exact, as on every path, but there is one float sum per super-block instead
-//! of eight lane sums per sub-block, so results differ from
-//! [`super::super::KernelPath::Avx2`] in the last bits (below [`AMX_MIN_M`] rows, and for every
-//! other type, this path runs the AVX-512 kernels and their results).
+//! The integers are exact, as on every path, but the float sums are not the AVX2 tiles' (the
+//! planes: one per super-block, instead of eight lane sums per sub-block), so results differ from
+//! [`super::super::KernelPath::Avx2`] in the last bits (below those row counts, and for every
+//! other type, this path runs the AVX-512 kernels and their results). The raw layout's float
+//! sums differ again (one per sub-block), so which layout a batch takes also shows in the last
+//! bits.
 //!
 //! Linux gives a process the AMX register state only on request (`arch_prctl`,
 //! `ARCH_REQ_XCOMP_PERM`); [`available`] makes it once. Each call loads its tile configuration
@@ -35,13 +44,20 @@ use super::{
     G16_Q6K, Group16, Line, TileArgs, WIDE, g16_quants, k4_header, k4_quants, put_row, q6k_header,
     store_d_dmin, transpose,
 };
-use crate::kernels::formats::{Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, QK_K};
+use crate::kernels::formats::{self, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, QK_K};
 
-/// Activation rows from which the AMX tiles run. Below it the AVX-512 kernels win: each call
-/// packs every 16-row weight group, which a few rows do not amortize (batched decode on the
-/// 1B Q4_K_M model: at 8 rows a tie with the VNNI tiles, at 10 rows 1.16×, at 16 rows 1.42×),
-/// and they keep smaller batches bit-identical to AVX2.
-pub(super) const AMX_MIN_M: usize = 10;
+/// Activation rows from which the AMX tiles run Q4_K and Q5_K. Below it the VNNI tiles win
+/// (one call, 2 rows: 12 vs 14 ns per super-block and thread; 3 rows: 16 vs 14; 8 rows: 35 vs
+/// 19, on the AMX test machine), and they keep smaller batches bit-identical to AVX2.
+pub(super) const AMX_MIN_M_K4: usize = 3;
+
+/// Activation rows from which the AMX tiles run Q6_K (at 7 rows the VNNI tiles still win: 30–35
+/// vs 33 ns per super-block; at 8 rows 37–47 vs 34–37).
+pub(super) const AMX_MIN_M_Q6K: usize = 8;
+
+/// Most activation rows of Q6_K on the raw layout; past it the scale planes win (16 rows: 48 vs
+/// 45 ns per super-block, a tie at 12).
+const RAW_MAX_Q6K: usize = 12;
 
 /// Activation rows per tile (the rows of an AMX tile register).
 const TM: usize = 16;
@@ -80,9 +96,13 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// Whether [`compute`] runs `ty` (with at least [`AMX_MIN_M`] activation rows).
-pub(super) fn handles(ty: WeightType) -> bool {
-    matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K)
+/// Whether [`compute`] runs `m` activation rows of `ty`.
+pub(super) fn runs(ty: WeightType, m: usize) -> bool {
+    match ty {
+        WeightType::Q4K | WeightType::Q5K => m >= AMX_MIN_M_K4,
+        WeightType::Q6K => m >= AMX_MIN_M_Q6K,
+        _ => false,
+    }
 }
 
 /// A 64-byte tile configuration (palette 1): tiles 0–2 hold `m` rows of 16 i32 sums, tile 3
@@ -124,7 +144,7 @@ thread_local! {
 }
 
 /// Computes `out[i, j]` for activation rows `a` × weight rows `r` of a Q4_K, Q5_K or Q6_K
-/// matrix ([`handles`]).
+/// matrix ([`runs`]).
 ///
 /// # Safety
 /// [`available`] returned true; as [`super::compute`]: `acts` was quantized (Q8_K) for `w.ty`
@@ -136,7 +156,7 @@ pub(super) unsafe fn compute(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    debug_assert!(handles(w.ty) && a.end <= acts.m && r.end <= w.rows);
+    debug_assert!(runs(w.ty, a.len()) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
     type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
     type Tile = unsafe fn(
@@ -156,6 +176,22 @@ pub(super) unsafe fn compute(
     // At most 16 rows in all (batched decode): one activation tile, under a configuration of
     // its rows. Otherwise full tiles, and a last tile of fewer rows switches configurations.
     let one = a.len() <= TM;
+    if a.len()
+        <= if w.ty == WeightType::Q6K {
+            RAW_MAX_Q6K
+        } else {
+            TM
+        }
+    {
+        // SAFETY: forwarded contract.
+        return unsafe {
+            match w.ty {
+                WeightType::Q4K => compute_raw::<PACK_Q4K>(&t, a, r, out),
+                WeightType::Q5K => compute_raw::<PACK_Q5K>(&t, a, r, out),
+                _ => compute_raw::<PACK_Q6K>(&t, a, r, out),
+            }
+        };
+    }
     let full = TileConfig::new(if one { a.len() } else { TM });
     let tail = TileConfig::new(a.len() % TM);
     // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
@@ -213,6 +249,50 @@ pub(super) unsafe fn compute(
                 };
                 i += rows;
             }
+            j += n;
+        }
+        // SAFETY: releases the tile state loaded above.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    });
+}
+
+/// [`compute`] for at most 16 activation rows (one A tile) on the raw layout, under one tile
+/// configuration of `a.len()` rows: per 16-row group, super-block after super-block,
+/// [`raw_pack`], [`raw_tiles`], [`raw_readout`] (the plane and the sums stay in L1).
+///
+/// # Safety
+/// As [`compute`], with `a.len() ≤ 16`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn compute_raw<const TY: u8>(t: &TileArgs, a: Range<usize>, r: Range<usize>, out: OutPtr) {
+    let k = if TY == PACK_Q6K { 16 } else { 32 };
+    AMX_PACK.with_borrow_mut(|pack| {
+        // The plane, then the sub-block sums (16 tiles of 16 lines).
+        let lines = RAW_LINES + 16 * TM;
+        if pack.len() < lines {
+            pack.resize(lines, Line([0; 64]));
+        }
+        let plane = pack.as_mut_ptr();
+        // SAFETY: the sums' lines lie inside the buffer, 64-byte aligned, past the plane.
+        let sums = unsafe { &mut *(plane.add(RAW_LINES) as *mut SubSums) };
+        let rows = (a.start, a.len());
+        // SAFETY: AMX is enabled (caller); the configuration has a.len() activation rows.
+        unsafe { raw_config(a.len(), k).load() };
+        let mut j = r.start;
+        while j < r.end {
+            let n = (r.end - j).min(WIDE);
+            let ahead = (r.end - j - n).min(WIDE);
+            let mut acc = [_mm512_setzero_ps(); TM];
+            for b in 0..t.nb {
+                // SAFETY: rows j..j+n+ahead exist and b < nb; rows `a` exist in the
+                // activations; the plane and the sums are ours.
+                unsafe {
+                    let head = raw_pack::<TY>(t, (j, n, ahead), b, plane);
+                    raw_tiles::<TY>(t, b, rows.0, plane, sums);
+                    raw_readout::<TY>(t, b, rows, &head, sums, &mut acc);
+                }
+            }
+            // SAFETY: the outputs a × (j..j+n) are ours.
+            unsafe { store(&acc, a.start, a.len(), j, n, out) };
             j += n;
         }
         // SAFETY: releases the tile state loaded above.
@@ -451,6 +531,288 @@ unsafe fn tile<const Q6: bool>(
     *acc_out = acc;
 }
 
+/// A tile configuration for [`raw_pack`] with `k`-quant sub-blocks (32: Q4_K, Q5_K;
+/// 16: Q6_K): tiles 0–1 hold `m` rows of 16 i32 sums, tiles 2–3 `m` activation rows of one
+/// sub-block, tiles 4–5 one sub-block of the 16 weight rows (`k/4` lines).
+fn raw_config(m: usize, k: usize) -> TileConfig {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for (tile, (colsb, rows)) in [(64, m), (64, m), (k, m), (k, m), (64, k / 4), (64, k / 4)]
+        .into_iter()
+        .enumerate()
+    {
+        c[16 + 2 * tile] = colsb as u8;
+        c[48 + tile] = rows as u8;
+    }
+    TileConfig(c)
+}
+
+/// 64-byte lines of one super-block of a 16-row group in [`raw_pack`]'s layout: the
+/// unpacked quants of its 8 runs of 32 weights, 8 lines each (line `8r + l`: weights
+/// `32r + 4l..32r + 4l + 4` of the 16 rows).
+const RAW_LINES: usize = 64;
+
+/// Sub-block sums of one super-block: up to 16 tiles of `m ≤ 16` rows × 16 i32.
+#[repr(C, align(64))]
+struct SubSums([Sums; 16]);
+
+/// The `n ≤ 16` rows' 32 bytes at `off` of their super-blocks, transposed: vector `l` holds
+/// dword `l` of each row (zero for rows past `n`).
+///
+/// # Safety
+/// AVX-512 F; bytes `off..off + 32` lie inside each super-block of `g`.
+/// Inlined into a function that enables those features (its result stays in registers).
+#[inline(always)]
+unsafe fn rows_transposed(g: &Group16, off: usize) -> [__m512i; 8] {
+    // SAFETY: AVX-512 F is the caller's contract.
+    let mut z = [unsafe { _mm512_setzero_si512() }; WIDE / 2];
+    // SAFETY: the caller's.
+    let row = |k: usize| unsafe { _mm256_loadu_si256(g.blk(k).add(off) as *const __m256i) };
+    // SAFETY: (put_row, transpose) the CPU features are the caller's contract.
+    unsafe {
+        if g.n == WIDE {
+            // The usual case, unrolled.
+            for k in 0..WIDE {
+                put_row(&mut z, k, row(k));
+            }
+        } else {
+            for k in 0..g.n {
+                put_row(&mut z, k, row(k));
+            }
+        }
+        transpose(&z)
+    }
+}
+
+/// The per-weight-row factors of one super-block on the raw layout, from [`raw_pack`] for
+/// [`raw_readout`]: `d·sc_s` as f32 (16 of them for Q6_K, 8 otherwise), the second sum's
+/// factors as i16 pairs (Q6_K: `sc_2t`, `sc_2t+1`; Q4_K/Q5_K: `min_t` twice), and its float
+/// factor `c` (Q6_K `−32·d`, otherwise `−dmin`).
+#[derive(Clone, Copy)]
+struct RawHeader {
+    sd: [__m512; 16],
+    mw: [__m512i; 8],
+    c: __m512,
+}
+
+/// The raw layout ([`compute_raw`]) for super-block `b` of weight rows `j0..j0+n` (`n ≤ 16`) of
+/// a Q4_K, Q5_K or Q6_K matrix (`TY`, as for [`pack`]), with activation rows `i0..i0 + rows`
+/// (`rows ≤ 16`), in three steps; this one unpacks the quants as stored (Q4_K
+/// 0..15, Q5_K 0..31, Q6_K 0..63 with its +32) into `plane`, each row's quant bytes transposed
+/// once for all the sub-blocks they hold (Q4_K: 32 bytes of nibbles for two sub-blocks), and
+/// returns the scales. [`raw_tiles`] runs one `tdpbsud` per sub-block (Q4_K, Q5_K: 32 weights;
+/// Q6_K: 16), [`raw_readout`] applies the scales to its sums: per activation row, `acc +=
+/// d_y·(Σ_s f32(C_s)·d·sc_s + c·f32(Σ_s m_s·bsum_s))` with the second sum exact in i32
+/// (`vpdpwssd` on pairs of the row's 16-sums): Q4_K/Q5_K `m_s` the mins and `c = −dmin`, Q6_K
+/// `m_s` the scales and `c = −32·d`. The next `ahead` rows get their share of prefetches, as
+/// in [`pack`].
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n+ahead` exist in `t`, `b < nb`; `plane` holds [`RAW_LINES`] 64-byte aligned lines.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn raw_pack<const TY: u8>(
+    t: &TileArgs,
+    (j0, n, ahead): (usize, usize, usize),
+    b: usize,
+    plane: *mut Line,
+) -> RawHeader {
+    let q6 = TY == PACK_Q6K;
+    let bb = [Q4K_BYTES, Q5K_BYTES, Q6K_BYTES][TY as usize];
+    let (m4, m3, m1) = (
+        _mm512_set1_epi8(0x0F),
+        _mm512_set1_epi8(0x03),
+        _mm512_set1_epi8(0x01),
+    );
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    let store = |line: usize, v: __m512i| {
+        // SAFETY: line < RAW_LINES (caller contract on `plane`).
+        unsafe { _mm512_store_si512(plane.add(line) as *mut __m512i, v) }
+    };
+    // SAFETY: super-block b of rows j0..j0+n lies inside the weights; the plane is ours.
+    unsafe {
+        let next = t.w.add((j0 + n) * t.rb);
+        let next_lines = (ahead * t.rb).div_ceil(64);
+        for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
+            // The last line may pass the rows' end (a prefetch does not fault).
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * line) as *const i8);
+        }
+        let g = Group16 {
+            base: t.w.add(j0 * t.rb + b * bb),
+            rb: t.rb,
+            n,
+        };
+        let mut sd = [_mm512_setzero_ps(); 16];
+        let mut mw = [_mm512_setzero_si512(); 8];
+        let pair = |lo: __m512i, hi: __m512i| {
+            _mm512_or_si512(_mm512_and_si512(lo, low16), _mm512_slli_epi32::<16>(hi))
+        };
+        let c = if q6 {
+            let (s16, dd) = q6k_header(&g);
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            for s in 0..16 {
+                sd[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s16[s]));
+            }
+            for t in 0..8 {
+                mw[t] = pair(s16[2 * t], s16[2 * t + 1]);
+            }
+            for h in 0..2 {
+                // Runs 4h..4h+4: the low nibbles of ql[64h..64h+32] and of ql[64h+32..],
+                // then their high nibbles, each with two bits of qh[32h..32h+32].
+                let qa = rows_transposed(&g, formats::Q6K_QL + 64 * h);
+                let qb = rows_transposed(&g, formats::Q6K_QL + 64 * h + 32);
+                let qh = rows_transposed(&g, formats::Q6K_QH + 32 * h);
+                for l in 0..8 {
+                    let high = |shift: i32| {
+                        let v = _mm512_srl_epi16(qh[l], _mm_cvtsi32_si128(shift));
+                        _mm512_slli_epi16::<4>(_mm512_and_si512(v, m3))
+                    };
+                    let nib_hi = |v: __m512i| _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    let run = [
+                        _mm512_or_si512(_mm512_and_si512(qa[l], m4), high(0)),
+                        _mm512_or_si512(_mm512_and_si512(qb[l], m4), high(2)),
+                        _mm512_or_si512(nib_hi(qa[l]), high(4)),
+                        _mm512_or_si512(nib_hi(qb[l]), high(6)),
+                    ];
+                    for (k, v) in run.into_iter().enumerate() {
+                        store(8 * (4 * h + k) + l, v);
+                    }
+                }
+            }
+            _mm512_mul_ps(d, _mm512_set1_ps(-32.0))
+        } else {
+            let five = TY == PACK_Q5K;
+            let (sc, mins, dd) = if five {
+                k4_header::<true>(&g)
+            } else {
+                k4_header::<false>(&g)
+            };
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            for s in 0..8 {
+                sd[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc[s]));
+                mw[s] = pair(mins[s], mins[s]);
+            }
+            let (_, _, qs_off) = formats::k4_layout(five);
+            let qh = if five {
+                rows_transposed(&g, formats::Q5K_QH)
+            } else {
+                [_mm512_setzero_si512(); 8]
+            };
+            for ch in 0..4 {
+                for (l, raw) in rows_transposed(&g, qs_off + 32 * ch)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mut lo = _mm512_and_si512(raw, m4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+                    if five {
+                        // Bit s of each qh byte is the fifth bit of sub-block s.
+                        let bit = |s: usize| {
+                            let v = _mm512_srl_epi16(qh[l], _mm_cvtsi32_si128(s as i32));
+                            _mm512_slli_epi16::<4>(_mm512_and_si512(v, m1))
+                        };
+                        lo = _mm512_or_si512(lo, bit(2 * ch));
+                        hi = _mm512_or_si512(hi, bit(2 * ch + 1));
+                    }
+                    store(16 * ch + l, lo);
+                    store(16 * ch + 8 + l, hi);
+                }
+            }
+            let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+            _mm512_sub_ps(_mm512_setzero_ps(), dmin)
+        };
+        RawHeader { sd, mw, c }
+    }
+}
+
+/// [`raw_pack`]'s second step: the tiles of super-block `b`, activation rows from `i0` (the
+/// configured count), `plane`'s sub-blocks, sums to `sums`.
+///
+/// # Safety
+/// AMX is enabled and configured by [`raw_config`] for this type; the rows exist; `plane`
+/// holds super-block `b` from [`raw_pack`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn raw_tiles<const TY: u8>(
+    t: &TileArgs,
+    b: usize,
+    i0: usize,
+    plane: *const Line,
+    sums: &mut SubSums,
+) {
+    // SAFETY: the tiles read the configured activation rows at stride cols from sub-block
+    // offsets inside super-block b, and the plane's lines; the sums are ours.
+    unsafe {
+        // The sub-blocks: 8 of 32 weights (A: 32 bytes a row, B: 8 lines) or 16 of 16.
+        let (subs, k) = if TY == PACK_Q6K { (16, 16) } else { (8, 32) };
+        let a = t.qs.add(i0 * t.cols + b * QK_K);
+        for p in 0..subs / 2 {
+            let (s0, s1) = (2 * p, 2 * p + 1);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tileloadd tmm2, [{a0} + {lda}*1]",
+                "tileloadd tmm4, [{w0} + {ldb}*1]",
+                "tdpbsud tmm0, tmm2, tmm4",
+                "tileloadd tmm3, [{a1} + {lda}*1]",
+                "tileloadd tmm5, [{w1} + {ldb}*1]",
+                "tdpbsud tmm1, tmm3, tmm5",
+                "tilestored [{c0} + {ldb}*1], tmm0",
+                "tilestored [{c1} + {ldb}*1], tmm1",
+                a0 = in(reg) a.add(k * s0),
+                a1 = in(reg) a.add(k * s1),
+                lda = in(reg) t.cols,
+                w0 = in(reg) plane.add(k / 4 * s0),
+                w1 = in(reg) plane.add(k / 4 * s1),
+                ldb = in(reg) 64usize,
+                c0 = in(reg) sums.0[s0].0.as_mut_ptr(),
+                c1 = in(reg) sums.0[s1].0.as_mut_ptr(),
+                options(nostack, preserves_flags),
+            );
+        }
+    }
+}
+
+/// [`raw_pack`]'s third step: super-block `b`'s sums scaled by `head` into `acc` for
+/// activation rows `i0..i0 + rows`.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI; the rows exist and `sums` holds
+/// super-block `b`'s tiles from [`raw_tiles`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn raw_readout<const TY: u8>(
+    t: &TileArgs,
+    b: usize,
+    (i0, rows): (usize, usize),
+    head: &RawHeader,
+    sums: &SubSums,
+    acc: &mut [__m512; TM],
+) {
+    let subs = if TY == PACK_Q6K { 16 } else { 8 };
+    // SAFETY: row i0 + i's scale and block sums lie inside the activations; the sums' rows
+    // below `rows` were stored by the tiles.
+    unsafe {
+        for i in 0..rows {
+            let row = i0 + i;
+            let dy =
+                *t.d.add(row / GROUP * t.nb * GROUP + b * GROUP + row % GROUP);
+            // The row's 16 block sums as 8 dwords of two.
+            let bs = t.bsums.add(row * t.nb * 16 + b * 16) as *const i32;
+            let mut msum = _mm512_setzero_si512();
+            for (t, w) in head.mw.iter().enumerate() {
+                msum = _mm512_dpwssd_epi32(msum, *w, _mm512_set1_epi32(*bs.add(t)));
+            }
+            let mut f = _mm512_mul_ps(head.c, _mm512_cvtepi32_ps(msum));
+            for s in 0..subs {
+                let cs = _mm512_load_si512(sums.0[s].0[i].as_ptr() as *const __m512i);
+                f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cs), head.sd[s], f);
+            }
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(dy), f, acc[i]);
+        }
+    }
+}
+
 /// Stores lanes `0..n` of `acc`'s first `rows` rows as outputs `(i0..i0 + rows) × (j0..j0 + n)`.
 ///
 /// # Safety
@@ -467,7 +829,7 @@ unsafe fn store(acc: &[__m512; TM], i0: usize, rows: usize, j0: usize, n: usize,
 
 #[cfg(test)]
 mod tests {
-    use super::AMX_MIN_M;
+    use super::{AMX_MIN_M_K4, AMX_MIN_M_Q6K, RAW_MAX_Q6K};
     use crate::kernels::testutil::run_path as run;
     use crate::kernels::testutil::{self, Rng};
     use crate::kernels::{KernelPath, QMatrix, ThreadPool, WeightType};
@@ -488,7 +850,13 @@ mod tests {
             for (rows, cols) in [(16, 256), (37, 512), (64, 1024)] {
                 let data = testutil::random_weights(&mut rng, ty, rows, cols);
                 let w = QMatrix::new(ty, rows, cols, &data).unwrap();
-                for m in [AMX_MIN_M, 16, 45, 64] {
+                let first = if ty == WeightType::Q6K {
+                    AMX_MIN_M_Q6K
+                } else {
+                    AMX_MIN_M_K4
+                };
+                // Both layouts: raw up to one tile (Q6_K: RAW_MAX_Q6K rows), planes past it.
+                for m in [first, 8, RAW_MAX_Q6K, RAW_MAX_Q6K + 1, 16, 17, 45, 64] {
                     let x = testutil::random_activations(&mut rng, m * cols);
                     let want = run(KernelPath::Avx2, &pools[0], &w, &x, m);
                     let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
