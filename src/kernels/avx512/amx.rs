@@ -156,7 +156,7 @@ pub(super) unsafe fn compute(
     r: Range<usize>,
     out: OutPtr,
 ) {
-    debug_assert!(runs(w.ty, a.len()) && a.end <= acts.m && r.end <= w.rows);
+    debug_assert!(runs(w.ty, acts.m) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
     type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
     type Tile = unsafe fn(
@@ -173,16 +173,13 @@ pub(super) unsafe fn compute(
         WeightType::Q5K => (pack::<PACK_Q5K>, tile::<false>),
         _ => (pack::<PACK_Q6K>, tile::<true>),
     };
-    // At most 16 rows in all (batched decode): one activation tile, under a configuration of
-    // its rows. Otherwise full tiles, and a last tile of fewer rows switches configurations.
-    let one = a.len() <= TM;
-    if a.len()
-        <= if w.ty == WeightType::Q6K {
-            RAW_MAX_Q6K
-        } else {
-            TM
-        }
-    {
+    // Batched decode: the raw layout.
+    let raw_max = if w.ty == WeightType::Q6K {
+        RAW_MAX_Q6K
+    } else {
+        TM
+    };
+    if a.len() <= raw_max {
         // SAFETY: forwarded contract.
         return unsafe {
             match w.ty {
@@ -192,6 +189,10 @@ pub(super) unsafe fn compute(
             }
         };
     }
+    // The planes. At most 16 rows in all (Q6_K past the raw layout's rows): one activation
+    // tile, under a configuration of its rows. Otherwise full tiles, and a last tile of fewer
+    // rows switches configurations.
+    let one = a.len() <= TM;
     let full = TileConfig::new(if one { a.len() } else { TM });
     let tail = TileConfig::new(a.len() % TM);
     // Where the tiles' sums are stored for the vector units; rows a tail tile leaves unwritten
@@ -560,8 +561,8 @@ struct SubSums([Sums; 16]);
 /// dword `l` of each row (zero for rows past `n`).
 ///
 /// # Safety
-/// AVX-512 F; bytes `off..off + 32` lie inside each super-block of `g`.
-/// Inlined into a function that enables those features (its result stays in registers).
+/// Inlined (so its result stays in registers) into a function that enables AVX-512 F/BW/VL;
+/// bytes `off..off + 32` lie inside each super-block of `g`.
 #[inline(always)]
 unsafe fn rows_transposed(g: &Group16, off: usize) -> [__m512i; 8] {
     // SAFETY: AVX-512 F is the caller's contract.
@@ -597,8 +598,8 @@ struct RawHeader {
 
 /// The raw layout ([`compute_raw`]) for super-block `b` of weight rows `j0..j0+n` (`n ≤ 16`) of
 /// a Q4_K, Q5_K or Q6_K matrix (`TY`, as for [`pack`]), with activation rows `i0..i0 + rows`
-/// (`rows ≤ 16`), in three steps; this one unpacks the quants as stored (Q4_K
-/// 0..15, Q5_K 0..31, Q6_K 0..63 with its +32) into `plane`, each row's quant bytes transposed
+/// (`rows ≤ 16`), in three steps; this one unpacks the quants as stored (Q4_K 0..15, Q5_K
+/// 0..31, Q6_K 0..63 with its +32) into `plane`, each row's quant bytes transposed
 /// once for all the sub-blocks they hold (Q4_K: 32 bytes of nibbles for two sub-blocks), and
 /// returns the scales. [`raw_tiles`] runs one `tdpbsud` per sub-block (Q4_K, Q5_K: 32 weights;
 /// Q6_K: 16), [`raw_readout`] applies the scales to its sums: per activation row, `acc +=
@@ -608,7 +609,8 @@ struct RawHeader {
 /// in [`pack`].
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n+ahead` exist in `t`, `b < nb`; `plane` holds [`RAW_LINES`] 64-byte aligned lines.
+/// AVX-512 F/BW/VL/VNNI and F16C; rows `j0..j0+n+ahead` exist in `t`, `b < nb`; `plane`
+/// holds [`RAW_LINES`] 64-byte aligned lines.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn raw_pack<const TY: u8>(
@@ -653,8 +655,8 @@ unsafe fn raw_pack<const TY: u8>(
             for s in 0..16 {
                 sd[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s16[s]));
             }
-            for t in 0..8 {
-                mw[t] = pair(s16[2 * t], s16[2 * t + 1]);
+            for (p, w) in mw.iter_mut().enumerate() {
+                *w = pair(s16[2 * p], s16[2 * p + 1]);
             }
             for h in 0..2 {
                 // Runs 4h..4h+4: the low nibbles of ql[64h..64h+32] and of ql[64h+32..],
@@ -777,8 +779,8 @@ unsafe fn raw_tiles<const TY: u8>(
 /// activation rows `i0..i0 + rows`.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI; the rows exist and `sums` holds
-/// super-block `b`'s tiles from [`raw_tiles`].
+/// AVX-512 F/BW/VNNI; the rows exist and `sums` holds super-block `b`'s tiles from
+/// [`raw_tiles`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn raw_readout<const TY: u8>(
@@ -800,8 +802,8 @@ unsafe fn raw_readout<const TY: u8>(
             // The row's 16 block sums as 8 dwords of two.
             let bs = t.bsums.add(row * t.nb * 16 + b * 16) as *const i32;
             let mut msum = _mm512_setzero_si512();
-            for (t, w) in head.mw.iter().enumerate() {
-                msum = _mm512_dpwssd_epi32(msum, *w, _mm512_set1_epi32(*bs.add(t)));
+            for (p, w) in head.mw.iter().enumerate() {
+                msum = _mm512_dpwssd_epi32(msum, *w, _mm512_set1_epi32(*bs.add(p)));
             }
             let mut f = _mm512_mul_ps(head.c, _mm512_cvtepi32_ps(msum));
             for s in 0..subs {
