@@ -1075,16 +1075,21 @@ impl Group16 {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn store_d_dmin(line: *mut Line, at: usize, dd: __m512i) {
-    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
-    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+    let (d, ndmin) = d_ndmin(dd);
     // SAFETY: the caller's.
     unsafe {
         _mm512_store_ps(line.add(at) as *mut f32, d);
-        _mm512_store_ps(
-            line.add(at + 1) as *mut f32,
-            _mm512_sub_ps(_mm512_setzero_ps(), dmin),
-        );
+        _mm512_store_ps(line.add(at + 1) as *mut f32, ndmin);
     }
+}
+
+/// `d` (the low f16 of `dd`'s lanes) and `−dmin` (the high f16) as f32.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn d_ndmin(dd: __m512i) -> (__m512, __m512) {
+    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+    (d, _mm512_sub_ps(_mm512_setzero_ps(), dmin))
 }
 
 /// A [`repack_super_blocks`] header from each row's values, for the types whose scales are

@@ -41,8 +41,8 @@ use super::super::matmul::OutPtr;
 use super::super::quantize::{Acts, GROUP};
 use super::super::{QMatrix, WeightType};
 use super::{
-    G16_Q6K, Group16, Line, TileArgs, WIDE, g16_quants, k4_header, k4_quants, put_row, q6k_header,
-    store_d_dmin, transpose,
+    G16_Q6K, Group16, Line, TileArgs, WIDE, d_ndmin, g16_quants, k4_header, k4_quants, put_row,
+    q6k_header, store_d_dmin, transpose,
 };
 use crate::kernels::formats::{self, Q4K_BYTES, Q5K_BYTES, Q6K_BYTES, QK_K};
 
@@ -158,21 +158,6 @@ pub(super) unsafe fn compute(
 ) {
     debug_assert!(runs(w.ty, acts.m) && a.end <= acts.m && r.end <= w.rows);
     let t = TileArgs::new(w, acts);
-    type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
-    type Tile = unsafe fn(
-        &TileArgs,
-        *const Line,
-        usize,
-        usize,
-        Range<usize>,
-        &mut [__m512; TM],
-        &mut [Sums; 3],
-    );
-    let (pack_group, tile_group): (Pack, Tile) = match w.ty {
-        WeightType::Q4K => (pack::<PACK_Q4K>, tile::<false>),
-        WeightType::Q5K => (pack::<PACK_Q5K>, tile::<false>),
-        _ => (pack::<PACK_Q6K>, tile::<true>),
-    };
     // Batched decode: the raw layout.
     let raw_max = if w.ty == WeightType::Q6K {
         RAW_MAX_Q6K
@@ -189,6 +174,21 @@ pub(super) unsafe fn compute(
             }
         };
     }
+    type Pack = unsafe fn(&TileArgs, usize, usize, usize, Range<usize>, *mut Line);
+    type Tile = unsafe fn(
+        &TileArgs,
+        *const Line,
+        usize,
+        usize,
+        Range<usize>,
+        &mut [__m512; TM],
+        &mut [Sums; 3],
+    );
+    let (pack_group, tile_group): (Pack, Tile) = match w.ty {
+        WeightType::Q4K => (pack::<PACK_Q4K>, tile::<false>),
+        WeightType::Q5K => (pack::<PACK_Q5K>, tile::<false>),
+        _ => (pack::<PACK_Q6K>, tile::<true>),
+    };
     // The planes. At most 16 rows in all (Q6_K past the raw layout's rows): one activation
     // tile, under a configuration of its rows. Otherwise full tiles, and a last tile of fewer
     // rows switches configurations.
@@ -301,6 +301,34 @@ unsafe fn compute_raw<const TY: u8>(t: &TileArgs, a: Range<usize>, r: Range<usiz
     });
 }
 
+/// The i16 lanes of `lo` (i32 lanes, each within i16) in the low halves of a dword, `hi`'s in
+/// the high halves: the word pairs `vpdpwssd` and the planes' in-place multiply take.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn i16_pair(lo: __m512i, hi: __m512i) -> __m512i {
+    _mm512_or_si512(
+        _mm512_and_si512(lo, _mm512_set1_epi32(0xFFFF)),
+        _mm512_slli_epi32::<16>(hi),
+    )
+}
+
+/// Super-block `b`'s share of the prefetches of the `ahead` rows from `j` (the next 16-row
+/// group's): their rows are read a super-block from each of 16 rows at a time, which the
+/// hardware prefetchers do not follow, so each super-block's step requests its part of them.
+///
+/// # Safety
+/// Rows `j..j + ahead` exist in `t` (a prefetch does not fault; the last line may pass the
+/// rows' end, hence wrapping arithmetic).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn prefetch_share(t: &TileArgs, j: usize, ahead: usize, b: usize) {
+    let next = t.w.wrapping_add(j * t.rb);
+    let lines = (ahead * t.rb).div_ceil(64);
+    for line in b * lines / t.nb..(b + 1) * lines / t.nb {
+        _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * line) as *const i8);
+    }
+}
+
 /// The weight types of [`pack`].
 const PACK_Q4K: u8 = 0;
 const PACK_Q5K: u8 = 1;
@@ -340,21 +368,13 @@ unsafe fn pack<const TY: u8>(
     let byte_lo = _mm512_set1_epi16(0x00FF);
     // Byte 0 of each dword, four times.
     let rep = _mm512_set4_epi32(0x0C0C_0C0C, 0x0808_0808, 0x0404_0404, 0);
-    let low16 = _mm512_set1_epi32(0xFFFF);
     // A scale (i32 lanes) in both i16 halves of its dword.
-    let words =
-        |v: __m512i| _mm512_or_si512(_mm512_and_si512(v, low16), _mm512_slli_epi32::<16>(v));
+    let words = |v: __m512i| i16_pair(v, v);
     // SAFETY: super-block b of rows j0..j0+n lies inside the weights; the lines written are
     // below nb·194 (caller contract).
     unsafe {
-        let next = t.w.add((j0 + n) * t.rb);
-        let next_lines = (ahead * t.rb).div_ceil(64);
         for b in bs.clone() {
-            for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
-                // The last line may pass the rows' end (a prefetch does not fault), hence
-                // wrapping arithmetic.
-                _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * line) as *const i8);
-            }
+            prefetch_share(t, j0 + n, ahead, b);
             let out = dst.add((b - bs.start) * AMX_LINES);
             let g = Group16 {
                 base: t.w.add(j0 * t.rb + b * bb),
@@ -626,19 +646,13 @@ unsafe fn raw_pack<const TY: u8>(
         _mm512_set1_epi8(0x03),
         _mm512_set1_epi8(0x01),
     );
-    let low16 = _mm512_set1_epi32(0xFFFF);
     let store = |line: usize, v: __m512i| {
         // SAFETY: line < RAW_LINES (caller contract on `plane`).
         unsafe { _mm512_store_si512(plane.add(line) as *mut __m512i, v) }
     };
     // SAFETY: super-block b of rows j0..j0+n lies inside the weights; the plane is ours.
     unsafe {
-        let next = t.w.add((j0 + n) * t.rb);
-        let next_lines = (ahead * t.rb).div_ceil(64);
-        for line in b * next_lines / t.nb..(b + 1) * next_lines / t.nb {
-            // The last line may pass the rows' end (a prefetch does not fault).
-            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(64 * line) as *const i8);
-        }
+        prefetch_share(t, j0 + n, ahead, b);
         let g = Group16 {
             base: t.w.add(j0 * t.rb + b * bb),
             rb: t.rb,
@@ -646,17 +660,14 @@ unsafe fn raw_pack<const TY: u8>(
         };
         let mut sd = [_mm512_setzero_ps(); 16];
         let mut mw = [_mm512_setzero_si512(); 8];
-        let pair = |lo: __m512i, hi: __m512i| {
-            _mm512_or_si512(_mm512_and_si512(lo, low16), _mm512_slli_epi32::<16>(hi))
-        };
         let c = if q6 {
             let (s16, dd) = q6k_header(&g);
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            let (d, _) = d_ndmin(dd);
             for s in 0..16 {
                 sd[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s16[s]));
             }
             for (p, w) in mw.iter_mut().enumerate() {
-                *w = pair(s16[2 * p], s16[2 * p + 1]);
+                *w = i16_pair(s16[2 * p], s16[2 * p + 1]);
             }
             for h in 0..2 {
                 // Runs 4h..4h+4: the low nibbles of ql[64h..64h+32] and of ql[64h+32..],
@@ -689,10 +700,10 @@ unsafe fn raw_pack<const TY: u8>(
             } else {
                 k4_header::<false>(&g)
             };
-            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            let (d, ndmin) = d_ndmin(dd);
             for s in 0..8 {
                 sd[s] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc[s]));
-                mw[s] = pair(mins[s], mins[s]);
+                mw[s] = i16_pair(mins[s], mins[s]);
             }
             let (_, _, qs_off) = formats::k4_layout(five);
             let qh = if five {
@@ -720,8 +731,7 @@ unsafe fn raw_pack<const TY: u8>(
                     store(16 * ch + 8 + l, hi);
                 }
             }
-            let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
-            _mm512_sub_ps(_mm512_setzero_ps(), dmin)
+            ndmin
         };
         RawHeader { sd, mw, c }
     }
