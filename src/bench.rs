@@ -1,6 +1,9 @@
 //! The `bench` measurement, in llama-bench's shape: prompt processing (`pp N`: one forward over
 //! an N-token prompt) and text generation (`tg N`: N single-token forwards from an empty
-//! context; `tg NxS`: S sequences decoding together, one forward of S rows per step), each repeated and reported as mean ± standard deviation tokens/s, plus peak RSS.
+//! context; `tg NxS`: S sequences decoding together, one forward of S rows per step), each
+//! repeated and reported as mean ± standard deviation tokens/s, plus peak RSS. With a depth D
+//! (llama-bench's `-d`) every sequence first holds D tokens, prefilled untimed, and the tests
+//! are named as llama-bench names them (`tg128 @ d512`).
 //!
 //! It drives the backend's batched forward directly with random token ids (as llama-bench
 //! does), so it measures the model code, not sampling or HTTP.
@@ -22,6 +25,18 @@ pub struct BenchConfig {
     pub repetitions: usize,
     /// Prompt tokens per forward (llama-bench's `-b`/`-ub`).
     pub batch_size: usize,
+    /// Tokens already in each sequence's context when a test starts (llama-bench's `-d`).
+    pub depth: usize,
+}
+
+impl BenchConfig {
+    /// A test's name as llama-bench prints it: `pp512`, `tg128`, `tg128 @ d512`.
+    pub fn test_name(&self, test: &str) -> String {
+        match self.depth {
+            0 => test.to_string(),
+            d => format!("{test} @ d{d}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +84,8 @@ pub fn run<B: InferenceBackend>(
     let mut timer = Timer {
         repetitions: config.repetitions,
         seq: 0,
+        depth: config.depth,
+        batch_size: config.batch_size.max(1),
     };
     if config.prompt_tokens > 0 {
         let samples = timer.run(backend, 1, config.prompt_tokens, |backend, ids| {
@@ -85,7 +102,7 @@ pub fn run<B: InferenceBackend>(
             Ok(())
         })?;
         results.push(BenchResult {
-            test: format!("pp{}", config.prompt_tokens),
+            test: config.test_name(&format!("pp{}", config.prompt_tokens)),
             tokens_per_second: samples,
         });
     }
@@ -116,11 +133,11 @@ pub fn run<B: InferenceBackend>(
             },
         )?;
         results.push(BenchResult {
-            test: if streams == 1 {
+            test: config.test_name(&if streams == 1 {
                 format!("tg{}", config.gen_tokens)
             } else {
                 format!("tg{}x{streams}", config.gen_tokens)
-            },
+            }),
             tokens_per_second: samples,
         });
     }
@@ -131,6 +148,9 @@ pub fn run<B: InferenceBackend>(
 struct Timer {
     repetitions: usize,
     seq: u64,
+    /// Random tokens each sequence is given, untimed, before a run.
+    depth: usize,
+    batch_size: usize,
 }
 
 impl Timer {
@@ -151,6 +171,20 @@ impl Timer {
                     SeqId(self.seq)
                 })
                 .collect();
+            let mut rng = Rng::new(self.seq);
+            let vocab = backend.meta().vocab_size;
+            for &seq in &ids {
+                let context = random_tokens(&mut rng, self.depth, vocab);
+                for chunk in context.chunks(self.batch_size) {
+                    backend
+                        .forward(&[BatchItem {
+                            seq,
+                            tokens: chunk,
+                            logit_rows: 1,
+                        }])
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             let start = Instant::now();
             body(backend, &ids)?;
             let secs = start.elapsed().as_secs_f64();

@@ -37,6 +37,10 @@ struct Args {
     /// Prompt tokens per forward.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch_size: usize,
+    /// Tokens already in each sequence's context when a test starts, prefilled untimed
+    /// (llama-bench's `-d`): decode and prefill at that depth, where attention costs more.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    depth: usize,
     /// Path of llama.cpp's `llama-bench`: runs the same tests with it and prints ratios.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
@@ -120,6 +124,7 @@ fn main() {
         gen_streams: args.gen_streams,
         repetitions: args.repetitions.max(1),
         batch_size: args.batch_size,
+        depth: args.depth,
     };
     let ours = match run(&mut backend, &config) {
         Ok(r) => r,
@@ -212,6 +217,7 @@ fn llama_bench(bin: &PathBuf, model: &PathBuf, args: &Args) -> Result<Vec<BenchR
         .args(["-t", &args.threads.to_string()])
         .args(["-r", &args.repetitions.to_string()])
         .args(["-b", &args.batch_size.to_string()])
+        .args(["-d", &args.depth.to_string()])
         .args(["-o", "json"])
         .output()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
@@ -229,6 +235,12 @@ fn llama_bench(bin: &PathBuf, model: &PathBuf, args: &Args) -> Result<Vec<BenchR
                 format!("pp{n_prompt}")
             } else {
                 format!("tg{n_gen}")
+            };
+            let depth = row.get("n_depth").and_then(|d| d.as_u64()).unwrap_or(0);
+            let test = if depth == 0 {
+                test
+            } else {
+                format!("{test} @ d{depth}")
             };
             let samples = row
                 .get("samples_ts")?

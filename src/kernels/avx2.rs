@@ -1089,6 +1089,46 @@ pub(crate) unsafe fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     }
 }
 
+/// The value of largest magnitude among 256 floats, the first one where several share it (as
+/// ggml's scalar search keeps it), with that magnitude; NaNs are passed over as there.
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn first_max_q8k(x: &[f32]) -> (f32, f32) {
+    assert!(x.len() >= QK_K);
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: x holds at least QK_K elements (asserted above).
+    unsafe {
+        let xp = x.as_ptr();
+        let mut m = [_mm256_setzero_ps(); 4];
+        for i in (0..QK_K).step_by(32) {
+            for (j, mj) in m.iter_mut().enumerate() {
+                // A NaN lane keeps the running max: `max_ps` returns its second operand.
+                let a = _mm256_andnot_ps(sign, _mm256_loadu_ps(xp.add(i + 8 * j)));
+                *mj = _mm256_max_ps(a, *mj);
+            }
+        }
+        let max = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        let m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(max), _mm256_castps256_ps128(max));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        if amax == 0.0 {
+            return (0.0, 0.0);
+        }
+        let want = _mm256_set1_ps(amax);
+        for i in (0..QK_K).step_by(8) {
+            let v = _mm256_loadu_ps(xp.add(i));
+            let hit = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), want);
+            let mask = _mm256_movemask_ps(hit);
+            if mask != 0 {
+                return (amax, *xp.add(i + mask.trailing_zeros() as usize));
+            }
+        }
+        (amax, 0.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,7 @@ pub(crate) fn quantize<'a>(
                             quantize_row_q8(kind, path, xr, qr, &mut d[lane..], &mut s[lane..]);
                         }
                         ActKind::Q8K => quantize_row_q8k(
+                            path,
                             xr,
                             qr,
                             &mut d[lane..],
@@ -279,20 +280,64 @@ fn nearest_int(x: f32) -> i32 {
 }
 
 /// One row to Q8_K; `d[b·GROUP]` and 16 `bsums` per super-block.
-pub(crate) fn quantize_row_q8k(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+pub(crate) fn quantize_row_q8k(
+    path: KernelPath,
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    bsums: &mut [i16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if path.runs_avx2_routines() {
+        // SAFETY: AVX2 availability checked just above.
+        unsafe { quantize_row_q8k_avx2(x, q, d, bsums) };
+        return;
+    }
+    let _ = path;
+    quantize_row_q8k_with(x, q, d, bsums, first_max_q8k);
+}
+
+/// [`quantize_row_q8k`] with the largest-magnitude search in AVX2 and the rest compiled for
+/// AVX2 (the same operations on each value, so the same bits).
+///
+/// # Safety
+/// AVX2 available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_q8k_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    // SAFETY: AVX2 available (this function's contract).
+    quantize_row_q8k_with(x, q, d, bsums, |xb| unsafe {
+        super::avx2::first_max_q8k(xb)
+    });
+}
+
+/// The largest magnitude among a super-block's values and the first value that has it.
+fn first_max_q8k(xb: &[f32]) -> (f32, f32) {
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in xb {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (amax, max)
+}
+
+#[inline(always)]
+fn quantize_row_q8k_with(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    bsums: &mut [i16],
+    first_max: impl Fn(&[f32]) -> (f32, f32),
+) {
     for (b, (xb, qb)) in x
         .chunks_exact(QK_K)
         .zip(q.chunks_exact_mut(QK_K))
         .enumerate()
     {
-        let mut max = 0f32;
-        let mut amax = 0f32;
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (amax, max) = first_max(xb);
         let sums = &mut bsums[b * 16..(b + 1) * 16];
         if amax == 0.0 {
             d[b * GROUP] = 0.0;
@@ -378,7 +423,7 @@ mod tests {
         let mut q = vec![0i8; 512];
         let mut d = vec![0f32; 2 * GROUP];
         let mut bs = vec![0i16; 32];
-        quantize_row_q8k(&x, &mut q, &mut d, &mut bs);
+        quantize_row_q8k(KernelPath::Scalar, &x, &mut q, &mut d, &mut bs);
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in &x[..256] {
             if v.abs() > amax {
@@ -395,6 +440,47 @@ mod tests {
         }
         assert_eq!(d[GROUP], 0.0);
         assert!(q[256..].iter().all(|&v| v == 0) && bs[16..].iter().all(|&v| v == 0));
+    }
+
+    /// The AVX2 search finds the same value as the scalar one where the largest magnitude is
+    /// shared (by +a and −a, or repeated), sits in the last lane, sits next to NaNs or
+    /// infinities, or is zero.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_largest_magnitude_search_matches_the_scalar_one() {
+        if !KernelPath::Avx2.runs_avx2_routines() {
+            return;
+        }
+        let mut rng = Rng::new(4);
+        let base: Vec<f32> = (0..QK_K).map(|_| rng.activation()).collect();
+        let mut cases = vec![base.clone(), vec![0.0; QK_K], vec![-0.0; QK_K]];
+        for (a, b) in [(17, 200), (200, 17), (3, 4), (250, 255)] {
+            for sign in [1.0, -1.0] {
+                let mut x = base.clone();
+                x[a] = 9.5;
+                x[b] = 9.5 * sign;
+                cases.push(x);
+            }
+        }
+        let mut x = base.clone();
+        x[255] = -40.0;
+        cases.push(x.clone());
+        x[10] = f32::NAN;
+        x[44] = f32::NAN;
+        cases.push(x.clone());
+        x[100] = f32::NEG_INFINITY;
+        x[101] = f32::INFINITY;
+        cases.push(x);
+        for (i, x) in cases.iter().enumerate() {
+            // SAFETY: AVX2 is available (checked above).
+            let (amax, max) = unsafe { super::super::avx2::first_max_q8k(x) };
+            let (want_amax, want_max) = first_max_q8k(x);
+            assert_eq!(
+                (amax.to_bits(), max.to_bits()),
+                (want_amax.to_bits(), want_max.to_bits()),
+                "case {i}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! - Spans of fewer than [`TILED_MIN_ROWS`] rows (decode steps, short prompts) take ggml's
 //!   one-row path: the query is rounded to f16, each key's score is an f16·f16 dot product
 //!   summed in ggml's lane order, keys are visited in order with an online softmax, and the
-//!   weighted sum of values is accumulated in an f16 vector.
+//!   weighted sum of values is accumulated in an f16 vector. The heads that share a key/value
+//!   head run together, each in that order, so a cached key or value is read and converted once
+//!   for the group, and the keys a few positions ahead are prefetched (a head's slice of a
+//!   position is a kilobyte or more from the next one's, which the hardware prefetcher loses).
 //! - Longer prompt chunks take ggml's tiled path's precision: f32 query, f32 accumulation.
 //!
 //! Keys a row may not see (the future, or outside a sliding window) are never visited, as ggml
@@ -287,8 +290,13 @@ unsafe impl Sync for OutPtr {}
 
 /// What one thread does at a time.
 enum Item {
-    /// One row of one head of a short span (ggml's one-row path).
-    Row { span: usize, t: usize, head: usize },
+    /// One row of a short span for the query heads sharing one key/value head (ggml's one-row
+    /// path, each head on its own; together so that each key and value is converted once).
+    Group {
+        span: usize,
+        t: usize,
+        kv_head: usize,
+    },
     /// A block of rows of a long span, for all heads sharing one key/value head (tiled path).
     Block {
         span: usize,
@@ -332,8 +340,12 @@ pub fn attend_spans(
             }
         } else {
             for t in 0..span.rows {
-                for head in 0..shape.heads {
-                    items.push(Item::Row { span: si, t, head });
+                for kv_head in 0..shape.kv_heads {
+                    items.push(Item::Group {
+                        span: si,
+                        t,
+                        kv_head,
+                    });
                 }
             }
         }
@@ -350,23 +362,28 @@ pub fn attend_spans(
             }
             // Last items first: later prompt rows see more keys, so the long ones start early.
             match &items[items.len() - 1 - taken] {
-                &Item::Row { span, t, head } => {
+                &Item::Group { span, t, kv_head } => {
                     let sp = &spans[span];
-                    let qo = (t * shape.heads + head) * hd;
+                    let width = shape.heads / shape.kv_heads * hd;
+                    let qo = t * row_width + kv_head * width;
                     let row = first_row[span] + t;
-                    // SAFETY: (row, head) belongs to this item alone, so this slice is written by
-                    // no one else; it lies inside `out`, whose size was checked above.
-                    let out_row = unsafe {
-                        std::slice::from_raw_parts_mut(out_ptr.at(row * row_width + head * hd), hd)
+                    // SAFETY: (row, kv_head) belongs to this item alone, so this slice (its
+                    // heads' outputs, consecutive) is written by no one else; it lies inside
+                    // `out`, whose size was checked above.
+                    let out_group = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out_ptr.at(row * row_width + kv_head * width),
+                            width,
+                        )
                     };
-                    attend_row_like_ggml(
+                    attend_group_like_ggml(
                         shape,
                         sp.cache,
-                        head,
-                        &sp.q[qo..qo + hd],
+                        kv_head,
+                        &sp.q[qo..qo + width],
                         sp.first_position + t,
                         &mut row_scratch,
-                        out_row,
+                        out_group,
                     );
                 }
                 Item::Block {
@@ -610,13 +627,37 @@ fn write_block_output(block: &QueryBlock<'_>, s: &BlockScratch) {
 /// ggml switches from its one-row path to its tiled path at this many query rows.
 pub const TILED_MIN_ROWS: usize = 64;
 
-/// One query row of one head with ggml's one-row path: `out = softmax(q·K / sqrt(d)) · V` over
-/// the visible keys.
-#[allow(clippy::too_many_arguments)]
+/// One query row for the query heads sharing key/value head `kv_head` (`q` and `out` hold
+/// their `group * head_dim` values, head after head) with ggml's one-row path, each head on its
+/// own: `out = softmax(q·K / sqrt(d)) · V` over the visible keys.
+fn attend_group_like_ggml(
+    shape: &AttentionShape,
+    cache: &HostKv,
+    kv_head: usize,
+    q: &[f32],
+    pos: usize,
+    scratch: &mut RowScratch,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2, FMA and F16C are available (checked above).
+        unsafe { x86::attend_group(shape, cache, kv_head, q, pos, scratch, out) };
+        return;
+    }
+    let hd = shape.head_dim;
+    for (q, out) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        attend_row_like_ggml(shape, cache, kv_head, q, pos, scratch, out);
+    }
+}
+
+/// One query row of one head with ggml's one-row path, in portable code: the query is rounded
+/// to f16, each score is [`dot_f16_f16`], keys in order with an online softmax, the values
+/// summed into an f16 vector.
 fn attend_row_like_ggml(
     shape: &AttentionShape,
     cache: &HostKv,
-    head: usize,
+    kv_head: usize,
     q_row: &[f32],
     pos: usize,
     scratch: &mut RowScratch,
@@ -624,9 +665,8 @@ fn attend_row_like_ggml(
 ) {
     let hd = shape.head_dim;
     let stride = shape.kv_stride();
-    let kv_offset = head / (shape.heads / shape.kv_heads) * hd;
+    let kv_offset = kv_head * hd;
     let scale = shape.scale();
-    let simd = simd_available();
     scratch.q16.clear();
     scratch.q16.extend(q_row.iter().map(|&x| f16::from_f32(x)));
     scratch.acc.clear();
@@ -640,18 +680,18 @@ fn attend_row_like_ggml(
         let end = ((c / KV_BLOCK + 1) * KV_BLOCK).min(pos + 1);
         for i in 0..end - c {
             let off = first + i * stride + kv_offset;
-            let score = shape.cap(dot_f16_f16(simd, &kb[off..off + hd], &scratch.q16) * scale);
+            let score = shape.cap(dot_f16_f16(&kb[off..off + hd], &scratch.q16) * scale);
             let mut ms = 1f32;
             let mut vs = 1f32;
             if score > max {
                 let old = max;
                 max = score;
                 ms = (old - max).exp();
-                scale_f16(simd, &mut scratch.acc, ms);
+                scale_f16(&mut scratch.acc, ms);
             } else {
                 vs = (score - max).exp();
             }
-            mad_f16(simd, &mut scratch.acc, &vb[off..off + hd], vs);
+            mad_f16(&mut scratch.acc, &vb[off..off + hd], vs);
             sum = sum * ms + vs;
         }
         c = end;
@@ -662,14 +702,21 @@ fn attend_row_like_ggml(
     }
 }
 
-/// Per-thread scratch for [`attend_row_like_ggml`].
+/// Per-thread scratch for the one-row path.
 #[derive(Default)]
 struct RowScratch {
     q16: Vec<f16>,
     acc: Vec<f16>,
+    /// The x86 path's queries (f16-rounded, as f32), one key and one value as f32, and each
+    /// head's running max and sum.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
 }
 
-/// Whether the AVX2+FMA+F16C helpers run: the CPU kernels' one selection decides
+/// Whether the AVX2+FMA+F16C routines run: the CPU kernels' one selection decides
 /// ([`kernels::detect`]), so `LLM_WORKER_CPU_KERNELS=scalar` runs attention's portable code too.
 /// Both give the same bits.
 fn simd_available() -> bool {
@@ -678,13 +725,7 @@ fn simd_available() -> bool {
 
 /// ggml's `ggml_vec_dot_f16` for f16 keys and an f16 query: four 8-lane f32 accumulators over
 /// 32-element steps, reduced pairwise, the tail added in f64.
-fn dot_f16_f16(simd: bool, k: &[f16], q: &[f16]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the CPU supports AVX2, FMA and F16C (checked by the caller).
-        return unsafe { x86::dot_f16_f16(k, q) };
-    }
-    let _ = simd;
+fn dot_f16_f16(k: &[f16], q: &[f16]) -> f32 {
     let n = k.len().min(q.len());
     let np = n & !31;
     let mut lanes = [[0f32; 8]; 4];
@@ -714,26 +755,14 @@ fn dot_f16_f16(simd: bool, k: &[f16], q: &[f16]) -> f32 {
 }
 
 /// ggml's `ggml_vec_mad_f16`: `acc = f16(v * p + acc)` lane by lane.
-fn mad_f16(simd: bool, acc: &mut [f16], v: &[f16], p: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot_f16_f16`.
-        return unsafe { x86::mad_f16(acc, v, p) };
-    }
-    let _ = simd;
+fn mad_f16(acc: &mut [f16], v: &[f16], p: f32) {
     for (a, &x) in acc.iter_mut().zip(v) {
         *a = f16::from_f32(x.to_f32().mul_add(p, a.to_f32()));
     }
 }
 
 /// ggml's `ggml_vec_scale_f16`: `acc = f16(acc * s)`.
-fn scale_f16(simd: bool, acc: &mut [f16], s: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot_f16_f16`.
-        return unsafe { x86::scale_f16(acc, s) };
-    }
-    let _ = simd;
+fn scale_f16(acc: &mut [f16], s: f32) {
     for a in acc.iter_mut() {
         *a = f16::from_f32(a.to_f32() * s);
     }
@@ -1118,26 +1147,118 @@ mod x86 {
         }
     }
 
+    /// [`super::attend_group_like_ggml`]: ggml's one-row path for each head of the group, with
+    /// each key and value converted to f32 once for all of them. Every head sees the operations
+    /// of [`super::attend_row_like_ggml`] in its order (f16 query and key values are exact in
+    /// f32; the dot product's lanes and reduction are `ggml_vec_dot_f16`'s), so the results are
+    /// identical to it.
+    ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16_f16(k: &[f16], q: &[f16]) -> f32 {
+    pub(super) unsafe fn attend_group(
+        shape: &super::AttentionShape,
+        cache: &super::HostKv,
+        kv_head: usize,
+        q: &[f32],
+        pos: usize,
+        s: &mut super::RowScratch,
+        out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let heads = q.len() / hd;
+        let stride = shape.kv_stride();
+        let kv_offset = kv_head * hd;
+        let scale = shape.scale();
+        s.q.clear();
+        s.q.extend(q.iter().map(|&x| f16::from_f32(x).to_f32()));
+        s.acc.clear();
+        s.acc.resize(heads * hd, f16::ZERO);
+        s.k.resize(hd, 0.0);
+        s.v.resize(hd, 0.0);
+        s.max.clear();
+        s.max.resize(heads, f32::NEG_INFINITY);
+        s.sum.clear();
+        s.sum.resize(heads, 0.0);
+        let mut c = shape.first_visible(pos);
+        while c <= pos {
+            let (kb, vb, first) = cache.at(c);
+            let end = ((c / super::KV_BLOCK + 1) * super::KV_BLOCK).min(pos + 1);
+            for i in 0..end - c {
+                if c + i + PREFETCH_KEYS <= pos {
+                    let (kn, vn, at) = cache.at(c + i + PREFETCH_KEYS);
+                    prefetch_row(&kn[at + kv_offset..at + kv_offset + hd]);
+                    prefetch_row(&vn[at + kv_offset..at + kv_offset + hd]);
+                }
+                let off = first + i * stride + kv_offset;
+                cvt_f16(&kb[off..off + hd], &mut s.k);
+                cvt_f16(&vb[off..off + hd], &mut s.v);
+                for j in 0..heads {
+                    let score = shape.cap(dot_ggml(&s.k, &s.q[j * hd..(j + 1) * hd]) * scale);
+                    let acc = &mut s.acc[j * hd..(j + 1) * hd];
+                    let (max, sum) = (&mut s.max[j], &mut s.sum[j]);
+                    let mut ms = 1f32;
+                    let mut vs = 1f32;
+                    if score > *max {
+                        ms = (*max - score).exp();
+                        *max = score;
+                        scale_f16(acc, ms);
+                    } else {
+                        vs = (score - *max).exp();
+                    }
+                    mad_f16(acc, &s.v, vs);
+                    *sum = *sum * ms + vs;
+                }
+            }
+            c = end;
+        }
+        for j in 0..heads {
+            let inv = if s.sum[j] == 0.0 { 0.0 } else { 1.0 / s.sum[j] };
+            let acc = &s.acc[j * hd..(j + 1) * hd];
+            for (o, a) in out[j * hd..(j + 1) * hd].iter_mut().zip(acc) {
+                *o = a.to_f32() * inv;
+            }
+        }
+    }
+
+    /// How many keys ahead the one-row path asks for keys and values: a head's slice of a
+    /// cache position is a few lines a kilobyte or more from the next position's, a stride the
+    /// hardware prefetcher loses at page ends, and each key's work is too long for the core to
+    /// run ahead to the next key's loads by itself.
+    const PREFETCH_KEYS: usize = 16;
+
+    /// Asks for the cache lines of `row` (into all cache levels).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_row(row: &[f16]) {
+        let bytes = std::mem::size_of_val(row);
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: the address lies inside `row`; a prefetch reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().cast::<i8>().add(line)) };
+        }
+    }
+
+    /// `ggml_vec_dot_f16` on values already in f32: four 8-lane accumulators over 32-element
+    /// steps, reduced as `GGML_F32x8_REDUCE`, the tail added in f64.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_ggml(k: &[f32], q: &[f32]) -> f32 {
         let n = k.len().min(q.len());
         let np = n & !31;
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i < np {
             for (j, a) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 8j + 8 <= np <= n for both slices; unaligned 16-byte loads.
+                // SAFETY: i + 8j + 8 <= np <= n for both slices; unaligned loads.
                 unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i + 8 * j).cast()));
-                    let y = _mm256_cvtph_ps(_mm_loadu_si128(q.as_ptr().add(i + 8 * j).cast()));
+                    let x = _mm256_loadu_ps(k.as_ptr().add(i + 8 * j));
+                    let y = _mm256_loadu_ps(q.as_ptr().add(i + 8 * j));
                     *a = _mm256_fmadd_ps(x, y, *a);
                 }
             }
             i += 32;
         }
-        // GGML_F32x8_REDUCE: 0+=2, 1+=3, 0+=1, then the two halves and two horizontal adds.
+        // 0+=2, 1+=3, 0+=1, then the two halves and two horizontal adds.
         let s02 = _mm256_add_ps(acc[0], acc[2]);
         let s13 = _mm256_add_ps(acc[1], acc[3]);
         let s = _mm256_add_ps(s02, s13);
@@ -1145,22 +1266,22 @@ mod x86 {
         let t1 = _mm_hadd_ps(t0, t0);
         let mut sum = f64::from(_mm_cvtss_f32(_mm_hadd_ps(t1, t1)));
         for e in np..n {
-            sum += f64::from(k[e].to_f32() * q[e].to_f32());
+            sum += f64::from(k[e] * q[e]);
         }
         sum as f32
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// `ggml_vec_mad_f16`: `acc = f16(v * p + acc)` lane by lane.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn mad_f16(acc: &mut [f16], v: &[f16], p: f32) {
+    fn mad_f16(acc: &mut [f16], v: &[f32], p: f32) {
         let n = acc.len().min(v.len());
         let pv = _mm256_set1_ps(p);
         let mut i = 0;
         while i + 8 <= n {
-            // SAFETY: i + 8 <= n for both slices; unaligned 16-byte loads and stores.
+            // SAFETY: i + 8 <= n for both slices; unaligned loads and stores.
             unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
+                let x = _mm256_loadu_ps(v.as_ptr().add(i));
                 let y = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i).cast()));
                 let r = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_fmadd_ps(x, pv, y));
                 _mm_storeu_si128(acc.as_mut_ptr().add(i).cast(), r);
@@ -1168,19 +1289,19 @@ mod x86 {
             i += 8;
         }
         for j in i..n {
-            acc[j] = f16::from_f32(v[j].to_f32().mul_add(p, acc[j].to_f32()));
+            acc[j] = f16::from_f32(v[j].mul_add(p, acc[j].to_f32()));
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// `ggml_vec_scale_f16`: `acc = f16(acc * s)`.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scale_f16(acc: &mut [f16], s: f32) {
+    fn scale_f16(acc: &mut [f16], s: f32) {
         let n = acc.len();
         let sv = _mm256_set1_ps(s);
         let mut i = 0;
         while i + 8 <= n {
-            // SAFETY: i + 8 <= n; unaligned 16-byte loads and stores.
+            // SAFETY: i + 8 <= n; unaligned loads and stores.
             unsafe {
                 let y = _mm256_cvtph_ps(_mm_loadu_si128(acc.as_ptr().add(i).cast()));
                 let r = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(y, sv));
@@ -1252,6 +1373,23 @@ mod tests {
         out
     }
 
+    /// A shape of the x86-against-scalar tests; head dim 40 takes Gemma 2's soft cap.
+    fn test_shape(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        sliding_window: Option<usize>,
+    ) -> AttentionShape {
+        AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            sliding_window,
+            score_scale: None,
+            softcap: (head_dim == 40).then_some(0.7),
+        }
+    }
+
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
@@ -1287,20 +1425,65 @@ mod tests {
         attend_spans(shape, &[span], out, None);
     }
 
+    /// The x86 one-row path converts each key and value once for a group of heads and keeps
+    /// ggml's order for every head, so it agrees exactly with the portable rows, on shapes with
+    /// every tail (head dims not a multiple of 32 or 8), groups of 1 to 8, a soft cap, sliding
+    /// windows and positions across cache blocks.
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn simd_and_scalar_helpers_are_bit_identical() {
-        let mut seed = 5;
-        let k: Vec<f16> = (0..72).map(|_| f16::from_f32(lcg(&mut seed))).collect();
-        let q: Vec<f16> = (0..72).map(|_| f16::from_f32(lcg(&mut seed))).collect();
-        let simd = kernels::KernelPath::Avx2.runs_avx2_routines();
-        assert_eq!(dot_f16_f16(false, &k, &q), dot_f16_f16(simd, &k, &q));
-        let (mut a, mut b) = (q.clone(), q.clone());
-        mad_f16(false, &mut a, &k, 0.37);
-        mad_f16(simd, &mut b, &k, 0.37);
-        assert_eq!(a, b);
-        scale_f16(false, &mut a, 0.61);
-        scale_f16(simd, &mut b, 0.61);
-        assert_eq!(a, b);
+    fn x86_group_rows_match_the_scalar_ones() {
+        if !kernels::KernelPath::Avx2.runs_avx2_routines() {
+            return;
+        }
+        let cases = [
+            // heads, kv_heads, head_dim, window, position
+            (32, 8, 64, None, 150),
+            (8, 8, 40, Some(50), 70),
+            (6, 2, 20, None, 0),
+            (8, 1, 128, Some(64), 200),
+            (12, 2, 72, None, 63),
+            (3, 1, 64, Some(1), 90),
+        ];
+        for (heads, kv_heads, head_dim, sliding_window, pos) in cases {
+            let shape = test_shape(heads, kv_heads, head_dim, sliding_window);
+            let cache = setup(&shape, pos + 1, 13);
+            let mut seed = 3;
+            let q: Vec<f32> = (0..heads * head_dim)
+                .map(|_| lcg(&mut seed) * 1.5)
+                .collect();
+            let width = heads / kv_heads * head_dim;
+            let mut want = vec![f32::NAN; q.len()];
+            let mut got = vec![f32::NAN; q.len()];
+            let mut scratch = RowScratch::default();
+            for kv_head in 0..kv_heads {
+                let group = kv_head * width..(kv_head + 1) * width;
+                for (qh, oh) in q[group.clone()]
+                    .chunks_exact(head_dim)
+                    .zip(want[group.clone()].chunks_exact_mut(head_dim))
+                {
+                    attend_row_like_ggml(&shape, &cache, kv_head, qh, pos, &mut scratch, oh);
+                }
+                // SAFETY: AVX2, FMA and F16C are available (checked above).
+                unsafe {
+                    x86::attend_group(
+                        &shape,
+                        &cache,
+                        kv_head,
+                        &q[group.clone()],
+                        pos,
+                        &mut scratch,
+                        &mut got[group],
+                    )
+                };
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    a.is_finite() && a.to_bits() == b.to_bits(),
+                    "heads {heads}/{kv_heads} dim {head_dim} window {sliding_window:?} position \
+                     {pos}: element {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1381,15 +1564,7 @@ mod tests {
             (9, 3, 64, Some(64), 190, 64),
         ];
         for (heads, kv_heads, head_dim, sliding_window, first, rows) in cases {
-            let shape = AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-                sliding_window,
-                // Gemma 2's soft cap on one shape.
-                score_scale: None,
-                softcap: (head_dim == 40).then_some(0.7),
-            };
+            let shape = test_shape(heads, kv_heads, head_dim, sliding_window);
             let cache = setup(&shape, first + rows, 11);
             let mut seed = 7;
             let q: Vec<f32> = (0..rows * heads * head_dim)
