@@ -30,12 +30,17 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// A test's name as llama-bench prints it: `pp512`, `tg128`, `tg128 @ d512`.
+    /// A test's name at this config's depth: see [`test_name`].
     pub fn test_name(&self, test: &str) -> String {
-        match self.depth {
-            0 => test.to_string(),
-            d => format!("{test} @ d{d}"),
-        }
+        test_name(test, self.depth)
+    }
+}
+
+/// A test's name as llama-bench prints it: `pp512`, `tg128`, and at a depth `tg128 @ d512`.
+pub fn test_name(test: &str, depth: usize) -> String {
+    match depth {
+        0 => test.to_string(),
+        d => format!("{test} @ d{d}"),
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::Command;
 use clap::Parser;
 use llm_worker_rbee::backend::CandleInferenceBackend;
 use llm_worker_rbee::bench::{
-    BenchConfig, BenchResult, bandwidth_probe, decode_weight_bytes, peak_rss_bytes, run,
+    BenchConfig, BenchResult, bandwidth_probe, decode_weight_bytes, peak_rss_bytes, run, test_name,
 };
 use llm_worker_rbee::engine::InferenceBackend;
 use llm_worker_rbee::model::LoadOptions;
@@ -237,11 +237,7 @@ fn llama_bench(bin: &PathBuf, model: &PathBuf, args: &Args) -> Result<Vec<BenchR
                 format!("tg{n_gen}")
             };
             let depth = row.get("n_depth").and_then(|d| d.as_u64()).unwrap_or(0);
-            let test = if depth == 0 {
-                test
-            } else {
-                format!("{test} @ d{depth}")
-            };
+            let test = test_name(&test, depth as usize);
             let samples = row
                 .get("samples_ts")?
                 .as_array()?

@@ -290,12 +290,13 @@ unsafe impl Sync for OutPtr {}
 
 /// What one thread does at a time.
 enum Item {
-    /// One row of a short span for the query heads sharing one key/value head (ggml's one-row
-    /// path, each head on its own; together so that each key and value is converted once).
+    /// One row of a short span for query heads `heads` (consecutive, counted from 0 at the
+    /// first query head) sharing one key/value head (ggml's one-row path, each head on its
+    /// own; together so that each key and value is converted once for them).
     Group {
         span: usize,
         t: usize,
-        kv_head: usize,
+        heads: std::ops::Range<usize>,
     },
     /// A block of rows of a long span, for all heads sharing one key/value head (tiled path).
     Block {
@@ -326,6 +327,19 @@ pub fn attend_spans(
         total_rows += span.rows;
     }
     assert_eq!(out.len(), total_rows * row_width, "attention output size");
+    let group = shape.heads / shape.kv_heads;
+    // A group is cut in parts when there are too few of them to keep the threads busy (one
+    // decoding sequence of a model with 2 key/value heads).
+    let short_rows: usize = spans
+        .iter()
+        .filter(|s| s.rows < TILED_MIN_ROWS)
+        .map(|s| s.rows)
+        .sum();
+    let parts = pool.map_or(1, |pool| {
+        (2 * pool.n_threads())
+            .div_ceil((short_rows * shape.kv_heads).max(1))
+            .clamp(1, group)
+    });
     let mut items = Vec::new();
     for (si, span) in spans.iter().enumerate() {
         if span.rows >= TILED_MIN_ROWS {
@@ -341,11 +355,14 @@ pub fn attend_spans(
         } else {
             for t in 0..span.rows {
                 for kv_head in 0..shape.kv_heads {
-                    items.push(Item::Group {
-                        span: si,
-                        t,
-                        kv_head,
-                    });
+                    for p in 0..parts {
+                        let first = kv_head * group;
+                        items.push(Item::Group {
+                            span: si,
+                            t,
+                            heads: first + group * p / parts..first + group * (p + 1) / parts,
+                        });
+                    }
                 }
             }
         }
@@ -362,28 +379,24 @@ pub fn attend_spans(
             }
             // Last items first: later prompt rows see more keys, so the long ones start early.
             match &items[items.len() - 1 - taken] {
-                &Item::Group { span, t, kv_head } => {
-                    let sp = &spans[span];
-                    let width = shape.heads / shape.kv_heads * hd;
-                    let qo = t * row_width + kv_head * width;
-                    let row = first_row[span] + t;
-                    // SAFETY: (row, kv_head) belongs to this item alone, so this slice (its
+                Item::Group { span, t, heads } => {
+                    let sp = &spans[*span];
+                    let (lo, hi) = (heads.start * hd, heads.end * hd);
+                    let row = first_row[*span] + t;
+                    // SAFETY: (row, heads) belongs to this item alone, so this slice (those
                     // heads' outputs, consecutive) is written by no one else; it lies inside
                     // `out`, whose size was checked above.
-                    let out_group = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out_ptr.at(row * row_width + kv_head * width),
-                            width,
-                        )
+                    let out_heads = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.at(row * row_width + lo), hi - lo)
                     };
                     attend_group_like_ggml(
                         shape,
                         sp.cache,
-                        kv_head,
-                        &sp.q[qo..qo + width],
+                        heads.start / group,
+                        &sp.q[t * row_width + lo..t * row_width + hi],
                         sp.first_position + t,
                         &mut row_scratch,
-                        out_group,
+                        out_heads,
                     );
                 }
                 Item::Block {
@@ -627,9 +640,9 @@ fn write_block_output(block: &QueryBlock<'_>, s: &BlockScratch) {
 /// ggml switches from its one-row path to its tiled path at this many query rows.
 pub const TILED_MIN_ROWS: usize = 64;
 
-/// One query row for the query heads sharing key/value head `kv_head` (`q` and `out` hold
-/// their `group * head_dim` values, head after head) with ggml's one-row path, each head on its
-/// own: `out = softmax(q·K / sqrt(d)) · V` over the visible keys.
+/// One query row for query heads sharing key/value head `kv_head` (`q` and `out` hold their
+/// `head_dim` values, head after head) with ggml's one-row path, each head on its own:
+/// `out = softmax(q·K / sqrt(d)) · V` over the visible keys.
 fn attend_group_like_ggml(
     shape: &AttentionShape,
     cache: &HostKv,
@@ -1481,6 +1494,50 @@ mod tests {
                     a.is_finite() && a.to_bits() == b.to_bits(),
                     "heads {heads}/{kv_heads} dim {head_dim} window {sliding_window:?} position \
                      {pos}: element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// With few key/value heads and one decoding row, the groups are cut into parts for the
+    /// threads; the parts give the same bits as whole groups on one thread.
+    #[test]
+    fn groups_cut_for_the_threads_give_the_same_rows() {
+        let shape = test_shape(12, 2, 64, None);
+        let cache = setup(&shape, 101, 21);
+        let other = setup(&shape, 40, 22);
+        let mut seed = 5;
+        let q: Vec<f32> = (0..2 * 12 * 64).map(|_| lcg(&mut seed)).collect();
+        let spans = || {
+            [
+                SpanAttention {
+                    cache: &cache,
+                    q: &q[..768],
+                    first_position: 100,
+                    rows: 1,
+                },
+                SpanAttention {
+                    cache: &other,
+                    q: &q[768..],
+                    first_position: 39,
+                    rows: 1,
+                },
+            ]
+        };
+        let mut alone = vec![f32::NAN; q.len()];
+        attend_spans(&shape, &spans()[..1], &mut alone[..768], None);
+        attend_spans(&shape, &spans()[1..], &mut alone[768..], None);
+        for threads in [2, 3, 5] {
+            let pool = ThreadPool::new(threads);
+            let mut cut = vec![f32::NAN; q.len()];
+            attend_spans(&shape, &spans()[..1], &mut cut[..768], Some(&pool));
+            attend_spans(&shape, &spans()[1..], &mut cut[768..], Some(&pool));
+            let mut both = vec![f32::NAN; q.len()];
+            attend_spans(&shape, &spans(), &mut both, Some(&pool));
+            for (i, ((a, b), c)) in alone.iter().zip(&cut).zip(&both).enumerate() {
+                assert!(
+                    a.is_finite() && a.to_bits() == b.to_bits() && a.to_bits() == c.to_bits(),
+                    "threads {threads}: element {i}: {a} {b} {c}"
                 );
             }
         }
